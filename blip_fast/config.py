@@ -1,0 +1,222 @@
+"""Model configuration: frozen dataclasses, named presets, and HuggingFace ``config.json`` conversion.
+
+Field names follow HuggingFace's ``BlipVisionConfig``/``BlipTextConfig`` so a conversion is a plain rename-free
+copy; the presets carry the original Salesforce BLIP values (DESIGN.md §2), which differ from HuggingFace's class
+defaults in three places: vision LayerNorm eps (1e-6 vs 1e-5), text attention heads (12 vs 8) and dropout (0.1 vs 0).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+#: Activations the models know by name (HuggingFace spellings).
+SUPPORTED_ACTIVATIONS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "relu", "quick_gelu")
+
+# HuggingFace's class defaults: config.json files omit any field equal to them (``use_diff=True``), so a
+# missing key means *this* value, not ours.
+_HF_VISION_DEFAULTS: dict[str, Any] = dict(
+    hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, image_size=384,
+    patch_size=16, hidden_act="gelu", layer_norm_eps=1e-5, attention_dropout=0.0,
+)
+_HF_TEXT_DEFAULTS: dict[str, Any] = dict(
+    vocab_size=30524, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=8,
+    max_position_embeddings=512, hidden_act="gelu", layer_norm_eps=1e-12, hidden_dropout_prob=0.0,
+    attention_probs_dropout_prob=0.0, bos_token_id=30522, pad_token_id=0, sep_token_id=102, label_smoothing=0.0,
+)
+_HF_TOP_DEFAULTS: dict[str, Any] = dict(image_text_hidden_size=256)
+
+
+@dataclass(frozen=True)
+class VisionConfig:
+    """ViT image encoder (pre-norm, qkv bias, GELU MLP, final LayerNorm over all tokens)."""
+
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    image_size: int = 224
+    patch_size: int = 16
+    hidden_act: str = "gelu"
+    layer_norm_eps: float = 1e-6
+    attention_dropout: float = 0.0
+    #: Stochastic depth rate at the last block (linearly increasing from 0 over the blocks), as in BLIP's ViT.
+    drop_path_rate: float = 0.0
+    #: Recompute each block in backward (activation checkpointing) while training.
+    gradient_checkpointing: bool = False
+
+    def __post_init__(self) -> None:
+        _check_heads("vision", self.hidden_size, self.num_attention_heads)
+        _check_activation("vision", self.hidden_act)
+        if self.image_size % self.patch_size:
+            raise ValueError(f"vision image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+
+    @property
+    def grid_size(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def num_positions(self) -> int:
+        """Patch tokens plus the class token: 197 at 224px/16, 577 at 384px/16."""
+        return self.grid_size**2 + 1
+
+
+@dataclass(frozen=True)
+class TextConfig:
+    """BERT-style mixture-of-encoder-decoder text transformer (no token-type embeddings)."""
+
+    vocab_size: int = 30524
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    max_position_embeddings: int = 512
+    hidden_act: str = "gelu"
+    layer_norm_eps: float = 1e-12
+    hidden_dropout_prob: float = 0.1
+    attention_probs_dropout_prob: float = 0.1
+    pad_token_id: int = 0
+    #: ``[DEC]``: replaces position 0 for the decoder (it is not prepended).
+    bos_token_id: int = 30522
+    #: ``[ENC]``: replaces position 0 for image-grounded encoding (ITM, VQA questions).
+    enc_token_id: int = 30523
+    #: ``[SEP]`` ends a caption: the decoder's end-of-sequence token.
+    sep_token_id: int = 102
+    #: Label smoothing of the LM head's loss when labels are passed to a task model's forward.
+    label_smoothing: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check_heads("text", self.hidden_size, self.num_attention_heads)
+        _check_activation("text", self.hidden_act)
+        for name in ("pad_token_id", "bos_token_id", "enc_token_id", "sep_token_id"):
+            token_id = getattr(self, name)
+            if not 0 <= token_id < self.vocab_size:
+                raise ValueError(f"text {name}={token_id} is outside the vocabulary (size {self.vocab_size})")
+
+
+@dataclass(frozen=True)
+class BlipConfig:
+    """A whole BLIP model: image encoder, text transformer, and the 256-d contrastive projections."""
+
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    #: Width of the ITC projections (``vision_proj``/``text_proj``), 256 in BLIP.
+    image_text_hidden_size: int = 256
+    #: Reproduce HuggingFace's deviations from the original BLIP exactly: no ``[ENC]`` at position 0 for ITM and
+    #: VQA questions, captioning ``forward`` without ``[DEC]``, answers fed as given. Checkpoints loaded from a
+    #: HuggingFace directory default to True so that swapping the import changes no output.
+    hf_compat: bool = False
+
+    # ------------------------------------------------------------------ presets
+    @classmethod
+    def base(cls, image_size: int = 224, **overrides: Any) -> BlipConfig:
+        """ViT-B/16 + BERT-base, as BLIP's pre-training (224px) and fine-tuning (384px) configs."""
+        return cls(vision=VisionConfig(image_size=image_size), text=TextConfig(), **overrides)
+
+    @classmethod
+    def large(cls, image_size: int = 224, **overrides: Any) -> BlipConfig:
+        """ViT-L/16 + BERT-base (the text side of BLIP-large is base-sized; cross-attention reads 1024-d)."""
+        vision = VisionConfig(
+            hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+            image_size=image_size, drop_path_rate=0.0,
+        )
+        return cls(vision=vision, text=TextConfig(), **overrides)
+
+    @classmethod
+    def tiny(cls, vocab_size: int = 30524, image_size: int = 64, **overrides: Any) -> BlipConfig:
+        """A model small enough to train on a 2-core CPU in minutes (the demo and the tests)."""
+        vision = VisionConfig(
+            hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4, image_size=image_size,
+            patch_size=8,
+        )
+        text = TextConfig(
+            vocab_size=vocab_size, hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
+            max_position_embeddings=64, bos_token_id=vocab_size - 2, enc_token_id=vocab_size - 1,
+        )
+        return cls(vision=vision, text=text, image_text_hidden_size=64, **overrides)
+
+    @classmethod
+    def from_name(cls, name: str, **overrides: Any) -> BlipConfig:
+        presets = {"base": cls.base, "large": cls.large, "tiny": cls.tiny}
+        if name not in presets:
+            raise ValueError(f"unknown preset {name!r}; choose one of {sorted(presets)}")
+        return presets[name](**overrides)
+
+    def replace(self, **changes: Any) -> BlipConfig:
+        return dataclasses.replace(self, **changes)
+
+    # ------------------------------------------------------------------ HuggingFace config.json
+    @classmethod
+    def from_hf(cls, hf_config: dict[str, Any] | str | os.PathLike) -> BlipConfig:
+        """Build from a HuggingFace ``BlipConfig`` dict, a ``config.json`` path, or a model directory.
+
+        Missing keys take HuggingFace's class defaults (not ours), since ``save_pretrained`` omits them.
+        """
+        if not isinstance(hf_config, dict):
+            hf_config = _read_config_json(hf_config)
+        if hf_config.get("model_type", "blip") != "blip":
+            raise ValueError(f"config.json has model_type {hf_config.get('model_type')!r}, expected 'blip'")
+        vision_src = {**_HF_VISION_DEFAULTS, **(hf_config.get("vision_config") or {})}
+        text_src = {**_HF_TEXT_DEFAULTS, **(hf_config.get("text_config") or {})}
+        vision = VisionConfig(**{name: vision_src[name] for name in _HF_VISION_DEFAULTS})
+        text_fields = {name: text_src[name] for name in _HF_TEXT_DEFAULTS}
+        # HuggingFace has no [ENC] field; BLIP's tokenizer puts it right after [DEC].
+        text_fields["enc_token_id"] = text_src.get("enc_token_id", text_fields["bos_token_id"] + 1)
+        text = TextConfig(**text_fields)
+        return cls(
+            vision=vision,
+            text=text,
+            image_text_hidden_size=hf_config.get("image_text_hidden_size", _HF_TOP_DEFAULTS["image_text_hidden_size"]),
+            hf_compat=hf_config.get("blip_fast_hf_compat", True),
+        )
+
+    def to_hf(self, architecture: str | None = None) -> dict[str, Any]:
+        """A ``config.json`` dict that ``transformers.BlipConfig`` (and :meth:`from_hf`) load back exactly."""
+        vision = {name: getattr(self.vision, name) for name in _HF_VISION_DEFAULTS}
+        text = {name: getattr(self.text, name) for name in _HF_TEXT_DEFAULTS}
+        text.update(
+            enc_token_id=self.text.enc_token_id,
+            eos_token_id=self.text.sep_token_id,
+            encoder_hidden_size=self.vision.hidden_size,
+            is_decoder=True,
+            tie_word_embeddings=True,
+            model_type="blip_text_model",
+        )
+        vision["model_type"] = "blip_vision_model"
+        config: dict[str, Any] = {
+            "model_type": "blip",
+            "image_text_hidden_size": self.image_text_hidden_size,
+            "blip_fast_hf_compat": self.hf_compat,
+            "tie_word_embeddings": True,
+            "text_config": text,
+            "vision_config": vision,
+        }
+        if architecture is not None:
+            config["architectures"] = [architecture]
+        return config
+
+
+def _read_config_json(path: str | os.PathLike) -> dict[str, Any]:
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        path = os.path.join(path, "config.json")
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no config.json at {path}") from None
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not valid JSON: {error}") from None
+
+
+def _check_heads(where: str, hidden_size: int, num_heads: int) -> None:
+    if hidden_size % num_heads:
+        raise ValueError(f"{where} hidden_size {hidden_size} is not a multiple of num_attention_heads {num_heads}")
+
+
+def _check_activation(where: str, name: str) -> None:
+    if name not in SUPPORTED_ACTIVATIONS:
+        raise ValueError(f"{where} hidden_act {name!r} is not supported; use one of {SUPPORTED_ACTIVATIONS}")

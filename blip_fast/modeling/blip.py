@@ -1,0 +1,308 @@
+"""BLIP task models with HuggingFace's class names, call signatures, output fields and state-dict keys.
+
+Semantics follow the original BLIP unless ``config.hf_compat`` is set, which reproduces HuggingFace's deviations
+exactly (DESIGN.md §2): HuggingFace feeds ``input_ids`` as given where BLIP writes ``[ENC]`` (ITM, VQA question) or
+``[DEC]`` (captioning/answer decoder input) over position 0.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from blip_fast import generation
+from blip_fast.config import BlipConfig
+from blip_fast.modeling.outputs import (
+    BlipForConditionalGenerationModelOutput,
+    BlipImageTextMatchingModelOutput,
+    BlipTextVisionModelOutput,
+)
+from blip_fast.modeling.text import BlipTextLMHeadModel, BlipTextModel
+from blip_fast.modeling.vit import BlipVisionModel
+
+
+class BlipPreTrainedModel(nn.Module):
+    """Loading, saving and HuggingFace interop shared by the task models."""
+
+    #: alias -> canonical name of parameters that are one tensor (HuggingFace's ``_tied_weights_keys``).
+    _tied_weights_keys: dict[str, str] = {}
+
+    def __init__(self, config: BlipConfig) -> None:
+        super().__init__()
+        self.config = config
+        #: HuggingFace ``generation_config.json`` values applied under the caller's keyword arguments.
+        self.generation_defaults: dict[str, Any] = {}
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, **kwargs: Any):
+        """Load an HuggingFace directory or an original BLIP ``.pth`` (see :func:`blip_fast.checkpoint.load_pretrained`)."""
+        from blip_fast import checkpoint
+
+        return checkpoint.load_pretrained(cls, path, **kwargs)
+
+    def save_pretrained(self, out_dir: str | os.PathLike) -> None:
+        """Write an HuggingFace-layout directory (config.json + model.safetensors) that transformers loads."""
+        from blip_fast import checkpoint
+
+        checkpoint.save_pretrained(self, out_dir)
+
+    @classmethod
+    def from_hf_model(cls, hf_model: nn.Module):
+        """A blip_fast copy of a ``transformers`` Blip* model of the same task (same weights, device, dtype)."""
+        config = BlipConfig.from_hf(hf_model.config.to_dict())
+        model = cls(config)
+        model.load_state_dict(hf_model.state_dict())
+        parameter = next(hf_model.parameters())
+        return model.to(device=parameter.device, dtype=parameter.dtype).train(hf_model.training)
+
+    def _with_first_token(self, input_ids: torch.Tensor, token_id: int) -> torch.Tensor:
+        """BLIP writes ``[ENC]``/``[DEC]`` over position 0; HuggingFace-compat mode keeps the ids as given."""
+        if self.config.hf_compat:
+            return input_ids
+        input_ids = input_ids.clone()
+        input_ids[:, 0] = token_id
+        return input_ids
+
+    def _generation_kwargs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        return {**self.generation_defaults, **kwargs}
+
+
+def _ones_mask(states: torch.Tensor) -> torch.Tensor:
+    return torch.ones(states.shape[:2], dtype=torch.long, device=states.device)
+
+
+class BlipForConditionalGeneration(BlipPreTrainedModel):
+    """Image captioning: ViT + image-grounded text decoder."""
+
+    main_input_name = "pixel_values"
+    _tied_weights_keys = {
+        "text_decoder.cls.predictions.decoder.bias": "text_decoder.cls.predictions.bias",
+        "text_decoder.cls.predictions.decoder.weight": "text_decoder.bert.embeddings.word_embeddings.weight",
+    }
+
+    def __init__(self, config: BlipConfig) -> None:
+        super().__init__(config)
+        self.vision_model = BlipVisionModel(config.vision)
+        self.text_decoder = BlipTextLMHeadModel(config.text, config.vision.hidden_size)
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        interpolate_pos_encoding: bool = False,
+    ) -> BlipForConditionalGenerationModelOutput:
+        """pixel_values ``[B, 3, H, W]``, input_ids ``[B, L]`` -> logits ``[B, L, V]`` (+ LM loss with labels)."""
+        image_embeds = self.vision_model(pixel_values, interpolate_pos_encoding).last_hidden_state
+        if input_ids is None:
+            raise ValueError("BlipForConditionalGeneration.forward needs input_ids; use generate() to caption")
+        input_ids = self._with_first_token(input_ids, self.config.text.bos_token_id)
+        decoded = self.text_decoder(input_ids, attention_mask, image_embeds, labels=labels)
+        return BlipForConditionalGenerationModelOutput(
+            loss=decoded.loss, logits=decoded.logits, image_embeds=image_embeds, last_hidden_state=image_embeds
+        )
+
+    @torch.no_grad()
+    def generate(
+        self,
+        pixel_values: torch.Tensor,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        interpolate_pos_encoding: bool = False,
+        **generate_kwargs: Any,
+    ) -> torch.Tensor:
+        """Caption ``[B, 3, H, W]`` images -> token ids ``[B * num_return_sequences, L]``, starting with ``[DEC]``.
+
+        An optional prompt (``input_ids`` from the tokenizer, e.g. "a picture of ", ending in ``[SEP]``) is kept
+        at the start; like HuggingFace, position 0 becomes ``[DEC]`` and the trailing ``[SEP]`` is dropped
+        (the caller's tensor is not modified). Keyword arguments are HuggingFace's (:func:`generation.generate`).
+        """
+        image_embeds = self.vision_model(pixel_values, interpolate_pos_encoding).last_hidden_state
+        text = self.config.text
+        if input_ids is None:
+            input_ids = torch.tensor([[text.bos_token_id, text.sep_token_id]], device=image_embeds.device)
+            input_ids = input_ids.repeat(image_embeds.shape[0], 1)
+        input_ids = torch.as_tensor(input_ids, device=image_embeds.device).clone()
+        input_ids[:, 0] = text.bos_token_id
+        if attention_mask is not None:
+            attention_mask = attention_mask[:, :-1]
+        return generation.generate(
+            self.text_decoder,
+            input_ids[:, :-1],
+            image_embeds,
+            attention_mask=attention_mask,
+            eos_token_id=text.sep_token_id,
+            pad_token_id=text.pad_token_id,
+            **self._generation_kwargs(generate_kwargs),
+        )
+
+
+class BlipForImageTextRetrieval(BlipPreTrainedModel):
+    """Image-text matching (ITM head over the image-grounded ``[ENC]`` token) and ITC cosine similarity."""
+
+    def __init__(self, config: BlipConfig) -> None:
+        super().__init__(config)
+        self.vision_model = BlipVisionModel(config.vision)
+        self.text_encoder = BlipTextModel(config.text, config.vision.hidden_size, add_pooling_layer=False)
+        self.vision_proj = nn.Linear(config.vision.hidden_size, config.image_text_hidden_size)
+        self.text_proj = nn.Linear(config.text.hidden_size, config.image_text_hidden_size)
+        self.itm_head = nn.Linear(config.text.hidden_size, 2)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor,
+        use_itm_head: bool = True,
+        attention_mask: torch.Tensor | None = None,
+        interpolate_pos_encoding: bool = False,
+    ) -> BlipImageTextMatchingModelOutput:
+        """ITM logits ``[B, 2]`` (index 1 = "matched") for pairs, or ITC cosine ``[B_img, B_text]``."""
+        image_embeds = self.vision_model(pixel_values, interpolate_pos_encoding).last_hidden_state
+        if use_itm_head:
+            input_ids = self._with_first_token(input_ids, self.config.text.enc_token_id)
+            text_embeds = self.text_encoder(
+                input_ids, attention_mask, image_embeds, _ones_mask(image_embeds)
+            ).last_hidden_state
+            score = self.itm_head(text_embeds[:, 0])
+        else:
+            text_embeds = self.text_encoder(input_ids, attention_mask).last_hidden_state
+            image_feat = F.normalize(self.vision_proj(image_embeds[:, 0]), dim=-1)
+            text_feat = F.normalize(self.text_proj(text_embeds[:, 0]), dim=-1)
+            score = image_feat @ text_feat.t()
+        return BlipImageTextMatchingModelOutput(
+            itm_score=score, last_hidden_state=image_embeds, question_embeds=text_embeds
+        )
+
+
+class BlipForQuestionAnswering(BlipPreTrainedModel):
+    """VQA: ViT, image-grounded question encoder, answer decoder over the question states."""
+
+    _tied_weights_keys = BlipForConditionalGeneration._tied_weights_keys
+
+    def __init__(self, config: BlipConfig) -> None:
+        super().__init__(config)
+        self.vision_model = BlipVisionModel(config.vision)
+        self.text_encoder = BlipTextModel(config.text, config.vision.hidden_size, add_pooling_layer=False)
+        self.text_decoder = BlipTextLMHeadModel(config.text, config.vision.hidden_size)
+
+    def encode_question(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        interpolate_pos_encoding: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (image_embeds ``[B, N_img, D]``, question states ``[B, L_q, D]``)."""
+        image_embeds = self.vision_model(pixel_values, interpolate_pos_encoding).last_hidden_state
+        input_ids = self._with_first_token(input_ids, self.config.text.enc_token_id)
+        question = self.text_encoder(input_ids, attention_mask, image_embeds, _ones_mask(image_embeds))
+        return image_embeds, question.last_hidden_state
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor,
+        decoder_input_ids: torch.Tensor | None = None,
+        decoder_attention_mask: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        interpolate_pos_encoding: bool = False,
+    ) -> BlipTextVisionModelOutput:
+        """Answer loss (with ``labels``, which double as decoder inputs like HuggingFace) and answer logits."""
+        if labels is None and decoder_input_ids is None:
+            raise ValueError("BlipForQuestionAnswering.forward needs labels (training) or decoder_input_ids")
+        image_embeds, question = self.encode_question(input_ids, pixel_values, attention_mask, interpolate_pos_encoding)
+        if decoder_input_ids is None:
+            decoder_input_ids = labels
+        decoder_input_ids = self._with_first_token(decoder_input_ids, self.config.text.bos_token_id)
+        answer = self.text_decoder(
+            decoder_input_ids, decoder_attention_mask, question, attention_mask, labels=labels
+        )
+        return BlipTextVisionModelOutput(
+            loss=answer.loss, image_embeds=image_embeds, last_hidden_state=image_embeds, logits=answer.logits
+        )
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        interpolate_pos_encoding: bool = False,
+        **generate_kwargs: Any,
+    ) -> torch.Tensor:
+        """Generate answers ``[B * num_return_sequences, L]`` (starting with ``[DEC]``) to questions ``[B, L_q]``."""
+        _, question = self.encode_question(
+            torch.as_tensor(input_ids, device=pixel_values.device), pixel_values, attention_mask,
+            interpolate_pos_encoding,
+        )
+        text = self.config.text
+        bos = torch.full((question.shape[0], 1), text.bos_token_id, dtype=torch.long, device=question.device)
+        # Both BLIP and HuggingFace let the decoder see every question position when generating.
+        return generation.generate(
+            self.text_decoder,
+            bos,
+            question,
+            encoder_attention_mask=_ones_mask(question),
+            eos_token_id=text.sep_token_id,
+            pad_token_id=text.pad_token_id,
+            **self._generation_kwargs(generate_kwargs),
+        )
+
+    @torch.no_grad()
+    def rank_answers(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor,
+        answer_ids: torch.Tensor,
+        answer_attention_mask: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        k: int = 128,
+        label_smoothing: float = 0.1,
+        interpolate_pos_encoding: bool = False,
+    ) -> torch.Tensor:
+        """BLIP's answer-ranking inference: index ``[B]`` of the best of ``A`` candidate answers per question.
+
+        answer_ids/answer_attention_mask ``[A, L_a]`` are the tokenized candidate list. The ``k`` candidates whose
+        first token is most likely are rescored by the full answer loss, which — as in the original, and hence the
+        default ``label_smoothing=0.1`` — is the decoder's smoothed training loss.
+        """
+        _, question = self.encode_question(input_ids, pixel_values, attention_mask, interpolate_pos_encoding)
+        if attention_mask is None:
+            attention_mask = _ones_mask(question)
+        answer_ids = answer_ids.clone()
+        answer_ids[:, 0] = self.config.text.bos_token_id
+        num_questions, k = question.shape[0], min(k, answer_ids.shape[0])
+
+        start = answer_ids[:1, :1].expand(num_questions, 1)
+        first_logits = self.text_decoder(start, None, question, attention_mask).logits[:, 0]  # [B, V]
+        first_token_probs = first_logits.softmax(dim=-1).index_select(1, answer_ids[:, 1])  # [B, A]
+        topk_ids = first_token_probs.topk(k, dim=1).indices  # [B, k]
+
+        candidates = answer_ids[topk_ids.flatten()]  # [B*k, L_a]
+        candidate_mask = answer_attention_mask[topk_ids.flatten()]
+        targets = candidates.masked_fill(candidates == self.config.text.pad_token_id, -100)
+        answer_loss = self.text_decoder(
+            candidates,
+            candidate_mask,
+            question.repeat_interleave(k, dim=0),
+            attention_mask.repeat_interleave(k, dim=0),
+            labels=targets,
+            reduction="none",
+            label_smoothing=label_smoothing,
+        ).loss.view(num_questions, k)
+        best = (-answer_loss).argmax(dim=1)
+        return topk_ids.gather(1, best[:, None]).squeeze(1)
