@@ -1,0 +1,111 @@
+"""The decoding engine: logits processors vs HuggingFace's, sampling, the shared cross-attention cache, errors."""
+
+import pytest
+import torch
+
+import blip_fast
+from blip_fast.generation import GenerationSettings, LogitsProcessor, _top_k, _top_p
+from tests.tiny_models import assert_close, tiny_hf_model
+
+transformers = pytest.importorskip("transformers")
+from transformers.generation import logits_process as hf_processors  # noqa: E402
+
+SHAPE = dict(hidden=48, text_heads=3, vision_heads=4, image_size=40, patch_size=8)
+
+
+@pytest.mark.parametrize("top_p", [0.1, 0.5, 0.9, 1.0])
+@pytest.mark.parametrize("keep", [1, 2])
+def test_top_p_equals_hf(top_p, keep):
+    scores = torch.randn(7, 33) * 3
+    expected = hf_processors.TopPLogitsWarper(top_p, min_tokens_to_keep=keep)(None, scores.clone())
+    actual = _top_p(scores, top_p, keep) if top_p < 1 else scores
+    assert torch.equal(actual, expected)
+
+
+@pytest.mark.parametrize("top_k", [1, 5, 50])
+def test_top_k_equals_hf(top_k):
+    scores = torch.randn(7, 33)
+    assert torch.equal(_top_k(scores, top_k), hf_processors.TopKLogitsWarper(top_k)(None, scores.clone()))
+
+
+@pytest.mark.parametrize("penalty", [0.7, 1.3])
+def test_repetition_penalty_equals_hf(penalty):
+    scores, history = torch.randn(4, 20), torch.randint(0, 20, (4, 6))
+    processor = LogitsProcessor(GenerationSettings(repetition_penalty=penalty), 6, eos_token_id=3,
+                                ignore_for_penalty=None)
+    expected = hf_processors.RepetitionPenaltyLogitsProcessor(penalty)(history, scores.clone())
+    assert_close(processor(scores, history), expected)
+
+
+def test_min_length_blocks_eos_until_reached():
+    processor = LogitsProcessor(GenerationSettings(min_length=4), 1, eos_token_id=3, ignore_for_penalty=None)
+    scores = torch.zeros(2, 10)
+    assert processor(scores, torch.zeros(2, 3, dtype=torch.long))[:, 3].eq(-float("inf")).all()
+    assert processor(scores, torch.zeros(2, 4, dtype=torch.long))[:, 3].eq(0).all()
+
+
+@pytest.fixture(scope="module")
+def captioner():
+    hf_model = tiny_hf_model("BlipForConditionalGeneration", **SHAPE)
+    model = blip_fast.BlipForConditionalGeneration.from_hf_model(hf_model)
+    with torch.no_grad():
+        for m in (hf_model, model):
+            m.text_decoder.cls.predictions.bias[5] += 1.0
+    return hf_model, model
+
+
+def test_nucleus_sampling_is_seeded_and_varied(captioner):
+    _, model = captioner
+    pixel_values = torch.randn(2, 3, 40, 40)
+    kwargs = dict(do_sample=True, top_p=0.9, num_return_sequences=4, max_length=12)
+    first = model.generate(pixel_values, generator=torch.Generator().manual_seed(7), **kwargs)
+    again = model.generate(pixel_values, generator=torch.Generator().manual_seed(7), **kwargs)
+    other = model.generate(pixel_values, generator=torch.Generator().manual_seed(8), **kwargs)
+    assert first.shape[0] == 8 and torch.equal(first, again)
+    assert not torch.equal(first, other)
+    assert len({tuple(row.tolist()) for row in first}) > 1, "samples of one image should differ"
+
+
+@pytest.mark.parametrize("case", [dict(top_p=0.9), dict(top_k=5, temperature=0.7), dict(top_p=0.8, num_beams=2)])
+def test_sampling_matches_hf_under_the_same_seed(captioner, case):
+    """Same processors, same draws from the global RNG: identical ids to HF's sampling."""
+    hf_model, model = captioner
+    pixel_values = torch.randn(3, 3, 40, 40)
+    torch.manual_seed(11)
+    expected = hf_model.generate(pixel_values=pixel_values, do_sample=True, max_length=12, **case)
+    torch.manual_seed(11)
+    actual = model.generate(pixel_values, do_sample=True, max_length=12, **case)
+    assert torch.equal(actual, expected), f"\nours {actual.tolist()}\nhf   {expected.tolist()}"
+
+
+@pytest.mark.parametrize("rows_per_image", [1, 3])
+def test_incremental_decoding_equals_full_forward(captioner, rows_per_image):
+    """Token-by-token decoding through the cache (shared cross K/V) gives the logits of one causal forward."""
+    _, model = captioner
+    decoder = model.text_decoder
+    image_embeds = torch.randn(2, 26, 48)
+    tokens = torch.randint(6, 90, (2 * rows_per_image, 7))
+    full = decoder(tokens, None, image_embeds.repeat_interleave(rows_per_image, 0)).logits
+    cache = decoder.bert.new_cache(image_embeds, None, rows_per_image, max_length=10)
+    stepped = [decoder(tokens[:, :3], cache=cache).logits]
+    stepped += [decoder(tokens[:, i : i + 1], cache=cache).logits for i in range(3, 7)]
+    assert cache.length == 7
+    assert_close(torch.cat(stepped, dim=1), full)
+    assert all(key.shape[0] == 2 for key in cache.cross_keys), "cross K/V must be stored once per image"
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(num_return_sequences=2), "greedy"),
+        (dict(num_beams=2, num_return_sequences=3), "num_return_sequences"),
+        (dict(do_sample=True, temperature=0.0), "temperature"),
+        (dict(top_p=1.5), "top_p"),
+        (dict(output_scores=True), "unsupported generate"),
+        (dict(max_length=1), "no room"),
+    ],
+)
+def test_bad_generation_arguments_raise_clearly(captioner, kwargs, message):
+    _, model = captioner
+    with pytest.raises((ValueError, TypeError), match=message):
+        model.generate(torch.randn(1, 3, 40, 40), **kwargs)

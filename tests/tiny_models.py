@@ -1,0 +1,66 @@
+"""Tiny random HuggingFace BLIP models and comparison helpers shared by the parity tests."""
+
+from __future__ import annotations
+
+import torch
+
+TEXT_DEFAULTS = dict(
+    vocab_size=99, intermediate_size=64, num_hidden_layers=2, max_position_embeddings=40, bos_token_id=97,
+    sep_token_id=5, eos_token_id=5, pad_token_id=0,
+)
+
+
+def tiny_hf_config(hidden=48, text_heads=3, vision_heads=4, image_size=40, patch_size=8, vision_layers=2, **text):
+    """A transformers ``BlipConfig``; text and vision widths are equal because HF's VQA decoder needs that."""
+    import transformers
+
+    return transformers.BlipConfig(
+        text_config={**TEXT_DEFAULTS, "hidden_size": hidden, "num_attention_heads": text_heads, **text},
+        vision_config=dict(
+            hidden_size=hidden, intermediate_size=40, num_hidden_layers=vision_layers,
+            num_attention_heads=vision_heads, image_size=image_size, patch_size=patch_size,
+        ),
+        image_text_hidden_size=24,
+    )
+
+
+def _init_std(name: str) -> float:
+    # Strong cross-attention and a calm text stack: captions then depend on the image and stay varied instead of
+    # collapsing onto one repeated token.
+    if "crossattention" in name:
+        return 0.6
+    return 0.08 if name.startswith(("text_", "itm_head")) else 0.3
+
+
+def randomize_(model: torch.nn.Module) -> torch.nn.Module:
+    """Re-draw every parameter: HF's init (vision std 1e-10, zero biases) would hide mistakes behind near-zeros."""
+    generator = torch.Generator().manual_seed(1234)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            noise = torch.randn(parameter.shape, generator=generator)
+            if "LayerNorm" in name or "layer_norm" in name:
+                parameter.copy_(1.0 + 0.1 * noise if name.endswith("weight") else 0.1 * noise)
+            else:
+                parameter.copy_(_init_std(name) * noise)
+    return model.eval()
+
+
+def tiny_hf_model(task: str, **config_kwargs):
+    import transformers
+
+    return randomize_(getattr(transformers, task)(tiny_hf_config(**config_kwargs)))
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float = 1e-5, atol: float | None = None):
+    """``|a - e| <= atol + rtol * |e|`` elementwise (atol defaults to rtol * max|e|); reports where it fails."""
+    if atol is None:
+        atol = rtol * float(expected.abs().max())
+    assert actual.shape == expected.shape, f"shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    error = (actual.double() - expected.double()).abs()
+    bad = error > atol + rtol * expected.double().abs()
+    if bad.any():
+        first = [tuple(index) for index in bad.nonzero()[:5].tolist()]
+        raise AssertionError(
+            f"{int(bad.sum())}/{bad.numel()} elements differ (max abs error {float(error.max()):.3g}, "
+            f"atol {atol:.3g}, rtol {rtol:.3g}); first at {first}"
+        )
