@@ -127,7 +127,10 @@ class BlipConfig:
 
     @classmethod
     def tiny(cls, vocab_size: int = 30524, image_size: int = 64, **overrides: Any) -> BlipConfig:
-        """A model small enough to train on a 2-core CPU in minutes (the demo and the tests)."""
+        """A model small enough to train on a 2-core CPU in minutes (the demo and the tests).
+
+        With a trained vocabulary, follow with :meth:`for_tokenizer` to take its special-token ids.
+        """
         vision = VisionConfig(
             hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4, image_size=image_size,
             patch_size=8,
@@ -147,6 +150,18 @@ class BlipConfig:
 
     def replace(self, **changes: Any) -> BlipConfig:
         return dataclasses.replace(self, **changes)
+
+    def for_tokenizer(self, tokenizer: Any) -> BlipConfig:
+        """This config with the vocabulary size and special-token ids of ``tokenizer`` (a :class:`BlipTokenizer`)."""
+        text = dataclasses.replace(
+            self.text,
+            vocab_size=len(tokenizer),
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+            enc_token_id=tokenizer.enc_token_id,
+            sep_token_id=tokenizer.sep_token_id,
+        )
+        return dataclasses.replace(self, text=text)
 
     # ------------------------------------------------------------------ HuggingFace config.json
     @classmethod

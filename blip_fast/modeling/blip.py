@@ -45,6 +45,12 @@ class BlipPreTrainedModel(nn.Module):
     def dtype(self) -> torch.dtype:
         return next(self.parameters()).dtype
 
+    def tie_weights(self) -> None:
+        """Re-share tied parameters (after ``to_empty`` or anything else that replaces Parameter objects)."""
+        for module in self.modules():
+            if isinstance(module, BlipTextLMHeadModel):
+                module.tie_weights()
+
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, **kwargs: Any):
         """Load an HuggingFace directory or an original BLIP ``.pth`` (see :func:`blip_fast.checkpoint.load_pretrained`)."""

@@ -315,7 +315,6 @@ class BlipTextLMPredictionHead(nn.Module):
         super().__init__()
         self.transform = BlipTextPredictionHeadTransform(config)
         self.decoder = nn.Linear(config.hidden_size, config.vocab_size)
-        self.bias = self.decoder.bias  # HuggingFace exposes the output bias under both names
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return self.decoder(self.transform(hidden_states))
@@ -335,7 +334,13 @@ class BlipTextLMHeadModel(nn.Module):
         self.config = config
         self.bert = BlipTextModel(config, encoder_width, add_pooling_layer=False)
         self.cls = BlipTextOnlyMLMHead(config)
-        self.cls.predictions.decoder.weight = self.bert.embeddings.word_embeddings.weight
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        """LM head = word embeddings; the output bias also answers to ``cls.predictions.bias`` like HuggingFace."""
+        predictions = self.cls.predictions
+        predictions.decoder.weight = self.bert.embeddings.word_embeddings.weight
+        predictions.bias = predictions.decoder.bias
 
     def forward(
         self,

@@ -1,0 +1,412 @@
+"""Checkpoint I/O: HuggingFace model directories, original Salesforce BLIP ``.pth`` files, HF-layout saves.
+
+The only module that knows parameter names (DESIGN.md §1). The task models' state-dict keys are HuggingFace's,
+so an HF directory loads as is and an original checkpoint needs only its ViT keys renamed (text and head keys are
+the same in both). Unlike the original loader, nothing is dropped silently: every missing, unexpected or mis-shaped
+tensor is reported at once in one :class:`CheckpointError`; training-only state (momentum encoders, queues,
+temperature) and components the task does not use are dropped with one log line; only the ``position_ids``
+buffers, which hold no learned state, are ignored without a word.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import re
+import tempfile
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from blip_fast.config import BlipConfig, TextConfig, VisionConfig
+
+logger = logging.getLogger("blip_fast")
+
+ModelT = TypeVar("ModelT", bound=nn.Module)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded as asked: unreadable, or tensors that do not fit the model."""
+
+
+SAFE_WEIGHTS, SAFE_INDEX = "model.safetensors", "model.safetensors.index.json"
+BIN_WEIGHTS, BIN_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
+CONFIG_NAME, GENERATION_CONFIG_NAME = "config.json", "generation_config.json"
+# Any file an earlier save may have left that a loader could pick up instead of ours.
+_STALE_WEIGHTS = re.compile(r"^(model(-\d{5}-of-\d{5})?\.safetensors|pytorch_model(-\d{5}-of-\d{5})?\.bin)(\.index\.json)?$")
+
+POS_EMBED = "vision_model.embeddings.position_embedding"
+
+#: Original BLIP ViT names -> HuggingFace names (``re.sub`` patterns, applied in order, first match wins).
+ORIGINAL_VISION_RENAMES: tuple[tuple[str, str], ...] = (
+    (r"^visual_encoder\.cls_token$", "vision_model.embeddings.class_embedding"),
+    (r"^visual_encoder\.pos_embed$", POS_EMBED),
+    (r"^visual_encoder\.patch_embed\.proj\.", "vision_model.embeddings.patch_embedding."),
+    (r"^visual_encoder\.blocks\.(\d+)\.norm([12])\.", r"vision_model.encoder.layers.\1.layer_norm\2."),
+    (r"^visual_encoder\.blocks\.(\d+)\.attn\.qkv\.", r"vision_model.encoder.layers.\1.self_attn.qkv."),
+    (r"^visual_encoder\.blocks\.(\d+)\.attn\.proj\.", r"vision_model.encoder.layers.\1.self_attn.projection."),
+    (r"^visual_encoder\.blocks\.(\d+)\.mlp\.(fc[12])\.", r"vision_model.encoder.layers.\1.mlp.\2."),
+    (r"^visual_encoder\.norm\.", "vision_model.post_layernorm."),
+)
+_RENAMES = [(re.compile(pattern), replacement) for pattern, replacement in ORIGINAL_VISION_RENAMES]
+
+# Top-level groups of the original pre-training/fine-tuning models that hold no inference weights.
+_TRAINING_ONLY = frozenset({
+    "visual_encoder_m", "text_encoder_m", "text_decoder_m", "vision_proj_m", "text_proj_m",
+    "image_queue", "text_queue", "idx_queue", "ptr_queue", "temp",
+})
+# BLIP components; a task model lacking one of them (a captioner has no text_encoder) drops it from the file.
+_COMPONENTS = frozenset({"vision_model", "text_encoder", "text_decoder", "vision_proj", "text_proj", "itm_head"})
+
+#: ``blip-fast convert --task`` -> task class name in :mod:`blip_fast.modeling.blip`.
+TASKS = {
+    "captioning": "BlipForConditionalGeneration",
+    "retrieval": "BlipForImageTextRetrieval",
+    "vqa": "BlipForQuestionAnswering",
+}
+
+
+def _is_position_ids(key: str) -> bool:
+    return key.endswith("embeddings.position_ids")
+
+
+def _is_grid(*num_positions: int) -> bool:
+    """Whether each position table is a class token plus a square patch grid."""
+    return all(n > 1 and math.isqrt(n - 1) ** 2 == n - 1 for n in num_positions)
+
+
+# ---------------------------------------------------------------------------------------------------- reading
+def _read_file(path: str) -> dict[str, torch.Tensor]:
+    """One weights file as a flat ``{name: tensor}``; never unpickles anything but tensors and containers."""
+    try:
+        if path.endswith(".safetensors"):
+            return load_file(path, device="cpu")
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # safetensors header, unpickling, zip, truncation, missing shard: all the same to us
+        raise CheckpointError(f"cannot read {path}: {type(error).__name__}: {error}") from error
+    if isinstance(obj, Mapping) and isinstance(obj.get("model"), Mapping):
+        obj = obj["model"]  # original BLIP: {"model": state_dict, "optimizer": ..., "config": ..., "epoch": ...}
+    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"{path} does not hold a state dict (a mapping of names to tensors, or one under 'model')")
+    return dict(obj)
+
+
+def _read_dir(directory: str) -> dict[str, torch.Tensor]:
+    """An HF directory's weights: single file or sharded index, safetensors preferred (transformers' order)."""
+    for single, index in ((SAFE_WEIGHTS, SAFE_INDEX), (BIN_WEIGHTS, BIN_INDEX)):
+        if os.path.isfile(os.path.join(directory, single)):
+            return _read_file(os.path.join(directory, single))
+        index_path = os.path.join(directory, index)
+        if os.path.isfile(index_path):
+            try:
+                with open(index_path, encoding="utf-8") as handle:
+                    shards = sorted(set(json.load(handle)["weight_map"].values()))
+            except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+                raise CheckpointError(f"cannot read {index_path}: {type(error).__name__}: {error}") from error
+            state: dict[str, torch.Tensor] = {}
+            for shard in shards:
+                state.update(_read_file(os.path.join(directory, shard)))
+            return state
+    raise CheckpointError(
+        f"no weights in {directory}: looked for {SAFE_WEIGHTS}, {SAFE_INDEX}, {BIN_WEIGHTS} and {BIN_INDEX}"
+    )
+
+
+def _rename_original(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    renamed = {}
+    for key, tensor in state.items():
+        for pattern, replacement in _RENAMES:
+            new_key, count = pattern.subn(replacement, key)
+            if count:
+                key = new_key
+                break
+        renamed[key] = tensor
+    return renamed
+
+
+def _infer_config(state: Mapping[str, torch.Tensor], path: str, tokenizer: Any = None) -> BlipConfig:
+    """Sizes from tensor shapes (HF key names). Head counts are not in the weights: BLIP's heads are 64-d
+    (12 for 768, 16 for 1024). Special-token ids come from ``tokenizer`` when given, else BLIP's (bert-base-uncased
+    ids, ``[DEC]``/``[ENC]`` the last two vocabulary entries)."""
+
+    def count_layers(prefix: str) -> int:
+        pattern = re.compile(re.escape(prefix) + r"(\d+)\.")
+        return 1 + max((int(m.group(1)) for k in state if (m := pattern.match(k))), default=-1)
+
+    def heads(hidden: int) -> int:
+        if hidden % 64:
+            raise ValueError(f"hidden size {hidden} is not a multiple of BLIP's 64-d heads")
+        return hidden // 64
+
+    try:
+        pos_embed, patch = state[POS_EMBED], state["vision_model.embeddings.patch_embedding.weight"]
+        vision_hidden, grid = pos_embed.shape[-1], math.isqrt(pos_embed.shape[-2] - 1)
+        vision = VisionConfig(
+            hidden_size=vision_hidden,
+            intermediate_size=state["vision_model.encoder.layers.0.mlp.fc1.weight"].shape[0],
+            num_hidden_layers=count_layers("vision_model.encoder.layers."),
+            num_attention_heads=heads(vision_hidden),
+            image_size=grid * patch.shape[-1],
+            patch_size=patch.shape[-1],
+        )
+        text_prefix = "text_encoder." if "text_encoder.embeddings.word_embeddings.weight" in state else "text_decoder.bert."
+        vocab_size, text_hidden = state[text_prefix + "embeddings.word_embeddings.weight"].shape
+        special = dict(bos_token_id=vocab_size - 2, enc_token_id=vocab_size - 1)
+        if tokenizer is not None:
+            if len(tokenizer) != vocab_size:
+                raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the embeddings {vocab_size} rows")
+            special = dict(
+                pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                enc_token_id=tokenizer.enc_token_id, sep_token_id=tokenizer.sep_token_id,
+            )
+        text = TextConfig(
+            vocab_size=vocab_size,
+            hidden_size=text_hidden,
+            intermediate_size=state[text_prefix + "encoder.layer.0.intermediate.dense.weight"].shape[0],
+            num_hidden_layers=count_layers(text_prefix + "encoder.layer."),
+            num_attention_heads=heads(text_hidden),
+            max_position_embeddings=state[text_prefix + "embeddings.position_embeddings.weight"].shape[0],
+            **special,
+        )
+        proj = state.get("vision_proj.weight")
+        return BlipConfig(vision=vision, text=text, image_text_hidden_size=256 if proj is None else proj.shape[0])
+    except (KeyError, ValueError) as error:
+        raise CheckpointError(
+            f"cannot infer the model's config from {path} ({error}); pass config= (or the tokenizer)"
+        ) from error
+
+
+# ---------------------------------------------------------------------------------------------------- fitting
+def _fit(model: nn.Module, state: dict[str, torch.Tensor], path: str, resize_pos_embed: bool, strict: bool) -> dict:
+    """Check ``state`` against ``model`` and return the dict to load; raise one error listing every problem."""
+    expected = {k: v for k, v in model.state_dict().items() if not _is_position_ids(k)}
+    tied: dict[str, str] = dict(getattr(model, "_tied_weights_keys", None) or {})
+    problems: list[str] = []
+
+    for alias, canonical in tied.items():  # HF's save omits aliases; the original's state_dict has both
+        if alias in state:
+            value = state.pop(alias)
+            if canonical not in state:
+                state[canonical] = value
+            elif value.shape != state[canonical].shape or not torch.equal(value, state[canonical]):
+                problems.append(f"tied: {alias} differs from {canonical}, which the model holds as one tensor")
+
+    model_groups = {key.split(".")[0] for key in expected}
+    dropped: dict[str, int] = {}
+    for key in list(state):
+        group = key.split(".")[0]
+        if _is_position_ids(key):
+            del state[key]
+        elif group not in model_groups and (group in _TRAINING_ONLY or group in _COMPONENTS):
+            dropped[group] = dropped.get(group, 0) + 1
+            del state[key]
+    if dropped:
+        groups = ", ".join(f"{group} ({count})" for group, count in sorted(dropped.items()))
+        logger.info("%s: dropped what %s does not use (tensors per group): %s", path, type(model).__name__, groups)
+
+    source, target = state.get(POS_EMBED), expected.get(POS_EMBED)
+    if resize_pos_embed and source is not None and target is not None and source.shape != target.shape:
+        if source.ndim == 3 and source.shape[-1] == target.shape[-1] and _is_grid(source.shape[1], target.shape[1]):
+            from blip_fast.modeling.vit import resize_position_embedding
+
+            new_grid = math.isqrt(target.shape[1] - 1)
+            state[POS_EMBED] = resize_position_embedding(source, (new_grid, new_grid))
+            logger.info("%s: resized position embeddings %s -> %s (bicubic, class token kept)", path,
+                        tuple(source.shape), tuple(target.shape))
+
+    missing = sorted(key for key in expected if key not in state and key not in tied)
+    unexpected = sorted(key for key in state if key not in expected)
+    problems += [
+        f"shape: {key} is {list(tensor.shape)} in the file, the model expects {list(expected[key].shape)}"
+        for key, tensor in sorted(state.items())
+        if key in expected and tensor.shape != expected[key].shape
+    ]
+    if strict:
+        problems += [f"missing: {key}" for key in missing] + [f"unexpected: {key}" for key in unexpected]
+    elif missing or unexpected:
+        logger.warning("%s: strict=False, %d missing keys keep their initial values (%s), %d unexpected dropped (%s)",
+                       path, len(missing), ", ".join(missing), len(unexpected), ", ".join(unexpected))
+    if problems:
+        count = f"{len(problems)} problem" + "s" * (len(problems) > 1)
+        raise CheckpointError(f"{path} does not fit {type(model).__name__} ({count}):\n  " + "\n  ".join(problems))
+    for key in unexpected:
+        del state[key]
+    for alias, canonical in tied.items():  # also fills models whose aliases are separate tensors
+        if canonical in state:
+            state[alias] = state[canonical]
+    return state
+
+
+def _read_generation_defaults(path: str) -> dict[str, Any]:
+    """The decoding settings of an HF ``generation_config.json`` (num_beams, max_length, top_p, ...).
+
+    Token ids and output flags are left out: the model's config owns the ids (HF's BLIP ``generate`` also ends on
+    ``sep_token_id``), and the engine takes only :class:`~blip_fast.generation.GenerationSettings` fields.
+    """
+    if not os.path.isfile(path):
+        return {}
+    from blip_fast.generation import GenerationSettings
+
+    try:
+        with open(path, encoding="utf-8") as handle:
+            values = json.load(handle)
+    except (OSError, ValueError) as error:
+        raise CheckpointError(f"cannot read {path}: {type(error).__name__}: {error}") from error
+    known = {field.name for field in dataclasses.fields(GenerationSettings)}
+    return {key: value for key, value in values.items() if key in known and value is not None}
+
+
+# ---------------------------------------------------------------------------------------------------- public API
+def load_pretrained(
+    model_cls: type[ModelT],
+    path: str | os.PathLike,
+    torch_dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+    strict: bool = True,
+    hf_compat: bool | None = None,
+    config: BlipConfig | None = None,
+    tokenizer: Any = None,
+) -> ModelT:
+    """Build ``model_cls(config)`` and load an HF model directory or an original BLIP ``.pth`` into it, in eval mode.
+
+    The config comes from ``config.json`` for a directory (``hf_compat=True``) and from the tensor shapes for a
+    ``.pth`` (``hf_compat=False``), unless ``config`` is given; ``hf_compat`` overrides either. A ``.pth`` position
+    table of another resolution is resized bicubically; in an HF directory that is an error, like any missing,
+    unexpected or mis-shaped tensor (``strict=False`` only logs missing and unexpected keys). ``torch_dtype`` casts
+    floating tensors, ``device`` moves the model. The decoding settings of ``generation_config.json`` land in
+    ``model.generation_defaults``. ``tokenizer`` supplies the special-token ids when inferring a ``.pth`` config
+    whose vocabulary is not BLIP's bert-base-uncased one.
+    """
+    path = os.fspath(path)
+    generation_defaults: dict[str, Any] = {}
+    if os.path.isdir(path):
+        config = config or BlipConfig.from_hf(path)
+        state = _read_dir(path)
+        generation_defaults = _read_generation_defaults(os.path.join(path, GENERATION_CONFIG_NAME))
+    elif os.path.isfile(path):
+        state = _rename_original(_read_file(path))
+        config = config or _infer_config(state, path, tokenizer)
+    else:
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    if hf_compat is not None:
+        config = config.replace(hf_compat=hf_compat)
+
+    model = _empty_model(model_cls, config) if strict else model_cls(config)
+    state = _fit(model, state, path, resize_pos_embed=not os.path.isdir(path), strict=strict)
+    model.load_state_dict(state, strict=False)  # _fit has already checked every key and shape
+    model.generation_defaults = generation_defaults
+    if torch_dtype is not None:
+        model.to(dtype=torch_dtype)
+    if device is not None:
+        model.to(device)
+    return model.eval()
+
+
+def _empty_model(model_cls: type[ModelT], config: BlipConfig) -> ModelT:
+    """The model with uninitialised storage: a strict load overwrites every tensor, so random init is wasted work."""
+    with torch.device("meta"):
+        model = model_cls(config)
+    model.to_empty(device="cpu")
+    model.tie_weights()
+    return model
+
+
+def _atomic_write(target: str, write: Callable[[str], None]) -> None:
+    """Write through a temp file in the same directory and rename: a crash never leaves a half-written target."""
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(target), prefix=f".{os.path.basename(target)}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def _write_json(target: str, data: dict[str, Any]) -> None:
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as handle:
+            json.dump(data, handle, indent=2, sort_keys=True)
+            handle.write("\n")
+
+    _atomic_write(target, write)
+
+
+def state_dict_to_save(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors an HF-layout save holds: tied aliases left out (as transformers 5 writes them), contiguous,
+    CPU, and no two sharing memory (safetensors refuses shared storage)."""
+    tied = set(getattr(model, "_tied_weights_keys", None) or {})
+    out: dict[str, torch.Tensor] = {}
+    seen_storages: set[int] = set()
+    for key, tensor in model.state_dict().items():
+        if key in tied or _is_position_ids(key):
+            continue
+        tensor = tensor.detach().cpu().contiguous()
+        storage = tensor.untyped_storage().data_ptr()
+        if storage in seen_storages:
+            tensor = tensor.clone()
+        seen_storages.add(storage)
+        out[key] = tensor
+    return out
+
+
+def save_pretrained(model: nn.Module, out_dir: str | os.PathLike, safe_serialization: bool = True) -> str:
+    """Write an HF-layout directory (``config.json``, ``model.safetensors`` or ``pytorch_model.bin``, and
+    ``generation_config.json`` when ``model.generation_defaults`` is set) that ``transformers`` loads unchanged.
+
+    Each file is written to a temp file and renamed; weight files an earlier save left (other format, shards) are
+    removed afterwards so no loader picks them up. Returns ``out_dir``.
+    """
+    out_dir = os.fspath(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    state = state_dict_to_save(model)
+    weights_name = SAFE_WEIGHTS if safe_serialization else BIN_WEIGHTS
+    if safe_serialization:
+        _atomic_write(os.path.join(out_dir, weights_name), lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+    else:
+        _atomic_write(os.path.join(out_dir, weights_name), lambda tmp: torch.save(state, tmp))
+    hf_config = model.config.to_hf(architecture=type(model).__name__)
+    floating = [t.dtype for t in state.values() if t.is_floating_point()]
+    if floating:
+        hf_config["dtype"] = str(floating[0]).removeprefix("torch.")
+    _write_json(os.path.join(out_dir, CONFIG_NAME), hf_config)
+    generation_defaults = getattr(model, "generation_defaults", None)
+    if generation_defaults:
+        _write_json(os.path.join(out_dir, GENERATION_CONFIG_NAME), dict(generation_defaults))
+    for name in os.listdir(out_dir):
+        if name != weights_name and _STALE_WEIGHTS.match(name):
+            os.unlink(os.path.join(out_dir, name))
+    return out_dir
+
+
+def task_class(task: str) -> type[nn.Module]:
+    """The blip_fast model class for a ``convert --task`` name."""
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; choose one of {sorted(TASKS)}")
+    from blip_fast.modeling import blip
+
+    return getattr(blip, TASKS[task])
+
+
+def convert_original(
+    pth_path: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    task: str = "captioning",
+    config: BlipConfig | None = None,
+    tokenizer: Any = None,
+) -> str:
+    """Convert an original Salesforce BLIP ``.pth`` to an HF-layout directory (``blip-fast convert``).
+
+    ``task`` picks which components are kept (captioning, retrieval, vqa); the rest of a pre-training checkpoint
+    and its training-only state are dropped with one log line. Returns ``out_dir``.
+    """
+    model = load_pretrained(task_class(task), pth_path, config=config, tokenizer=tokenizer)
+    return save_pretrained(model, out_dir)

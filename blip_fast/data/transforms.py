@@ -1,0 +1,266 @@
+"""BLIP's image side: load image files safely and turn images into normalised `pixel_values`.
+
+`BlipImageProcessor` reproduces transformers' `BlipImageProcessor` (its PIL backend, `BlipImageProcessorPil`,
+which is what transformers uses without torchvision) to <= 1e-6, for PIL images, numpy arrays and torch tensors:
+RGB conversion compositing transparency on white, PIL resize, rescale, normalise. It needs only PIL, numpy and
+torch. uint8 images (every PIL input after RGB conversion) are rescaled and normalised through a 256-entry
+lookup table computed with transformers' exact float64/float32 steps, so the result is bit-identical and cheap.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import PIL.Image
+import torch
+
+from blip_fast.tokenizer import BatchFeature
+
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+PREPROCESSOR_CONFIG_FILE = "preprocessor_config.json"
+# preprocessor_config.json keys that map one-to-one onto BlipImageProcessor fields (size is converted).
+_CONFIG_KEYS = (
+    "image_mean", "image_std", "resample", "do_resize", "do_rescale", "rescale_factor", "do_normalize", "do_convert_rgb"
+)
+
+ImageInput = PIL.Image.Image | np.ndarray | torch.Tensor
+
+
+class ImageLoadError(ValueError):
+    """An image file could not be opened or fully decoded; the message names the path and the reason."""
+
+
+def load_image(path: str | os.PathLike) -> PIL.Image.Image:
+    """Open and fully decode an image file, in its stored mode (the processor converts to RGB).
+
+    Decoding here (`.load()`) makes truncated or corrupt files fail at load time with one error type,
+    `ImageLoadError`, instead of later inside a transform; decompression bombs (over 2x PIL's
+    `MAX_IMAGE_PIXELS`) are refused the same way. The file is closed on success and on failure.
+    """
+    try:
+        with PIL.Image.open(path) as image:
+            image.load()
+    except FileNotFoundError:
+        raise ImageLoadError(f"cannot load image {os.fspath(path)!r}: file not found") from None
+    except (IsADirectoryError, PermissionError) as error:
+        raise ImageLoadError(f"cannot load image {os.fspath(path)!r}: cannot read it ({error.strerror})") from error
+    except PIL.UnidentifiedImageError as error:
+        raise ImageLoadError(f"cannot load image {os.fspath(path)!r}: not a recognised image file") from error
+    except PIL.Image.DecompressionBombError as error:
+        raise ImageLoadError(f"cannot load image {os.fspath(path)!r}: possible decompression bomb ({error})") from error
+    # PIL's decoders report corrupt data with many exception types (OSError, SyntaxError, struct.error, ...).
+    except Exception as error:
+        reason = f"{type(error).__name__}: {error}"
+        raise ImageLoadError(f"cannot load image {os.fspath(path)!r}: corrupt or truncated data ({reason})") from error
+    return image
+
+
+def _pil_to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
+    """RGB the way transformers does it: any transparency (an alpha band, or a palette/L `transparency`
+    entry) is composited onto white; other modes (L, P, CMYK, I;16, ...) use PIL's `convert("RGB")`."""
+    if "A" in image.getbands() or image.info.get("transparency") is not None:
+        white = PIL.Image.new("RGBA", image.size, (255, 255, 255, 255))
+        return PIL.Image.alpha_composite(white, image.convert("RGBA")).convert("RGB")
+    return image.convert("RGB")
+
+
+def _array_to_hwc(array: np.ndarray) -> np.ndarray:
+    """[C, H, W] or [H, W, C] with C in (1, 3, 4) -> [H, W, C]; channels-first wins when both fit (as HF)."""
+    if array.ndim != 3:
+        raise ValueError(f"an image array must have 3 dims ([C, H, W] or [H, W, C]), got shape {array.shape}")
+    if array.shape[0] in (1, 3, 4):
+        return np.moveaxis(array, 0, -1)
+    if array.shape[-1] in (1, 3, 4):
+        return array
+    raise ValueError(f"cannot find the channel dim (1, 3 or 4 channels) of an image with shape {array.shape}")
+
+
+def _array_to_rgb(hwc: np.ndarray) -> np.ndarray:
+    """[H, W, C] -> [H, W, 3] like transformers' numpy path: grey repeated, RGBA composited onto white."""
+    if hwc.shape[-1] == 1:
+        return np.repeat(hwc, 3, axis=-1)
+    if hwc.shape[-1] != 4:
+        return hwc
+    if np.issubdtype(hwc.dtype, np.floating) and (hwc.min() < 0.0 or hwc.max() > 1.0):
+        raise ValueError(f"a float RGBA image must lie in [0, 1], got [{hwc.min()}, {hwc.max()}]")
+    white = 255 if np.issubdtype(hwc.dtype, np.integer) else 1.0
+    alpha = hwc[..., 3:4] / white
+    composite = alpha * hwc[..., :3] + (1 - alpha) * white
+    return (np.round(composite) if white == 255 else composite).astype(hwc.dtype)
+
+
+def _pil_resize(hwc: np.ndarray, size: tuple[int, int], resample: int) -> np.ndarray:
+    """Resize [H, W, C] to [h, w, C] with PIL on uint8, like transformers' `resize`.
+
+    Non-uint8 input goes through uint8: integer-valued arrays in [0, 255] are cast, [0, 1] floats are scaled
+    by 255 and truncated, and the result is scaled back to [0, 1] (float32).
+    """
+    scaled = False
+    if hwc.dtype != np.uint8:
+        if np.allclose(hwc, hwc.astype(int)):
+            if hwc.min() < 0 or hwc.max() > 255:
+                raise ValueError(f"an integer-valued image must lie in [0, 255], got [{hwc.min()}, {hwc.max()}]")
+        elif hwc.min() >= 0 and hwc.max() <= 1:
+            scaled = True
+            hwc = (hwc.astype(np.float64) * 255).astype(np.float32)
+        else:
+            raise ValueError(f"a float image must lie in [0, 1] or be integer-valued, got [{hwc.min()}, {hwc.max()}]")
+        hwc = hwc.astype(np.uint8)
+    pil_image = PIL.Image.fromarray(hwc[..., 0] if hwc.shape[-1] == 1 else hwc)
+    height, width = size
+    resized = np.asarray(pil_image.resize((width, height), resample=resample))
+    resized = resized[..., None] if resized.ndim == 2 else resized
+    return (resized.astype(np.float64) * (1 / 255)).astype(np.float32) if scaled else resized
+
+
+def _size_pair(size: int | Sequence[int]) -> tuple[int, int]:
+    if isinstance(size, int):
+        return (size, size)
+    height, width = size
+    return (int(height), int(width))
+
+
+def _channel_triple(value: float | Sequence[float]) -> tuple[float, float, float]:
+    triple = (float(value),) * 3 if isinstance(value, (int, float)) else tuple(float(item) for item in value)
+    if len(triple) != 3:
+        raise ValueError(f"image_mean/image_std need one value or three (R, G, B), got {value}")
+    return triple
+
+
+@dataclass(frozen=True)
+class BlipImageProcessor:
+    """Images -> `pixel_values` FloatTensor [B, 3, H, W], numerically equal to transformers' BlipImageProcessor.
+
+    Defaults are BLIP's: 384x384 bicubic, rescale 1/255, OpenAI CLIP mean/std. `size` is (height, width) or an
+    int for a square; `resample` a PIL resampling filter (3 = bicubic).
+    """
+
+    size: tuple[int, int] | int = (384, 384)
+    image_mean: tuple[float, ...] | float = OPENAI_CLIP_MEAN
+    image_std: tuple[float, ...] | float = OPENAI_CLIP_STD
+    resample: int = PIL.Image.Resampling.BICUBIC
+    do_resize: bool = True
+    do_rescale: bool = True
+    rescale_factor: float = 1 / 255
+    do_normalize: bool = True
+    do_convert_rgb: bool = True
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "size", _size_pair(self.size))
+        object.__setattr__(self, "image_mean", _channel_triple(self.image_mean))
+        object.__setattr__(self, "image_std", _channel_triple(self.image_std))
+        object.__setattr__(self, "resample", int(PIL.Image.Resampling(self.resample)))
+
+    # ---------------------------------------------------------------- config files
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike) -> BlipImageProcessor:
+        """Read transformers' `preprocessor_config.json`; missing (or null) keys take transformers' defaults."""
+        path = Path(directory) / PREPROCESSOR_CONFIG_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"no {PREPROCESSOR_CONFIG_FILE} in {os.fspath(directory)!r}")
+        config = json.loads(path.read_text(encoding="utf-8"))
+        config = {key: value for key, value in config.items() if value is not None}
+        for unsupported in ("do_center_crop", "do_pad"):
+            if config.get(unsupported):
+                raise ValueError(f"{path}: {unsupported}=true is not part of BLIP's preprocessing and not supported")
+        size = config.get("size", 384)
+        if isinstance(size, dict):
+            if set(size) != {"height", "width"}:
+                raise ValueError(f"{path}: size must be {{height, width}} or an int, got {size}")
+            size = (size["height"], size["width"])
+        return cls(size=size, **{name: config[name] for name in _CONFIG_KEYS if name in config})
+
+    def save_pretrained(self, directory: str | os.PathLike) -> str:
+        """Write `preprocessor_config.json` that transformers' BlipImageProcessor loads to the same settings."""
+        height, width = self.size
+        config = {
+            "image_processor_type": "BlipImageProcessor",
+            "do_convert_rgb": self.do_convert_rgb,
+            "do_normalize": self.do_normalize,
+            "do_rescale": self.do_rescale,
+            "do_resize": self.do_resize,
+            "image_mean": list(self.image_mean),
+            "image_std": list(self.image_std),
+            "resample": self.resample,
+            "rescale_factor": self.rescale_factor,
+            "size": {"height": height, "width": width},
+        }
+        path = Path(directory) / PREPROCESSOR_CONFIG_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        return str(path)
+
+    # ---------------------------------------------------------------- processing
+    def __call__(
+        self,
+        images: ImageInput | Sequence[ImageInput],
+        return_tensors: Literal["pt", "np"] = "pt",
+    ) -> BatchFeature:
+        """PIL images, [C, H, W]/[H, W, C] arrays or tensors, [B, ...] batches, or a list of them ->
+        `{"pixel_values": [B, 3, H, W] float32}` (torch tensor for "pt", numpy array for "np")."""
+        if return_tensors not in ("pt", "np"):
+            raise ValueError(f"return_tensors must be 'pt' or 'np', got {return_tensors!r}")
+        pixel_values = np.stack([self._process_one(image) for image in _flatten(images)])  # [B, 3, H, W]
+        if return_tensors == "pt":
+            pixel_values = torch.from_numpy(pixel_values)
+        return BatchFeature(pixel_values=pixel_values)
+
+    def _process_one(self, image: ImageInput) -> np.ndarray:
+        """One image -> float32 [C, H, W]."""
+        if isinstance(image, PIL.Image.Image):
+            hwc = np.asarray(_pil_to_rgb(image) if self.do_convert_rgb else image)
+            hwc = hwc[..., None] if hwc.ndim == 2 else hwc
+        else:
+            array = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
+            hwc = _array_to_hwc(array)
+            hwc = _array_to_rgb(hwc) if self.do_convert_rgb else hwc
+        if self.do_resize:
+            hwc = _pil_resize(hwc, self.size, self.resample)
+        if self.do_normalize and hwc.shape[-1] != len(self.image_mean):
+            raise ValueError(f"cannot normalise a {hwc.shape[-1]}-channel image with {len(self.image_mean)} means")
+        chw = np.moveaxis(hwc, -1, 0)
+        if chw.dtype == np.uint8 and chw.shape[0] == 3:
+            # Fancy indexing by uint8 values: ~4x faster than np.take, ~8x faster than the float64 arithmetic.
+            return np.stack([self._uint8_lut[channel][chw[channel]] for channel in range(3)])
+        return self._rescale_normalize(chw).astype(np.float32)
+
+    def _rescale_normalize(self, chw: np.ndarray) -> np.ndarray:
+        """transformers' rescale (float64 multiply, float32 result) then normalise in the image's float dtype."""
+        if self.do_rescale:
+            chw = (chw.astype(np.float64) * self.rescale_factor).astype(np.float32)
+        if self.do_normalize:
+            chw = chw if np.issubdtype(chw.dtype, np.floating) else chw.astype(np.float32)
+            mean = np.asarray(self.image_mean, dtype=chw.dtype)[:, None, None]
+            std = np.asarray(self.image_std, dtype=chw.dtype)[:, None, None]
+            chw = (chw - mean) / std
+        return chw
+
+    @cached_property
+    def _uint8_lut(self) -> np.ndarray:
+        """[3, 256] float32: `_rescale_normalize` of every uint8 value per channel (exact, computed once)."""
+        values = np.broadcast_to(np.arange(256, dtype=np.uint8), (3, 1, 256))
+        return np.ascontiguousarray(self._rescale_normalize(values)[:, 0, :], dtype=np.float32)
+
+
+def _flatten(images: ImageInput | Sequence[ImageInput]) -> list[ImageInput]:
+    """A single image, a [B, ...] batch, or a list of images/batches -> a flat list of single images."""
+    items = list(images) if isinstance(images, (list, tuple)) else [images]
+    flat: list[ImageInput] = []
+    for item in items:
+        if isinstance(item, PIL.Image.Image):
+            flat.append(item)
+        elif isinstance(item, (np.ndarray, torch.Tensor)):
+            flat.extend(list(item) if item.ndim == 4 else [item])
+        else:
+            raise TypeError(f"expected PIL images, numpy arrays or torch tensors, got {type(item).__name__}")
+    if not flat:
+        raise ValueError("no images given")
+    return flat

@@ -1,0 +1,365 @@
+"""BLIP's text side: a bert-base-uncased WordPiece tokenizer plus BLIP's `[DEC]`/`[ENC]` tokens.
+
+Built on the Rust `tokenizers` library alone so that inference and training never need `transformers`. The
+tokenizer is the one the original BLIP builds (`BertTokenizer` + `bos_token="[DEC]"` + additional special token
+`[ENC]`): with the standard vocab `[DEC]`=30522 (bos), `[ENC]`=30523, `[SEP]`=102 (eos), `[PAD]`=0, `[CLS]`=101.
+Token ids equal those of `transformers.BertTokenizer` with the same two tokens added (tests check this), and
+`save_pretrained` writes a directory that `transformers.AutoTokenizer` loads to the same ids.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from tokenizers import AddedToken, Tokenizer, decoders, normalizers, pre_tokenizers, processors, trainers
+from tokenizers.models import WordPiece
+
+PAD_TOKEN, UNK_TOKEN, CLS_TOKEN, SEP_TOKEN, MASK_TOKEN = "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"
+DEC_TOKEN, ENC_TOKEN = "[DEC]", "[ENC]"
+#: BERT's special tokens in BERT's id order; a trained vocab gives them ids 0..4.
+BERT_SPECIAL_TOKENS = (PAD_TOKEN, UNK_TOKEN, CLS_TOKEN, SEP_TOKEN, MASK_TOKEN)
+
+TOKENIZER_FILE, VOCAB_FILE = "tokenizer.json", "vocab.txt"
+TOKENIZER_CONFIG_FILE, SPECIAL_TOKENS_MAP_FILE, ADDED_TOKENS_FILE = (
+    "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+)
+#: BLIP's text encoder has 512 positions; bert-base-uncased's tokenizer_config says the same.
+DEFAULT_MODEL_MAX_LENGTH = 512
+
+Padding = bool | Literal["longest", "max_length", "do_not_pad"]
+
+
+class TokenizerNotFoundError(FileNotFoundError):
+    """A checkpoint directory holds neither `tokenizer.json` nor `vocab.txt`."""
+
+
+class BatchFeature(dict):
+    """A dict with attribute access and `.to()`, like transformers' BatchEncoding/BatchFeature.
+
+    Returned by `BlipTokenizer.__call__` and `BlipImageProcessor.__call__` so HF-style code
+    (`inputs.input_ids`, `processor(...).to(device)`) keeps working.
+    """
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError as error:
+            raise AttributeError(name) from error
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> BatchFeature:
+        """Move tensors to `device`; `dtype` casts floating-point tensors only, so token ids stay integers."""
+
+        def move(value: Any) -> Any:
+            if not isinstance(value, torch.Tensor):
+                return value
+            return value.to(device=device, dtype=dtype if value.is_floating_point() else None)
+
+        return BatchFeature({key: move(value) for key, value in self.items()})
+
+
+def pre_caption(caption: str, max_words: int = 30) -> str:
+    """Normalise a caption exactly like BLIP's `data/utils.py:pre_caption` (training and eval captions).
+
+    Lower-cases, turns `.!"()*#:;~` into spaces, collapses runs of 2+ whitespace characters into one space,
+    strips a trailing newline and surrounding spaces, and keeps at most `max_words` space-separated words.
+    """
+    caption = re.sub(r"([.!\"()*#:;~])", " ", caption.lower())
+    caption = re.sub(r"\s{2,}", " ", caption)
+    caption = caption.rstrip("\n").strip(" ")
+    words = caption.split(" ")
+    if len(words) > max_words:
+        caption = " ".join(words[:max_words])
+    return caption
+
+
+def _special(token: str) -> AddedToken:
+    # normalized=False: matched on the raw text, like HF registers BERT's special tokens.
+    return AddedToken(token, special=True, normalized=False)
+
+
+def _bert_pipeline(model: WordPiece, lowercase: bool, strip_accents: bool | None, chinese: bool) -> Tokenizer:
+    """The BERT pipeline transformers' BertTokenizer builds: BertNormalizer, BertPreTokenizer, `##` decoder."""
+    tokenizer = Tokenizer(model)
+    tokenizer.normalizer = normalizers.BertNormalizer(
+        clean_text=True, handle_chinese_chars=chinese, strip_accents=strip_accents, lowercase=lowercase
+    )
+    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tokenizer.decoder = decoders.WordPiece(prefix="##")
+    return tokenizer
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def _vocab_file_tokenizer(
+    vocab_file: str | os.PathLike, do_lower_case: bool, strip_accents: bool | None, chinese: bool
+) -> Tokenizer:
+    vocab = WordPiece.read_file(str(vocab_file))  # the Rust parser transformers' BertTokenizer uses too
+    return _bert_pipeline(WordPiece(vocab, unk_token=UNK_TOKEN, max_input_chars_per_word=100),
+                          do_lower_case, strip_accents, chinese)
+
+
+def _add_saved_tokens(tokenizer: Tokenizer, path: Path) -> None:
+    """Re-add `{token: id}` from an added_tokens.json (BLIP's: `[DEC]`/`[ENC]`) in id order, checking each id."""
+    for token, token_id in sorted(_read_json(path).items(), key=lambda item: item[1]):
+        tokenizer.add_special_tokens([_special(token)])
+        if tokenizer.token_to_id(token) != token_id:
+            raise ValueError(
+                f"{path}: {token!r} should have id {token_id} but got {tokenizer.token_to_id(token)};"
+                " added tokens must follow the vocab without gaps"
+            )
+
+
+class BlipTokenizer:
+    """BERT WordPiece tokenizer with BLIP's `[DEC]` (bos) and `[ENC]` tokens, padding right with `[PAD]`.
+
+    Wraps a `tokenizers.Tokenizer` (and takes ownership of it): the BERT special tokens and `[DEC]`/`[ENC]`
+    are registered as special tokens, appended after the vocab when missing, `[DEC]` first.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, model_max_length: int = DEFAULT_MODEL_MAX_LENGTH) -> None:
+        tokenizer.add_special_tokens([_special(token) for token in (*BERT_SPECIAL_TOKENS, DEC_TOKEN, ENC_TOKEN)])
+        tokenizer.no_padding()
+        tokenizer.no_truncation()
+        ids = {token: tokenizer.token_to_id(token) for token in (CLS_TOKEN, SEP_TOKEN)}
+        # The post-processor is not used by __call__ (which adds [CLS]/[SEP] itself); it makes the saved
+        # tokenizer.json produce the same ids when loaded by transformers.
+        tokenizer.post_processor = processors.TemplateProcessing(
+            single=f"{CLS_TOKEN}:0 $A:0 {SEP_TOKEN}:0",
+            pair=f"{CLS_TOKEN}:0 $A:0 {SEP_TOKEN}:0 $B:1 {SEP_TOKEN}:1",
+            special_tokens=list(ids.items()),
+        )
+        self._tokenizer = tokenizer
+        self.model_max_length = model_max_length
+
+    # ---------------------------------------------------------------- construction
+    @classmethod
+    def from_vocab_file(
+        cls,
+        vocab_file: str | os.PathLike,
+        do_lower_case: bool = True,
+        strip_accents: bool | None = None,
+        tokenize_chinese_chars: bool = True,
+        model_max_length: int = DEFAULT_MODEL_MAX_LENGTH,
+    ) -> BlipTokenizer:
+        """Build from a BERT `vocab.txt` (one token per line, id = line number) with BERT's text pipeline."""
+        return cls(_vocab_file_tokenizer(vocab_file, do_lower_case, strip_accents, tokenize_chinese_chars),
+                   model_max_length)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike) -> BlipTokenizer:
+        """Load offline from a checkpoint directory (HF hub layout, original BLIP's bert dir, or our saves).
+
+        Reads `tokenizer.json` when present, else `vocab.txt` with `do_lower_case`/`strip_accents`/
+        `tokenize_chinese_chars` from `tokenizer_config.json` and extra tokens from `added_tokens.json`.
+        `[DEC]`/`[ENC]` are added when the files lack them (HF's BLIP checkpoints ship plain bert files).
+        """
+        directory = Path(directory)
+        config = _read_json(directory / TOKENIZER_CONFIG_FILE)
+        max_length = int(config.get("model_max_length") or DEFAULT_MODEL_MAX_LENGTH)
+        if (directory / TOKENIZER_FILE).is_file():
+            return cls(Tokenizer.from_file(str(directory / TOKENIZER_FILE)), max_length)
+        if not (directory / VOCAB_FILE).is_file():
+            raise TokenizerNotFoundError(
+                f"no tokenizer in {str(directory)!r}: looked for {TOKENIZER_FILE} and {VOCAB_FILE}"
+                + ("" if directory.is_dir() else " (the directory does not exist)")
+            )
+        tokenizer = _vocab_file_tokenizer(
+            directory / VOCAB_FILE,
+            do_lower_case=config.get("do_lower_case", True),
+            strip_accents=config.get("strip_accents"),
+            chinese=config.get("tokenize_chinese_chars", True),
+        )
+        _add_saved_tokens(tokenizer, directory / ADDED_TOKENS_FILE)
+        return cls(tokenizer, max_length)
+
+    @classmethod
+    def train(
+        cls,
+        texts: Iterable[str],
+        vocab_size: int,
+        min_frequency: int = 1,
+        model_max_length: int = DEFAULT_MODEL_MAX_LENGTH,
+    ) -> BlipTokenizer:
+        """Train a lower-cased BERT-style WordPiece vocab on `texts`, for tiny models that cannot download one.
+
+        The WordPiece vocab holds at most `vocab_size` tokens, `[PAD]`=0, `[UNK]`, `[CLS]`, `[SEP]`, `[MASK]` first;
+        `[DEC]` and `[ENC]` follow it as the last two ids (so `len(tokenizer) <= vocab_size + 2`).
+        """
+        tokenizer = _bert_pipeline(WordPiece(unk_token=UNK_TOKEN), lowercase=True, strip_accents=None, chinese=True)
+        trainer = trainers.WordPieceTrainer(
+            vocab_size=vocab_size,
+            min_frequency=min_frequency,
+            special_tokens=[_special(token) for token in BERT_SPECIAL_TOKENS],
+            continuing_subword_prefix="##",
+            show_progress=False,
+        )
+        tokenizer.train_from_iterator(texts, trainer)
+        return cls(tokenizer, model_max_length)
+
+    def save_pretrained(self, directory: str | os.PathLike) -> list[str]:
+        """Write tokenizer.json, vocab.txt, tokenizer_config.json, special_tokens_map.json; returns the paths.
+
+        Loads back with `BlipTokenizer.from_pretrained` and with transformers' `AutoTokenizer`/`BertTokenizer`
+        (tokenizer_class "BertTokenizer", bos "[DEC]", additional special token "[ENC]") to the same ids.
+        """
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        special_map = {
+            "unk_token": UNK_TOKEN, "sep_token": SEP_TOKEN, "pad_token": PAD_TOKEN, "cls_token": CLS_TOKEN,
+            "mask_token": MASK_TOKEN, "bos_token": DEC_TOKEN, "additional_special_tokens": [ENC_TOKEN],
+        }
+        normalizer = json.loads(self._tokenizer.to_str())["normalizer"] or {}
+        config = {
+            "tokenizer_class": "BertTokenizer",
+            "do_lower_case": normalizer.get("lowercase", False),
+            "strip_accents": normalizer.get("strip_accents"),
+            "tokenize_chinese_chars": normalizer.get("handle_chinese_chars", True),
+            "model_max_length": self.model_max_length,
+            **special_map,
+            # Pins [DEC]/[ENC] (and BERT's tokens) to their ids for transformers loading vocab.txt alone.
+            "added_tokens_decoder": {
+                str(token_id): {
+                    "content": token.content, "lstrip": token.lstrip, "rstrip": token.rstrip,
+                    "normalized": token.normalized, "single_word": token.single_word, "special": token.special,
+                }
+                for token_id, token in sorted(self._tokenizer.get_added_tokens_decoder().items())
+            },
+        }
+        vocab = self._tokenizer.get_vocab(with_added_tokens=False)
+        paths = {name: directory / name for name in (TOKENIZER_FILE, VOCAB_FILE, TOKENIZER_CONFIG_FILE,
+                                                       SPECIAL_TOKENS_MAP_FILE)}
+        self._tokenizer.save(str(paths[TOKENIZER_FILE]))
+        paths[VOCAB_FILE].write_text("".join(f"{token}\n" for token in sorted(vocab, key=vocab.get)), "utf-8")
+        paths[TOKENIZER_CONFIG_FILE].write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", "utf-8")
+        paths[SPECIAL_TOKENS_MAP_FILE].write_text(json.dumps(special_map, indent=2) + "\n", "utf-8")
+        return [str(path) for path in paths.values()]
+
+    # ---------------------------------------------------------------- vocabulary
+    @property
+    def backend_tokenizer(self) -> Tokenizer:
+        """The wrapped `tokenizers.Tokenizer` (shared, not a copy)."""
+        return self._tokenizer
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of ids including the added tokens (`[DEC]`/`[ENC]`): 30524 for BLIP's standard vocab."""
+        return self._tokenizer.get_vocab_size(with_added_tokens=True)
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+    def token_to_id(self, token: str) -> int:
+        """Id of `token`; `KeyError` when it is not in the vocab."""
+        token_id = self._tokenizer.token_to_id(token)
+        if token_id is None:
+            raise KeyError(token)
+        return token_id
+
+    @property
+    def pad_token_id(self) -> int:
+        return self.token_to_id(PAD_TOKEN)
+
+    @property
+    def cls_token_id(self) -> int:
+        return self.token_to_id(CLS_TOKEN)
+
+    @property
+    def sep_token_id(self) -> int:
+        """`[SEP]`, which BLIP also uses as eos."""
+        return self.token_to_id(SEP_TOKEN)
+
+    @property
+    def eos_token_id(self) -> int:
+        return self.sep_token_id
+
+    @property
+    def bos_token_id(self) -> int:
+        """`[DEC]`: replaces `[CLS]` at position 0 of decoder inputs."""
+        return self.token_to_id(DEC_TOKEN)
+
+    @property
+    def enc_token_id(self) -> int:
+        """`[ENC]`: replaces `[CLS]` at position 0 of ITM (image-grounded encoder) inputs."""
+        return self.token_to_id(ENC_TOKEN)
+
+    # ---------------------------------------------------------------- encoding / decoding
+    def __call__(
+        self,
+        texts: str | Sequence[str],
+        padding: Padding = True,
+        truncation: bool = True,
+        max_length: int | None = None,
+        return_tensors: Literal["pt", "np"] | None = "pt",
+    ) -> BatchFeature:
+        """Tokenise to `[CLS] tokens [SEP]` rows, right-padded with `[PAD]` like transformers' BertTokenizer.
+
+        padding: True/"longest" pads to the longest row, "max_length" to `max_length`, False/"do_not_pad" not
+        at all (tensors then need equal lengths). truncation cuts rows to `max_length` tokens including
+        `[CLS]`/`[SEP]` (`model_max_length` when `max_length` is None).
+        Returns `input_ids` and `attention_mask`, each LongTensor [B, L] ("np": int64 arrays, None: lists).
+        """
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        if not texts:
+            raise ValueError("no texts given")
+        if padding not in (True, False, "longest", "max_length", "do_not_pad"):
+            raise ValueError(f"padding must be True, False, 'longest', 'max_length' or 'do_not_pad', got {padding!r}")
+        if return_tensors not in ("pt", "np", None):
+            raise ValueError(f"return_tensors must be 'pt', 'np' or None, got {return_tensors!r}")
+        limit = max_length if max_length is not None else self.model_max_length
+        if (truncation or padding == "max_length") and limit < 2:
+            raise ValueError(f"max_length must leave room for [CLS] and [SEP], got {limit}")
+
+        encodings = self._tokenizer.encode_batch(texts, add_special_tokens=False)
+        cls_id, sep_id = self.cls_token_id, self.sep_token_id
+        content_limit = limit - 2 if truncation else None
+        rows = [[cls_id, *encoding.ids[:content_limit], sep_id] for encoding in encodings]
+
+        lengths = [len(row) for row in rows]
+        if padding in (True, "longest"):
+            width = max(lengths)
+        elif padding == "max_length":
+            width = max(limit, *lengths)
+        elif return_tensors is None:
+            return BatchFeature(input_ids=rows, attention_mask=[[1] * length for length in lengths])
+        elif len(set(lengths)) > 1:
+            raise ValueError("texts have different lengths: pass padding=True to return tensors")
+        else:
+            width = lengths[0]
+
+        input_ids = np.full((len(rows), width), self.pad_token_id, dtype=np.int64)  # [B, L]
+        attention_mask = np.zeros((len(rows), width), dtype=np.int64)  # [B, L], 1 = real token
+        for index, row in enumerate(rows):
+            input_ids[index, : len(row)] = row
+            attention_mask[index, : len(row)] = 1
+        if return_tensors == "pt":
+            return BatchFeature(input_ids=torch.from_numpy(input_ids), attention_mask=torch.from_numpy(attention_mask))
+        if return_tensors == "np":
+            return BatchFeature(input_ids=input_ids, attention_mask=attention_mask)
+        return BatchFeature(input_ids=input_ids.tolist(), attention_mask=attention_mask.tolist())
+
+    def decode(self, ids: Sequence[int] | torch.Tensor | np.ndarray, skip_special_tokens: bool = True) -> str:
+        """Ids [L] -> text; drops `[CLS]`/`[SEP]`/`[PAD]`/`[DEC]`/`[ENC]` and joins `##` pieces like HF."""
+        return self._tokenizer.decode(_as_id_list(ids), skip_special_tokens=skip_special_tokens)
+
+    def batch_decode(
+        self, sequences: Sequence[Sequence[int]] | torch.Tensor | np.ndarray, skip_special_tokens: bool = True
+    ) -> list[str]:
+        """Ids [B, L] -> B texts, as `decode` row by row."""
+        return self._tokenizer.decode_batch(
+            [_as_id_list(ids) for ids in sequences], skip_special_tokens=skip_special_tokens
+        )
+
+
+def _as_id_list(ids: Sequence[int] | torch.Tensor | np.ndarray) -> list[int]:
+    if isinstance(ids, (torch.Tensor, np.ndarray)):
+        return [int(token_id) for token_id in ids.reshape(-1).tolist()]
+    return [int(token_id) for token_id in ids]

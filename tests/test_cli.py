@@ -1,0 +1,108 @@
+"""The ``blip-fast`` commands as a user runs them: demo, caption (with bad files), convert."""
+
+import pytest
+import torch
+
+from blip_fast import checkpoint
+from blip_fast.cli import main
+from blip_fast.demo import build_demo_model, draw_scene, run_demo
+
+
+@pytest.fixture(scope="module")
+def demo_model(tmp_path_factory):
+    import random
+
+    out = tmp_path_factory.mktemp("demo")
+    rng = random.Random(0)
+    paths, captions = [], []
+    for index in range(3):
+        image, caption = draw_scene(rng)
+        image.save(out / f"{index}.png")
+        paths.append(out / f"{index}.png")
+        captions.append(caption)
+    return build_demo_model(out, captions), paths
+
+
+def test_demo_runs_end_to_end(tmp_path, capsys):
+    throughput = run_demo(tmp_path, num_images=2)
+    assert set(throughput) == {"greedy", "beam-3", "nucleus"} and all(v > 0 for v in throughput.values())
+    assert (tmp_path / "model" / "config.json").is_file() and (tmp_path / "model" / "tokenizer.json").is_file()
+    assert "images/s" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("mode", [[], ["--sample"], ["--beams", "2", "--prompt", ""]])
+def test_caption_prints_one_line_per_image(demo_model, mode, capsys):
+    model_dir, paths = demo_model
+    assert main(["caption", *map(str, paths), "--model", str(model_dir), "--batch-size", "2", *mode]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [line.split("\t")[0] for line in lines] == [str(path) for path in paths]
+    assert all(line.split("\t")[1].strip() for line in lines)
+
+
+def test_caption_matches_model_generate(demo_model, capsys):
+    """The CLI's caption is the decoded continuation of the prompt under the model's own beam search."""
+    from blip_fast.captioning import Captioner
+    from blip_fast.data.transforms import load_image
+
+    model_dir, paths = demo_model
+    main(["caption", str(paths[0]), "--model", str(model_dir)])
+    printed = capsys.readouterr().out.strip().split("\t")[1]
+    captioner = Captioner.from_pretrained(model_dir)
+    pixel_values = captioner.processor([load_image(paths[0])]).pixel_values
+    prompt = captioner.tokenizer(["a picture of "]).input_ids
+    ids = captioner.model.generate(pixel_values, input_ids=prompt, num_beams=3, max_length=20, min_length=5)
+    assert printed == captioner.tokenizer.decode(ids[0, prompt.shape[1] - 1 :])
+
+
+def test_unreadable_image_is_reported_and_the_rest_captioned(demo_model, tmp_path, capsys):
+    model_dir, paths = demo_model
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    missing = tmp_path / "missing.png"
+    code = main(["caption", str(paths[0]), str(broken), str(missing), "--model", str(model_dir)])
+    captured = capsys.readouterr()
+    assert code == 1
+    assert captured.out.count("\n") == 1 and captured.out.startswith(str(paths[0]))
+    assert str(broken) in captured.err and str(missing) in captured.err
+    assert "2 of 3 images could not be captioned" in captured.err
+
+
+def test_missing_tokenizer_is_a_clear_error(demo_model, tmp_path):
+    from blip_fast.modeling.blip import BlipForConditionalGeneration
+    from blip_fast.tokenizer import TokenizerNotFoundError
+
+    model_dir, paths = demo_model
+    BlipForConditionalGeneration.from_pretrained(model_dir).save_pretrained(tmp_path)
+    with pytest.raises(TokenizerNotFoundError, match=str(tmp_path)):
+        main(["caption", str(paths[0]), "--model", str(tmp_path)])
+
+
+def test_convert_original_checkpoint_then_caption(demo_model, tmp_path, capsys):
+    """An original-format .pth (HF keys renamed back) converts to a directory that captions like the source."""
+    from blip_fast.modeling.blip import BlipForConditionalGeneration
+
+    model_dir, paths = demo_model
+    source = BlipForConditionalGeneration.from_pretrained(model_dir)
+    original = {}
+    for key, value in source.state_dict().items():
+        key = key.replace("vision_model.embeddings.class_embedding", "visual_encoder.cls_token")
+        key = key.replace("vision_model.embeddings.position_embedding", "visual_encoder.pos_embed")
+        key = key.replace("vision_model.embeddings.patch_embedding", "visual_encoder.patch_embed.proj")
+        key = key.replace("vision_model.encoder.layers.", "visual_encoder.blocks.")
+        key = key.replace(".layer_norm1.", ".norm1.").replace(".layer_norm2.", ".norm2.")
+        key = key.replace(".self_attn.qkv.", ".attn.qkv.").replace(".self_attn.projection.", ".attn.proj.")
+        key = key.replace("vision_model.post_layernorm", "visual_encoder.norm")
+        original[key] = value
+    torch.save({"model": original}, tmp_path / "model_base_capfilt.pth")
+
+    out_dir = tmp_path / "converted"
+    pth = str(tmp_path / "model_base_capfilt.pth")
+    assert main(["convert", pth, str(out_dir), "--tokenizer", str(model_dir), "--config", str(model_dir)]) == 0
+    converted = checkpoint.load_pretrained(BlipForConditionalGeneration, out_dir)
+    for key, value in source.state_dict().items():
+        assert torch.equal(converted.state_dict()[key], value), key
+    capsys.readouterr()
+    main(["caption", str(paths[1]), "--model", str(out_dir)])
+    from_converted = capsys.readouterr().out
+    main(["caption", str(paths[1]), "--model", str(model_dir)])
+    assert from_converted == capsys.readouterr().out
