@@ -19,6 +19,7 @@ from blip_fast import checkpoint  # noqa: E402
 from blip_fast.checkpoint import CheckpointError, convert_original, load_pretrained, save_pretrained  # noqa: E402
 from blip_fast.config import BlipConfig, TextConfig, VisionConfig  # noqa: E402
 from blip_fast.modeling import blip  # noqa: E402
+from tests.tiny_models import to_original_key  # noqa: E402
 
 TASKS = ["BlipForConditionalGeneration", "BlipForImageTextRetrieval", "BlipForQuestionAnswering"]
 TASK_NAMES = {"captioning": TASKS[0], "retrieval": TASKS[1], "vqa": TASKS[2]}
@@ -60,26 +61,6 @@ def assert_state_equal(actual: dict, expected: dict) -> None:
                                              f"{expected.keys() - actual.keys()}"
     differing = [k for k in expected if actual[k].dtype != expected[k].dtype or not torch.equal(actual[k], expected[k])]
     assert not differing, f"{len(differing)}/{len(expected)} tensors differ: {differing}"
-
-
-def to_original_key(key: str) -> str:
-    """HF name -> Salesforce BLIP name, written independently of checkpoint.py's table."""
-    fixed = {
-        "vision_model.embeddings.class_embedding": "visual_encoder.cls_token",
-        "vision_model.embeddings.position_embedding": "visual_encoder.pos_embed",
-    }
-    if key in fixed:
-        return fixed[key]
-    key = key.replace("vision_model.embeddings.patch_embedding.", "visual_encoder.patch_embed.proj.")
-    key = key.replace("vision_model.post_layernorm.", "visual_encoder.norm.")
-    match = re.match(r"vision_model\.encoder\.layers\.(\d+)\.(.*)", key)
-    if match:
-        block, rest = match.groups()
-        for hf_name, original_name in [("layer_norm1.", "norm1."), ("layer_norm2.", "norm2."),
-                                       ("self_attn.qkv.", "attn.qkv."), ("self_attn.projection.", "attn.proj.")]:
-            rest = rest.replace(hf_name, original_name)
-        key = f"visual_encoder.blocks.{block}.{rest}"
-    return key
 
 
 def pretraining_state(seed: int, image_size: int = 32) -> dict[str, torch.Tensor]:

@@ -6,6 +6,7 @@ import torch
 from blip_fast import checkpoint
 from blip_fast.cli import main
 from blip_fast.demo import build_demo_model, draw_scene, run_demo
+from tests.tiny_models import to_original_key
 
 
 @pytest.fixture(scope="module")
@@ -83,16 +84,7 @@ def test_convert_original_checkpoint_then_caption(demo_model, tmp_path, capsys):
 
     model_dir, paths = demo_model
     source = BlipForConditionalGeneration.from_pretrained(model_dir)
-    original = {}
-    for key, value in source.state_dict().items():
-        key = key.replace("vision_model.embeddings.class_embedding", "visual_encoder.cls_token")
-        key = key.replace("vision_model.embeddings.position_embedding", "visual_encoder.pos_embed")
-        key = key.replace("vision_model.embeddings.patch_embedding", "visual_encoder.patch_embed.proj")
-        key = key.replace("vision_model.encoder.layers.", "visual_encoder.blocks.")
-        key = key.replace(".layer_norm1.", ".norm1.").replace(".layer_norm2.", ".norm2.")
-        key = key.replace(".self_attn.qkv.", ".attn.qkv.").replace(".self_attn.projection.", ".attn.proj.")
-        key = key.replace("vision_model.post_layernorm", "visual_encoder.norm")
-        original[key] = value
+    original = {to_original_key(key): value for key, value in source.state_dict().items()}
     torch.save({"model": original}, tmp_path / "model_base_capfilt.pth")
 
     out_dir = tmp_path / "converted"

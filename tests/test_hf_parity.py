@@ -1,10 +1,12 @@
 """blip_fast task models vs HuggingFace transformers on tiny random models: logits, losses and generated ids."""
 
+import dataclasses
+
 import pytest
 import torch
 
 import blip_fast
-from tests.tiny_models import assert_close, tiny_hf_model
+from tests.tiny_models import assert_close, tiny_hf_model, to_original_key
 
 transformers = pytest.importorskip("transformers")
 
@@ -202,3 +204,20 @@ def test_rank_answers_equals_brute_force_likelihood():
                     logits, targets, label_smoothing=0.1, reduction="sum"
                 )
     assert torch.equal(picked, losses.argmin(dim=1))
+
+
+def test_original_pth_at_another_resolution_matches_hf_interpolation(tmp_path):
+    """An original-format .pth trained at 40px (5x5 grid), loaded for 56px images (7x7): its position table is
+    resized at load time, and the outputs equal HF running the 40px model with ``interpolate_pos_encoding``."""
+    hf_model = tiny_hf_model("BlipForConditionalGeneration")
+    original = {to_original_key(key): value.clone() for key, value in hf_model.state_dict().items()}
+    torch.save({"model": original}, tmp_path / "model_large_caption.pth")
+    base = blip_fast.BlipConfig.from_hf(hf_model.config.to_dict())
+    config = base.replace(vision=dataclasses.replace(base.vision, image_size=56))
+    model = blip_fast.BlipForConditionalGeneration.from_pretrained(tmp_path / "model_large_caption.pth", config=config)
+    assert model.vision_model.embeddings.position_embedding.shape[1] == 50
+    pixel_values, input_ids = _inputs(2, 56)
+    with torch.no_grad():
+        expected = hf_model(pixel_values=pixel_values, input_ids=input_ids, interpolate_pos_encoding=True).logits
+        actual = model(pixel_values, input_ids).logits
+    assert_close(actual, expected)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import torch
 
 TEXT_DEFAULTS = dict(
@@ -64,3 +66,23 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float = 1e-
             f"{int(bad.sum())}/{bad.numel()} elements differ (max abs error {float(error.max()):.3g}, "
             f"atol {atol:.3g}, rtol {rtol:.3g}); first at {first}"
         )
+
+
+def to_original_key(key: str) -> str:
+    """HF name -> Salesforce BLIP name, written independently of checkpoint.py's table."""
+    fixed = {
+        "vision_model.embeddings.class_embedding": "visual_encoder.cls_token",
+        "vision_model.embeddings.position_embedding": "visual_encoder.pos_embed",
+    }
+    if key in fixed:
+        return fixed[key]
+    key = key.replace("vision_model.embeddings.patch_embedding.", "visual_encoder.patch_embed.proj.")
+    key = key.replace("vision_model.post_layernorm.", "visual_encoder.norm.")
+    match = re.match(r"vision_model\.encoder\.layers\.(\d+)\.(.*)", key)
+    if match:
+        block, rest = match.groups()
+        for hf_name, original_name in [("layer_norm1.", "norm1."), ("layer_norm2.", "norm2."),
+                                       ("self_attn.qkv.", "attn.qkv."), ("self_attn.projection.", "attn.proj.")]:
+            rest = rest.replace(hf_name, original_name)
+        key = f"visual_encoder.blocks.{block}.{rest}"
+    return key
