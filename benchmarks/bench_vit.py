@@ -1,0 +1,176 @@
+"""ViT image-encoder forward throughput: HuggingFace ``BlipVisionModel`` vs ``blip_fast.modeling.vit``, same weights.
+
+The HuggingFace encoder is built from the blip_fast preset's ``to_hf()`` vision config with random weights and its
+state dict (the ``vision_model.*`` sub-dict of a full BLIP checkpoint, prefix removed) is loaded strictly into
+ours. Reports img/s, latency quantiles, first-call time and peak memory per engine, the speed-up, and the largest
+absolute difference of ``last_hidden_state`` between the engines.
+
+    python -m benchmarks.bench_vit --config base --dtype fp16 --out benchmarks/results/h100
+    python -m benchmarks.bench_vit --config tiny --device cpu --batch-scale 0.05   # CPU smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # run as a script: make ``benchmarks`` importable from the repository root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+
+from benchmarks import harness
+
+ENGINES = ("hf", "ours")
+BATCHES = (1, 64, 256)
+
+
+def build_models(
+    config_name: str, device: str, dtype: torch.dtype, image_size: int | None = None, engines=ENGINES
+) -> tuple[Any, dict[str, Any], dict[str, str]]:
+    """(blip_fast VisionConfig, {engine: model}, {engine: error}) with the same random weights in every engine."""
+    import transformers
+
+    from blip_fast.config import BlipConfig
+
+    overrides = {"image_size": image_size} if image_size else {}
+    config = BlipConfig.from_name(config_name, **overrides)
+    hf_vision_config = transformers.BlipConfig.from_dict(config.to_hf()).vision_config
+    torch.manual_seed(0)
+    with torch.device(device):
+        hf_model = transformers.BlipVisionModel(hf_vision_config)
+    hf_model = hf_model.to(device=device, dtype=dtype).eval()
+    models: dict[str, Any] = {"hf": hf_model}
+    errors: dict[str, str] = {}
+    if "ours" in engines:
+        try:
+            from blip_fast.modeling.vit import BlipVisionModel
+
+            with torch.device(device):
+                ours = BlipVisionModel(config.vision)
+            ours.load_state_dict(hf_model.state_dict(), strict=True)
+            models["ours"] = ours.to(device=device, dtype=dtype).eval()
+        except Exception as error:  # recorded in the results; the HF baseline still runs
+            errors["ours"] = f"{type(error).__name__}: {error}"
+    return config.vision, {name: model for name, model in models.items() if name in engines}, errors
+
+
+def make_forward(model: Any, pixel_values: torch.Tensor) -> Callable[[], torch.Tensor]:
+    def forward() -> torch.Tensor:
+        with torch.no_grad():
+            return model(pixel_values).last_hidden_state
+
+    return forward
+
+
+def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], int]:
+    device = args.device or harness.default_device()
+    dtype = harness.DTYPES[args.dtype or ("fp16" if device.startswith("cuda") else "fp32")]
+    engines = tuple(name for name in args.engines.split(",") if name)
+    env = harness.environment(device)
+    vision, models, errors = build_models(args.config, device, dtype, args.image_size, engines)
+    common = {
+        "bench": "vit",
+        "config": args.config,
+        "dtype": str(dtype).replace("torch.", ""),
+        "image_size": vision.image_size,
+        "tokens": vision.num_positions,
+        **env,
+    }
+    rows: list[dict[str, Any]] = []
+    failures = 0
+    for engine, message in errors.items():
+        print(f"[{engine}] could not be built: {message}", file=sys.stderr)
+        rows.append({**common, "case": "*", "engine": engine, "error": message})
+        failures += 1
+    batches = sorted({harness.scaled_batch(int(b), args.batch_scale) for b in args.batches.split(",") if b})
+    for batch in batches:
+        generator = torch.Generator(device="cpu").manual_seed(1)
+        pixel_values = torch.randn(batch, 3, vision.image_size, vision.image_size, generator=generator)
+        pixel_values = pixel_values.to(device, dtype)
+        outputs: dict[str, torch.Tensor] = {}
+        case_rows: dict[str, dict[str, Any]] = {}
+        for engine, model in models.items():
+            row = {**common, "case": f"forward_bs{batch}", "engine": engine, "batch": batch}
+            forward = make_forward(model, pixel_values)
+            try:
+                with harness.peak_memory(device) as memory:
+                    timing = harness.measure(forward, device, warmup=args.warmup, repeats=args.repeats)
+                outputs[engine] = forward().float()
+            except Exception as error:  # keep going: one broken engine must not hide the other
+                row["error"] = f"{type(error).__name__}: {error}"
+                print(f"[{engine}] bs {batch}: {row['error']}", file=sys.stderr)
+                failures += 1
+            else:
+                row.update(**timing.as_dict(), **memory.as_dict())
+                row["img_per_s"] = batch / (timing.median_ms / 1e3)
+            case_rows[engine] = row
+        ours, hf = case_rows.get("ours"), case_rows.get("hf")
+        if ours and hf and "img_per_s" in ours and "img_per_s" in hf:
+            ours["speedup_vs_hf"] = ours["img_per_s"] / hf["img_per_s"]
+            ours["max_abs_diff"] = (outputs["ours"] - outputs["hf"]).abs().max().item()
+        rows.extend(case_rows.values())
+        del pixel_values, outputs
+    return rows, failures
+
+
+COLUMNS = [
+    "case",
+    "engine",
+    "batch",
+    "img_per_s",
+    "median_ms",
+    "p20_ms",
+    "p80_ms",
+    "first_call_ms",
+    "peak_mem_mb",
+    "extra_mem_mb",
+    "speedup_vs_hf",
+    "max_abs_diff",
+    "error",
+]
+
+
+def report(rows: list[dict[str, Any]], out_dir: str | None, name: str) -> str:
+    first = rows[0]
+    title = f"### {name}: {first['config']} {first['dtype']}, {first['image_size']}px ({first['tokens']} tokens)\n\n"
+    text = title + harness.environment_line(rows[0]) + "\n\n" + harness.markdown_table(rows, COLUMNS) + "\n"
+    if out_dir:
+        harness.append_rows(Path(out_dir) / f"{name}.jsonl", rows)
+        (Path(out_dir) / f"{name}.md").write_text(text, encoding="utf-8")
+    return text
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="base", choices=["base", "large", "tiny"])
+    parser.add_argument("--image-size", type=int, default=None, help="default: 384 for base/large, preset for tiny")
+    parser.add_argument(
+        "--dtype", choices=sorted(harness.DTYPES), default=None, help="default: fp16 on CUDA, fp32 on CPU"
+    )
+    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    parser.add_argument("--batches", default=",".join(map(str, BATCHES)))
+    parser.add_argument("--engines", default=",".join(ENGINES), help="comma-separated subset of hf,ours")
+    parser.add_argument("--batch-scale", type=float, default=1.0, help="multiply every batch (min 1)")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--name", default="vit", help="file stem of the results in --out")
+    parser.add_argument("--out", default=None, help="folder for <name>.jsonl (appended) and <name>.md")
+    args = parser.parse_args(argv)
+    if args.image_size is None and args.config != "tiny":
+        args.image_size = 384
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    rows, failures = run(args)
+    print(report(rows, args.out, args.name))
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

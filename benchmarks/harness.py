@@ -1,0 +1,277 @@
+"""Shared benchmark harness: environment facts, a timer, peak memory, JSON-lines rows and markdown tables.
+
+Benchmarks are data, not tests (STYLE.md §6): every row carries the device, the library versions and the date;
+timings are medians with 20/80 quantiles over repeats, after warm-up; the first call (compilation, CUDA-graph
+capture, allocator growth) is timed separately and reported, never mixed into the median.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import resource
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+# ---------------------------------------------------------------------------------------------- environment
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _version(module_name: str) -> str | None:
+    try:
+        module = __import__(module_name)
+    except Exception:  # an optional baseline that fails to import is simply absent
+        return None
+    return getattr(module, "__version__", "unknown")
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=5
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None
+
+
+def environment(device: torch.device | str) -> dict[str, Any]:
+    """Facts every result row carries: what ran, on what, with which versions, when."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        card = torch.cuda.get_device_name(index)
+        capability = ".".join(map(str, torch.cuda.get_device_capability(index)))
+    else:
+        card, capability = f"CPU: {_cpu_model()} ({os.cpu_count()} cores, {torch.get_num_threads()} threads)", None
+    return {
+        "device": card,
+        "device_type": device.type,
+        "compute_capability": capability,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "triton": _version("triton"),
+        "transformers": _version("transformers"),
+        "blip_fast_commit": _git_commit(),
+        "python": platform.python_version(),
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    }
+
+
+def synchronize(device: torch.device | str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ---------------------------------------------------------------------------------------------- timing
+@dataclass
+class Timing:
+    """Milliseconds per call: median and 20/80 quantiles over ``repeats`` calls after warm-up."""
+
+    median_ms: float
+    p20_ms: float
+    p80_ms: float
+    first_call_ms: float
+    repeats: int
+
+    def as_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+
+def _quantile(sorted_values: Sequence[float], q: float) -> float:
+    """Linear-interpolated quantile (numpy's default) of an already sorted sequence."""
+    position = q * (len(sorted_values) - 1)
+    low = int(position)
+    high = min(low + 1, len(sorted_values) - 1)
+    return sorted_values[low] + (sorted_values[high] - sorted_values[low]) * (position - low)
+
+
+def measure(fn: Callable[[], Any], device: torch.device | str, warmup: int = 2, repeats: int = 10) -> Timing:
+    """Time ``fn()``: the first call alone, then ``warmup`` more untimed calls, then ``repeats`` timed calls.
+
+    On CUDA each call is bracketed by CUDA events and the device is synchronised, so asynchronous launches are
+    fully counted; on CPU ``time.perf_counter`` is used.
+    """
+    device = torch.device(device)
+    synchronize(device)
+    start = time.perf_counter()
+    fn()
+    synchronize(device)
+    first_call_ms = (time.perf_counter() - start) * 1e3
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    samples: list[float] = []
+    for _ in range(max(1, repeats)):
+        if device.type == "cuda":
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+            fn()
+            end.record()
+            end.synchronize()
+            samples.append(begin.elapsed_time(end))
+        else:
+            begin_s = time.perf_counter()
+            fn()
+            samples.append((time.perf_counter() - begin_s) * 1e3)
+    samples.sort()
+    return Timing(
+        median_ms=_quantile(samples, 0.5),
+        p20_ms=_quantile(samples, 0.2),
+        p80_ms=_quantile(samples, 0.8),
+        first_call_ms=first_call_ms,
+        repeats=len(samples),
+    )
+
+
+# ---------------------------------------------------------------------------------------------- memory
+def _rss_bytes() -> int | None:
+    try:
+        with open("/proc/self/statm", encoding="ascii") as handle:
+            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+@dataclass
+class PeakMemory:
+    """Filled in by :func:`peak_memory`. ``peak_mb`` is the high-water mark inside the block; ``extra_mb`` is that
+    minus what was already held on entry (weights, inputs), the fair number to compare engines by."""
+
+    kind: str = ""
+    peak_mb: float = float("nan")
+    extra_mb: float = float("nan")
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"mem_kind": self.kind, "peak_mem_mb": round(self.peak_mb, 1), "extra_mem_mb": round(self.extra_mb, 1)}
+
+
+@contextmanager
+def peak_memory(device: torch.device | str, sample_every_s: float = 0.002):
+    """Measure peak memory of the enclosed block.
+
+    CUDA: ``torch.cuda.max_memory_allocated`` after a reset (tensors only, not the allocator's cache).
+    CPU: the process's resident set sampled by a background thread from ``/proc/self/statm`` (tracemalloc does not
+    see torch's allocations); without ``/proc`` it falls back to ``getrusage`` max RSS, which is monotone over the
+    whole process and so only an upper bound.
+    """
+    device = torch.device(device)
+    result = PeakMemory()
+    mb = 1024.0**2
+    if device.type == "cuda":
+        synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        yield result
+        synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device)
+        result.kind, result.peak_mb, result.extra_mb = "cuda_max_allocated", peak / mb, (peak - base) / mb
+        return
+    base = _rss_bytes()
+    if base is None:
+        yield result
+        # ru_maxrss is in KiB on Linux.
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        result.kind, result.peak_mb = "cpu_maxrss_process", peak / mb
+        return
+    peak_box = [base]
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            peak_box[0] = max(peak_box[0], _rss_bytes() or 0)
+            stop.wait(sample_every_s)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        yield result
+    finally:
+        stop.set()
+        sampler.join()
+        peak = max(peak_box[0], _rss_bytes() or 0)
+        result.kind, result.peak_mb, result.extra_mb = "cpu_rss_sampled", peak / mb, (peak - base) / mb
+
+
+# ---------------------------------------------------------------------------------------------- results
+def append_rows(path: str | os.PathLike, rows: Iterable[dict[str, Any]]) -> Path:
+    """Append rows to a JSON-lines file (created with its folder if missing)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a", encoding="utf-8") as handle:
+        for row in rows:
+            handle.write(json.dumps(row, sort_keys=True, default=str) + "\n")
+    return path
+
+
+def read_rows(path: str | os.PathLike) -> list[dict[str, Any]]:
+    with Path(path).open(encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle if line.strip()]
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        if value != value:  # NaN
+            return "n/a"
+        if value != 0 and abs(value) < 0.01:
+            return f"{value:.1e}"
+        return f"{value:,.2f}" if abs(value) < 100 else f"{value:,.0f}"
+    return str(value).replace("|", "\\|")
+
+
+def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
+    """Render ``rows`` as a GitHub markdown table with the given columns (missing cells left blank)."""
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    for row in rows:
+        lines.append("| " + " | ".join(_cell(row.get(column)) for column in columns) + " |")
+    return "\n".join(lines)
+
+
+def environment_line(env: dict[str, Any]) -> str:
+    """One line naming the hardware and versions, to put above a table."""
+    parts = [env["device"], f"torch {env['torch']}"]
+    if env.get("cuda"):
+        parts.append(f"CUDA {env['cuda']}")
+    for name in ("triton", "transformers"):
+        if env.get(name):
+            parts.append(f"{name} {env[name]}")
+    if env.get("blip_fast_commit"):
+        parts.append(f"blip_fast {env['blip_fast_commit']}")
+    parts.append(env["date"])
+    return ", ".join(parts)
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def scaled_batch(batch: int, scale: float) -> int:
+    """``batch * scale`` rounded, at least 1: lets the GPU case list run as a CPU smoke test."""
+    return max(1, int(round(batch * scale)))

@@ -1,0 +1,125 @@
+"""Package metadata and the optional CUDA extension ``blip_fast._C`` (built from ``csrc/``).
+
+The extension is never required: every op has a Triton and a pure-torch path. It is built only when all hold:
+``csrc/`` has ``.cu``/``.cpp`` sources, torch is importable in the build environment and is a CUDA build, and a
+CUDA toolkit (``CUDA_HOME`` or ``nvcc`` on ``PATH``) is found. ``BLIP_FAST_BUILD_CUDA=0`` skips it,
+``BLIP_FAST_BUILD_CUDA=1`` makes any missing piece an error.
+
+pip builds in an isolated environment without torch, so a plain ``pip install -e .`` never builds the extension.
+On a GPU machine with a CUDA torch installed, use ``pip install --no-build-isolation -e .``.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import sys
+
+from setuptools import find_packages, setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+CSRC = os.path.join(ROOT, "csrc")
+# sm_80 = A100, sm_90 = H100/H200 (DESIGN.md §2b); TORCH_CUDA_ARCH_LIST overrides when set.
+CUDA_ARCH_FLAGS = ["-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90"]
+
+
+def csrc_sources(csrc_dir: str = CSRC) -> list[str]:
+    """The extension's sources, relative to the project root (setuptools wants relative paths)."""
+    found = glob.glob(os.path.join(csrc_dir, "*.cu")) + glob.glob(os.path.join(csrc_dir, "*.cpp"))
+    return sorted(os.path.relpath(path, ROOT) for path in found)
+
+
+def cuda_extension_decision(env: dict | None = None, csrc_dir: str = CSRC) -> tuple[bool, str]:
+    """Whether to build ``blip_fast._C``, and a one-line reason.
+
+    Raises ``RuntimeError`` when ``BLIP_FAST_BUILD_CUDA=1`` asks for the build and it cannot be done.
+    """
+    env = os.environ if env is None else env
+    mode = env.get("BLIP_FAST_BUILD_CUDA", "").strip()
+    if mode == "0":
+        return False, "BLIP_FAST_BUILD_CUDA=0"
+    problem = None
+    if not csrc_sources(csrc_dir):
+        problem = "csrc/ has no .cu/.cpp sources"
+    else:
+        try:
+            import torch
+        except ImportError:
+            torch = None
+        if torch is None:
+            problem = "torch is not importable in the build environment (GPU builds: pip install --no-build-isolation)"
+        elif torch.version.cuda is None:
+            problem = f"torch {torch.__version__} is a CPU build"
+        else:
+            from torch.utils.cpp_extension import CUDA_HOME
+
+            if CUDA_HOME is None:
+                problem = "no CUDA toolkit found (set CUDA_HOME or put nvcc on PATH)"
+    if problem is None:
+        return True, f"building blip_fast._C from {len(csrc_sources(csrc_dir))} source files in csrc/"
+    if mode == "1":
+        raise RuntimeError(f"BLIP_FAST_BUILD_CUDA=1 but the CUDA extension cannot be built: {problem}")
+    return False, f"skipping the optional CUDA extension blip_fast._C: {problem}"
+
+
+def extension_kwargs() -> dict:
+    """``ext_modules``/``cmdclass`` for ``setup()``; empty when the extension is skipped."""
+    build, reason = cuda_extension_decision()
+    # stderr: stdout of metadata commands (``python setup.py --version``) must stay machine-readable.
+    print(f"blip_fast setup: {reason}", file=sys.stderr)
+    if not build:
+        return {}
+    from torch.utils.cpp_extension import BuildExtension, CUDAExtension
+
+    # No -std flag: BuildExtension picks the C++ standard that the installed torch's headers need.
+    nvcc_flags = ["-O3", "--expt-relaxed-constexpr"]
+    if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        nvcc_flags += CUDA_ARCH_FLAGS
+    extension = CUDAExtension(
+        name="blip_fast._C",
+        sources=csrc_sources(),
+        include_dirs=[CSRC],
+        extra_compile_args={"cxx": ["-O3"], "nvcc": nvcc_flags},
+    )
+    return {"ext_modules": [extension], "cmdclass": {"build_ext": BuildExtension}}
+
+
+def read_readme() -> str:
+    path = os.path.join(ROOT, "README.md")
+    if not os.path.exists(path):
+        return ""
+    with open(path, encoding="utf-8") as handle:
+        return handle.read()
+
+
+# "blip_fast" is listed explicitly so an editable install maps it even before its __init__.py exists.
+PACKAGES = ["blip_fast", *find_packages(include=["blip_fast.*"], exclude=["blip_fast.kernels"]), "blip_fast.kernels"]
+
+if __name__ == "__main__":  # setuptools' PEP 517 backend runs this file as __main__; tests import it.
+    setup(
+        name="blip_fast",
+        version="0.1.0",
+        description="A fast, faithful BLIP vision-language engine (drop-in for HuggingFace BLIP)",
+        long_description=read_readme(),
+        long_description_content_type="text/markdown",
+        python_requires=">=3.10",
+        packages=PACKAGES,
+        package_dir={"blip_fast.kernels": "kernels"},
+        install_requires=[
+            "torch>=2.4",
+            'triton; platform_system == "Linux"',
+            "safetensors",
+            "tokenizers",
+            "pillow",
+            "numpy",
+            "tqdm",
+        ],
+        extras_require={
+            # webdataset 1.x changed tar_file_expander defaults (DESIGN.md §2b): the tested 0.2 line is pinned.
+            "train": ["deepspeed>=0.19,<0.20", "webdataset>=0.2.100,<0.3"],
+            "test": ["pytest", "pytest-benchmark", "transformers>=5.0,<6", "ruff"],
+        },
+        entry_points={"console_scripts": ["blip-fast = blip_fast.cli:main"]},
+        zip_safe=False,
+        **extension_kwargs(),
+    )
