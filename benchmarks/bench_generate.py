@@ -13,6 +13,7 @@ capture) and peak memory per engine, and blip_fast's speed-up over HuggingFace.
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -123,30 +124,16 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], int]:
         batch = harness.scaled_batch(case.batch, args.batch_scale)
         generator = torch.Generator(device="cpu").manual_seed(1)
         pixel_values = torch.randn(batch, 3, image_size, image_size, generator=generator).to(device, dtype)
-        outputs: dict[str, torch.Tensor] = {}
-        case_rows: dict[str, dict[str, Any]] = {}
-        for engine, model in models.items():
-            row = {**common, "case": case_name, "engine": engine, "batch": batch, **case.generate_kwargs}
-            generate = make_generate(model, pixel_values, case, args.new_tokens)
-            try:
-                with harness.peak_memory(device) as memory:
-                    timing = harness.measure(generate, device, warmup=args.warmup, repeats=args.repeats)
-                outputs[engine] = generate()
-            except Exception as error:  # keep going: one broken engine/case must not hide the others
-                row["error"] = f"{type(error).__name__}: {error}"
-                print(f"[{engine}] {case_name}: {row['error']}", file=sys.stderr)
-                failures += 1
-            else:
-                row.update(**timing.as_dict(), **memory.as_dict())
-                row["img_per_s"] = batch / (timing.median_ms / 1e3)
-            case_rows[engine] = row
-        ours, hf = case_rows.get("ours"), case_rows.get("hf")
-        if ours and hf and "img_per_s" in ours and "img_per_s" in hf:
-            ours["speedup_vs_hf"] = ours["img_per_s"] / hf["img_per_s"]
-            if args.check_tokens and case.deterministic:
-                ours["tokens_match"] = token_agreement(outputs["hf"], outputs["ours"])
+        row = {**common, "case": case_name, "batch": batch, **case.generate_kwargs}
+        case_rows, outputs, failed = harness.time_engines(
+            models, functools.partial(make_generate, pixel_values=pixel_values, case=case, new_tokens=args.new_tokens),
+            device, row, args.warmup, args.repeats,
+        )
+        failures += failed
+        if args.check_tokens and case.deterministic and {"ours", "hf"} <= outputs.keys():
+            case_rows["ours"]["tokens_match"] = token_agreement(outputs["hf"], outputs["ours"])
         rows.extend(case_rows.values())
-        del pixel_values, outputs
+        del outputs  # free the generated ids before the next case allocates
     return rows, failures
 
 

@@ -12,6 +12,7 @@ absolute difference of ``last_hidden_state`` between the engines.
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -91,29 +92,15 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], int]:
         generator = torch.Generator(device="cpu").manual_seed(1)
         pixel_values = torch.randn(batch, 3, vision.image_size, vision.image_size, generator=generator)
         pixel_values = pixel_values.to(device, dtype)
-        outputs: dict[str, torch.Tensor] = {}
-        case_rows: dict[str, dict[str, Any]] = {}
-        for engine, model in models.items():
-            row = {**common, "case": f"forward_bs{batch}", "engine": engine, "batch": batch}
-            forward = make_forward(model, pixel_values)
-            try:
-                with harness.peak_memory(device) as memory:
-                    timing = harness.measure(forward, device, warmup=args.warmup, repeats=args.repeats)
-                outputs[engine] = forward().float()
-            except Exception as error:  # keep going: one broken engine must not hide the other
-                row["error"] = f"{type(error).__name__}: {error}"
-                print(f"[{engine}] bs {batch}: {row['error']}", file=sys.stderr)
-                failures += 1
-            else:
-                row.update(**timing.as_dict(), **memory.as_dict())
-                row["img_per_s"] = batch / (timing.median_ms / 1e3)
-            case_rows[engine] = row
-        ours, hf = case_rows.get("ours"), case_rows.get("hf")
-        if ours and hf and "img_per_s" in ours and "img_per_s" in hf:
-            ours["speedup_vs_hf"] = ours["img_per_s"] / hf["img_per_s"]
-            ours["max_abs_diff"] = (outputs["ours"] - outputs["hf"]).abs().max().item()
+        row = {**common, "case": f"forward_bs{batch}", "batch": batch}
+        case_rows, outputs, failed = harness.time_engines(
+            models, functools.partial(make_forward, pixel_values=pixel_values), device, row, args.warmup, args.repeats
+        )
+        failures += failed
+        if {"ours", "hf"} <= outputs.keys():
+            case_rows["ours"]["max_abs_diff"] = (outputs["ours"].float() - outputs["hf"].float()).abs().max().item()
         rows.extend(case_rows.values())
-        del pixel_values, outputs
+        del outputs  # free the outputs before the next batch size allocates
     return rows, failures
 
 

@@ -13,6 +13,7 @@ import os
 import platform
 import resource
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -215,6 +216,42 @@ def peak_memory(device: torch.device | str, sample_every_s: float = 0.002):
 
 
 # ---------------------------------------------------------------------------------------------- results
+def time_engines(
+    models: dict[str, Any],
+    make_call: Callable[[Any], Callable[[], Any]],
+    device: torch.device | str,
+    row: dict[str, Any],
+    warmup: int,
+    repeats: int,
+) -> tuple[dict[str, dict[str, Any]], dict[str, Any], int]:
+    """Time ``make_call(model)()`` for each engine on one case of ``row["batch"]`` images.
+
+    Returns the rows (img/s, latency quantiles, memory, or the error: one broken engine must not hide the
+    others), each engine's output for cross-checks, and the number of failures. The "ours" row gets
+    ``speedup_vs_hf`` when both engines ran.
+    """
+    rows: dict[str, dict[str, Any]] = {}
+    outputs: dict[str, Any] = {}
+    failures = 0
+    for engine, model in models.items():
+        rows[engine] = engine_row = {**row, "engine": engine}
+        call = make_call(model)
+        try:
+            with peak_memory(device) as memory:
+                timing = measure(call, device, warmup=warmup, repeats=repeats)
+            outputs[engine] = call()
+        except Exception as error:
+            engine_row["error"] = f"{type(error).__name__}: {error}"
+            print(f"[{engine}] {row.get('case')}: {engine_row['error']}", file=sys.stderr)
+            failures += 1
+        else:
+            engine_row.update(**timing.as_dict(), **memory.as_dict())
+            engine_row["img_per_s"] = row["batch"] / (timing.median_ms / 1e3)
+    if "img_per_s" in rows.get("ours", {}) and "img_per_s" in rows.get("hf", {}):
+        rows["ours"]["speedup_vs_hf"] = rows["ours"]["img_per_s"] / rows["hf"]["img_per_s"]
+    return rows, outputs, failures
+
+
 def append_rows(path: str | os.PathLike, rows: Iterable[dict[str, Any]]) -> Path:
     """Append rows to a JSON-lines file (created with its folder if missing)."""
     path = Path(path)
