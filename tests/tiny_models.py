@@ -55,6 +55,7 @@ def tiny_hf_model(task: str, **config_kwargs):
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float = 1e-5, atol: float | None = None):
     """``|a - e| <= atol + rtol * |e|`` elementwise (atol defaults to rtol * max|e|); reports where it fails."""
+    actual, expected = actual.detach(), expected.detach()
     if atol is None:
         atol = rtol * float(expected.abs().max())
     assert actual.shape == expected.shape, f"shape {tuple(actual.shape)} != {tuple(expected.shape)}"
