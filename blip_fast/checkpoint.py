@@ -297,14 +297,30 @@ def load_pretrained(
     if hf_compat is not None:
         config = config.replace(hf_compat=hf_compat)
 
-    model = _empty_model(model_cls, config) if strict else model_cls(config)
-    state = _fit(model, state, path, resize_pos_embed=not os.path.isdir(path), strict=strict)
-    model.load_state_dict(state, strict=False)  # _fit has already checked every key and shape
+    model = model_from_state_dict(
+        model_cls, state, config, source=path, strict=strict, resize_pos_embed=not os.path.isdir(path)
+    )
     model.generation_defaults = generation_defaults
     if torch_dtype is not None:
         model.to(dtype=torch_dtype)
     if device is not None:
         model.to(device)
+    return model.eval()
+
+
+def model_from_state_dict(
+    model_cls: type[ModelT],
+    state: Mapping[str, torch.Tensor],
+    config: BlipConfig,
+    source: str = "state dict",
+    strict: bool = True,
+    resize_pos_embed: bool = False,
+) -> ModelT:
+    """``model_cls(config)`` holding ``state`` (HF key names; training-only state and unused components dropped),
+    with the same checks as :func:`load_pretrained`; ``source`` names the origin in messages."""
+    model = _empty_model(model_cls, config) if strict else model_cls(config)
+    state = _fit(model, dict(state), source, resize_pos_embed=resize_pos_embed, strict=strict)
+    model.load_state_dict(state, strict=False)  # _fit has already checked every key and shape
     return model.eval()
 
 

@@ -85,3 +85,108 @@ def additive_mask(keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """
     zero = torch.zeros((), dtype=dtype, device=keep.device)
     return torch.where(keep.bool(), zero, torch.finfo(dtype).min)
+
+
+# ---------------------------------------------------------------------------------------------------- losses
+def _positive_targets(row_ids: torch.Tensor | None, column_ids: torch.Tensor | None, rows: int, columns: int,
+                      device: torch.device) -> torch.Tensor:
+    """``[B, C]`` ground-truth distribution: the diagonal, or every column with the row's id, normalised per row."""
+    if row_ids is None:
+        return torch.eye(rows, columns, device=device)
+    positives = (row_ids[:, None] == column_ids[None, :]).float()
+    return positives / positives.sum(dim=1, keepdim=True)
+
+
+@register("itc_loss", "reference")
+def _itc_loss_reference(image_feat, text_feat, image_feat_m, text_feat_m, image_queue, text_queue, temp, alpha,
+                        image_ids, id_queue):
+    image_columns = torch.cat([image_feat_m, image_queue.t()], dim=0).detach()  # [B + Q, D]
+    text_columns = torch.cat([text_feat_m, text_queue.t()], dim=0).detach()
+    column_ids = None if image_ids is None else torch.cat([image_ids, id_queue])
+    targets = _positive_targets(image_ids, column_ids, image_feat.shape[0], image_columns.shape[0], image_feat.device)
+    with torch.no_grad():
+        i2t_targets = alpha * (image_feat_m @ text_columns.t() / temp).softmax(dim=1) + (1 - alpha) * targets
+        t2i_targets = alpha * (text_feat_m @ image_columns.t() / temp).softmax(dim=1) + (1 - alpha) * targets
+    loss_i2t = -(F.log_softmax(image_feat @ text_columns.t() / temp, dim=1) * i2t_targets).sum(dim=1).mean()
+    loss_t2i = -(F.log_softmax(text_feat @ image_columns.t() / temp, dim=1) * t2i_targets).sum(dim=1).mean()
+    return (loss_i2t + loss_t2i) / 2
+
+
+def itc_loss(
+    image_feat: torch.Tensor,
+    text_feat: torch.Tensor,
+    image_feat_m: torch.Tensor,
+    text_feat_m: torch.Tensor,
+    image_queue: torch.Tensor,
+    text_queue: torch.Tensor,
+    temp: torch.Tensor,
+    alpha: float,
+    image_ids: torch.Tensor | None = None,
+    id_queue: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """BLIP's image-text contrastive loss with momentum distillation, ``(CE_i2t + CE_t2i) / 2``.
+
+    Rows: ``image_feat``/``text_feat`` ``[B, D]`` (L2-normalised, with gradient). Columns: the momentum features
+    ``[B, D]`` followed by the queues ``[D, Q]``, all detached. Targets: ``alpha * softmax(momentum similarities) +
+    (1 - alpha) * positives``; positives are the diagonal, or (retrieval fine-tuning, ``image_ids [B]`` with
+    ``id_queue [Q]``) every column of the same image, normalised. ``temp`` is the learnable temperature (scalar).
+    """
+    fn = resolve("itc_loss", image_feat.device)
+    return fn(image_feat, text_feat, image_feat_m, text_feat_m, image_queue, text_queue, temp, alpha, image_ids,
+              id_queue)
+
+
+@register("sample_hard_negatives", "reference")
+def _sample_hard_negatives_reference(image_feat, text_feat, temp, image_ids, smoothing, generator):
+    with torch.no_grad():
+        sim_i2t = image_feat @ text_feat.t() / temp  # [B, B]
+        same_image = (
+            torch.eye(len(image_feat), dtype=torch.bool, device=image_feat.device)
+            if image_ids is None
+            else image_ids[:, None] == image_ids[None, :]
+        )
+        weights_i2t = (sim_i2t.softmax(dim=1) + smoothing).masked_fill(same_image, 0)
+        weights_t2i = (sim_i2t.t().softmax(dim=1) + smoothing).masked_fill(same_image, 0)
+        negative_texts = torch.multinomial(weights_i2t, 1, generator=generator).squeeze(1)
+        negative_images = torch.multinomial(weights_t2i, 1, generator=generator).squeeze(1)
+    return negative_texts, negative_images
+
+
+def sample_hard_negatives(
+    image_feat: torch.Tensor,
+    text_feat: torch.Tensor,
+    temp: torch.Tensor,
+    image_ids: torch.Tensor | None = None,
+    smoothing: float = 1e-4,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """ITM hard negatives: for each image a text, for each text an image, drawn from ``softmax(sim) + smoothing``.
+
+    ``image_feat``/``text_feat`` ``[B, D]`` (the ITC features), ``sim = image_feat @ text_feat.T / temp``. Entries of
+    the same image (the diagonal, or equal ``image_ids [B]``) get probability 0. One vectorised draw per row — no
+    Python loop and no host sync (the original BLIP loops over rows with ``.item()``). Returns
+    ``(negative_text_index [B], negative_image_index [B])``. Pre-training uses ``smoothing=1e-4``, fine-tuning 0.
+    """
+    if image_feat.shape[0] < 2:
+        raise ValueError("hard-negative mining needs at least 2 pairs per batch")
+    fn = resolve("sample_hard_negatives", image_feat.device)
+    return fn(image_feat, text_feat, temp, image_ids, smoothing, generator)
+
+
+@register("lm_loss", "reference")
+def _lm_loss_reference(logits, labels, label_smoothing, reduction):
+    loss = F.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), reduction=reduction,
+        label_smoothing=label_smoothing,
+    )
+    return loss.view(logits.shape[0], -1).sum(1) if reduction == "none" else loss
+
+
+def lm_loss(
+    logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0, reduction: str = "mean"
+) -> torch.Tensor:
+    """Next-token cross-entropy: ``logits [B, L, V]`` predict ``labels [B, L]`` shifted by one (-100 ignored).
+
+    ``reduction="none"`` returns the per-sequence sum ``[B]`` (answer ranking, answer-weighted VQA loss).
+    """
+    return resolve("lm_loss", logits.device)(logits, labels, label_smoothing, reduction)

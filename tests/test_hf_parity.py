@@ -98,6 +98,11 @@ def test_vqa_padded_question_is_masked_in_the_answer_decoder():
     assert_close(padded, truncated)
 
 
+def _caption_images(count: int = 5) -> torch.Tensor:
+    """Fixed inputs, independent of how much randomness model construction consumed."""
+    return torch.randn(count, 3, 40, 40, generator=torch.Generator().manual_seed(3))
+
+
 def _boost_eos(hf_model, model, amount: float) -> None:
     """Make [SEP] likely enough that rows finish at different steps (mixed finish times)."""
     eos = hf_model.config.text_config.sep_token_id
@@ -122,7 +127,7 @@ GENERATION_CASES = [
 def test_caption_generation_matches_hf(case, prompt):
     hf_model, model = _pair("BlipForConditionalGeneration", **SHAPES[0].values[0])
     _boost_eos(hf_model, model, 1.0)
-    pixel_values = torch.randn(5, 3, 40, 40)
+    pixel_values = _caption_images()
     prompt_ids = torch.tensor([[101, 11, 12, 13, 5]]).repeat(5, 1) if prompt else None
     expected = hf_model.generate(
         pixel_values=pixel_values, input_ids=None if prompt_ids is None else prompt_ids.clone(), **case
@@ -138,7 +143,7 @@ def test_generation_cases_have_mixed_finish_times():
     _, model = _pair("BlipForConditionalGeneration", **SHAPES[0].values[0])
     with torch.no_grad():
         model.text_decoder.cls.predictions.bias[5] += 1.0
-    pixel_values = torch.randn(5, 3, 40, 40)
+    pixel_values = _caption_images()
     for ids in (model.generate(pixel_values), model.generate(pixel_values, num_beams=3)):
         ended_at = [row.tolist().index(5) if 5 in row.tolist() else len(row) for row in ids]
         assert min(ended_at) <= 2 and max(ended_at) >= 5, ids

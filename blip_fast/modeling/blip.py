@@ -16,6 +16,7 @@ from torch import nn
 
 from blip_fast import generation
 from blip_fast.config import BlipConfig
+from blip_fast.modeling.common import init_weights
 from blip_fast.modeling.outputs import (
     BlipForConditionalGenerationModelOutput,
     BlipImageTextMatchingModelOutput,
@@ -102,6 +103,7 @@ class BlipForConditionalGeneration(BlipPreTrainedModel):
         super().__init__(config)
         self.vision_model = BlipVisionModel(config.vision)
         self.text_decoder = BlipTextLMHeadModel(config.text, config.vision.hidden_size)
+        self.apply(init_weights)
 
     def forward(
         self,
@@ -166,6 +168,7 @@ class BlipForImageTextRetrieval(BlipPreTrainedModel):
         self.vision_proj = nn.Linear(config.vision.hidden_size, config.image_text_hidden_size)
         self.text_proj = nn.Linear(config.text.hidden_size, config.image_text_hidden_size)
         self.itm_head = nn.Linear(config.text.hidden_size, 2)
+        self.apply(init_weights)
 
     def forward(
         self,
@@ -203,6 +206,7 @@ class BlipForQuestionAnswering(BlipPreTrainedModel):
         self.vision_model = BlipVisionModel(config.vision)
         self.text_encoder = BlipTextModel(config.text, config.vision.hidden_size, add_pooling_layer=False)
         self.text_decoder = BlipTextLMHeadModel(config.text, config.vision.hidden_size)
+        self.apply(init_weights)
 
     def encode_question(
         self,

@@ -40,3 +40,21 @@ class DropPath(nn.Module):
 
     def extra_repr(self) -> str:
         return f"drop_prob={self.drop_prob}"
+
+
+def init_weights(module: nn.Module) -> None:
+    """BERT/ViT initialisation for training from scratch (``module.apply(init_weights)``): truncated-normal(0.02)
+    linear weights, normal(0.02) embeddings, zero biases, unit LayerNorms. PyTorch's defaults (unit-variance
+    embeddings tied to the LM head) would start the LM loss in the tens."""
+    if isinstance(module, nn.Linear):
+        nn.init.trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.Embedding):
+        nn.init.normal_(module.weight, std=0.02)
+        if module.padding_idx is not None:
+            with torch.no_grad():
+                module.weight[module.padding_idx].zero_()
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)

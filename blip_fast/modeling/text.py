@@ -15,7 +15,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from blip_fast import ops
@@ -366,10 +365,5 @@ class BlipTextLMHeadModel(nn.Module):
         loss = None
         if labels is not None:
             smoothing = self.config.label_smoothing if label_smoothing is None else label_smoothing
-            shifted_logits = logits[:, :-1].reshape(-1, logits.shape[-1])
-            loss = F.cross_entropy(
-                shifted_logits, labels[:, 1:].reshape(-1), reduction=reduction, label_smoothing=smoothing
-            )
-            if reduction == "none":
-                loss = loss.view(logits.shape[0], -1).sum(1)
+            loss = ops.lm_loss(logits, labels, smoothing, reduction)
         return CausalLMOutput(loss=loss, logits=logits)

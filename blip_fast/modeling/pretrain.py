@@ -1,0 +1,192 @@
+"""BLIP pre-training: one model, three losses (ITC + ITM + LM), momentum distillation and feature queues.
+
+Module names: the inference components keep HuggingFace's names (``vision_model``, ``text_encoder``,
+``text_decoder``, ``vision_proj``, ``text_proj``, ``itm_head``), so a task model is exported by picking keys;
+the training-only state keeps the original BLIP names (``visual_encoder_m``, ``text_encoder_m``,
+``vision_proj_m``, ``text_proj_m``, ``image_queue``, ``text_queue``, ``idx_queue``, ``ptr_queue``, ``temp``),
+which :mod:`blip_fast.checkpoint` knows to drop. Every loss goes through :mod:`blip_fast.ops`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from blip_fast import distributed, ops
+from blip_fast.config import BlipConfig
+from blip_fast.modeling.common import init_weights
+from blip_fast.modeling.outputs import ModelOutput
+from blip_fast.modeling.text import BlipTextLMHeadModel, BlipTextModel
+from blip_fast.modeling.vit import BlipVisionModel
+
+
+@dataclass
+class PretrainOutput(ModelOutput):
+    loss: torch.Tensor
+    loss_itc: torch.Tensor
+    loss_itm: torch.Tensor
+    loss_lm: torch.Tensor
+
+
+def share_all_but_self_attention(encoder: BlipTextModel, decoder: BlipTextModel) -> None:
+    """Make the decoder use the encoder's embeddings, cross-attention and FFN modules (BLIP's parameter sharing);
+    only the self-attention blocks (q/k/v, output dense, LayerNorm) stay separate."""
+    decoder.embeddings = encoder.embeddings
+    for encoder_layer, decoder_layer in zip(encoder.encoder.layer, decoder.encoder.layer, strict=True):
+        decoder_layer.crossattention = encoder_layer.crossattention
+        decoder_layer.intermediate = encoder_layer.intermediate
+        decoder_layer.output = encoder_layer.output
+
+
+def _normalized_cls(projection: nn.Linear, states: torch.Tensor) -> torch.Tensor:
+    """ITC feature: the first token projected to the shared space and L2-normalised, ``[B, D_itc]``."""
+    return F.normalize(projection(states[:, 0]), dim=-1)
+
+
+class BlipPretrainer(nn.Module):
+    """The pre-training model: ``forward`` returns the three losses and updates the momentum encoders and queues."""
+
+    def __init__(
+        self,
+        config: BlipConfig,
+        queue_size: int = 57600,
+        momentum: float = 0.995,
+        negative_smoothing: float = 1e-4,
+        label_smoothing: float = 0.1,
+    ) -> None:
+        super().__init__()
+        self.config = config
+        self.queue_size = queue_size
+        self.momentum = momentum
+        self.negative_smoothing = negative_smoothing
+        self.label_smoothing = label_smoothing
+        vision_width, text_width, embed_dim = config.vision.hidden_size, config.text.hidden_size, config.image_text_hidden_size
+
+        self.vision_model = BlipVisionModel(config.vision)
+        self.text_encoder = BlipTextModel(config.text, vision_width)
+        self.text_decoder = BlipTextLMHeadModel(config.text, vision_width)
+        share_all_but_self_attention(self.text_encoder, self.text_decoder.bert)
+        self.text_decoder.tie_weights()
+        self.vision_proj = nn.Linear(vision_width, embed_dim)
+        self.text_proj = nn.Linear(text_width, embed_dim)
+        self.itm_head = nn.Linear(text_width, 2)
+        self.temp = nn.Parameter(torch.tensor(0.07))
+        self.apply(init_weights)
+
+        self.visual_encoder_m = BlipVisionModel(config.vision)
+        self.vision_proj_m = nn.Linear(vision_width, embed_dim)
+        self.text_encoder_m = BlipTextModel(config.text, vision_width)
+        self.text_proj_m = nn.Linear(text_width, embed_dim)
+        for online, momentum_model in self._momentum_pairs():
+            momentum_model.load_state_dict(online.state_dict())
+            momentum_model.requires_grad_(False)
+
+        self.register_buffer("image_queue", F.normalize(torch.randn(embed_dim, queue_size), dim=0))
+        self.register_buffer("text_queue", F.normalize(torch.randn(embed_dim, queue_size), dim=0))
+        self.register_buffer("idx_queue", torch.full((queue_size,), -100, dtype=torch.long))
+        self.register_buffer("ptr_queue", torch.zeros(1, dtype=torch.long))
+
+    def _momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
+        return [
+            (self.vision_model, self.visual_encoder_m),
+            (self.vision_proj, self.vision_proj_m),
+            (self.text_encoder, self.text_encoder_m),
+            (self.text_proj, self.text_proj_m),
+        ]
+
+    @torch.no_grad()
+    def momentum_update(self) -> None:
+        """EMA of the online weights into the momentum copies (on ZeRO-3 partitions, each rank updates its shard)."""
+        sources, targets = [], []
+        for online, momentum_model in self._momentum_pairs():
+            for parameter, parameter_m in zip(online.parameters(), momentum_model.parameters(), strict=True):
+                sharded = hasattr(parameter, "ds_tensor")
+                sources.append(parameter.ds_tensor if sharded else parameter.data)
+                targets.append(parameter_m.ds_tensor if sharded else parameter_m.data)
+        torch._foreach_mul_(targets, self.momentum)
+        torch._foreach_add_(targets, sources, alpha=1 - self.momentum)
+
+    @torch.no_grad()
+    def enqueue(self, image_feat_m: torch.Tensor, text_feat_m: torch.Tensor, image_ids: torch.Tensor | None) -> None:
+        """Write every rank's momentum features ``[B, D]`` (all-gathered, rank order) at the queue pointer."""
+        global_batch = image_feat_m.shape[0] * distributed.world_size()
+        if self.queue_size % global_batch:
+            raise ValueError(
+                f"queue_size {self.queue_size} is not a multiple of the global batch {global_batch} "
+                f"({image_feat_m.shape[0]} per rank x {distributed.world_size()} ranks)"
+            )
+        positions = (self.ptr_queue + torch.arange(global_batch, device=self.ptr_queue.device)) % self.queue_size
+        self.image_queue[:, positions] = distributed.all_gather_no_grad(image_feat_m).t()
+        self.text_queue[:, positions] = distributed.all_gather_no_grad(text_feat_m).t()
+        if image_ids is not None:
+            self.idx_queue[positions] = distributed.all_gather_no_grad(image_ids)
+        self.ptr_queue.copy_((self.ptr_queue + global_batch) % self.queue_size)
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        alpha: float,
+        image_ids: torch.Tensor | None = None,
+    ) -> PretrainOutput:
+        """pixel_values ``[B, 3, H, W]``; input_ids/attention_mask ``[B, L]`` tokenized captions (``[CLS] ... [SEP]``);
+        ``alpha`` the momentum-distillation weight; ``image_ids [B]`` (optional) mark captions of the same image, whose
+        pairs are never drawn as ITM negatives."""
+        text = self.config.text
+        with torch.no_grad():
+            self.temp.clamp_(0.001, 0.5)
+        image_embeds = self.vision_model(pixel_values).last_hidden_state  # [B, N, Dv]
+        image_feat = _normalized_cls(self.vision_proj, image_embeds)
+        text_feat = _normalized_cls(self.text_proj, self.text_encoder(input_ids, attention_mask).last_hidden_state)
+
+        with torch.no_grad():
+            self.momentum_update()  # before the momentum forward, as in BLIP
+            image_feat_m = _normalized_cls(self.vision_proj_m, self.visual_encoder_m(pixel_values).last_hidden_state)
+            text_states_m = self.text_encoder_m(input_ids, attention_mask).last_hidden_state
+            text_feat_m = _normalized_cls(self.text_proj_m, text_states_m)
+        loss_itc = ops.itc_loss(
+            image_feat, text_feat, image_feat_m, text_feat_m, self.image_queue, self.text_queue, self.temp, alpha
+        )
+        self.enqueue(image_feat_m, text_feat_m, image_ids)
+
+        # ITM over 3B pairs: matched, (negative image, text), (image, negative text); [ENC] replaces [CLS].
+        encoder_ids = input_ids.clone()
+        encoder_ids[:, 0] = text.enc_token_id
+        negative_texts, negative_images = ops.sample_hard_negatives(
+            image_feat, text_feat, self.temp, image_ids, self.negative_smoothing
+        )
+        pair_ids = torch.cat([encoder_ids, encoder_ids, encoder_ids[negative_texts]])
+        pair_mask = torch.cat([attention_mask, attention_mask, attention_mask[negative_texts]])
+        pair_images = torch.cat([image_embeds, image_embeds[negative_images], image_embeds])
+        pair_states = self.text_encoder(pair_ids, pair_mask, pair_images).last_hidden_state
+        itm_labels = torch.zeros(3 * len(input_ids), dtype=torch.long, device=input_ids.device)
+        itm_labels[: len(input_ids)] = 1
+        loss_itm = F.cross_entropy(self.itm_head(pair_states[:, 0]), itm_labels)
+
+        # LM: [DEC] replaces [CLS]; padding is not predicted.
+        decoder_ids = input_ids.clone()
+        decoder_ids[:, 0] = text.bos_token_id
+        targets = decoder_ids.masked_fill(attention_mask == 0, -100)
+        loss_lm = self.text_decoder(
+            decoder_ids, attention_mask, image_embeds, labels=targets, label_smoothing=self.label_smoothing
+        ).loss
+        return PretrainOutput(loss=loss_itc + loss_itm + loss_lm, loss_itc=loss_itc, loss_itm=loss_itm, loss_lm=loss_lm)
+
+    def export(self, out_dir: str | os.PathLike, task: str = "captioning") -> str:
+        """Write the ``task`` model ("captioning", "retrieval", "vqa") as an HuggingFace-layout directory."""
+        return export_state_dict(self.state_dict(), self.config, out_dir, task)
+
+
+def export_state_dict(
+    state: dict[str, torch.Tensor], config: BlipConfig, out_dir: str | os.PathLike, task: str = "captioning"
+) -> str:
+    """Export a (consolidated, e.g. ZeRO-3) pre-training state dict as a task model directory."""
+    from blip_fast import checkpoint
+
+    model = checkpoint.model_from_state_dict(checkpoint.task_class(task), state, config, source="pre-training state")
+    return checkpoint.save_pretrained(model, out_dir)
