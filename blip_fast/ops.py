@@ -88,12 +88,14 @@ def additive_mask(keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------------- losses
-def _positive_targets(row_ids: torch.Tensor | None, column_ids: torch.Tensor | None, rows: int, columns: int,
-                      device: torch.device) -> torch.Tensor:
-    """``[B, C]`` ground-truth distribution: the diagonal, or every column with the row's id, normalised per row."""
+def _positive_targets(
+    row_ids: torch.Tensor | None, column_ids: torch.Tensor | None, like: torch.Tensor, columns: int
+) -> torch.Tensor:
+    """``[B, C]`` ground-truth distribution (dtype/device of ``like [B, D]``): the diagonal, or every column with the
+    row's id, normalised per row."""
     if row_ids is None:
-        return torch.eye(rows, columns, device=device)
-    positives = (row_ids[:, None] == column_ids[None, :]).float()
+        return torch.eye(like.shape[0], columns, dtype=like.dtype, device=like.device)
+    positives = (row_ids[:, None] == column_ids[None, :]).to(like.dtype)
     return positives / positives.sum(dim=1, keepdim=True)
 
 
@@ -103,7 +105,7 @@ def _itc_loss_reference(image_feat, text_feat, image_feat_m, text_feat_m, image_
     image_columns = torch.cat([image_feat_m, image_queue.t()], dim=0).detach()  # [B + Q, D]
     text_columns = torch.cat([text_feat_m, text_queue.t()], dim=0).detach()
     column_ids = None if image_ids is None else torch.cat([image_ids, id_queue])
-    targets = _positive_targets(image_ids, column_ids, image_feat.shape[0], image_columns.shape[0], image_feat.device)
+    targets = _positive_targets(image_ids, column_ids, image_feat, image_columns.shape[0])
     with torch.no_grad():
         i2t_targets = alpha * (image_feat_m @ text_columns.t() / temp).softmax(dim=1) + (1 - alpha) * targets
         t2i_targets = alpha * (text_feat_m @ image_columns.t() / temp).softmax(dim=1) + (1 - alpha) * targets

@@ -1,0 +1,183 @@
+"""BlipPretrainer: parameter sharing, momentum, queues, and each loss against an independent computation."""
+
+import socket
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from blip_fast import ops
+from blip_fast.config import BlipConfig
+from blip_fast.modeling import pretrain
+from blip_fast.modeling.pretrain import BlipPretrainer
+from tests.test_losses import itc_loss_by_loops
+from tests.tiny_models import assert_close
+
+CONFIG = BlipConfig.tiny(vocab_size=200, image_size=32)
+
+
+def _batch(size: int = 4, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    pixel_values = torch.randn(size, 3, 32, 32, generator=generator)
+    input_ids = torch.randint(5, 190, (size, 9), generator=generator)
+    input_ids[:, 0] = 2  # [CLS] of this toy vocabulary
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, 6:] = 0
+    input_ids[1, 6:] = 0
+    return pixel_values, input_ids, attention_mask
+
+
+def _model(queue_size: int = 8) -> BlipPretrainer:
+    torch.manual_seed(0)
+    return BlipPretrainer(CONFIG, queue_size=queue_size).eval()  # eval: no dropout, so oracles are exact
+
+
+def test_encoder_and_decoder_share_all_but_self_attention():
+    model = _model()
+    encoder, decoder = model.text_encoder, model.text_decoder.bert
+    decoder_params = dict(decoder.named_parameters(remove_duplicate=False))
+    for name, parameter in encoder.named_parameters():
+        if ".attention." in name:
+            assert decoder_params[name] is not parameter, f"{name} must stay separate"
+        else:
+            assert decoder_params[name] is parameter, f"{name} must be shared"
+    head = model.text_decoder.cls.predictions
+    assert head.decoder.weight is encoder.embeddings.word_embeddings.weight
+    assert not any(p.requires_grad for p in model.visual_encoder_m.parameters())
+
+
+def test_momentum_is_an_ema_updated_before_the_momentum_forward():
+    model = _model()
+    weight, weight_m = model.vision_proj.weight, model.vision_proj_m.weight
+    assert torch.equal(weight, weight_m)
+    with torch.no_grad():
+        weight.add_(torch.randn_like(weight))
+    online, previous = weight.detach().clone(), weight_m.detach().clone()
+    model(*_batch(), alpha=0.4)
+    assert_close(weight_m, 0.995 * previous + 0.005 * online, rtol=1e-6)
+
+
+def test_queue_enqueues_at_the_pointer_and_wraps():
+    model = _model(queue_size=8)
+    before = model.image_queue.clone()
+    model(*_batch(4), alpha=0.4, image_ids=torch.tensor([5, 6, 7, 8]))
+    assert int(model.ptr_queue) == 4 and torch.equal(model.image_queue[:, 4:], before[:, 4:])
+    assert model.idx_queue[:4].tolist() == [5, 6, 7, 8]
+    first = model.image_queue[:, :4].clone()
+    model(*_batch(4, seed=1), alpha=0.4)
+    model(*_batch(4, seed=2), alpha=0.4)
+    assert int(model.ptr_queue) == 4 and not torch.equal(model.image_queue[:, :4], first)
+
+
+def test_queue_size_must_be_a_multiple_of_the_global_batch():
+    with pytest.raises(ValueError, match="queue_size 10 is not a multiple of the global batch 4"):
+        _model(queue_size=10)(*_batch(4), alpha=0.4)
+
+
+@pytest.mark.parametrize("start, clamped", [(1.0, 0.5), (1e-5, 0.001), (0.2, 0.2)])
+def test_temperature_is_clamped_every_step(start, clamped):
+    model = _model()
+    with torch.no_grad():
+        model.temp.fill_(start)
+    model(*_batch(), alpha=0.4)
+    assert float(model.temp.detach()) == pytest.approx(clamped)
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """The pre-trainer's first-step losses, and its captioning/retrieval exports loaded by transformers."""
+    transformers = pytest.importorskip("transformers")
+    model = _model()
+    out = tmp_path_factory.mktemp("export")
+    model.export(out / "captioning", "captioning")
+    model.export(out / "retrieval", "retrieval")
+    queues = model.image_queue.clone(), model.text_queue.clone()
+    negatives = torch.tensor([1, 2, 3, 0]), torch.tensor([2, 3, 0, 1])
+    original_sampler = ops.sample_hard_negatives
+    pretrain.ops.sample_hard_negatives = lambda *args, **kwargs: negatives
+    try:
+        with torch.no_grad():
+            losses = model(*_batch(), alpha=0.4)
+    finally:
+        pretrain.ops.sample_hard_negatives = original_sampler
+    captioner = transformers.BlipForConditionalGeneration.from_pretrained(out / "captioning").eval()
+    retrieval = transformers.BlipForImageTextRetrieval.from_pretrained(out / "retrieval").eval()
+    return losses, captioner, retrieval, queues, negatives
+
+
+def test_itc_matches_exported_features(exported):
+    losses, _, retrieval, (image_queue, text_queue), _ = exported
+    pixel_values, input_ids, attention_mask = _batch()
+    with torch.no_grad():
+        image_feat = F.normalize(retrieval.vision_proj(retrieval.vision_model(pixel_values).last_hidden_state[:, 0]), dim=-1)
+        text_states = retrieval.text_encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        text_feat = F.normalize(retrieval.text_proj(text_states[:, 0]), dim=-1)
+    # First step: the momentum encoders are EMAs of identical weights, i.e. the same features.
+    expected = itc_loss_by_loops(image_feat, text_feat, image_feat, text_feat, image_queue, text_queue, 0.07, 0.4)
+    assert float(losses.loss_itc) == pytest.approx(expected, rel=1e-5)
+
+
+def test_itm_matches_exported_matching_head(exported):
+    losses, _, retrieval, _, (negative_texts, negative_images) = exported
+    pixel_values, input_ids, attention_mask = _batch()
+    encoder_ids = input_ids.clone()
+    encoder_ids[:, 0] = CONFIG.text.enc_token_id  # HF does not write [ENC] itself
+    with torch.no_grad():
+        logits = retrieval(
+            input_ids=torch.cat([encoder_ids, encoder_ids, encoder_ids[negative_texts]]),
+            pixel_values=torch.cat([pixel_values, pixel_values[negative_images], pixel_values]),
+            attention_mask=torch.cat([attention_mask, attention_mask, attention_mask[negative_texts]]),
+        ).itm_score
+    labels = torch.tensor([1] * 4 + [0] * 8)
+    assert float(losses.loss_itm) == pytest.approx(float(F.cross_entropy(logits, labels)), rel=1e-5)
+
+
+def test_lm_matches_exported_captioner(exported):
+    losses, captioner, _, _, _ = exported
+    pixel_values, input_ids, attention_mask = _batch()
+    decoder_ids = input_ids.clone()
+    decoder_ids[:, 0] = CONFIG.text.bos_token_id
+    with torch.no_grad():
+        logits = captioner(pixel_values=pixel_values, input_ids=decoder_ids, attention_mask=attention_mask).logits
+    targets = decoder_ids.masked_fill(attention_mask == 0, -100)[:, 1:]
+    expected = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), targets.reshape(-1), label_smoothing=0.1)
+    assert float(losses.loss_lm) == pytest.approx(float(expected), rel=1e-5)
+    assert float(losses.loss) == pytest.approx(float(losses.loss_itc + losses.loss_itm + losses.loss_lm))
+
+
+def _rank_step(rank: int, port: int, out_dir: str) -> None:
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    pixel_values, input_ids, attention_mask = _batch(4)
+    half = slice(2 * rank, 2 * rank + 2)
+    model = _model(queue_size=8)
+    with torch.no_grad():
+        losses = model(pixel_values[half], input_ids[half], attention_mask[half], alpha=0.4,
+                       image_ids=torch.arange(4)[half])
+    torch.save({"queue": model.image_queue, "text_queue": model.text_queue, "ids": model.idx_queue,
+                "ptr": model.ptr_queue, "loss_itc": losses.loss_itc}, f"{out_dir}/rank{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_ranks_agree_with_one_process(tmp_path):
+    """Queues hold the all-gathered momentum features in rank order, exactly as one process on the concatenated
+    batch; each rank's ITC (local rows vs local momentum features + queue) equals one process on its half."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    torch.multiprocessing.spawn(_rank_step, args=(port, str(tmp_path)), nprocs=2)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+
+    pixel_values, input_ids, attention_mask = _batch(4)
+    single = _model(queue_size=8)
+    with torch.no_grad():
+        single(pixel_values, input_ids, attention_mask, alpha=0.4, image_ids=torch.arange(4))
+    for result in ranks:
+        assert_close(result["queue"], single.image_queue, rtol=1e-5)
+        assert_close(result["text_queue"], single.text_queue, rtol=1e-5)
+        assert torch.equal(result["ids"], single.idx_queue) and torch.equal(result["ptr"], single.ptr_queue)
+    for rank, result in enumerate(ranks):
+        half = slice(2 * rank, 2 * rank + 2)
+        with torch.no_grad():
+            local = _model(queue_size=8)(pixel_values[half], input_ids[half], attention_mask[half], alpha=0.4)
+        assert_close(result["loss_itc"], local.loss_itc, rtol=1e-5)
