@@ -139,16 +139,17 @@ def itc_loss(
 
 
 @register("sample_hard_negatives", "reference")
-def _sample_hard_negatives_reference(image_feat, text_feat, temp, image_ids, smoothing, generator):
+def _sample_hard_negatives_reference(image_feat, text_feat, temp, image_ids, smoothing, generator, image_columns,
+                                     text_columns, column_ids):
     with torch.no_grad():
-        sim_i2t = image_feat @ text_feat.t() / temp  # [B, B]
-        same_image = (
-            torch.eye(len(image_feat), dtype=torch.bool, device=image_feat.device)
-            if image_ids is None
-            else image_ids[:, None] == image_ids[None, :]
-        )
+        sim_i2t = image_feat @ text_columns.t() / temp  # [B, C]
+        sim_t2i = text_feat @ image_columns.t() / temp
+        if image_ids is None:
+            same_image = torch.eye(*sim_i2t.shape, dtype=torch.bool, device=sim_i2t.device)
+        else:
+            same_image = image_ids[:, None] == column_ids[None, :]
         weights_i2t = (sim_i2t.softmax(dim=1) + smoothing).masked_fill(same_image, 0)
-        weights_t2i = (sim_i2t.t().softmax(dim=1) + smoothing).masked_fill(same_image, 0)
+        weights_t2i = (sim_t2i.softmax(dim=1) + smoothing).masked_fill(same_image, 0)
         negative_texts = torch.multinomial(weights_i2t, 1, generator=generator).squeeze(1)
         negative_images = torch.multinomial(weights_t2i, 1, generator=generator).squeeze(1)
     return negative_texts, negative_images
@@ -161,18 +162,27 @@ def sample_hard_negatives(
     image_ids: torch.Tensor | None = None,
     smoothing: float = 1e-4,
     generator: torch.Generator | None = None,
+    image_columns: torch.Tensor | None = None,
+    text_columns: torch.Tensor | None = None,
+    column_ids: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """ITM hard negatives: for each image a text, for each text an image, drawn from ``softmax(sim) + smoothing``.
 
-    ``image_feat``/``text_feat`` ``[B, D]`` (the ITC features), ``sim = image_feat @ text_feat.T / temp``. Entries of
-    the same image (the diagonal, or equal ``image_ids [B]``) get probability 0. One vectorised draw per row — no
-    Python loop and no host sync (the original BLIP loops over rows with ``.item()``). Returns
-    ``(negative_text_index [B], negative_image_index [B])``. Pre-training uses ``smoothing=1e-4``, fine-tuning 0.
+    Rows are the local ITC features ``image_feat``/``text_feat`` ``[B, D]``; candidates are the columns
+    ``image_columns``/``text_columns`` ``[C, D]`` (all-gathered across ranks for BLIP's ``negative_all_rank``),
+    by default the rows themselves. ``sim = rows @ columns.T / temp``. Candidates of the same image get probability
+    0: the diagonal, or equal ids (``image_ids [B]`` vs ``column_ids [C]``, required with explicit columns). One
+    vectorised draw per row — no Python loop and no host sync (the original loops over rows with ``.item()``).
+    Returns column indices ``(negative_text [B], negative_image [B])``. Pre-training smooths by 1e-4, fine-tuning 0.
     """
-    if image_feat.shape[0] < 2:
+    if image_columns is None:
+        image_columns, text_columns, column_ids = image_feat, text_feat, image_ids
+    elif image_ids is None or column_ids is None:
+        raise ValueError("sampling negatives from explicit columns needs image_ids and column_ids")
+    if image_columns.shape[0] < 2:
         raise ValueError("hard-negative mining needs at least 2 pairs per batch")
     fn = resolve("sample_hard_negatives", image_feat.device)
-    return fn(image_feat, text_feat, temp, image_ids, smoothing, generator)
+    return fn(image_feat, text_feat, temp, image_ids, smoothing, generator, image_columns, text_columns, column_ids)
 
 
 @register("lm_loss", "reference")

@@ -47,30 +47,20 @@ def _normalized_cls(projection: nn.Linear, states: torch.Tensor) -> torch.Tensor
     return F.normalize(projection(states[:, 0]), dim=-1)
 
 
-class BlipPretrainer(nn.Module):
-    """The pre-training model: ``forward`` returns the three losses and updates the momentum encoders and queues."""
+class MomentumContrastiveModel(nn.Module):
+    """What pre-training and retrieval fine-tuning share: ViT, text encoder, ITC projections, ITM head, learnable
+    temperature, momentum copies (EMA) and feature queues, plus the ITC and ITM computations."""
 
-    def __init__(
-        self,
-        config: BlipConfig,
-        queue_size: int = 57600,
-        momentum: float = 0.995,
-        negative_smoothing: float = 1e-4,
-        label_smoothing: float = 0.1,
-    ) -> None:
+    def __init__(self, config: BlipConfig, queue_size: int, momentum: float) -> None:
         super().__init__()
         self.config = config
         self.queue_size = queue_size
         self.momentum = momentum
-        self.negative_smoothing = negative_smoothing
-        self.label_smoothing = label_smoothing
-        vision_width, text_width, embed_dim = config.vision.hidden_size, config.text.hidden_size, config.image_text_hidden_size
+        vision_width, text_width = config.vision.hidden_size, config.text.hidden_size
+        embed_dim = config.image_text_hidden_size
 
         self.vision_model = BlipVisionModel(config.vision)
         self.text_encoder = BlipTextModel(config.text, vision_width)
-        self.text_decoder = BlipTextLMHeadModel(config.text, vision_width)
-        share_all_but_self_attention(self.text_encoder, self.text_decoder.bert)
-        self.text_decoder.tie_weights()
         self.vision_proj = nn.Linear(vision_width, embed_dim)
         self.text_proj = nn.Linear(text_width, embed_dim)
         self.itm_head = nn.Linear(text_width, 2)
@@ -126,6 +116,84 @@ class BlipPretrainer(nn.Module):
             self.idx_queue[positions] = distributed.all_gather_no_grad(image_ids)
         self.ptr_queue.copy_((self.ptr_queue + global_batch) % self.queue_size)
 
+    def contrastive(
+        self,
+        pixel_values: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        alpha: float,
+        image_ids: torch.Tensor | None,
+        multi_positive: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Encode, update momentum and queues, and compute ITC. Returns ``(loss_itc, image_embeds [B, N, Dv],
+        image_feat [B, D], text_feat [B, D])``; ``multi_positive`` makes every caption of the same image a target."""
+        with torch.no_grad():
+            self.temp.clamp_(0.001, 0.5)
+        image_embeds = self.vision_model(pixel_values).last_hidden_state
+        image_feat = _normalized_cls(self.vision_proj, image_embeds)
+        text_feat = _normalized_cls(self.text_proj, self.text_encoder(input_ids, attention_mask).last_hidden_state)
+        with torch.no_grad():
+            self.momentum_update()  # before the momentum forward, as in BLIP
+            image_feat_m = _normalized_cls(self.vision_proj_m, self.visual_encoder_m(pixel_values).last_hidden_state)
+            text_states_m = self.text_encoder_m(input_ids, attention_mask).last_hidden_state
+            text_feat_m = _normalized_cls(self.text_proj_m, text_states_m)
+        positives = dict(image_ids=image_ids, id_queue=self.idx_queue) if multi_positive else {}
+        loss_itc = ops.itc_loss(
+            image_feat, text_feat, image_feat_m, text_feat_m, self.image_queue, self.text_queue, self.temp, alpha,
+            **positives,
+        )
+        self.enqueue(image_feat_m, text_feat_m, image_ids)
+        return loss_itc, image_embeds, image_feat, text_feat
+
+    def matching(
+        self,
+        image_embeds: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        negative_texts: torch.Tensor,
+        negative_images: torch.Tensor,
+        candidates: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """ITM cross-entropy over 3B pairs: matched, (negative image, text), (image, negative text).
+
+        Negative indices point into ``candidates = (image_embeds, input_ids, attention_mask)`` gathered across
+        ranks, or into the local batch when None. ``[ENC]`` replaces ``[CLS]`` at position 0.
+        """
+        pool_images, pool_ids, pool_mask = candidates or (image_embeds, input_ids, attention_mask)
+        pair_ids = torch.cat([input_ids, input_ids, pool_ids[negative_texts]])
+        pair_ids[:, 0] = self.config.text.enc_token_id
+        pair_mask = torch.cat([attention_mask, attention_mask, pool_mask[negative_texts]])
+        pair_images = torch.cat([image_embeds, pool_images[negative_images], image_embeds])
+        pair_states = self.text_encoder(pair_ids, pair_mask, pair_images).last_hidden_state
+        labels = torch.zeros(len(pair_ids), dtype=torch.long, device=pair_ids.device)
+        labels[: len(input_ids)] = 1
+        return F.cross_entropy(self.itm_head(pair_states[:, 0]), labels)
+
+    def export(self, out_dir: str | os.PathLike, task: str = "retrieval") -> str:
+        """Write the ``task`` model ("captioning", "retrieval", "vqa") as an HuggingFace-layout directory."""
+        return export_state_dict(self.state_dict(), self.config, out_dir, task)
+
+
+class BlipPretrainer(MomentumContrastiveModel):
+    """The pre-training model: ``forward`` returns the three losses and updates the momentum encoders and queues.
+    The text decoder shares everything but self-attention with the text encoder."""
+
+    def __init__(
+        self,
+        config: BlipConfig,
+        queue_size: int = 57600,
+        momentum: float = 0.995,
+        negative_smoothing: float = 1e-4,
+        label_smoothing: float = 0.1,
+    ) -> None:
+        super().__init__(config, queue_size, momentum)
+        self.negative_smoothing = negative_smoothing
+        self.label_smoothing = label_smoothing
+        self.text_decoder = BlipTextLMHeadModel(config.text, config.vision.hidden_size)
+        self.text_decoder.apply(init_weights)
+        share_all_but_self_attention(self.text_encoder, self.text_decoder.bert)
+        self.text_decoder.tie_weights()
+
     def forward(
         self,
         pixel_values: torch.Tensor,
@@ -137,40 +205,17 @@ class BlipPretrainer(nn.Module):
         """pixel_values ``[B, 3, H, W]``; input_ids/attention_mask ``[B, L]`` tokenized captions (``[CLS] ... [SEP]``);
         ``alpha`` the momentum-distillation weight; ``image_ids [B]`` (optional) mark captions of the same image, whose
         pairs are never drawn as ITM negatives."""
-        text = self.config.text
-        with torch.no_grad():
-            self.temp.clamp_(0.001, 0.5)
-        image_embeds = self.vision_model(pixel_values).last_hidden_state  # [B, N, Dv]
-        image_feat = _normalized_cls(self.vision_proj, image_embeds)
-        text_feat = _normalized_cls(self.text_proj, self.text_encoder(input_ids, attention_mask).last_hidden_state)
-
-        with torch.no_grad():
-            self.momentum_update()  # before the momentum forward, as in BLIP
-            image_feat_m = _normalized_cls(self.vision_proj_m, self.visual_encoder_m(pixel_values).last_hidden_state)
-            text_states_m = self.text_encoder_m(input_ids, attention_mask).last_hidden_state
-            text_feat_m = _normalized_cls(self.text_proj_m, text_states_m)
-        loss_itc = ops.itc_loss(
-            image_feat, text_feat, image_feat_m, text_feat_m, self.image_queue, self.text_queue, self.temp, alpha
+        loss_itc, image_embeds, image_feat, text_feat = self.contrastive(
+            pixel_values, input_ids, attention_mask, alpha, image_ids, multi_positive=False
         )
-        self.enqueue(image_feat_m, text_feat_m, image_ids)
-
-        # ITM over 3B pairs: matched, (negative image, text), (image, negative text); [ENC] replaces [CLS].
-        encoder_ids = input_ids.clone()
-        encoder_ids[:, 0] = text.enc_token_id
         negative_texts, negative_images = ops.sample_hard_negatives(
             image_feat, text_feat, self.temp, image_ids, self.negative_smoothing
         )
-        pair_ids = torch.cat([encoder_ids, encoder_ids, encoder_ids[negative_texts]])
-        pair_mask = torch.cat([attention_mask, attention_mask, attention_mask[negative_texts]])
-        pair_images = torch.cat([image_embeds, image_embeds[negative_images], image_embeds])
-        pair_states = self.text_encoder(pair_ids, pair_mask, pair_images).last_hidden_state
-        itm_labels = torch.zeros(3 * len(input_ids), dtype=torch.long, device=input_ids.device)
-        itm_labels[: len(input_ids)] = 1
-        loss_itm = F.cross_entropy(self.itm_head(pair_states[:, 0]), itm_labels)
+        loss_itm = self.matching(image_embeds, input_ids, attention_mask, negative_texts, negative_images)
 
         # LM: [DEC] replaces [CLS]; padding is not predicted.
         decoder_ids = input_ids.clone()
-        decoder_ids[:, 0] = text.bos_token_id
+        decoder_ids[:, 0] = self.config.text.bos_token_id
         targets = decoder_ids.masked_fill(attention_mask == 0, -100)
         loss_lm = self.text_decoder(
             decoder_ids, attention_mask, image_embeds, labels=targets, label_smoothing=self.label_smoothing
@@ -178,8 +223,7 @@ class BlipPretrainer(nn.Module):
         return PretrainOutput(loss=loss_itc + loss_itm + loss_lm, loss_itc=loss_itc, loss_itm=loss_itm, loss_lm=loss_lm)
 
     def export(self, out_dir: str | os.PathLike, task: str = "captioning") -> str:
-        """Write the ``task`` model ("captioning", "retrieval", "vqa") as an HuggingFace-layout directory."""
-        return export_state_dict(self.state_dict(), self.config, out_dir, task)
+        return super().export(out_dir, task)
 
 
 def export_state_dict(
