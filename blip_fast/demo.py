@@ -1,47 +1,26 @@
 """``blip-fast demo``: the whole inference path on a fresh machine, with nothing to download.
 
-Draws synthetic images, trains a WordPiece vocabulary on their captions, builds a tiny BLIP, saves everything in
-HuggingFace layout, reloads it through ``from_pretrained`` and captions the image files with greedy, beam and
-nucleus decoding, timing each. The weights are random, so captions are arbitrary words of the vocabulary; training
+Writes images of the built-in synthetic set (``blip_fast.data.synthetic``), trains a WordPiece vocabulary on their
+captions, builds a tiny BLIP, saves everything in HuggingFace layout, reloads it through ``from_pretrained`` and
+captions the image files with greedy, beam and nucleus decoding, timing each. The weights are random, so captions are arbitrary words of the vocabulary; training
 arrives with the pre-training and CapFilt issues.
 """
 
 from __future__ import annotations
 
-import random
+import json
 import time
 from pathlib import Path
 
 import PIL.Image
-import PIL.ImageDraw
 import torch
 
 from blip_fast.captioning import Captioner
 from blip_fast.config import BlipConfig
+from blip_fast.data.synthetic import SyntheticNoisyDataset
 from blip_fast.data.transforms import BlipImageProcessor
 from blip_fast.modeling.blip import BlipForConditionalGeneration
 from blip_fast.tokenizer import BlipTokenizer
-
-COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 70, 220), "yellow": (235, 210, 40),
-          "white": (245, 245, 245), "black": (15, 15, 15)}
-SHAPES = ("circle", "square", "triangle")
-
-
-def draw_scene(rng: random.Random, size: int = 64) -> tuple[PIL.Image.Image, str]:
-    """One shape of one colour on a plain background, and the caption that describes it."""
-    shape, color, background = rng.choice(SHAPES), *rng.sample(sorted(COLORS), 2)
-    image = PIL.Image.new("RGB", (size, size), COLORS[background])
-    draw = PIL.ImageDraw.Draw(image)
-    half = rng.randint(size // 6, size // 3)
-    cx, cy = rng.randint(half, size - half), rng.randint(half, size - half)
-    box = (cx - half, cy - half, cx + half, cy + half)
-    if shape == "circle":
-        draw.ellipse(box, fill=COLORS[color])
-    elif shape == "square":
-        draw.rectangle(box, fill=COLORS[color])
-    else:
-        draw.polygon([(cx, cy - half), (cx - half, cy + half), (cx + half, cy + half)], fill=COLORS[color])
-    return image, f"a {color} {shape} on a {background} background"
 
 
 def build_demo_model(out_dir: Path, captions: list[str], image_size: int = 64) -> Path:
@@ -63,16 +42,11 @@ def run_demo(
 ) -> dict[str, float]:
     """Run the demo and print captions and images/s per decoding mode; returns the images/s."""
     out_dir = Path(out_dir)
-    image_dir = out_dir / "images"
-    image_dir.mkdir(parents=True, exist_ok=True)
-    rng = random.Random(0)
-    paths, captions = [], []
-    for index in range(num_images):
-        image, caption = draw_scene(rng)
-        path = image_dir / f"{index:03d}.png"
-        image.save(path)
-        paths.append(path)
-        captions.append(caption)
+    # The built-in synthetic set without label noise: the printed "scene" is what each image shows.
+    annotation_path = SyntheticNoisyDataset(num_images, noise_fraction=0.0, seed=0).write_images(out_dir)
+    records = json.loads(annotation_path.read_text(encoding="utf-8"))
+    paths = [out_dir / record["image"] for record in records]
+    captions = [record["caption"] for record in records]
 
     model_dir = build_demo_model(out_dir, captions)
     captioner = Captioner.from_pretrained(model_dir, device=device, dtype=dtype)

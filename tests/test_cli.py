@@ -5,22 +5,20 @@ import torch
 
 from blip_fast import checkpoint
 from blip_fast.cli import main
-from blip_fast.demo import build_demo_model, draw_scene, run_demo
+from blip_fast.data.synthetic import SyntheticNoisyDataset
+from blip_fast.demo import build_demo_model, run_demo
 from tests.tiny_models import to_original_key
 
 
 @pytest.fixture(scope="module")
 def demo_model(tmp_path_factory):
-    import random
-
     out = tmp_path_factory.mktemp("demo")
-    rng = random.Random(0)
+    synthetic = SyntheticNoisyDataset(3, noise_fraction=0.0, seed=0)
     paths, captions = [], []
     for index in range(3):
-        image, caption = draw_scene(rng)
-        image.save(out / f"{index}.png")
+        synthetic.image(index).save(out / f"{index}.png")
         paths.append(out / f"{index}.png")
-        captions.append(caption)
+        captions.append(synthetic.record(index)["caption"])
     return build_demo_model(out, captions), paths
 
 

@@ -5,12 +5,19 @@ which is what transformers uses without torchvision) to <= 1e-6, for PIL images,
 RGB conversion compositing transparency on white, PIL resize, rescale, normalise. It needs only PIL, numpy and
 torch. uint8 images (every PIL input after RGB conversion) are rescaled and normalised through a 256-entry
 lookup table computed with transformers' exact float64/float32 steps, so the result is bit-identical and cheap.
+
+Training: `BlipTrainTransform` (torchvision's RandomResizedCrop + flip + ToTensor + Normalize, without torchvision)
+and `BlipEvalTransform` share the dataset-facing signature `transform(image, rng) -> FloatTensor [3, H, W]`, with
+all randomness drawn from the caller's `rng` so augmentation is reproducible per sample.
 """
 
 from __future__ import annotations
 
+import io
 import json
+import math
 import os
+import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -45,21 +52,30 @@ def load_image(path: str | os.PathLike) -> PIL.Image.Image:
     `ImageLoadError`, instead of later inside a transform; decompression bombs (over 2x PIL's
     `MAX_IMAGE_PIXELS`) are refused the same way. The file is closed on success and on failure.
     """
+    return _decode(path, os.fspath(path))
+
+
+def load_image_bytes(data: bytes, name: str) -> PIL.Image.Image:
+    """`load_image` for encoded bytes (a tar member, a download); `name` says where they came from in errors."""
+    return _decode(io.BytesIO(data), name)
+
+
+def _decode(source: str | os.PathLike | io.BytesIO, name: str) -> PIL.Image.Image:
     try:
-        with PIL.Image.open(path) as image:
+        with PIL.Image.open(source) as image:
             image.load()
     except FileNotFoundError:
-        raise ImageLoadError(f"cannot load image {os.fspath(path)!r}: file not found") from None
+        raise ImageLoadError(f"cannot load image {name!r}: file not found") from None
     except (IsADirectoryError, PermissionError) as error:
-        raise ImageLoadError(f"cannot load image {os.fspath(path)!r}: cannot read it ({error.strerror})") from error
+        raise ImageLoadError(f"cannot load image {name!r}: cannot read it ({error.strerror})") from error
     except PIL.UnidentifiedImageError as error:
-        raise ImageLoadError(f"cannot load image {os.fspath(path)!r}: not a recognised image file") from error
+        raise ImageLoadError(f"cannot load image {name!r}: not a recognised image file") from error
     except PIL.Image.DecompressionBombError as error:
-        raise ImageLoadError(f"cannot load image {os.fspath(path)!r}: possible decompression bomb ({error})") from error
+        raise ImageLoadError(f"cannot load image {name!r}: possible decompression bomb ({error})") from error
     # PIL's decoders report corrupt data with many exception types (OSError, SyntaxError, struct.error, ...).
     except Exception as error:
         reason = f"{type(error).__name__}: {error}"
-        raise ImageLoadError(f"cannot load image {os.fspath(path)!r}: corrupt or truncated data ({reason})") from error
+        raise ImageLoadError(f"cannot load image {name!r}: corrupt or truncated data ({reason})") from error
     return image
 
 
@@ -264,3 +280,124 @@ def _flatten(images: ImageInput | Sequence[ImageInput]) -> list[ImageInput]:
     if not flat:
         raise ValueError("no images given")
     return flat
+
+
+# ==================================================================== training-time transforms
+Rng = random.Random | np.random.Generator
+
+
+def _uniform(rng: Rng, low: float, high: float) -> float:
+    return float(rng.uniform(low, high))
+
+
+def _randint(rng: Rng, low: int, high: int) -> int:
+    """An integer in [low, high], both ends included."""
+    return rng.randint(low, high) if isinstance(rng, random.Random) else int(rng.integers(low, high + 1))
+
+
+def _uint8_normalize_lut(mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+    """[3, 256] float32: torchvision's `ToTensor` (x / 255 in float32) then `Normalize` ((x - mean) / std, float32)."""
+    values = np.arange(256, dtype=np.float32) / np.float32(255)
+    mean32, std32 = np.asarray(mean, np.float32)[:, None], np.asarray(std, np.float32)[:, None]
+    return np.ascontiguousarray((values[None, :] - mean32) / std32, dtype=np.float32)
+
+
+@dataclass(frozen=True)
+class BlipTrainTransform:
+    """BLIP's training transform in PIL/numpy: RandomResizedCrop (bicubic) -> horizontal flip -> tensor -> normalise.
+
+    `transform(image, rng) -> FloatTensor [3, image_size, image_size]`. All randomness comes from `rng` (a
+    `random.Random` or a numpy `Generator`), so a sample's augmentation is fixed by the rng the dataset derives from
+    (seed, epoch, index), whatever worker draws it: exact resume depends on this. `rng=None` uses a fresh,
+    unseeded `random.Random` (not reproducible).
+
+    Semantics are torchvision's (`RandomResizedCrop.get_params`): up to 10 tries of an area fraction uniform in
+    `scale` and a log-uniform aspect ratio in `ratio`; a box that fits is placed uniformly; otherwise a centre crop
+    of the whole image clamped to `ratio`. The crop is cut then resized with PIL bicubic; the flip happens with
+    probability `flip_prob`; `ToTensor` + `Normalize` in float32. Images of any mode are converted to RGB first
+    (transparency composited on white, as the eval processor does).
+
+    `scale` defaults to BLIP's pre-training (0.2, 1.0) (`configs/pretrain.yaml: min_scale 0.2`); BLIP's fine-tuning
+    configs (captioning, retrieval, VQA) use (0.5, 1.0). Not reproduced: BLIP also applies `RandomAugment(2, 5)`
+    (autocontrast, equalize, shear, rotate, ...) after the flip. Horizontal flips swap "left" and "right" in
+    the scene without touching the caption; set `flip_prob=0` where captions name sides (the synthetic set).
+    """
+
+    image_size: int | tuple[int, int] = 224
+    scale: tuple[float, float] = (0.2, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    flip_prob: float = 0.5
+    mean: tuple[float, ...] = OPENAI_CLIP_MEAN
+    std: tuple[float, ...] = OPENAI_CLIP_STD
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "image_size", _size_pair(self.image_size))
+        object.__setattr__(self, "mean", _channel_triple(self.mean))
+        object.__setattr__(self, "std", _channel_triple(self.std))
+        if not 0 < self.scale[0] <= self.scale[1]:
+            raise ValueError(f"scale must satisfy 0 < low <= high, got {self.scale}")
+        if not 0 < self.ratio[0] <= self.ratio[1]:
+            raise ValueError(f"ratio must satisfy 0 < low <= high, got {self.ratio}")
+        if not 0.0 <= self.flip_prob <= 1.0:
+            raise ValueError(f"flip_prob must lie in [0, 1], got {self.flip_prob}")
+
+    def crop_params(self, width: int, height: int, rng: Rng) -> tuple[int, int, int, int]:
+        """torchvision's `RandomResizedCrop.get_params`: (top, left, crop_height, crop_width) for an image of
+        `width` x `height`, drawing from `rng`."""
+        area = width * height
+        log_low, log_high = math.log(self.ratio[0]), math.log(self.ratio[1])
+        for _ in range(10):
+            target_area = area * _uniform(rng, self.scale[0], self.scale[1])
+            aspect = math.exp(_uniform(rng, log_low, log_high))
+            crop_width = int(round(math.sqrt(target_area * aspect)))
+            crop_height = int(round(math.sqrt(target_area / aspect)))
+            if 0 < crop_width <= width and 0 < crop_height <= height:
+                top = _randint(rng, 0, height - crop_height)
+                left = _randint(rng, 0, width - crop_width)
+                return top, left, crop_height, crop_width
+        in_ratio = width / height
+        if in_ratio < min(self.ratio):
+            crop_width, crop_height = width, int(round(width / min(self.ratio)))
+        elif in_ratio > max(self.ratio):
+            crop_width, crop_height = int(round(height * max(self.ratio))), height
+        else:
+            crop_width, crop_height = width, height
+        return (height - crop_height) // 2, (width - crop_width) // 2, crop_height, crop_width
+
+    def __call__(self, image: PIL.Image.Image, rng: Rng | None = None) -> torch.Tensor:
+        """PIL image -> normalised FloatTensor [3, H, W] (H, W = `image_size`)."""
+        if not isinstance(image, PIL.Image.Image):
+            raise TypeError(f"BlipTrainTransform takes PIL images, got {type(image).__name__}")
+        rng = random.Random() if rng is None else rng
+        image = _pil_to_rgb(image)
+        top, left, crop_height, crop_width = self.crop_params(image.width, image.height, rng)
+        height, width = self.image_size
+        image = image.crop((left, top, left + crop_width, top + crop_height))
+        image = image.resize((width, height), resample=PIL.Image.Resampling.BICUBIC)
+        # torchvision draws the flip after the crop (`torch.rand(1) < p`); so do we, from the same rng.
+        if _uniform(rng, 0.0, 1.0) < self.flip_prob:
+            image = image.transpose(PIL.Image.Transpose.FLIP_LEFT_RIGHT)
+        chw = np.asarray(image).transpose(2, 0, 1)  # [3, H, W] uint8
+        return torch.from_numpy(np.stack([self._lut[channel][chw[channel]] for channel in range(3)]))
+
+    @cached_property
+    def _lut(self) -> np.ndarray:
+        return _uint8_normalize_lut(self.mean, self.std)
+
+
+@dataclass(frozen=True)
+class BlipEvalTransform:
+    """The eval transform with the training transforms' call signature: `transform(image, rng=None) ->
+    FloatTensor [3, H, W]`, equal to `BlipImageProcessor(size=image_size, ...)` (HF's processing) on one image.
+    `rng` is ignored; it exists so datasets can take either transform."""
+
+    image_size: int | tuple[int, int] = 384
+    mean: tuple[float, ...] = OPENAI_CLIP_MEAN
+    std: tuple[float, ...] = OPENAI_CLIP_STD
+
+    def __call__(self, image: PIL.Image.Image, rng: Rng | None = None) -> torch.Tensor:
+        return self._processor(image).pixel_values[0]
+
+    @cached_property
+    def _processor(self) -> BlipImageProcessor:
+        return BlipImageProcessor(size=self.image_size, image_mean=self.mean, image_std=self.std)
