@@ -2,8 +2,8 @@
 
 Writes images of the built-in synthetic set (``blip_fast.data.synthetic``), trains a WordPiece vocabulary on their
 captions, builds a tiny BLIP, saves everything in HuggingFace layout, reloads it through ``from_pretrained`` and
-captions the image files with greedy, beam and nucleus decoding, timing each. The weights are random, so captions are arbitrary words of the vocabulary; training
-arrives with the pre-training and CapFilt issues.
+captions the image files with greedy, beam and nucleus decoding, timing each. The weights are random, so captions
+are arbitrary words of the vocabulary; the CapFilt issue turns this into the full bootstrapping demo.
 """
 
 from __future__ import annotations
