@@ -9,23 +9,32 @@ from typing import Any
 import torch
 
 
-class ModelOutput:
-    """Like ``transformers.utils.ModelOutput``: ``out.logits``, ``out["logits"]`` and ``out[0]`` all work.
+class ModelOutput(dict):
+    """Like ``transformers.utils.ModelOutput``: a dict of the fields that are not None, in field order, readable as
+    ``out.logits``, ``out["logits"]`` and ``out[0]`` (positions skip None fields exactly as HuggingFace does).
 
-    Integer and tuple access skip fields that are ``None``, exactly as HuggingFace does, so code written against
-    HuggingFace outputs (``outputs[0]``) reads the same tensor here.
+    Being a dict matters beyond HuggingFace habits: DeepSpeed ZeRO-3 finds the tensors a forward returns (to hook
+    their backward and re-gather parameters) only inside tensors, tuples, lists and dicts, and replaces them in
+    place through ``__setitem__``, which keeps the attributes in step.
     """
 
-    def to_tuple(self) -> tuple[Any, ...]:
-        return tuple(value for value in (getattr(self, f.name) for f in dataclasses.fields(self)) if value is not None)
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if value is not None:
+                dict.__setitem__(self, f.name, value)
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        dict.__setitem__(self, key, value)
+        object.__setattr__(self, key, value)
 
     def __getitem__(self, key: int | slice | str) -> Any:
         if isinstance(key, str):
-            return getattr(self, key)
+            return dict.__getitem__(self, key)
         return self.to_tuple()[key]
 
-    def keys(self) -> list[str]:
-        return [f.name for f in dataclasses.fields(self) if getattr(self, f.name) is not None]
+    def to_tuple(self) -> tuple[Any, ...]:
+        return tuple(self.values())
 
 
 @dataclass

@@ -64,7 +64,9 @@ class MomentumContrastiveModel(nn.Module):
         self.vision_proj = nn.Linear(vision_width, embed_dim)
         self.text_proj = nn.Linear(text_width, embed_dim)
         self.itm_head = nn.Linear(text_width, 2)
-        self.temp = nn.Parameter(torch.tensor(0.07))
+        # Shape [1], not BLIP's 0-dim: DeepSpeed broadcasts parameters through ``view(torch.uint8)``, which a 0-dim
+        # float cannot do. The value broadcasts the same; exports drop it as training-only state.
+        self.temp = nn.Parameter(torch.full((1,), 0.07))
         self.apply(init_weights)
 
         self.visual_encoder_m = BlipVisionModel(config.vision)
