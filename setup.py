@@ -116,7 +116,7 @@ if __name__ == "__main__":  # setuptools' PEP 517 backend runs this file as __ma
         ],
         extras_require={
             # webdataset 1.x changed tar_file_expander defaults (DESIGN.md §2b): the tested 0.2 line is pinned.
-            "train": ["deepspeed>=0.19,<0.20", "webdataset>=0.2.100,<0.3"],
+            "train": ["deepspeed>=0.19,<0.20", "webdataset>=0.2.100,<0.3", "pyyaml"],
             "test": ["pytest", "pytest-benchmark", "transformers>=5.0,<6", "ruff"],
         },
         entry_points={"console_scripts": ["blip-fast = blip_fast.cli:main"]},

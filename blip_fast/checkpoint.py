@@ -333,9 +333,10 @@ def _empty_model(model_cls: type[ModelT], config: BlipConfig) -> ModelT:
     return model
 
 
-def _atomic_write(target: str, write: Callable[[str], None]) -> None:
+def atomic_write(target: str | os.PathLike, write: Callable[[str], None]) -> None:
     """Write through a temp file in the same directory and rename: a crash never leaves a half-written target."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(target), prefix=f".{os.path.basename(target)}.", suffix=".tmp")
+    target = os.fspath(target)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(target) or ".", prefix=f".{os.path.basename(target)}.", suffix=".tmp")
     os.close(fd)
     try:
         write(tmp)
@@ -347,13 +348,21 @@ def _atomic_write(target: str, write: Callable[[str], None]) -> None:
         raise
 
 
+def atomic_write_text(target: str | os.PathLike, text: str) -> None:
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as handle:
+            handle.write(text)
+
+    atomic_write(target, write)
+
+
 def _write_json(target: str, data: dict[str, Any]) -> None:
     def write(tmp: str) -> None:
         with open(tmp, "w", encoding="utf-8") as handle:
             json.dump(data, handle, indent=2, sort_keys=True)
             handle.write("\n")
 
-    _atomic_write(target, write)
+    atomic_write(target, write)
 
 
 def state_dict_to_save(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -386,9 +395,9 @@ def save_pretrained(model: nn.Module, out_dir: str | os.PathLike, safe_serializa
     state = state_dict_to_save(model)
     weights_name = SAFE_WEIGHTS if safe_serialization else BIN_WEIGHTS
     if safe_serialization:
-        _atomic_write(os.path.join(out_dir, weights_name), lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+        atomic_write(os.path.join(out_dir, weights_name), lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
     else:
-        _atomic_write(os.path.join(out_dir, weights_name), lambda tmp: torch.save(state, tmp))
+        atomic_write(os.path.join(out_dir, weights_name), lambda tmp: torch.save(state, tmp))
     hf_config = model.config.to_hf(architecture=type(model).__name__)
     floating = [t.dtype for t in state.values() if t.is_floating_point()]
     if floating:

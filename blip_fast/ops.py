@@ -99,9 +99,17 @@ def _positive_targets(
     return positives / positives.sum(dim=1, keepdim=True)
 
 
+def _at_least_fp32(*tensors: torch.Tensor) -> list[torch.Tensor]:
+    """Upcast half-precision inputs (bf16 features meeting fp32 queues under DeepSpeed) so losses accumulate in fp32."""
+    return [t.float() if t.is_floating_point() and t.element_size() < 4 else t for t in tensors]
+
+
 @register("itc_loss", "reference")
 def _itc_loss_reference(image_feat, text_feat, image_feat_m, text_feat_m, image_queue, text_queue, temp, alpha,
                         image_ids, id_queue):
+    image_feat, text_feat, image_feat_m, text_feat_m, image_queue, text_queue, temp = _at_least_fp32(
+        image_feat, text_feat, image_feat_m, text_feat_m, image_queue, text_queue, temp
+    )
     image_columns = torch.cat([image_feat_m, image_queue.t()], dim=0).detach()  # [B + Q, D]
     text_columns = torch.cat([text_feat_m, text_queue.t()], dim=0).detach()
     column_ids = None if image_ids is None else torch.cat([image_ids, id_queue])
@@ -129,7 +137,7 @@ def itc_loss(
     """BLIP's image-text contrastive loss with momentum distillation, ``(CE_i2t + CE_t2i) / 2``.
 
     Rows: ``image_feat``/``text_feat`` ``[B, D]`` (L2-normalised, with gradient). Columns: the momentum features
-    ``[B, D]`` followed by the queues ``[D, Q]``, all detached. Targets: ``alpha * softmax(momentum similarities) +
+    ``[B, D]`` followed by the queues ``[D, Q]``, all detached; half-precision inputs are computed in fp32. Targets: ``alpha * softmax(momentum similarities) +
     (1 - alpha) * positives``; positives are the diagonal, or (retrieval fine-tuning, ``image_ids [B]`` with
     ``id_queue [Q]``) every column of the same image, normalised. ``temp`` is the learnable temperature (scalar).
     """
@@ -187,6 +195,7 @@ def sample_hard_negatives(
 
 @register("lm_loss", "reference")
 def _lm_loss_reference(logits, labels, label_smoothing, reduction):
+    (logits,) = _at_least_fp32(logits)
     loss = F.cross_entropy(
         logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), reduction=reduction,
         label_smoothing=label_smoothing,

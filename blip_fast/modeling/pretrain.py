@@ -92,13 +92,23 @@ class MomentumContrastiveModel(nn.Module):
 
     @torch.no_grad()
     def momentum_update(self) -> None:
-        """EMA of the online weights into the momentum copies (on ZeRO-3 partitions, each rank updates its shard)."""
-        sources, targets = [], []
-        for online, momentum_model in self._momentum_pairs():
-            for parameter, parameter_m in zip(online.parameters(), momentum_model.parameters(), strict=True):
-                sharded = hasattr(parameter, "ds_tensor")
-                sources.append(parameter.ds_tensor if sharded else parameter.data)
-                targets.append(parameter_m.ds_tensor if sharded else parameter_m.data)
+        """EMA of the online weights into the momentum copies: ``m = momentum * m + (1 - momentum) * online``."""
+        pairs = [
+            (parameter, parameter_m)
+            for online, momentum_model in self._momentum_pairs()
+            for parameter, parameter_m in zip(online.parameters(), momentum_model.parameters(), strict=True)
+        ]
+        if hasattr(pairs[0][0], "ds_tensor"):
+            # ZeRO-3: a rank's shard is not the whole story (persistent or prefetched parameters keep full copies),
+            # so gather, update everywhere, and let DeepSpeed re-partition what rank 0 wrote.
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters([p for pair in pairs for p in pair], modifier_rank=0):
+                self._ema([p.data for p, _ in pairs], [p.data for _, p in pairs])
+        else:
+            self._ema([p.data for p, _ in pairs], [p.data for _, p in pairs])
+
+    def _ema(self, sources: list[torch.Tensor], targets: list[torch.Tensor]) -> None:
         torch._foreach_mul_(targets, self.momentum)
         torch._foreach_add_(targets, sources, alpha=1 - self.momentum)
 
@@ -112,8 +122,9 @@ class MomentumContrastiveModel(nn.Module):
                 f"({image_feat_m.shape[0]} per rank x {distributed.world_size()} ranks)"
             )
         positions = (self.ptr_queue + torch.arange(global_batch, device=self.ptr_queue.device)) % self.queue_size
-        self.image_queue[:, positions] = distributed.all_gather_no_grad(image_feat_m).t()
-        self.text_queue[:, positions] = distributed.all_gather_no_grad(text_feat_m).t()
+        # Queues stay fp32 under bf16/fp16 training (DeepSpeed keeps buffers in fp32).
+        self.image_queue[:, positions] = distributed.all_gather_no_grad(image_feat_m).t().to(self.image_queue.dtype)
+        self.text_queue[:, positions] = distributed.all_gather_no_grad(text_feat_m).t().to(self.text_queue.dtype)
         if image_ids is not None:
             self.idx_queue[positions] = distributed.all_gather_no_grad(image_ids)
         self.ptr_queue.copy_((self.ptr_queue + global_batch) % self.queue_size)

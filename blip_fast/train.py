@@ -1,0 +1,385 @@
+"""BLIP pre-training (ITC + ITM + LM) with DeepSpeed ZeRO 1/2/3, exact resume, and export to HF-layout dirs.
+
+Launch it any of three ways (options: ``--help``; configs: ``configs/``)::
+
+    deepspeed --num_gpus 8 --module blip_fast.train --config configs/base-224-pretrain.yaml \\
+        --deepspeed_config configs/ds_zero2_bf16.json
+    torchrun --nproc_per_node 8 -m blip_fast.train --config configs/base-224-pretrain.yaml ...
+    python -m blip_fast.train --config configs/tiny-cpu.yaml          # one process, no launcher
+
+Add ``--resume`` to continue exactly from ``output_dir/latest`` (same data order, RNG streams, queues, optimizer;
+see :mod:`blip_fast.training.checkpointing`). Export a checkpoint to task models::
+
+    python -m blip_fast.train export --checkpoint output/pretrain --out exported --task captioning retrieval
+
+One step = one optimizer step over ``gradient_accumulation_steps`` micro batches of
+``train_micro_batch_size_per_gpu`` per rank; epochs, LR and alpha count these steps (BLIP's iterations).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import random
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from blip_fast.training import checkpointing, options
+from blip_fast.training.schedule import alpha_ramp, learning_rate
+
+logger = logging.getLogger("blip_fast")
+METRICS_FILE = "metrics.jsonl"
+_LOSS_NAMES = ("loss", "loss_itc", "loss_itm", "loss_lm")
+
+
+# ---------------------------------------------------------------------------------------------------- process setup
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def default_single_process_env() -> None:
+    """Rank/world variables for a plain ``python -m blip_fast.train``: without them DeepSpeed looks for MPI."""
+    launched = ("RANK", "WORLD_SIZE", "OMPI_COMM_WORLD_RANK", "PMI_RANK")
+    if any(name in os.environ for name in launched):
+        return
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+
+
+def _seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _configure_logging(rank: int) -> None:
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format=f"[%(asctime)s rank{rank}] %(message)s", datefmt="%H:%M:%S")
+    logger.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+
+
+# ---------------------------------------------------------------------------------------------------- data, model
+def build_dataset(args: argparse.Namespace, image_size: int):
+    """The map-style training dataset of ``args.data`` (items: image tensor, caption, image_id, index)."""
+    from blip_fast import data
+
+    transform = data.BlipTrainTransform(image_size=image_size, scale=tuple(args.crop_scale), flip_prob=args.flip_prob)
+    if args.data == "synthetic":
+        synthetic = data.SyntheticNoisyDataset(args.num_samples, args.noise_fraction, seed=args.seed,
+                                               image_size=image_size)
+        return data.SyntheticDataset(synthetic, transform, seed=args.seed)
+    # "replace": an unreadable image is swapped for the next readable one, so every rank keeps its full micro
+    # batch (the queues all-gather fixed-size batches).
+    if args.data == "blip_json":
+        return data.BlipJsonDataset(args.annotations, args.image_root, transform, seed=args.seed, on_error="replace")
+    return data.WebDatasetShards(args.shards, transform, seed=args.seed, on_error="replace")
+
+
+def _training_captions(dataset) -> list[str]:
+    if hasattr(dataset, "synthetic"):
+        return dataset.synthetic.captions() + dataset.synthetic.vocabulary()
+    return list(dataset.captions)
+
+
+def build_tokenizer(args: argparse.Namespace, dataset, output_dir: Path, rank: int):
+    """The run's tokenizer, saved to ``output_dir/tokenizer`` by rank 0 and read back by every rank."""
+    import deepspeed.comm as dist
+
+    from blip_fast.tokenizer import BlipTokenizer
+
+    saved = output_dir / checkpointing.TOKENIZER_DIR
+    if rank == 0 and not (args.resume and saved.is_dir()):
+        if args.tokenizer_dir is not None:
+            tokenizer = BlipTokenizer.from_pretrained(args.tokenizer_dir)
+        else:
+            # BLIP cleans captions before tokenising; the trained vocab sees the same cleaned text.
+            from blip_fast.tokenizer import pre_caption
+
+            captions = [pre_caption(caption) for caption in _training_captions(dataset)]
+            tokenizer = BlipTokenizer.train(captions, vocab_size=args.vocab_size)
+            logger.info("trained a WordPiece vocab of %d tokens on %d captions", len(tokenizer), len(captions))
+        tokenizer.save_pretrained(saved)
+    dist.barrier()
+    return BlipTokenizer.from_pretrained(saved)
+
+
+def build_model_config(args: argparse.Namespace, tokenizer):
+    from blip_fast.config import BlipConfig
+
+    overrides = {} if args.image_size is None else {"image_size": args.image_size}
+    config = BlipConfig.from_name(args.model, **overrides).for_tokenizer(tokenizer)
+    vision = dataclasses.replace(config.vision, gradient_checkpointing=args.gradient_checkpointing,
+                                 drop_path_rate=args.drop_path_rate)
+    config = config.replace(vision=vision)
+    if args.max_text_length > config.text.max_position_embeddings:
+        raise ValueError(f"max_text_length {args.max_text_length} exceeds the text model's "
+                         f"{config.text.max_position_embeddings} positions")
+    return config
+
+
+def _compute_dtype(engine) -> torch.dtype:
+    if engine.bfloat16_enabled():
+        return torch.bfloat16
+    if engine.fp16_enabled():
+        return torch.float16
+    return torch.float32
+
+
+# ---------------------------------------------------------------------------------------------------- logging
+class _Meter:
+    """Loss sums over micro batches between log lines, reduced over ranks only when a line is written."""
+
+    def __init__(self) -> None:
+        self.sums: torch.Tensor | None = None
+        self.count = 0
+
+    def add(self, output) -> None:
+        values = torch.stack([output[name].detach().float() for name in _LOSS_NAMES])
+        self.sums = values if self.sums is None else self.sums + values
+        self.count += 1
+
+    def mean_over_ranks(self) -> dict[str, float]:
+        import torch.distributed as dist
+
+        sums = self.sums.clone()
+        dist.all_reduce(sums)
+        means = (sums / (self.count * dist.get_world_size())).tolist()
+        self.sums, self.count = None, 0
+        return dict(zip(_LOSS_NAMES, means))
+
+
+# ---------------------------------------------------------------------------------------------------- training
+def train(args: argparse.Namespace) -> dict[str, Any]:
+    """Run (or resume) pre-training as configured; every rank calls this. Returns rank 0's summary."""
+    import deepspeed
+    import deepspeed.comm as dist
+    from tqdm.auto import tqdm
+
+    from blip_fast.config import BlipConfig
+    from blip_fast.data import BlipCollator, ResumableSampler
+    from blip_fast.modeling.pretrain import BlipPretrainer
+
+    default_single_process_env()
+    deepspeed.init_distributed()
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    _configure_logging(rank)
+    if "OMP_NUM_THREADS" not in os.environ and not torch.cuda.is_available():
+        local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", world_size)))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_ranks))
+    ds_config = options.load_ds_config(args.deepspeed_config, args.micro_batch_size, args.gradient_accumulation_steps)
+    output_dir = Path(args.output_dir)
+    tag = checkpointing.latest_tag(output_dir)
+    if tag is not None and not args.resume:
+        raise FileExistsError(f"{output_dir} already holds checkpoint {tag}: pass --resume to continue it, "
+                              "or choose another output_dir")
+    if rank == 0:
+        options.write_resolved(args, ds_config, output_dir)
+
+    _seed_all(args.seed)  # the same on every rank: identical initial weights and queues
+    image_size = args.image_size or BlipConfig.from_name(args.model).vision.image_size
+    dataset = build_dataset(args, image_size)
+    tokenizer = build_tokenizer(args, dataset, output_dir, rank)
+    config = build_model_config(args, tokenizer)
+    if rank == 0:
+        checkpointing.write_model_config(output_dir, config)
+    model = BlipPretrainer(config, queue_size=args.queue_size, momentum=args.momentum)
+    # BLIP: AdamW with weight decay on every trainable parameter (the momentum encoders are frozen).
+    parameters = [parameter for parameter in model.parameters() if parameter.requires_grad]
+    optimizer = torch.optim.AdamW(parameters, lr=args.init_lr, weight_decay=args.weight_decay, betas=tuple(args.betas))
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    engine.train()
+
+    micro_batch, accumulation = engine.train_micro_batch_size_per_gpu(), engine.gradient_accumulation_steps()
+    global_batch = micro_batch * world_size
+    if args.queue_size % global_batch:
+        raise ValueError(f"queue_size {args.queue_size} is not a multiple of the global micro batch {global_batch} "
+                         f"({micro_batch} per rank x {world_size} ranks)")
+    sampler = ResumableSampler(len(dataset), micro_batch, world_size, rank, seed=args.seed, shuffle=True,
+                               drop_last=True)
+    steps_per_epoch = len(sampler) // accumulation
+    if steps_per_epoch == 0:
+        raise ValueError(f"{len(dataset)} samples give no optimizer step of {global_batch * accumulation} samples")
+    total_steps = args.epochs * steps_per_epoch
+    if args.max_steps is not None:
+        total_steps = min(total_steps, args.max_steps)
+    geometry = {"world_size": world_size, "micro_batch_size": micro_batch, "gradient_accumulation_steps": accumulation,
+                "steps_per_epoch": steps_per_epoch}
+
+    step, rng_restored = 0, False
+    if args.resume and tag is not None:
+        state, rng_restored = checkpointing.load_checkpoint(engine, output_dir, tag)
+        if (state["micro_batch_size"] * state["world_size"], state["gradient_accumulation_steps"],
+                state["steps_per_epoch"]) != (global_batch, accumulation, steps_per_epoch):
+            raise ValueError(f"cannot resume {output_dir}/{tag} exactly: it ran with {state}, this run has "
+                             f"{geometry} (global micro batch, accumulation and dataset size must match)")
+        step = state["global_step"]
+        if rank == 0:
+            _truncate_metrics(output_dir / METRICS_FILE, step)
+        logger.info("resumed %s/%s at step %d (epoch %d)", output_dir, tag, step, state["epoch"])
+    elif args.resume:
+        logger.info("--resume: no checkpoint in %s yet, starting from step 0", output_dir)
+    if not rng_restored:
+        # Per-rank dropout and negative-sampling streams, as BLIP seeds each rank (seed + rank).
+        _seed_all(args.seed + rank + 1_000_003 * step)
+
+    collator = BlipCollator(tokenizer, max_length=args.max_text_length)
+    dtype, device = _compute_dtype(engine), engine.device
+    meter, metrics_path = _Meter(), output_dir / METRICS_FILE
+    progress = tqdm(total=total_steps, initial=step, disable=rank != 0 or not args.progress_bar,
+                    desc="pretrain", dynamic_ncols=True)
+    interval_start, interval_steps, throughput = time.perf_counter(), 0, []
+    logger.info("training steps %d..%d of %d per epoch: %d ranks x %d micro batch x %d accumulation, %s",
+                step, total_steps, steps_per_epoch, world_size, micro_batch, accumulation, dtype)
+
+    while step < total_steps:
+        epoch, first = divmod(step, steps_per_epoch)
+        dataset.set_epoch(epoch)
+        sampler.load_state_dict({"epoch": epoch, "step": first * accumulation})
+        # A private generator: creating the iterator must not draw from the global torch RNG (exact resume).
+        loader = torch.utils.data.DataLoader(
+            dataset, batch_sampler=sampler, collate_fn=collator, num_workers=args.num_workers,
+            pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(args.seed * 1009 + epoch),
+        )
+        batches = iter(loader)
+        for step_in_epoch in range(first, steps_per_epoch):
+            if step >= total_steps:
+                break
+            lr = learning_rate(args, epoch, step_in_epoch)
+            for group in engine.optimizer.param_groups:
+                group["lr"] = lr
+            alpha = alpha_ramp(args.alpha, epoch, step_in_epoch, steps_per_epoch)
+            for _ in range(accumulation):
+                batch = next(batches)
+                if batch is None or len(batch["input_ids"]) != micro_batch:
+                    raise RuntimeError("a micro batch lost samples: training datasets must use on_error='replace'")
+                output = engine(
+                    pixel_values=batch["pixel_values"].to(device, dtype, non_blocking=True),
+                    input_ids=batch["input_ids"].to(device, non_blocking=True),
+                    attention_mask=batch["attention_mask"].to(device, non_blocking=True),
+                    alpha=alpha,
+                )
+                engine.backward(output["loss"])
+                engine.step()
+                meter.add(output)
+            step += 1
+            interval_steps += 1
+            progress.update(1)
+
+            if step % args.log_every_steps == 0 or step == total_steps:
+                losses = meter.mean_over_ranks()
+                elapsed = time.perf_counter() - interval_start
+                samples_per_s = interval_steps * global_batch * accumulation / elapsed
+                throughput.append((interval_steps, elapsed))
+                record = {"step": step, "epoch": epoch, **losses, "lr": lr, "alpha": alpha,
+                          "samples_per_s": samples_per_s}
+                if torch.cuda.is_available():
+                    record["max_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+                    torch.cuda.reset_peak_memory_stats()
+                if rank == 0:
+                    _log_record(record, progress, metrics_path)
+                    if engine.monitor.enabled:
+                        engine.monitor.write_events([(f"Train/Samples/{name}", losses[name], engine.global_samples)
+                                                     for name in _LOSS_NAMES])
+                interval_start, interval_steps = time.perf_counter(), 0
+
+            if step % args.save_every_steps == 0 or step == total_steps:
+                client_state = {"global_step": step, "epoch": step // steps_per_epoch,
+                                "step_in_epoch": step % steps_per_epoch,
+                                "sampler": {"epoch": step // steps_per_epoch,
+                                            "step": step % steps_per_epoch * accumulation},
+                                "seed": args.seed, **geometry}
+                saved = checkpointing.save_checkpoint(engine, output_dir, step, client_state, args.keep_checkpoints)
+                logger.info("saved %s", output_dir / saved)
+        del batches, loader
+    progress.close()
+
+    summary = {"final_step": step, "output_dir": str(output_dir), **_throughput(throughput, global_batch * accumulation)}
+    if args.export_tasks and rank == 0 and step > 0:
+        targets = {task: output_dir / "export" / task for task in args.export_tasks}
+        summary["exports"] = checkpointing.export(output_dir, targets)
+    dist.barrier()
+    return summary
+
+
+def _throughput(intervals: list[tuple[int, float]], samples_per_step: int) -> dict[str, float]:
+    """Samples/s over all log intervals but the first (it holds start-up and warm-up)."""
+    steady = intervals[1:] or intervals
+    steps, seconds = sum(steps for steps, _ in steady), sum(seconds for _, seconds in steady)
+    return {"samples_per_s": steps * samples_per_step / seconds} if seconds > 0 else {}
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop the records a killed run logged after the checkpoint it is resumed from (they are trained again)."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):
+            pass  # a line cut short by the kill
+    path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+
+
+def _log_record(record: dict[str, Any], progress, metrics_path: Path) -> None:
+    line = (f"step {record['step']} epoch {record['epoch']} loss {record['loss']:.4f} (itc {record['loss_itc']:.4f} "
+            f"itm {record['loss_itm']:.4f} lm {record['loss_lm']:.4f}) lr {record['lr']:.3g} "
+            f"alpha {record['alpha']:.3f} {record['samples_per_s']:.1f} samples/s")
+    if "max_memory_gib" in record:
+        line += f" mem {record['max_memory_gib']:.2f} GiB"
+    if progress.disable:
+        logger.info(line)
+    else:
+        progress.write(line)
+    with open(metrics_path, "a", encoding="utf-8") as handle:
+        handle.write(json.dumps(record) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------------- export
+def export_main(argv: list[str]) -> list[str]:
+    parser = argparse.ArgumentParser(prog="python -m blip_fast.train export",
+                                     description="Export a training checkpoint as HuggingFace-layout task models.")
+    parser.add_argument("--checkpoint", required=True, help="output_dir (uses `latest`) or a global_stepN dir")
+    parser.add_argument("--tag", default=None, help="checkpoint tag inside --checkpoint (default: latest)")
+    parser.add_argument("--out", required=True, help="target dir (one task) or parent of one dir per task")
+    parser.add_argument("--task", nargs="+", default=["captioning"], choices=options.EXPORT_TASKS)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if len(args.task) == 1:
+        targets = {args.task[0]: Path(args.out)}
+    else:
+        targets = {task: Path(args.out) / task for task in args.task}
+    written = checkpointing.export(args.checkpoint, targets, tag=args.tag)
+    for path in written:
+        print(path)
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "export":
+        export_main(argv[1:])
+        return 0
+    args = options.parse_args(argv)
+    summary = train(args)
+    if os.environ.get("RANK", "0") == "0":
+        print(json.dumps({"summary": summary}), flush=True)
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

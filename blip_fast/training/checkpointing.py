@@ -1,0 +1,223 @@
+"""Training checkpoints: DeepSpeed's layout plus what exact resume needs, consolidation, and export.
+
+Layout of ``output_dir`` (DeepSpeed's, with three additions marked +)::
+
+    latest                        tag of the newest *complete* checkpoint ("global_step1000")
+    zero_to_fp32.py               DeepSpeed's offline consolidation script
+    global_step1000/              model/optimizer shards (module state holds the queues: they are buffers)
+        rng_rank{r}.pt          + rank r's RNG streams (python, numpy, torch CPU, CUDA)
+    config.yaml, ds_config.json + the resolved options and ds_config of the run
+    blip_config.json, tokenizer/ + the model config and the tokenizer (trained or copied), what export needs
+
+What is saved where, for exact resume:
+
+- DeepSpeed (``engine.save_checkpoint``): weights, optimizer state, and every module buffer, i.e. the ITC queues
+  (``image_queue``, ``text_queue``, ``idx_queue``) and their pointer ``ptr_queue``; under ZeRO-1/2 rank 0 writes the
+  module state and each rank its optimizer partition, under ZeRO-3 each rank writes its parameter partitions.
+- ``client_state`` (identical on every rank, so it does not matter which rank's copy DeepSpeed keeps): the global
+  step, epoch, step in epoch, the sampler state ``{"epoch", "step"}`` in micro batches, and the batch geometry
+  (world size, micro batch, gradient accumulation) a resume must match.
+- ``rng_rank{r}.pt``, one per rank, written by that rank: the RNG streams differ per rank (dropout masks, ITM
+  negative sampling), and DeepSpeed keeps one ``client_state`` only.
+- Nothing for the LR or alpha: both are pure functions of (epoch, step) (:mod:`blip_fast.training.schedule`).
+  Data augmentation draws from (seed, epoch, index) inside the dataset, so it needs no state either.
+
+Write order makes ``latest`` the commit point: every rank writes its RNG file, then ``engine.save_checkpoint(...,
+save_latest=False)`` (which ends with a barrier), then a second barrier, then rank 0 replaces ``latest`` atomically.
+A job killed at any moment leaves ``latest`` naming a checkpoint whose files are all complete.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from blip_fast.checkpoint import atomic_write, atomic_write_text
+from blip_fast.config import BlipConfig, TextConfig, VisionConfig
+
+logger = logging.getLogger("blip_fast")
+
+LATEST_FILE = "latest"
+BLIP_CONFIG_FILE = "blip_config.json"
+TOKENIZER_DIR = "tokenizer"
+RNG_FILE = "rng_rank{rank}.pt"
+CLIENT_STATE_KEY = "blip_fast"
+_TAG = re.compile(r"^global_step(\d+)$")
+
+
+def tag_for(step: int) -> str:
+    return f"global_step{step}"
+
+
+# ---------------------------------------------------------------------------------------------------- RNG
+def capture_rng() -> dict[str, Any]:
+    """This process's RNG streams."""
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ---------------------------------------------------------------------------------------------------- save / load
+def latest_tag(output_dir: str | os.PathLike) -> str | None:
+    """The tag ``latest`` names, or None when there is no complete checkpoint."""
+    path = Path(output_dir) / LATEST_FILE
+    if not path.is_file():
+        return None
+    tag = path.read_text(encoding="utf-8").strip()
+    return tag or None
+
+
+def save_checkpoint(engine, output_dir: str | os.PathLike, step: int, client_state: dict[str, Any],
+                    keep: int = 0) -> str:
+    """Save on every rank (collective); returns the tag. ``keep`` > 0 removes all but the newest ``keep``."""
+    import deepspeed.comm as dist
+
+    output_dir = Path(output_dir)
+    tag = tag_for(step)
+    tag_dir = output_dir / tag
+    tag_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write(tag_dir / RNG_FILE.format(rank=dist.get_rank()), lambda tmp: torch.save(capture_rng(), tmp))
+    engine.save_checkpoint(str(output_dir), tag=tag, client_state={CLIENT_STATE_KEY: client_state},
+                           save_latest=False)
+    dist.barrier()  # every rank's files are closed before `latest` names them
+    if dist.get_rank() == 0:
+        atomic_write_text(output_dir / LATEST_FILE, tag)
+        if keep > 0:
+            _remove_old_checkpoints(output_dir, keep, current=tag)
+    dist.barrier()
+    return tag
+
+
+def _remove_old_checkpoints(output_dir: Path, keep: int, current: str) -> None:
+    tags = sorted((int(match.group(1)), path.name) for path in output_dir.iterdir()
+                  if path.is_dir() and (match := _TAG.match(path.name)))
+    for _, name in tags[:-keep]:
+        if name != current:
+            shutil.rmtree(output_dir / name, ignore_errors=True)
+
+
+def load_checkpoint(engine, output_dir: str | os.PathLike, tag: str) -> tuple[dict[str, Any], bool]:
+    """Load ``tag`` into ``engine`` and this rank's RNG streams. Returns the training client state and whether the
+    RNG streams were restored (not when the checkpoint was written by another number of ranks)."""
+    import deepspeed.comm as dist
+
+    load_path, client_state = engine.load_checkpoint(
+        str(output_dir), tag=tag, load_module_strict=True, load_optimizer_states=True, load_lr_scheduler_states=False
+    )
+    if load_path is None:
+        raise RuntimeError(f"DeepSpeed could not load checkpoint {tag} from {output_dir}")
+    if not client_state or CLIENT_STATE_KEY not in client_state:
+        raise RuntimeError(f"{output_dir}/{tag} was not written by blip_fast.train (no {CLIENT_STATE_KEY!r} state)")
+    state = client_state[CLIENT_STATE_KEY]
+    rng_path = Path(output_dir) / tag / RNG_FILE.format(rank=dist.get_rank())
+    if state.get("world_size") == dist.get_world_size() and rng_path.is_file():
+        restore_rng(torch.load(rng_path, map_location="cpu", weights_only=False))
+        return state, True
+    logger.warning("%s: no RNG state for rank %d of %d (checkpoint written by %s ranks): dropout and ITM-negative "
+                   "streams are reseeded; the run continues, but not bit-exactly", rng_path, dist.get_rank(),
+                   dist.get_world_size(), state.get("world_size"))
+    return state, False
+
+
+# ---------------------------------------------------------------------------------------------------- run files
+def config_to_dict(config: BlipConfig) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def config_from_dict(data: dict[str, Any]) -> BlipConfig:
+    data = dict(data)
+    return BlipConfig(vision=VisionConfig(**data.pop("vision")), text=TextConfig(**data.pop("text")), **data)
+
+
+def write_model_config(output_dir: str | os.PathLike, config: BlipConfig) -> None:
+    atomic_write_text(Path(output_dir) / BLIP_CONFIG_FILE, json.dumps(config_to_dict(config), indent=2) + "\n")
+
+
+def read_model_config(output_dir: str | os.PathLike) -> BlipConfig:
+    path = Path(output_dir) / BLIP_CONFIG_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"no {BLIP_CONFIG_FILE} in {output_dir}: not an output directory of blip_fast.train")
+    return config_from_dict(json.loads(path.read_text(encoding="utf-8")))
+
+
+# ---------------------------------------------------------------------------------------------------- consolidation
+def resolve_checkpoint(path: str | os.PathLike, tag: str | None = None) -> tuple[Path, str]:
+    """(output_dir, tag) for an output dir (its ``latest`` unless ``tag``) or a ``global_stepN`` dir itself."""
+    path = Path(path)
+    if tag is None and _TAG.match(path.name) and path.is_dir():
+        return path.parent, path.name
+    if tag is None:
+        tag = latest_tag(path)
+        if tag is None:
+            raise FileNotFoundError(f"{path} has no `{LATEST_FILE}` file: not a DeepSpeed checkpoint directory")
+    if not (path / tag).is_dir():
+        raise FileNotFoundError(f"checkpoint {path / tag} does not exist")
+    return path, tag
+
+
+def consolidated_state_dict(checkpoint_dir: str | os.PathLike, tag: str) -> dict[str, torch.Tensor]:
+    """The full fp32 state dict (parameters, momentum encoders, queues) of a checkpoint, for any ZeRO stage.
+
+    ZeRO-1/2/3: the fp32 master partitions merged by DeepSpeed's ``zero_to_fp32`` (CPU only; buffers and frozen
+    parameters come from the model-state files). Without ZeRO: the module state as saved.
+    """
+    checkpoint_dir = Path(checkpoint_dir)
+    tag_dir = checkpoint_dir / tag
+    module_file = tag_dir / "mp_rank_00_model_states.pt"
+    if any(tag_dir.glob("*zero_pp_rank_*optim_states.pt")):
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        state = dict(get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=tag))
+        # ZeRO-1 records no frozen parameters for zero_to_fp32 (the momentum encoders): take them from the module
+        # state, which stages 1 and 2 save whole (stage 3 saves empty placeholders there, and records them).
+        if module_file.is_file():
+            module = torch.load(module_file, map_location="cpu", weights_only=False)["module"]
+            state.update({key: value for key, value in module.items() if key not in state and value.numel() > 0})
+    else:
+        state = torch.load(module_file, map_location="cpu", weights_only=False)["module"]
+    return {key: value.detach().float() if value.is_floating_point() else value.detach()
+            for key, value in state.items()}
+
+
+def export(checkpoint: str | os.PathLike, targets: dict[str, str | os.PathLike], tag: str | None = None) -> list[str]:
+    """Write one HuggingFace-layout directory per ``{task: out_dir}`` of ``targets`` from a training checkpoint
+    (an output dir, its ``latest`` unless ``tag``, or a ``global_stepN`` dir); the run's tokenizer goes along."""
+    from blip_fast.modeling.pretrain import export_state_dict
+    from blip_fast.tokenizer import BlipTokenizer
+
+    output_dir, tag = resolve_checkpoint(checkpoint, tag)
+    config = read_model_config(output_dir)
+    state = consolidated_state_dict(output_dir, tag)
+    tokenizer_dir = output_dir / TOKENIZER_DIR
+    tokenizer = BlipTokenizer.from_pretrained(tokenizer_dir) if tokenizer_dir.is_dir() else None
+    written = []
+    for task, target in targets.items():
+        export_state_dict(state, config, target, task)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(target)
+        logger.info("exported %s/%s as %s -> %s", output_dir, tag, task, target)
+        written.append(str(target))
+    return written

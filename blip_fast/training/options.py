@@ -1,0 +1,276 @@
+"""Training options: argparse with YAML defaults (timm's pattern), and the DeepSpeed config they run under.
+
+Resolution order, last wins: the option's default here < the ``--config`` YAML file < flags on the command line.
+Every YAML key is an option name (a flat mapping; unknown keys are an error, so a typo never silently falls back to
+a default). The ds_config is read from ``--deepspeed_config`` (or the YAML's ``deepspeed_config``); its values must
+be concrete: raw ``deepspeed.initialize`` does not resolve HuggingFace's ``"auto"``, so one is rejected here by name.
+``micro_batch_size`` / ``gradient_accumulation_steps``, when set, overwrite the ds_config's
+``train_micro_batch_size_per_gpu`` / ``gradient_accumulation_steps`` (and drop its ``train_batch_size`` so that
+DeepSpeed derives it); otherwise the ds_config is authoritative.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from blip_fast.checkpoint import atomic_write_text
+
+PRESETS = ("tiny", "base", "large")
+DATA_SOURCES = ("synthetic", "blip_json", "webdataset")
+LR_SCHEDULES = ("step", "cosine")
+EXPORT_TASKS = ("captioning", "retrieval", "vqa")
+#: Written next to the outputs: the resolved options, the ds_config actually used, and the model config.
+RESOLVED_CONFIG_FILE, RESOLVED_DS_CONFIG_FILE = "config.yaml", "ds_config.json"
+#: Options that describe how a process was started, not the run: never written to the resolved config.
+_LAUNCH_ONLY = frozenset({"config", "local_rank", "deepspeed", "deepscale", "deepscale_config", "resume"})
+
+
+def _add_options(parser: argparse.ArgumentParser) -> None:
+    bool_flag = argparse.BooleanOptionalAction
+
+    model = parser.add_argument_group("model")
+    model.add_argument("--model", default="tiny", choices=PRESETS, help="BlipConfig preset")
+    model.add_argument("--image_size", type=int, default=None, help="input resolution (default: the preset's)")
+    model.add_argument("--gradient_checkpointing", action=bool_flag, default=False,
+                       help="recompute ViT blocks in backward (activation checkpointing)")
+    model.add_argument("--drop_path_rate", type=float, default=0.0, help="ViT stochastic depth (BLIP pre-training: 0)")
+    model.add_argument("--tokenizer_dir", default=None,
+                       help="tokenizer directory (e.g. bert-base-uncased + [DEC]/[ENC]); default: train a WordPiece "
+                            "vocab on the training captions and save it with the checkpoints")
+    model.add_argument("--vocab_size", type=int, default=4096, help="size of a trained WordPiece vocab")
+    model.add_argument("--max_text_length", type=int, default=30, help="caption tokens incl. [CLS]/[SEP] (BLIP: 30)")
+
+    pretrain = parser.add_argument_group("pre-training objectives")
+    pretrain.add_argument("--queue_size", type=int, default=57600,
+                          help="ITC feature queue length; a multiple of the global micro batch")
+    pretrain.add_argument("--momentum", type=float, default=0.995, help="EMA factor of the momentum encoders")
+    pretrain.add_argument("--alpha", type=float, default=0.4,
+                          help="momentum-distillation weight, ramped linearly over the first 2 epochs")
+
+    data = parser.add_argument_group("data")
+    data.add_argument("--data", default="synthetic", choices=DATA_SOURCES, help="training data source")
+    data.add_argument("--num_samples", type=int, default=4096, help="synthetic: number of samples")
+    data.add_argument("--noise_fraction", type=float, default=0.3, help="synthetic: fraction of wrong captions")
+    data.add_argument("--annotations", nargs="+", default=[], help="blip_json: annotation json file(s)")
+    data.add_argument("--image_root", default="", help="blip_json: directory the json's image paths start from")
+    data.add_argument("--shards", nargs="+", default=[],
+                      help="webdataset: tar shard paths/URLs (brace patterns allowed)")
+    data.add_argument("--crop_scale", type=float, nargs=2, default=[0.2, 1.0],
+                      help="RandomResizedCrop area range (BLIP pre-training 0.2 1.0, fine-tuning 0.5 1.0)")
+    data.add_argument("--flip_prob", type=float, default=0.5,
+                      help="horizontal flip probability (0 where captions name sides, as the synthetic set does)")
+    data.add_argument("--num_workers", type=int, default=4, help="DataLoader worker processes per rank")
+
+    optim = parser.add_argument_group("optimisation")
+    optim.add_argument("--epochs", type=int, default=20, help="passes over the data (the LR decays per epoch)")
+    optim.add_argument("--max_steps", type=int, default=None,
+                       help="stop after this many optimizer steps in total (the schedule is unchanged)")
+    optim.add_argument("--lr_schedule", default="step", choices=LR_SCHEDULES,
+                       help="step: BLIP pre-training (warmup in epoch 0, then init_lr * lr_decay_rate**epoch); "
+                            "cosine: BLIP fine-tuning (per epoch from init_lr to min_lr)")
+    optim.add_argument("--init_lr", type=float, default=3e-4, help="peak learning rate")
+    optim.add_argument("--warmup_lr", type=float, default=1e-6, help="learning rate at step 0 (step schedule)")
+    optim.add_argument("--warmup_steps", type=int, default=3000, help="linear warmup length in steps, in epoch 0")
+    optim.add_argument("--min_lr", type=float, default=1e-6, help="floor of the decay")
+    optim.add_argument("--lr_decay_rate", type=float, default=0.9, help="per-epoch decay factor (step schedule)")
+    optim.add_argument("--weight_decay", type=float, default=0.05, help="AdamW weight decay (all parameters, as BLIP)")
+    optim.add_argument("--betas", type=float, nargs=2, default=[0.9, 0.999], help="AdamW betas")
+    optim.add_argument("--micro_batch_size", type=int, default=None,
+                       help="per-rank micro batch; overrides the ds_config's train_micro_batch_size_per_gpu")
+    optim.add_argument("--gradient_accumulation_steps", type=int, default=None,
+                       help="overrides the ds_config's gradient_accumulation_steps")
+
+    run = parser.add_argument_group("run")
+    run.add_argument("--seed", type=int, default=42, help="model init seed; rank r trains with seed + r")
+    run.add_argument("--output_dir", default="output/pretrain", help="checkpoints, logs, resolved configs, exports")
+    run.add_argument("--save_every_steps", type=int, default=1000, help="checkpoint period in optimizer steps")
+    run.add_argument("--keep_checkpoints", type=int, default=0, help="keep only the newest N checkpoints (0: all)")
+    run.add_argument("--log_every_steps", type=int, default=50, help="log period in optimizer steps")
+    run.add_argument("--resume", action=bool_flag, default=False,
+                     help="continue exactly from output_dir's `latest` checkpoint (a fresh start when none)")
+    run.add_argument("--export_tasks", nargs="*", default=["captioning", "retrieval"], choices=EXPORT_TASKS,
+                     help="task models exported as HuggingFace-layout dirs under output_dir/export/ at the end")
+    run.add_argument("--progress_bar", action=bool_flag, default=True, help="tqdm progress bar on rank 0")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full training parser: options, DeepSpeed's config flags and the launchers' ``--local_rank``."""
+    import deepspeed
+
+    parser = argparse.ArgumentParser(
+        prog="python -m blip_fast.train",
+        description="BLIP pre-training (ITC + ITM + LM) with DeepSpeed. Also: `python -m blip_fast.train export ...`.",
+    )
+    parser.add_argument("--config", default=None, help="YAML file of option defaults (flags override it)")
+    # The deepspeed launcher passes --local_rank=N; torch.distributed.launch spells it --local-rank.
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=-1, help=argparse.SUPPRESS)
+    _add_options(parser)
+    deepspeed.add_config_arguments(parser)
+    return parser
+
+
+def _coerce(action: argparse.Action, value: Any, key: str, source: str) -> Any:
+    """A YAML value converted as argparse would convert the flag (PyYAML reads ``3e-4`` as a string)."""
+    if value is None:
+        return None
+    if action.nargs == 0:  # flags (BooleanOptionalAction, store_true)
+        if not isinstance(value, bool):
+            raise ValueError(f"{source}: {key} must be true or false, got {value!r}")
+        return value
+    many = action.nargs in ("+", "*") or isinstance(action.nargs, int)
+    if many:
+        values = value if isinstance(value, list) else [value]
+        if isinstance(action.nargs, int) and len(values) != action.nargs:
+            raise ValueError(f"{source}: {key} takes {action.nargs} values, got {value!r}")
+        return [_coerce_one(action, item, key, source) for item in values]
+    if isinstance(value, list):
+        raise ValueError(f"{source}: {key} takes one value, got the list {value!r}")
+    return _coerce_one(action, value, key, source)
+
+
+def _coerce_one(action: argparse.Action, value: Any, key: str, source: str) -> Any:
+    if action.type is not None:
+        fractional = action.type is int and isinstance(value, float) and not value.is_integer()
+        try:
+            if isinstance(value, bool) or fractional:
+                raise TypeError
+            value = action.type(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{source}: {key}={value!r} is not a valid {action.type.__name__}") from None
+    if action.choices is not None and value not in action.choices:
+        raise ValueError(f"{source}: {key}={value!r} is not one of {list(action.choices)}")
+    return value
+
+
+def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    with open(path, encoding="utf-8") as handle:
+        loaded = yaml.safe_load(handle)
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ValueError(f"{path}: expected a mapping of option names to values, got {type(loaded).__name__}")
+    return loaded
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """Options from ``argv`` on top of the ``--config`` YAML on top of the defaults.
+
+    Relative paths in the YAML (``deepspeed_config``, data, tokenizer) are taken from the working directory; a
+    ``deepspeed_config`` that does not exist there is also looked for next to the YAML file.
+    """
+    parser = build_parser()
+    config_parser = argparse.ArgumentParser(add_help=False)
+    config_parser.add_argument("--config", default=None)
+    known, _ = config_parser.parse_known_args(argv)
+    if known.config is not None:
+        values = read_yaml(known.config)
+        actions = {action.dest: action for action in parser._actions}
+        unknown = sorted(set(values) - set(actions) - {"help"})
+        if unknown:
+            raise ValueError(f"{known.config}: unknown option(s) {unknown}; see `python -m blip_fast.train --help`")
+        defaults = {key: _coerce(actions[key], value, key, known.config) for key, value in values.items()}
+        ds_path = defaults.get("deepspeed_config")
+        if ds_path and not os.path.exists(ds_path):
+            beside = Path(known.config).parent / ds_path
+            if beside.exists():
+                defaults["deepspeed_config"] = str(beside)
+        parser.set_defaults(**defaults)
+    args = parser.parse_args(argv)
+    check_args(args)
+    return args
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Cross-option checks that argparse cannot express."""
+    positive = ("epochs", "save_every_steps", "log_every_steps", "queue_size", "max_text_length", "vocab_size")
+    for name in positive:
+        if getattr(args, name) <= 0:
+            raise ValueError(f"{name} must be > 0, got {getattr(args, name)}")
+    if args.max_steps is not None and args.max_steps <= 0:
+        raise ValueError(f"max_steps must be > 0 when given, got {args.max_steps}")
+    if args.warmup_steps < 0:
+        raise ValueError(f"warmup_steps must be >= 0, got {args.warmup_steps}")
+    if not 0.0 <= args.momentum < 1.0:
+        raise ValueError(f"momentum must lie in [0, 1), got {args.momentum}")
+    if args.data == "blip_json" and not args.annotations:
+        raise ValueError("data=blip_json needs annotations (json files) and image_root")
+    if args.data == "webdataset" and not args.shards:
+        raise ValueError("data=webdataset needs shards")
+    if not args.deepspeed_config:
+        raise ValueError("no ds_config: pass --deepspeed_config FILE.json or set deepspeed_config in the YAML")
+
+
+def resolved_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The options of this run as a flat dict (what ``config.yaml`` next to the outputs holds)."""
+    return {key: value for key, value in sorted(vars(args).items()) if key not in _LAUNCH_ONLY}
+
+
+def write_resolved(args: argparse.Namespace, ds_config: dict[str, Any], output_dir: str | os.PathLike) -> None:
+    """Write ``config.yaml`` (loadable again with ``--config``) and ``ds_config.json`` into ``output_dir``."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    options = resolved_options(args)
+    options["deepspeed_config"] = str((output_dir / RESOLVED_DS_CONFIG_FILE).resolve())
+    atomic_write_text(output_dir / RESOLVED_DS_CONFIG_FILE, json.dumps(ds_config, indent=2) + "\n")
+    atomic_write_text(output_dir / RESOLVED_CONFIG_FILE, yaml.safe_dump(options, sort_keys=True))
+
+
+# ---------------------------------------------------------------------------------------------------- ds_config
+def find_auto(config: Any, prefix: str = "") -> list[str]:
+    """Dotted paths of every ``"auto"`` value in a ds_config."""
+    found = []
+    if isinstance(config, dict):
+        for key, value in config.items():
+            found += find_auto(value, f"{prefix}.{key}" if prefix else str(key))
+    elif isinstance(config, list):
+        for index, value in enumerate(config):
+            found += find_auto(value, f"{prefix}[{index}]")
+    elif isinstance(config, str) and config.strip().lower() == "auto":
+        found.append(prefix)
+    return found
+
+
+def load_ds_config(path: str | os.PathLike, micro_batch_size: int | None = None,
+                   gradient_accumulation_steps: int | None = None) -> dict[str, Any]:
+    """Read a ds_config JSON, apply the batch overrides, and reject ``"auto"`` values by key."""
+    path = os.fspath(path)
+    try:
+        with open(path, encoding="utf-8") as handle:
+            config = json.load(handle)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"ds_config {path} does not exist") from None
+    except json.JSONDecodeError as error:
+        raise ValueError(f"ds_config {path} is not valid JSON: {error}") from None
+    return resolve_ds_config(config, path, micro_batch_size, gradient_accumulation_steps)
+
+
+def resolve_ds_config(config: dict[str, Any], source: str = "ds_config", micro_batch_size: int | None = None,
+                      gradient_accumulation_steps: int | None = None) -> dict[str, Any]:
+    config = copy.deepcopy(config)
+    if micro_batch_size is not None:
+        config["train_micro_batch_size_per_gpu"] = micro_batch_size
+        config.pop("train_batch_size", None)
+    if gradient_accumulation_steps is not None:
+        config["gradient_accumulation_steps"] = gradient_accumulation_steps
+        config.pop("train_batch_size", None)
+    auto = find_auto(config)
+    if auto:
+        raise ValueError(
+            f"{source}: {', '.join(repr(key) for key in auto)} {'is' if len(auto) == 1 else 'are'} \"auto\"; "
+            "deepspeed.initialize does not resolve \"auto\" (only the HuggingFace Trainer does): give concrete values"
+        )
+    if "train_micro_batch_size_per_gpu" not in config and "train_batch_size" not in config:
+        raise ValueError(f"{source}: set train_micro_batch_size_per_gpu (or micro_batch_size in the training config)")
+    if "optimizer" in config or "scheduler" in config:
+        raise ValueError(
+            f"{source}: remove the 'optimizer'/'scheduler' sections: the training script builds AdamW and sets BLIP's "
+            "learning-rate schedule itself (init_lr, warmup_lr, warmup_steps, lr_decay_rate, weight_decay options)"
+        )
+    return config

@@ -1,0 +1,468 @@
+"""The training entry: option resolution, schedules, ds_config checks (fast), and real launcher runs (slow).
+
+The slow tests start `deepspeed --num_gpus 2 --module blip_fast.train` on the CPU accelerator (gloo + DeepSpeed's
+shared-memory all-reduce), `torchrun` and a plain `python -m blip_fast.train`, one thread per rank. They share one
+ZeRO-2 run of the tiny config (30 steps, checkpoints every 5) that the resume, ZeRO-1/3 and export tests compare
+against. The first run on a machine JIT-builds DeepSpeed's shm comm op into TORCH_EXTENSIONS_DIR (default
+build/torch_extensions, shared by every launch, ~25 s once).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from blip_fast.training import checkpointing, options
+from blip_fast.training.schedule import alpha_ramp, blip_step_lr, cosine_lr, learning_rate
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
+TINY = CONFIGS / "tiny-cpu.yaml"
+LAUNCH_TIMEOUT = 300
+QUEUE_KEYS = ("image_queue", "text_queue", "idx_queue", "ptr_queue")
+
+
+# ==================================================================================================== fast tests
+def _write_yaml(path: Path, values: dict) -> Path:
+    path.write_text(yaml.safe_dump(values))
+    return path
+
+
+def test_yaml_defaults_then_cli_overrides(tmp_path, monkeypatch):
+    ds_path = tmp_path / "ds.json"
+    ds_path.write_text(json.dumps({"train_micro_batch_size_per_gpu": 4}))
+    # PyYAML reads "3e-4" (no dot) as a string: it must still become a float, as on the command line.
+    config = tmp_path / "run.yaml"
+    config.write_text("init_lr: 3e-4\nwarmup_steps: 7\ngradient_checkpointing: true\ncrop_scale: [0.5, 1.0]\n"
+                      "export_tasks: [vqa]\ndeepspeed_config: ds.json\nmodel: base\n")
+    monkeypatch.chdir(ROOT)  # the ds_config is found next to the YAML, not in the working directory
+    args = options.parse_args(["--config", str(config), "--warmup_steps", "9", "--no-gradient_checkpointing"])
+    assert args.init_lr == pytest.approx(3e-4) and isinstance(args.init_lr, float)
+    assert args.warmup_steps == 9  # CLI beats YAML
+    assert args.gradient_checkpointing is False
+    assert args.crop_scale == [0.5, 1.0] and args.export_tasks == ["vqa"] and args.model == "base"
+    assert Path(args.deepspeed_config) == ds_path
+    assert args.weight_decay == 0.05 and args.queue_size == 57600  # untouched defaults
+
+
+def test_yaml_errors_name_the_key(tmp_path):
+    base = {"deepspeed_config": str(CONFIGS / "ds_zero2.json")}
+    cases = [({"init_lrr": 1e-3}, "init_lrr"), ({"warmup_steps": 2.5}, "warmup_steps"),
+             ({"gradient_checkpointing": "yes"}, "gradient_checkpointing"), ({"model": "huge"}, "model"),
+             ({"crop_scale": [0.5]}, "crop_scale")]
+    for values, key in cases:
+        config = _write_yaml(tmp_path / "bad.yaml", {**base, **values})
+        with pytest.raises(ValueError, match=key):
+            options.parse_args(["--config", str(config)])
+    with pytest.raises(ValueError, match="deepspeed_config"):
+        options.parse_args([])
+
+
+def test_shipped_configs_parse_and_resolve():
+    tiny = options.parse_args(["--config", str(TINY)])
+    assert (tiny.model, tiny.image_size, tiny.queue_size, tiny.data) == ("tiny", 64, 64, "synthetic")
+    ds = options.load_ds_config(tiny.deepspeed_config)
+    assert ds["train_micro_batch_size_per_gpu"] * 2 * 15 == tiny.num_samples  # 15 steps per epoch on 2 ranks
+    assert tiny.queue_size % (ds["train_micro_batch_size_per_gpu"] * 2) == 0
+
+    base = options.parse_args(["--config", str(CONFIGS / "base-224-pretrain.yaml"), "--annotations", "x.json"])
+    assert (base.model, base.image_size, base.queue_size, base.alpha) == ("base", 224, 57600, 0.4)
+    assert (base.init_lr, base.warmup_lr, base.warmup_steps, base.min_lr, base.lr_decay_rate) == (
+        3e-4, 1e-6, 3000, 1e-6, 0.9)
+    assert (base.weight_decay, base.epochs, base.micro_batch_size) == (0.05, 20, 90)
+    assert base.queue_size % (90 * 32) == 0  # the paper's 2880 = 90 x 32 GPUs
+    with pytest.raises(ValueError, match="annotations"):
+        options.parse_args(["--config", str(CONFIGS / "base-224-pretrain.yaml")])
+
+    for path in sorted(CONFIGS.glob("ds_*.json")):
+        ds = options.load_ds_config(path)
+        assert ds["zero_optimization"]["stage"] in (1, 2, 3), path
+
+
+def test_ds_config_auto_is_rejected_by_key(tmp_path):
+    config = {"train_micro_batch_size_per_gpu": 8, "zero_optimization": {"stage": 2, "reduce_bucket_size": "auto"},
+              "bf16": {"enabled": "auto"}}
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"'zero_optimization\.reduce_bucket_size', 'bf16\.enabled' are \"auto\""):
+        options.load_ds_config(path)
+    with pytest.raises(ValueError, match="'train_micro_batch_size_per_gpu' is \"auto\""):
+        options.resolve_ds_config({"train_micro_batch_size_per_gpu": "auto"})
+    # The training options' batch overrides replace the ds_config values (and let DeepSpeed derive the total).
+    resolved = options.resolve_ds_config({"train_batch_size": 64, "train_micro_batch_size_per_gpu": "auto"},
+                                         micro_batch_size=4, gradient_accumulation_steps=2)
+    assert resolved == {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 2}
+    with pytest.raises(ValueError, match="optimizer"):
+        options.resolve_ds_config({"train_micro_batch_size_per_gpu": 1, "optimizer": {"type": "AdamW"}})
+
+
+def test_resolved_config_reloads_to_the_same_options(tmp_path):
+    args = options.parse_args(["--config", str(TINY), "--init_lr", "2e-3", "--output_dir", str(tmp_path)])
+    ds = options.load_ds_config(args.deepspeed_config)
+    options.write_resolved(args, ds, tmp_path)
+    again = options.parse_args(["--config", str(tmp_path / options.RESOLVED_CONFIG_FILE)])
+    assert options.resolved_options(again) == options.resolved_options(args) | {
+        "deepspeed_config": str((tmp_path / options.RESOLVED_DS_CONFIG_FILE).resolve())}
+    assert json.loads((tmp_path / options.RESOLVED_DS_CONFIG_FILE).read_text()) == ds
+
+
+def test_blip_pretrain_lr_schedule_by_hand():
+    blip = dict(init_lr=3e-4, warmup_lr=1e-6, warmup_steps=3000, min_lr=1e-6, lr_decay_rate=0.9)
+    assert blip_step_lr(0, 0, **blip) == pytest.approx(1e-6)
+    assert blip_step_lr(0, 1500, **blip) == pytest.approx(1e-6 + (3e-4 - 1e-6) * 0.5)  # 1.505e-4
+    assert blip_step_lr(0, 3000, **blip) == pytest.approx(3e-4)
+    assert blip_step_lr(0, 9000, **blip) == pytest.approx(3e-4)  # warmup saturates at init_lr
+    assert blip_step_lr(1, 0, **blip) == pytest.approx(2.7e-4)  # epoch 1: 3e-4 * 0.9, whatever the step
+    assert blip_step_lr(1, 10, **blip) == pytest.approx(2.7e-4)
+    assert blip_step_lr(19, 0, **blip) == pytest.approx(3e-4 * 0.9**19)  # 4.05e-5 in the paper's last epoch
+    assert blip_step_lr(5, 0, **{**blip, "lr_decay_rate": 0.1}) == pytest.approx(1e-6)  # floored at min_lr
+    assert blip_step_lr(0, 4, **{**blip, "warmup_steps": 0}) == pytest.approx(3e-4)
+
+    assert cosine_lr(0, 10, 1e-5, 0.0) == pytest.approx(1e-5)
+    assert cosine_lr(5, 10, 1e-5, 0.0) == pytest.approx(5e-6)
+    assert cosine_lr(10, 10, 1e-5, 1e-7) == pytest.approx(1e-7)
+
+    args = argparse.Namespace(lr_schedule="step", epochs=20, **blip)
+    assert learning_rate(args, 0, 1500) == pytest.approx(1.505e-4)
+    args.lr_schedule = "cosine"
+    assert learning_rate(args, 10, 123) == pytest.approx((3e-4 + 1e-6) / 2)
+
+
+def test_alpha_ramp_over_two_epochs():
+    assert alpha_ramp(0.4, 0, 0, 100) == 0.0
+    assert alpha_ramp(0.4, 0, 50, 100) == pytest.approx(0.1)
+    assert alpha_ramp(0.4, 1, 0, 100) == pytest.approx(0.2)
+    assert alpha_ramp(0.4, 1, 50, 100) == pytest.approx(0.3)
+    assert alpha_ramp(0.4, 2, 0, 100) == pytest.approx(0.4)
+    assert alpha_ramp(0.4, 7, 99, 100) == pytest.approx(0.4)
+
+
+def test_rng_capture_restore_and_checkpoint_paths(tmp_path):
+    state = checkpointing.capture_rng()
+    expected = (random.random(), np.random.rand(), torch.rand(3))
+    random.random(), np.random.rand(), torch.rand(3)  # move every stream on
+    checkpointing.restore_rng(state)
+    assert (random.random(), np.random.rand()) == expected[:2] and torch.equal(torch.rand(3), expected[2])
+
+    with pytest.raises(FileNotFoundError, match="latest"):
+        checkpointing.resolve_checkpoint(tmp_path)
+    for step in (5, 10, 15):
+        (tmp_path / checkpointing.tag_for(step)).mkdir()
+    (tmp_path / "latest").write_text("global_step15\n")
+    assert checkpointing.latest_tag(tmp_path) == "global_step15"
+    assert checkpointing.resolve_checkpoint(tmp_path) == (tmp_path, "global_step15")
+    assert checkpointing.resolve_checkpoint(tmp_path / "global_step5") == (tmp_path, "global_step5")
+    checkpointing._remove_old_checkpoints(tmp_path, keep=2, current="global_step15")
+    assert sorted(path.name for path in tmp_path.glob("global_step*")) == ["global_step10", "global_step15"]
+
+
+def test_model_config_round_trip(tmp_path):
+    from blip_fast.config import BlipConfig
+
+    config = BlipConfig.tiny(vocab_size=300, image_size=32)
+    config = config.replace(vision=config.vision.__class__(**{**config.vision.__dict__,
+                                                               "gradient_checkpointing": True}))
+    checkpointing.write_model_config(tmp_path, config)
+    assert checkpointing.read_model_config(tmp_path) == config
+
+
+# ==================================================================================================== launcher runs
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _env() -> dict[str, str]:
+    env = {key: value for key, value in os.environ.items()
+           if key not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")}
+    env["OMP_NUM_THREADS"] = "1"
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / "build" / "torch_extensions"))
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    return env
+
+
+def _remove_shm(port: int) -> None:
+    """DeepSpeed's CPU all-reduce leaves /dev/shm/deepspeed_*_<addr>_<port>_<rank> (69 MB per rank) behind."""
+    shm = Path("/dev/shm")
+    if shm.is_dir():
+        for path in shm.glob(f"deepspeed_*_{port}_*"):
+            path.unlink(missing_ok=True)
+
+
+def _train_command(launcher: str, port: int, output_dir: Path, *extra: str) -> list[str]:
+    if launcher == "deepspeed":
+        head = ["deepspeed", "--num_gpus", "2", "--master_port", str(port), "--module", "blip_fast.train"]
+    elif launcher == "torchrun":
+        head = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+                "-m", "blip_fast.train"]
+    else:
+        head = [sys.executable, "-m", "blip_fast.train"]
+    return [*head, "--config", str(TINY), "--output_dir", str(output_dir), "--no-progress_bar", *extra]
+
+
+def _run(command: list[str], log: Path, port: int) -> str:
+    try:
+        with open(log, "w") as handle:
+            result = subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT, env=_env(), cwd=log.parent,
+                                    timeout=LAUNCH_TIMEOUT)
+    finally:
+        _remove_shm(port)
+    text = log.read_text()
+    assert result.returncode == 0, f"{' '.join(command)} failed ({result.returncode}):\n{text[-6000:]}"
+    return text
+
+
+def _train(launcher: str, output_dir: Path, *extra: str) -> str:
+    port = _free_port()
+    return _run(_train_command(launcher, port, output_dir, *extra), output_dir.parent / f"{output_dir.name}.log",
+                port)
+
+
+def _metrics(output_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _summary(log: str) -> dict:
+    lines = [line for line in log.splitlines() if line.startswith('{"summary"')]
+    return json.loads(lines[-1])["summary"]
+
+
+def _consolidated(output_dir: Path, step: int) -> dict[str, torch.Tensor]:
+    return checkpointing.consolidated_state_dict(output_dir, checkpointing.tag_for(step))
+
+
+def _max_differences(state_a: dict, state_b: dict) -> dict[str, float]:
+    assert state_a.keys() == state_b.keys(), sorted(set(state_a) ^ set(state_b))
+    return {key: float((state_a[key].double() - state_b[key].double()).abs().max()) for key in state_a}
+
+
+@pytest.fixture(scope="module")
+def zero2_run(tmp_path_factory):
+    """2-rank ZeRO-2 run of the tiny config: 30 steps over 2 epochs, a checkpoint every 5, exports at the end."""
+    output_dir = tmp_path_factory.mktemp("train") / "zero2"
+    started = time.perf_counter()
+    log = _train("deepspeed", output_dir, "--deepspeed_config", str(CONFIGS / "ds_zero2.json"),
+                 "--save_every_steps", "5", "--log_every_steps", "1", "--export_tasks", "captioning", "retrieval")
+    return {"dir": output_dir, "log": log, "seconds": time.perf_counter() - started}
+
+
+@pytest.mark.slow
+def test_deepspeed_zero2_two_ranks_loss_falls(zero2_run, record_property):
+    output_dir = zero2_run["dir"]
+    records = _metrics(output_dir)
+    assert [record["step"] for record in records] == list(range(1, 31))
+    assert [record["epoch"] for record in records] == [0] * 15 + [1] * 15  # the 15th step ends epoch 0
+    losses = [record["loss"] for record in records]
+    first, last = np.mean(losses[:5]), np.mean(losses[-5:])
+    assert last < first - 1.0, f"loss did not fall: first 5 {first:.3f}, last 5 {last:.3f}"
+    for name in ("loss_itc", "loss_itm", "loss_lm"):
+        assert all(np.isfinite(record[name]) for record in records)
+    assert records[0]["lr"] == pytest.approx(1e-5) and records[-1]["lr"] == pytest.approx(9e-4)  # epoch 1: x 0.9
+    assert records[-1]["alpha"] == pytest.approx(0.4 * 29 / 30)
+
+    # DeepSpeed's checkpoint layout plus the per-rank RNG files and run files.
+    assert checkpointing.latest_tag(output_dir) == "global_step30"
+    assert sorted(int(path.name.removeprefix("global_step")) for path in output_dir.glob("global_step*")) == [
+        5, 10, 15, 20, 25, 30]
+    for name in ("zero_to_fp32.py", "config.yaml", "ds_config.json", "blip_config.json", "tokenizer/vocab.txt",
+                 "global_step30/rng_rank0.pt", "global_step30/rng_rank1.pt",
+                 "global_step30/mp_rank_00_model_states.pt"):
+        assert (output_dir / name).exists(), name
+    resolved = yaml.safe_load((output_dir / "config.yaml").read_text())
+    assert resolved["save_every_steps"] == 5 and resolved["queue_size"] == 64
+
+    samples_per_s = _summary(zero2_run["log"])["samples_per_s"]
+    record_property("tiny_cpu_samples_per_s", samples_per_s)
+    print(f"\ntiny config, 2 ranks x 1 thread, ZeRO-2 fp32, CPU: {samples_per_s:.1f} samples/s "
+          f"(30 steps, whole launch {zero2_run['seconds']:.1f} s)")
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_is_exact(zero2_run, tmp_path):
+    """Run B is SIGKILLed (whole process group) after its step-10 checkpoint, resumed with --resume to step 30, and
+    must end where the uninterrupted run A ended: same weights, optimizer-driven updates, momentum encoders, queues."""
+    run_a, run_b = zero2_run["dir"], tmp_path / "killed"
+    port = _free_port()
+    # The same vocab as A (WordPiece training is not deterministic across processes: huggingface/tokenizers#1794).
+    # B checkpoints every 10 steps, A every 5: saving must not change the trajectory.
+    command = _train_command("deepspeed", port, run_b, "--deepspeed_config", str(CONFIGS / "ds_zero2.json"),
+                             "--tokenizer_dir", str(run_a / "tokenizer"), "--save_every_steps", "10",
+                             "--log_every_steps", "1", "--export_tasks")
+    log = tmp_path / "killed.log"
+    with open(log, "w") as handle:
+        process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=_env(), cwd=tmp_path,
+                                   start_new_session=True)
+    try:
+        deadline = time.monotonic() + LAUNCH_TIMEOUT
+        while checkpointing.latest_tag(run_b) != "global_step10":
+            assert process.poll() is None, f"run B ended before its step-10 checkpoint:\n{log.read_text()[-4000:]}"
+            assert time.monotonic() < deadline, "no step-10 checkpoint in time"
+            time.sleep(0.05)
+        time.sleep(0.5)  # let it train a few steps past the checkpoint: those are lost
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+        _remove_shm(port)
+    assert checkpointing.latest_tag(run_b) == "global_step10", "B was not killed between checkpoints 10 and 20"
+
+    resumed_log = _run([*command, "--resume"], tmp_path / "resumed.log", port)
+    assert "resumed" in resumed_log and "at step 10" in resumed_log
+    differences = _max_differences(_consolidated(run_a, 30), _consolidated(run_b, 30))
+    worst = max(differences, key=differences.get)
+    assert differences[worst] <= 1e-6, f"{worst} differs by {differences[worst]}"
+    state_a, state_b = _consolidated(run_a, 30), _consolidated(run_b, 30)
+    for key in QUEUE_KEYS:
+        assert torch.equal(state_a[key], state_b[key]), key
+    assert int(state_b["ptr_queue"]) == 30 * 16 % 64
+    # The killed run's records past step 10 were dropped on resume; steps 11..30 match A's losses.
+    records_b = _metrics(run_b)
+    assert [record["step"] for record in records_b] == list(range(1, 31))
+    assert [record["loss"] for record in records_b] == pytest.approx([r["loss"] for r in _metrics(run_a)], abs=1e-6)
+
+
+@pytest.mark.slow
+def test_zero1_and_zero3_train_like_zero2(zero2_run, tmp_path):
+    """5 steps of ZeRO-1 and ZeRO-3 against the ZeRO-2 run's step-5 checkpoint and per-step losses.
+
+    ZeRO-1 reduces gradients as ZeRO-2 does: bit-identical. ZeRO-3 reduce-scatters in another order: the losses agree
+    to float rounding, and so do the weights, except where Adam normalises pure rounding noise into lr-sized steps
+    (the ViT's key bias gets no gradient in exact arithmetic). A stale momentum encoder under ZeRO-3 (EMA written to
+    the partitions while a gathered copy is kept, see configs/ds_zero3.json) moves the step-2 loss by ~1e-3."""
+    reference = _consolidated(zero2_run["dir"], 5)
+    reference_losses = [record["loss"] for record in _metrics(zero2_run["dir"])[:5]]
+    common = ["--tokenizer_dir", str(zero2_run["dir"] / "tokenizer"), "--max_steps", "5", "--log_every_steps", "1"]
+    _train("deepspeed", tmp_path / "zero1", "--deepspeed_config", str(CONFIGS / "ds_zero1.json"), *common,
+           "--export_tasks")
+    differences = _max_differences(reference, _consolidated(tmp_path / "zero1", 5))
+    assert max(differences.values()) <= 1e-6, max(differences.items(), key=lambda item: item[1])
+    assert [record["loss"] for record in _metrics(tmp_path / "zero1")] == pytest.approx(reference_losses, abs=1e-6)
+
+    _train("deepspeed", tmp_path / "zero3", "--deepspeed_config", str(CONFIGS / "ds_zero3.json"), *common,
+           "--export_tasks")
+    assert [record["loss"] for record in _metrics(tmp_path / "zero3")] == pytest.approx(reference_losses, rel=1e-5)
+    differences = _max_differences(reference, _consolidated(tmp_path / "zero3", 5))
+    assert max(differences.values()) <= 2e-4, max(differences.items(), key=lambda item: item[1])
+    momentum = {key: value for key, value in differences.items() if key.endswith("_m") or "_m." in key}
+    assert momentum and max(momentum.values()) <= 1e-5
+    assert differences["image_queue"] <= 1e-4 and differences["text_queue"] <= 1e-4
+    assert differences["ptr_queue"] == 0 and differences["idx_queue"] == 0
+
+
+@pytest.mark.slow
+def test_zero3_bf16_stop_and_resume_is_exact(zero2_run, tmp_path):
+    """bf16 ZeRO-3 (bf16 weights, momentum encoders and queues; fp32 master weights): 3 steps in one go equal
+    1 step, a stop, and --resume for 2 more; the bf16 run trains and its checkpoint exports."""
+    common = ["--deepspeed_config", str(CONFIGS / "ds_zero3_bf16.json"), "--tokenizer_dir",
+              str(zero2_run["dir"] / "tokenizer"), "--log_every_steps", "1", "--save_every_steps", "1"]
+    _train("deepspeed", tmp_path / "straight", *common, "--max_steps", "3", "--export_tasks", "captioning")
+    _train("deepspeed", tmp_path / "split", *common, "--max_steps", "1", "--export_tasks")
+    _train("deepspeed", tmp_path / "split", *common, "--max_steps", "3", "--export_tasks", "--resume")
+    straight, split = _consolidated(tmp_path / "straight", 3), _consolidated(tmp_path / "split", 3)
+    differences = _max_differences(straight, split)
+    assert max(differences.values()) == 0.0, max(differences.items(), key=lambda item: item[1])
+    losses = [record["loss"] for record in _metrics(tmp_path / "straight")]
+    assert len(losses) == 3 and all(np.isfinite(losses))
+    assert losses == pytest.approx([record["loss"] for record in _metrics(tmp_path / "split")], abs=0)
+    # bf16 follows the fp32 run's first loss closely (same data, same initial weights).
+    assert losses[0] == pytest.approx(_metrics(zero2_run["dir"])[0]["loss"], rel=1e-2)
+
+    from blip_fast import BlipForConditionalGeneration
+
+    model = BlipForConditionalGeneration.from_pretrained(tmp_path / "straight" / "export" / "captioning")
+    assert torch.equal(model.state_dict()["vision_model.embeddings.patch_embedding.weight"],
+                       straight["vision_model.embeddings.patch_embedding.weight"])
+
+
+@pytest.mark.slow
+def test_exports_load_in_blip_fast_and_transformers(zero2_run, tmp_path):
+    import transformers
+
+    import blip_fast
+
+    export_dir = zero2_run["dir"] / "export"
+    final = _consolidated(zero2_run["dir"], 30)
+    pixel_values = torch.randn(2, 3, 64, 64)
+    tokenizer = blip_fast.BlipTokenizer.from_pretrained(export_dir / "captioning")
+    text = tokenizer(["a red circle", "two blue squares on the left"])
+
+    ours = blip_fast.BlipForConditionalGeneration.from_pretrained(export_dir / "captioning")
+    theirs, info = transformers.BlipForConditionalGeneration.from_pretrained(export_dir / "captioning",
+                                                                             output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    assert torch.equal(ours.state_dict()["text_decoder.bert.encoder.layer.0.attention.self.query.weight"],
+                       final["text_decoder.bert.encoder.layer.0.attention.self.query.weight"])
+    with torch.no_grad():
+        vision_ours = ours.vision_model(pixel_values).last_hidden_state
+        vision_theirs = theirs.eval().vision_model(pixel_values).last_hidden_state
+    torch.testing.assert_close(vision_ours, vision_theirs, rtol=1e-5, atol=1e-5)
+
+    retrieval = blip_fast.BlipForImageTextRetrieval.from_pretrained(export_dir / "retrieval")
+    theirs, info = transformers.BlipForImageTextRetrieval.from_pretrained(export_dir / "retrieval",
+                                                                          output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    with torch.no_grad():
+        itc_ours = retrieval(input_ids=text["input_ids"], attention_mask=text["attention_mask"],
+                             pixel_values=pixel_values, use_itm_head=False)
+        itc_theirs = theirs.eval()(input_ids=text["input_ids"], attention_mask=text["attention_mask"],
+                                   pixel_values=pixel_values, use_itm_head=False)
+    torch.testing.assert_close(itc_ours[0], itc_theirs[0], rtol=1e-5, atol=1e-5)
+
+    # The export subcommand, from a mid-run checkpoint, to a task the run did not export.
+    from blip_fast.train import main
+
+    assert main(["export", "--checkpoint", str(zero2_run["dir"] / "global_step10"), "--out",
+                 str(tmp_path / "vqa"), "--task", "vqa"]) == 0
+    vqa = blip_fast.BlipForQuestionAnswering.from_pretrained(tmp_path / "vqa")
+    step10 = _consolidated(zero2_run["dir"], 10)
+    assert torch.equal(vqa.state_dict()["text_encoder.embeddings.word_embeddings.weight"],
+                       step10["text_encoder.embeddings.word_embeddings.weight"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher", ["python", "torchrun"])
+def test_single_process_and_torchrun_launch(launcher, tmp_path):
+    """`python -m blip_fast.train` (no launcher env: the script sets RANK/WORLD_SIZE/MASTER_* itself) and torchrun,
+    with the ds_config named in the YAML (resolved next to it) and a vocab trained on the captions. The single
+    process reads BLIP json annotations and runs gradient accumulation (2 micro batches of 4 per step, overriding
+    the ds_config's 8 x 1)."""
+    output_dir = tmp_path / launcher
+    ranks, micro, accumulation = (1, 4, 2) if launcher == "python" else (2, 8, 1)
+    extra = []
+    if launcher == "python":
+        from blip_fast.data import SyntheticNoisyDataset
+
+        annotations = SyntheticNoisyDataset(64, seed=1).write_images(tmp_path / "json_data")
+        extra = ["--micro_batch_size", "4", "--gradient_accumulation_steps", "2", "--data", "blip_json",
+                 "--annotations", str(annotations), "--image_root", str(tmp_path / "json_data")]
+    log = _train(launcher, output_dir, "--max_steps", "3", "--log_every_steps", "1", "--export_tasks", *extra)
+    assert checkpointing.latest_tag(output_dir) == "global_step3"
+    assert sorted(path.name for path in (output_dir / "global_step3").glob("rng_rank*.pt")) == [
+        f"rng_rank{rank}.pt" for rank in range(ranks)]
+    assert f"{ranks} ranks x {micro} micro batch x {accumulation} accumulation" in log
+    assert f"{8 if launcher == 'python' else 15} per epoch" in log  # 64 json samples / 8, or 240 synthetic / 16
+    records = _metrics(output_dir)
+    assert [record["step"] for record in records] == [1, 2, 3] and all(np.isfinite(r["loss"]) for r in records)
+    ds_config = json.loads((output_dir / options.RESOLVED_DS_CONFIG_FILE).read_text())
+    assert (ds_config["train_micro_batch_size_per_gpu"], ds_config["gradient_accumulation_steps"]) == (
+        micro, accumulation)
+    # A second start without --resume refuses to overwrite the checkpoints.
+    port = _free_port()
+    command = _train_command(launcher, port, output_dir, "--max_steps", "3")
+    result = subprocess.run(command, capture_output=True, text=True, env=_env(), cwd=tmp_path,
+                            timeout=LAUNCH_TIMEOUT)
+    _remove_shm(port)
+    assert result.returncode != 0 and "pass --resume" in result.stdout + result.stderr
