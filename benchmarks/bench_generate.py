@@ -137,53 +137,20 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], int]:
     return rows, failures
 
 
-COLUMNS = [
-    "case",
-    "engine",
-    "batch",
-    "img_per_s",
-    "median_ms",
-    "p20_ms",
-    "p80_ms",
-    "first_call_ms",
-    "peak_mem_mb",
-    "extra_mem_mb",
-    "speedup_vs_hf",
-    "tokens_match",
-    "error",
-]
+COLUMNS = [*harness.TIMING_COLUMNS, "tokens_match", "error"]
 
 
 def report(rows: list[dict[str, Any]], out_dir: str | None, name: str) -> str:
-    title = f"### {name}: {rows[0]['config']} {rows[0]['dtype']}, {rows[0].get('new_tokens', '')} new tokens\n\n"
-    text = title + harness.environment_line(rows[0]) + "\n\n" + harness.markdown_table(rows, COLUMNS) + "\n"
-    if out_dir:
-        harness.append_rows(Path(out_dir) / f"{name}.jsonl", rows)
-        (Path(out_dir) / f"{name}.md").write_text(text, encoding="utf-8")
-    return text
+    return harness.write_report(rows, COLUMNS, f"{name}: {rows[0]['config']} {rows[0]['dtype']}, {rows[0].get('new_tokens', '')} new tokens", out_dir, name)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="base", choices=["base", "large", "tiny"])
-    parser.add_argument("--image-size", type=int, default=None, help="default: 384 for base/large, preset for tiny")
-    parser.add_argument(
-        "--dtype", choices=sorted(harness.DTYPES), default=None, help="default: fp16 on CUDA, fp32 on CPU"
-    )
-    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    harness.add_model_arguments(parser, name="generate", warmup=2, repeats=5)
     parser.add_argument("--cases", default="", help=f"comma-separated substrings of {', '.join(CASES)}")
-    parser.add_argument("--engines", default=",".join(ENGINES), help="comma-separated subset of hf,ours")
-    parser.add_argument("--batch-scale", type=float, default=1.0, help="multiply every case's batch (min 1)")
     parser.add_argument("--new-tokens", type=int, default=20)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--check-tokens", action="store_true", help="record token agreement on greedy/beam cases")
-    parser.add_argument("--name", default="generate", help="file stem of the results in --out")
-    parser.add_argument("--out", default=None, help="folder for <name>.jsonl (appended) and <name>.md")
-    args = parser.parse_args(argv)
-    if args.image_size is None and args.config != "tiny":
-        args.image_size = 384  # captioning fine-tunes at 384px: 577 image tokens (DESIGN.md §3)
-    return args
+    return harness.finish_model_arguments(parser.parse_args(argv))
 
 
 def main(argv: list[str] | None = None) -> int:

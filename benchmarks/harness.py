@@ -7,6 +7,7 @@ capture, allocator growth) is timed separately and reported, never mixed into th
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import os
@@ -312,3 +313,40 @@ def default_device() -> str:
 def scaled_batch(batch: int, scale: float) -> int:
     """``batch * scale`` rounded, at least 1: lets the GPU case list run as a CPU smoke test."""
     return max(1, int(round(batch * scale)))
+
+
+#: Columns every engine-comparison table starts with (timing, memory, speed-up).
+TIMING_COLUMNS = [
+    "case", "engine", "batch", "img_per_s", "median_ms", "p20_ms", "p80_ms", "first_call_ms", "peak_mem_mb",
+    "extra_mem_mb", "speedup_vs_hf",
+]
+
+
+def write_report(rows: Sequence[dict[str, Any]], columns: Sequence[str], title: str, out_dir: str | None,
+                 name: str) -> str:
+    """Markdown report of ``rows``; with ``out_dir``, also append them to ``<name>.jsonl`` and write ``<name>.md``."""
+    text = f"### {title}\n\n" + environment_line(rows[0]) + "\n\n" + markdown_table(rows, columns) + "\n"
+    if out_dir:
+        append_rows(Path(out_dir) / f"{name}.jsonl", rows)
+        (Path(out_dir) / f"{name}.md").write_text(text, encoding="utf-8")
+    return text
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, name: str, warmup: int, repeats: int) -> None:
+    """The options shared by the HF-vs-blip_fast model benchmarks."""
+    parser.add_argument("--config", default="base", choices=["base", "large", "tiny"])
+    parser.add_argument("--image-size", type=int, default=None, help="default: 384 for base/large, preset for tiny")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: fp16 on CUDA, fp32 on CPU")
+    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    parser.add_argument("--engines", default="hf,ours", help="comma-separated subset of hf,ours")
+    parser.add_argument("--batch-scale", type=float, default=1.0, help="multiply every batch (min 1)")
+    parser.add_argument("--warmup", type=int, default=warmup)
+    parser.add_argument("--repeats", type=int, default=repeats)
+    parser.add_argument("--name", default=name, help="file stem of the results in --out")
+    parser.add_argument("--out", default=None, help="folder for <name>.jsonl (appended) and <name>.md")
+
+
+def finish_model_arguments(args: argparse.Namespace) -> argparse.Namespace:
+    if args.image_size is None and args.config != "tiny":
+        args.image_size = 384  # BLIP's fine-tuned checkpoints run at 384px: 577 image tokens (DESIGN.md §3)
+    return args
