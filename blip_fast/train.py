@@ -268,6 +268,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                     input_ids=batch["input_ids"].to(device, non_blocking=True),
                     attention_mask=batch["attention_mask"].to(device, non_blocking=True),
                     alpha=alpha,
+                    # captions of one image are never each other's ITM negatives
+                    image_ids=batch["image_ids"].to(device, non_blocking=True),
                 )
                 engine.backward(output["loss"])
                 engine.step()
