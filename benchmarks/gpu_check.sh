@@ -57,11 +57,11 @@ step() {
 }
 
 if [ "$DRY" = 1 ]; then
-    DEVICE=cpu CONFIG=tiny DTYPE=fp32 SCALE=0.02 REPEATS=2
+    DEVICE=cpu CONFIG=tiny DTYPE=fp32 SCALE=0.02 REPEATS=2 PRETRAIN_BATCH=4 PRETRAIN_DTYPES=fp32
     export CUDA_VISIBLE_DEVICES=""  # the dry run must behave like a machine without a GPU
     echo "dry run: no GPU" >"$OUT/nvidia-smi.txt"
 else
-    DEVICE=cuda CONFIG=base DTYPE=fp16 SCALE=1 REPEATS=5
+    DEVICE=cuda CONFIG=base DTYPE=fp16 SCALE=1 REPEATS=5 PRETRAIN_BATCH=32 PRETRAIN_DTYPES="fp32 bf16"
     { nvidia-smi && nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv; } \
         >"$OUT/nvidia-smi.txt" 2>&1 || echo "nvidia-smi failed" >>"$OUT/nvidia-smi.txt"
 fi
@@ -106,6 +106,12 @@ step parity_generate_fp32 60 "$PY" -m benchmarks.bench_generate --config "$CONFI
     --cases greedy_bs1,greedy_bs64,beam3 --batch-scale 0.125 --warmup 0 --repeats 1 --check-tokens \
     --name generate_fp32_parity --out "$OUT"
 
+# Issue 3: base-224 pre-training step (ITC + ITM + LM, reference backend) in fp32 and bf16.
+for PRECISION in $PRETRAIN_DTYPES; do
+    step "pretrain_$PRECISION" 90 "$PY" -m benchmarks.bench_pretrain --config "$CONFIG" --batch "$PRETRAIN_BATCH" \
+        --dtype "$PRECISION" --device "$DEVICE" --name pretrain --out "$OUT"
+done
+
 {
     echo "# blip_fast GPU check"
     echo
@@ -119,7 +125,7 @@ step parity_generate_fp32 60 "$PY" -m benchmarks.bench_generate --config "$CONFI
     echo "|---|---|---|---|"
     tail -n +2 "$STEPS" | sed 's/\t/ | /g; s/^/| /; s/$/ |/'
     echo
-    for table in vit generate generate_fp32_parity; do
+    for table in vit generate generate_fp32_parity pretrain; do
         [ -f "$OUT/$table.md" ] && cat "$OUT/$table.md" && echo
     done
 } >"$OUT/summary.md"
