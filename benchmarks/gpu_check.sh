@@ -106,6 +106,11 @@ step parity_generate_fp32 60 "$PY" -m benchmarks.bench_generate --config "$CONFI
     --cases greedy_bs1,greedy_bs64,beam3 --batch-scale 0.125 --warmup 0 --repeats 1 --check-tokens \
     --name generate_fp32_parity --out "$OUT"
 
+# Issue 4: fused ITC loss vs eager BLIP ITC (B=4096 + queue 57,600 and larger), and fused ITM hard-negative
+# mining vs the original per-row loop and the vectorised reference.
+step bench_itc 120 "$PY" -m benchmarks.bench_itc --device "$DEVICE" --out "$OUT"
+step bench_itm_negatives 90 "$PY" -m benchmarks.bench_itm_negatives --device "$DEVICE" --out "$OUT"
+
 # Issue 3: base-224 pre-training step (ITC + ITM + LM, reference backend) in fp32 and bf16.
 for PRECISION in $PRETRAIN_DTYPES; do
     step "pretrain_$PRECISION" 90 "$PY" -m benchmarks.bench_pretrain --config "$CONFIG" --batch "$PRETRAIN_BATCH" \
@@ -125,7 +130,7 @@ done
     echo "|---|---|---|---|"
     tail -n +2 "$STEPS" | sed 's/\t/ | /g; s/^/| /; s/$/ |/'
     echo
-    for table in vit generate generate_fp32_parity pretrain; do
+    for table in vit generate generate_fp32_parity pretrain itc itm_negatives; do
         [ -f "$OUT/$table.md" ] && cat "$OUT/$table.md" && echo
     done
 } >"$OUT/summary.md"

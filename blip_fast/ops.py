@@ -122,6 +122,19 @@ def _itc_loss_reference(image_feat, text_feat, image_feat_m, text_feat_m, image_
     return (loss_i2t + loss_t2i) / 2
 
 
+@register("itc_loss", "triton", available=lambda device: device.type == "cuda")
+def _itc_loss_triton(image_feat, text_feat, image_feat_m, text_feat_m, image_queue, text_queue, temp, alpha,
+                     image_ids, id_queue):
+    from blip_fast.kernels.itc import itc_loss as fused_itc_loss  # lazy: importing blip_fast never imports triton
+
+    if image_feat.element_size() < 4:
+        # Half-precision training keeps the queues fp32 (DeepSpeed leaves buffers alone); read them at the features'
+        # precision so the kernel stays on its fp16/bf16 tensor-core path (it accumulates in fp32 either way).
+        image_queue, text_queue = image_queue.to(image_feat.dtype), text_queue.to(text_feat.dtype)
+    return fused_itc_loss(image_feat, text_feat, image_feat_m, text_feat_m, image_queue, text_queue, temp, alpha,
+                          image_ids, id_queue)
+
+
 def itc_loss(
     image_feat: torch.Tensor,
     text_feat: torch.Tensor,
@@ -161,6 +174,15 @@ def _sample_hard_negatives_reference(image_feat, text_feat, temp, image_ids, smo
         negative_texts = torch.multinomial(weights_i2t, 1, generator=generator).squeeze(1)
         negative_images = torch.multinomial(weights_t2i, 1, generator=generator).squeeze(1)
     return negative_texts, negative_images
+
+
+@register("sample_hard_negatives", "triton", available=lambda device: device.type == "cuda")
+def _sample_hard_negatives_triton(image_feat, text_feat, temp, image_ids, smoothing, generator, image_columns,
+                                  text_columns, column_ids):
+    from blip_fast.kernels import itm_negatives  # lazy: importing blip_fast never imports triton
+
+    return itm_negatives.sample_hard_negatives(image_feat, text_feat, temp, image_ids, smoothing, generator,
+                                               image_columns, text_columns, column_ids)
 
 
 def sample_hard_negatives(

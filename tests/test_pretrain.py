@@ -181,3 +181,24 @@ def test_two_ranks_agree_with_one_process(tmp_path):
         with torch.no_grad():
             local = _model(queue_size=8)(pixel_values[half], input_ids[half], attention_mask[half], alpha=0.4)
         assert_close(result["loss_itc"], local.loss_itc, rtol=1e-5)
+
+
+@pytest.mark.gpu
+def test_fused_step_matches_the_reference_step_on_cuda(monkeypatch):
+    """On CUDA the pre-trainer takes the fused ITC kernel by default; its losses and gradients equal the reference's.
+    Negatives are fixed so that both runs score the same ITM pairs (the samplers draw differently)."""
+    negatives = torch.tensor([1, 2, 3, 0], device="cuda"), torch.tensor([2, 3, 0, 1], device="cuda")
+    monkeypatch.setattr(pretrain.ops, "sample_hard_negatives", lambda *args, **kwargs: negatives)
+    runs = {}
+    for backend in ("reference", "auto"):
+        monkeypatch.setenv("BLIP_FAST_BACKEND", backend)
+        model = _model().cuda()
+        losses = model(*(tensor.cuda() for tensor in _batch()), alpha=0.4)
+        losses.loss.backward()
+        runs[backend] = losses, model.vision_proj.weight.grad, model.temp.grad
+    assert ops.resolve("itc_loss", torch.device("cuda")).__name__ == "_itc_loss_triton"
+    (reference, ref_proj, ref_temp), (fused, fused_proj, fused_temp) = runs["reference"], runs["auto"]
+    for name in ("loss_itc", "loss_itm", "loss_lm"):
+        assert_close(fused[name].detach(), reference[name].detach(), rtol=1e-4)
+    assert_close(fused_proj, ref_proj, rtol=1e-4)
+    assert_close(fused_temp, ref_temp, rtol=1e-4)
