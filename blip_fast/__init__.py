@@ -1,6 +1,7 @@
 """blip_fast: a fast, faithful BLIP engine (HuggingFace-compatible classes, original BLIP semantics by default)."""
 
 from blip_fast.config import BlipConfig, TextConfig, VisionConfig
+from blip_fast.interop import optimize
 from blip_fast.modeling import (
     BlipForConditionalGeneration,
     BlipForImageTextRetrieval,
@@ -37,4 +38,5 @@ __all__ = [
     "TextConfig",
     "VisionConfig",
     "load_image",
+    "optimize",
 ]

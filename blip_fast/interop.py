@@ -1,0 +1,34 @@
+"""Drop-in acceleration of an existing HuggingFace BLIP instance: same parameters, blip_fast's engine."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from blip_fast.config import BlipConfig
+from blip_fast.modeling import blip
+
+_TASKS = ("BlipForConditionalGeneration", "BlipForImageTextRetrieval", "BlipForQuestionAnswering")
+
+
+def optimize(hf_model: nn.Module) -> blip.BlipPreTrainedModel:
+    """The blip_fast model of ``hf_model``'s task, holding *the same* parameter tensors (nothing is copied).
+
+    ``hf_model`` is a ``transformers`` ``BlipForConditionalGeneration``, ``BlipForImageTextRetrieval`` or
+    ``BlipForQuestionAnswering``. The two objects stay in step: training or editing either one changes both. Outputs
+    follow HuggingFace exactly (``hf_compat``); ``generate`` runs blip_fast's engine with HuggingFace's arguments.
+    """
+    name = type(hf_model).__name__
+    if name not in _TASKS:
+        raise TypeError(f"optimize() takes a transformers model of {_TASKS}, got {name}")
+    config = BlipConfig.from_hf(hf_model.config.to_dict()).replace(hf_compat=True)
+    with torch.device("meta"):
+        model = getattr(blip, name)(config)
+    hf_parameters = dict(hf_model.named_parameters(remove_duplicate=False))
+    missing = [key for key, _ in model.named_parameters(remove_duplicate=False) if key not in hf_parameters]
+    if missing:
+        raise ValueError(f"{name} from transformers lacks parameters blip_fast needs: {missing[:5]}")
+    for key, _ in list(model.named_parameters(remove_duplicate=False)):
+        owner, _, attribute = key.rpartition(".")
+        setattr(model.get_submodule(owner), attribute, hf_parameters[key])
+    return model.train(hf_model.training)
