@@ -108,7 +108,9 @@ COLUMNS = [*harness.TIMING_COLUMNS, "max_abs_diff", "error"]
 
 
 def report(rows: list[dict[str, Any]], out_dir: str | None, name: str) -> str:
-    return harness.write_report(rows, COLUMNS, f"{name}: {rows[0]['config']} {rows[0]['dtype']}, {rows[0]['image_size']}px ({rows[0]['tokens']} tokens)", out_dir, name)
+    first = rows[0]
+    title = f"{name}: {first['config']} {first['dtype']}, {first['image_size']}px ({first['tokens']} tokens)"
+    return harness.write_report(rows, COLUMNS, title, out_dir, name)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -56,6 +56,20 @@ def _positives(offs_m, offs_n, row_valid, col_valid, row_ids_ptr, column_ids_ptr
 
 
 @triton.jit
+def _row_tile(rows_ptr, rows_m_ptr, pid_m, M, D, stride_r, stride_rm, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Offsets, validity masks and the online/momentum row tiles of row block ``pid_m``. Padded rows and dims load as
+    0: their logits are finite and never stored."""
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_valid = offs_m < M
+    d_valid = offs_d < D
+    mask = row_valid[:, None] & d_valid[None, :]
+    r = tl.load(rows_ptr + offs_m[:, None] * stride_r + offs_d[None, :], mask=mask, other=0.0)
+    rm = tl.load(rows_m_ptr + offs_m[:, None] * stride_rm + offs_d[None, :], mask=mask, other=0.0)
+    return offs_m, offs_d, row_valid, d_valid, r, rm
+
+
+@triton.jit
 def _itc_forward_kernel(
     rows_ptr, rows_m_ptr, columns_ptr, temp_ptr, row_ids_ptr, column_ids_ptr, stats_ptr,
     M, N, D, tiles_per_split, positive_offset,
@@ -66,15 +80,8 @@ def _itc_forward_kernel(
     """Per-row statistics of one column split: stats[k, split, row] for the _STATS quantities (base-2 logits)."""
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    row_valid = offs_m < M
-    d_valid = offs_d < D
-    # Padded rows/dims load as 0: their logits are finite and never stored.
-    r = tl.load(rows_ptr + offs_m[:, None] * stride_r + offs_d[None, :], mask=row_valid[:, None] & d_valid[None, :],
-                other=0.0)
-    rm = tl.load(rows_m_ptr + offs_m[:, None] * stride_rm + offs_d[None, :],
-                 mask=row_valid[:, None] & d_valid[None, :], other=0.0)
+    offs_m, offs_d, row_valid, d_valid, r, rm = _row_tile(rows_ptr, rows_m_ptr, pid_m, M, D, stride_r, stride_rm,
+                                                          BLOCK_M, BLOCK_D)
     # Read the temperature on the device: no host sync per step.
     scale = _LOG2E_K / tl.load(temp_ptr).to(tl.float32)
 
@@ -160,14 +167,8 @@ def _itc_backward_rows_kernel(
     """Partial d rows [split, M, D] (fp32) and partial d temp [split, row block] of one column split."""
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    row_valid = offs_m < M
-    d_valid = offs_d < D
-    r = tl.load(rows_ptr + offs_m[:, None] * stride_r + offs_d[None, :], mask=row_valid[:, None] & d_valid[None, :],
-                other=0.0)
-    rm = tl.load(rows_m_ptr + offs_m[:, None] * stride_rm + offs_d[None, :],
-                 mask=row_valid[:, None] & d_valid[None, :], other=0.0)
+    offs_m, offs_d, row_valid, d_valid, r, rm = _row_tile(rows_ptr, rows_m_ptr, pid_m, M, D, stride_r, stride_rm,
+                                                          BLOCK_M, BLOCK_D)
     inv_temp = 1.0 / tl.load(temp_ptr).to(tl.float32)
     scale = inv_temp * _LOG2E_K
     # d loss / d s_ij = (p_ij - t_ij) * grad_out / (2 M): mean over this direction's rows, half of the two-way sum.
