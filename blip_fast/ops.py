@@ -78,6 +78,35 @@ def attention(
     return resolve("attention", query.device)(query, key, value, mask, dropout_p)
 
 
+@register("decode_attention", "reference")
+def _decode_attention_reference(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None
+) -> torch.Tensor:
+    return F.scaled_dot_product_attention(query, key, value, attn_mask=mask)
+
+
+@register("decode_attention", "triton", available=lambda device: device.type == "cuda")
+def _decode_attention_triton(query, key, value, mask):
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (query, key, value, mask)):
+        return _decode_attention_reference(query, key, value, mask)  # the kernel is forward-only (decoding)
+    from blip_fast.kernels.decode_attention import decode_attention as fused  # lazy: blip_fast never imports triton
+
+    return fused(query, key, value, mask)
+
+
+def decode_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Decode-step attention of each image's query rows over its cached context, scaled by ``head_dim ** -0.5``.
+
+    query ``[C, H, Mq, Dh]`` holds the ``Mq = rows_per_image * new_tokens`` rows (beams/samples) of image ``c``;
+    key/value ``[C, H, N, Dh]`` are that image's cached cross-attention K/V, stored once and shared by its rows;
+    mask is additive and broadcastable to ``[C, 1, 1, N]``, or None. Returns ``[C, H, Mq, Dh]``. The reference is
+    SDPA; the Triton kernel (CUDA) reads each image's K/V once for all its rows.
+    """
+    return resolve("decode_attention", query.device)(query, key, value, mask)
+
+
 def additive_mask(keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Boolean/0-1 ``keep`` mask -> additive float mask: 0 where kept, ``finfo(dtype).min`` where dropped.
 

@@ -109,3 +109,24 @@ def test_bad_generation_arguments_raise_clearly(captioner, kwargs, message):
     _, model = captioner
     with pytest.raises((ValueError, TypeError), match=message):
         model.generate(torch.randn(1, 3, 40, 40), **kwargs)
+
+
+def test_decoding_reads_cached_image_kv_through_decode_attention(captioner, monkeypatch):
+    """Every cached cross-attention call goes through ops.decode_attention (the fused kernel's entry on CUDA),
+    with one K/V per image and all of that image's beams as query rows."""
+    from blip_fast import ops
+
+    _, model = captioner
+    calls, decode_attention = [], ops.decode_attention
+
+    def recording(query, key, value, mask=None):
+        calls.append((query.shape, key.shape))
+        return decode_attention(query, key, value, mask)
+
+    monkeypatch.setattr(ops, "decode_attention", recording)
+    pixel_values = torch.randn(2, 3, 40, 40)
+    model.generate(pixel_values, num_beams=3, max_length=6)
+    layers = len(model.text_decoder.bert.encoder.layer)
+    assert len(calls) >= layers and len(calls) % layers == 0
+    (query_shape, key_shape) = calls[-1]
+    assert key_shape[0] == 2 and query_shape[0] == 2 and query_shape[2] == 3  # 2 images, 3 beam rows each

@@ -99,18 +99,23 @@ class BlipTextSelfAttention(nn.Module):
         value: torch.Tensor,
         mask: torch.Tensor | None,
         rows_per_context: int = 1,
+        cached_context: bool = False,
     ) -> torch.Tensor:
         """hidden_states ``[R, L, D]`` attend to key/value ``[R / rows_per_context, H, Lk, Dh]``.
 
         With ``rows_per_context`` > 1 the queries of consecutive rows sharing one key/value are folded into the
-        query-length axis, so the shared keys are read once instead of being copied per row.
+        query-length axis, so the shared keys are read once instead of being copied per row. ``cached_context``
+        (decoding against cached image K/V) routes through :func:`blip_fast.ops.decode_attention`, whose fused
+        kernel streams each image's K/V once for all its rows.
         """
         rows, length, width = hidden_states.shape
         query = self.split_heads(self.query(hidden_states))  # [R, H, L, Dh]
         if rows_per_context > 1:
             query = query.unflatten(0, (-1, rows_per_context)).transpose(1, 2).flatten(2, 3)  # [C, H, r*L, Dh]
-        dropout = self.dropout if self.training else 0.0
-        context = ops.attention(query, key, value, mask, dropout)
+        if cached_context:
+            context = ops.decode_attention(query, key, value, mask)
+        else:
+            context = ops.attention(query, key, value, mask, self.dropout if self.training else 0.0)
         if rows_per_context > 1:
             context = context.unflatten(2, (rows_per_context, length)).transpose(1, 2).flatten(0, 1)  # [R, H, L, Dh]
         return context.transpose(1, 2).reshape(rows, length, width)
@@ -176,7 +181,9 @@ class BlipTextLayer(nn.Module):
 
         if cache is not None:
             key, value = cache.cross_keys[layer_index], cache.cross_values[layer_index]
-            context = self.crossattention.self(hidden_states, key, value, cache.cross_mask, cache.rows_per_image)
+            context = self.crossattention.self(
+                hidden_states, key, value, cache.cross_mask, cache.rows_per_image, cached_context=True
+            )
             hidden_states = self.crossattention.output(context, hidden_states)
         elif encoder_hidden_states is not None:
             key, value = self.crossattention.self.project_kv(encoder_hidden_states)
