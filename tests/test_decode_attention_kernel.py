@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from blip_fast import ops
+from tests.tiny_models import poison_kernel_outputs
 
 kernel = pytest.importorskip("blip_fast.kernels.decode_attention")
 
@@ -30,12 +31,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 @pytest.fixture(autouse=True)
 def _poison_outputs(monkeypatch):
-    """Kernel outputs start as NaN, so an element a kernel forgets to write fails the comparison."""
-
-    def poisoned(shape, dtype, device):
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-
-    monkeypatch.setattr(kernel, "_output_buffer", poisoned)
+    poison_kernel_outputs(monkeypatch, kernel)
 
 
 # ------------------------------------------------------------------------------------------------ helpers

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from blip_fast import ops
+from tests.tiny_models import poison_kernel_outputs
 
 itc = pytest.importorskip("blip_fast.kernels.itc")
 
@@ -28,12 +29,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 @pytest.fixture(autouse=True)
 def _poison_outputs(monkeypatch):
-    """Kernel outputs start as NaN, so an element a kernel forgets to write fails the comparison."""
-
-    def poisoned(shape, dtype, device):
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-
-    monkeypatch.setattr(itc, "_output_buffer", poisoned)
+    poison_kernel_outputs(monkeypatch, itc)
 
 
 # ------------------------------------------------------------------------------------------------ helpers

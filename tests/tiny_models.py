@@ -87,3 +87,13 @@ def to_original_key(key: str) -> str:
             rest = rest.replace(hf_name, original_name)
         key = f"visual_encoder.blocks.{block}.{rest}"
     return key
+
+
+def poison_kernel_outputs(monkeypatch, kernel_module) -> None:
+    """Make a kernel module's ``_output_buffer`` return NaN-filled tensors, so an element a kernel forgets to write
+    fails the comparison (DESIGN.md §4: never test on zeros)."""
+
+    def poisoned(shape, dtype, device):
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+    monkeypatch.setattr(kernel_module, "_output_buffer", poisoned)

@@ -30,6 +30,7 @@ checks this against the pinned package); the package itself is not needed.
 
 from __future__ import annotations
 
+import abc
 import glob
 import json
 import logging
@@ -68,7 +69,7 @@ def sample_rng(seed: int, epoch: int, index: int) -> random.Random:
     return random.Random(f"blip_fast.data/{seed}/{epoch}/{index}")
 
 
-class _MapDataset(torch.utils.data.Dataset):
+class _MapDataset(torch.utils.data.Dataset, abc.ABC):
     """Shared machinery: epoch, per-sample rng, transform, skip counting/logging, the on_error policy."""
 
     def __init__(self, transform: Transform | None, seed: int, max_words: int, on_error: OnError) -> None:
@@ -97,12 +98,13 @@ class _MapDataset(torch.utils.data.Dataset):
         else:
             logger.info("%s: %d samples indexed from %s", type(self).__name__, len(self), source)
 
-    # Subclasses: the decoded image (raises ImageLoadError), the clean caption, the image id, a name for logs.
+    @abc.abstractmethod
     def _load(self, index: int) -> tuple[PIL.Image.Image, str, int]:
-        raise NotImplementedError
+        """The decoded image (raises ImageLoadError), the clean caption, and the image id of sample ``index``."""
 
+    @abc.abstractmethod
     def _name(self, index: int) -> str:
-        raise NotImplementedError
+        """How logs name sample ``index`` (a path, or ``shard:key``)."""
 
     def __getitem__(self, index: int) -> dict[str, Any] | None:
         length = len(self)
