@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from blip_fast import ops
-from tests.tiny_models import poison_kernel_outputs
+from tests.tiny_models import assert_close, poison_kernel_outputs
 
 kernel = pytest.importorskip("blip_fast.kernels.decode_attention")
 
@@ -35,20 +35,6 @@ def _poison_outputs(monkeypatch):
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-def assert_close(actual: torch.Tensor, expected: torch.Tensor, atol: float, name: str = "out") -> None:
-    """Elementwise |actual - expected| <= atol; on failure say how many elements and which indices differ."""
-    actual, expected = actual.detach().double().cpu(), expected.detach().double().cpu()
-    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    error = (actual - expected).abs()
-    bad = ~(error <= atol)  # NaN counts as bad
-    if bad.any():
-        indices = bad.nonzero()[:5].tolist()
-        raise AssertionError(
-            f"{name}: {int(bad.sum())}/{bad.numel()} elements differ by more than {atol:.3g} "
-            f"(max {error.nan_to_num(float('inf')).max():.3g}); first indices {indices}"
-        )
-
-
 def make_inputs(images, heads, rows, keys, head_dim, masked=False):
     """fp64 query [C, H, rows, Dh], key/value [C, H, N, Dh] and an additive mask [C, 1, 1, N] (or None) that drops
     ~30% of the keys, never all of an image's. The key scale gives peaked and flat rows alike."""
@@ -75,7 +61,7 @@ def check_fp32(query, key, value, keep, **kwargs):
     cast = [t.float() for t in (query, key, value)]
     actual = kernel.decode_attention(*cast, additive(keep, torch.float32), **kwargs)
     assert actual.dtype == torch.float32
-    assert_close(actual, expected, 1e-5 * expected.abs().max().item())
+    assert_close(actual, expected, rtol=0, atol=1e-5 * expected.abs().max().item())
 
 
 def check_low_precision(query, key, value, keep, dtype, **kwargs):
@@ -88,7 +74,7 @@ def check_low_precision(query, key, value, keep, dtype, **kwargs):
     assert actual.dtype == dtype
     reference_error = (low.double() - exact.double()).abs().max().item()
     floor = 0.25 * torch.finfo(dtype).eps * exact.abs().max().item()
-    assert_close(actual, exact, 2 * reference_error + floor)
+    assert_close(actual, exact, rtol=0, atol=2 * reference_error + floor)
 
 
 # ------------------------------------------------------------------------------------------------ fp32 cases
@@ -132,7 +118,7 @@ def test_mask_broadcast_forms_and_boolean():
     cast = [t.float() for t in (query, key, value)]
     full = additive(keep, torch.float32)
     for mask in (full, full[:1], full[0, 0, 0], keep):
-        assert_close(kernel.decode_attention(*cast, mask), expected, 1e-5 * expected.abs().max().item())
+        assert_close(kernel.decode_attention(*cast, mask), expected, rtol=0, atol=1e-5 * expected.abs().max().item())
 
 
 def test_strided_cache_and_many_rows():
@@ -171,7 +157,7 @@ def test_ops_reference_is_sdpa():
     mask = additive(keep, torch.float32)
     assert torch.equal(ops._decode_attention_reference(query, key, value, mask), sdpa(query, key, value, mask))
     if DEVICE == "cpu":
-        assert_close(ops.decode_attention(query, key, value, mask), sdpa(query, key, value, mask), 0.0)
+        assert_close(ops.decode_attention(query, key, value, mask), sdpa(query, key, value, mask), rtol=0, atol=0.0)
 
 
 def test_importing_blip_fast_does_not_import_triton():
@@ -255,4 +241,4 @@ def test_ops_dispatch_to_triton(monkeypatch):
     cast = [t.float() for t in (query, key, value)]
     # fp32 on GPU: the kernel uses exact (non-TF32) products for fp32, so the fp32 tolerance holds.
     actual = ops.decode_attention(*cast, additive(keep, torch.float32))
-    assert_close(actual, expected, 1e-5 * expected.abs().max().item())
+    assert_close(actual, expected, rtol=0, atol=1e-5 * expected.abs().max().item())

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from blip_fast import ops
-from tests.tiny_models import poison_kernel_outputs
+from tests.tiny_models import assert_close, poison_kernel_outputs
 
 itc = pytest.importorskip("blip_fast.kernels.itc")
 
@@ -33,20 +33,6 @@ def _poison_outputs(monkeypatch):
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-def assert_close(actual: torch.Tensor, expected: torch.Tensor, atol: float, name: str) -> None:
-    """Elementwise |actual - expected| <= atol; on failure say how many elements and which indices differ."""
-    actual, expected = actual.detach().double().cpu(), expected.detach().double().cpu()
-    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    error = (actual - expected).abs()
-    bad = ~(error <= atol)  # NaN counts as bad
-    if bad.any():
-        indices = bad.nonzero()[:5].tolist()
-        raise AssertionError(
-            f"{name}: {int(bad.sum())}/{bad.numel()} elements differ by more than {atol:.3g} "
-            f"(max {error.nan_to_num(float('inf')).max():.3g}); first indices {indices}"
-        )
-
-
 def make_inputs(rows, queue, dim, ids=False, dtype=torch.float32, columns=None):
     """Random BLIP ITC inputs: features [B, D] (rows), momentum [B, D], in-batch columns [B_cols, D], queues
     [D, Q], and optional ids with repeats in the batch and in the queue."""
@@ -124,7 +110,7 @@ def check_fp32(actual, exact, fp32, rtol=1e-5):
         # The loss can be exactly 0 (one row, no queue): measure it against its O(1) cross-entropy scale instead.
         scale = expected.abs().max().item() + (1.0 if name == "loss" else 0.0)
         reference_error = (fp32[name].double() - expected).abs().max().item()
-        assert_close(actual[name], expected, rtol * scale + 2 * reference_error + 1e-9, name)
+        assert_close(actual[name], expected, rtol=0, atol=rtol * scale + 2 * reference_error + 1e-9, name=name)
 
 
 def compare_with_reference(inputs, temp, alpha, fn=fused, reference_fn=reference, grad_names=GRAD_NAMES, **kwargs):
@@ -191,7 +177,7 @@ def test_general_reference_is_the_ops_reference():
     a = run(general_reference, inputs, 0.07, 0.4, dtype=torch.float64)
     b = run(reference, inputs, 0.07, 0.4, dtype=torch.float64)
     for name in a:
-        assert_close(a[name], b[name], 1e-12, name)
+        assert_close(a[name], b[name], rtol=0, atol=1e-12, name=name)
 
 
 @pytest.mark.parametrize("ids", [False, True])
@@ -214,7 +200,7 @@ def test_no_grad_forward_and_detached_defaults():
     with torch.no_grad():
         loss = fused(inputs, torch.tensor(0.07, device=DEVICE), 0.4)  # a 0-dim temperature too
     expected = reference(inputs, torch.tensor(0.07, device=DEVICE, dtype=torch.float64), 0.4)
-    assert_close(loss, expected, 1e-5 * expected.abs().item(), "loss")
+    assert_close(loss, expected, rtol=0, atol=1e-5 * expected.abs().item(), name="loss")
     leaves = {name: tensor.clone().requires_grad_(True) for name, tensor in inputs.items()}
     fused(leaves, torch.tensor([0.07], device=DEVICE), 0.4).backward()
     assert leaves["image_feat"].grad is not None
@@ -249,7 +235,7 @@ def check_low_precision(inputs, dtype, temp=0.07, alpha=0.4):
         reference_error = (low[name].double() - expected.double()).abs().max().item()
         # Floor: one rounding step of the output dtype at the gradient's scale.
         floor = torch.finfo(dtype).eps * expected.abs().max().item()
-        assert_close(actual[name], expected, 2 * reference_error + floor, name)
+        assert_close(actual[name], expected, rtol=0, atol=2 * reference_error + floor, name=name)
 
 
 # ------------------------------------------------------------------------------------------------ wiring

@@ -53,19 +53,22 @@ def tiny_hf_model(task: str, **config_kwargs):
     return randomize_(getattr(transformers, task)(tiny_hf_config(**config_kwargs)))
 
 
-def assert_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float = 1e-5, atol: float | None = None):
-    """``|a - e| <= atol + rtol * |e|`` elementwise (atol defaults to rtol * max|e|); reports where it fails."""
-    actual, expected = actual.detach(), expected.detach()
+def assert_close(
+    actual: torch.Tensor, expected: torch.Tensor, rtol: float = 1e-5, atol: float | None = None, name: str = "tensor"
+) -> None:
+    """``|a - e| <= atol + rtol * |e|`` elementwise (atol defaults to rtol * max|e|); NaN always fails (kernel outputs
+    are NaN-poisoned, so an unwritten element must not pass). Reports how many elements and which indices differ."""
+    actual, expected = actual.detach().double().cpu(), expected.detach().double().cpu()
     if atol is None:
         atol = rtol * float(expected.abs().max())
-    assert actual.shape == expected.shape, f"shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    error = (actual.double() - expected.double()).abs()
-    bad = error > atol + rtol * expected.double().abs()
+    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    error = (actual - expected).abs()
+    bad = ~(error <= atol + rtol * expected.abs())
     if bad.any():
         first = [tuple(index) for index in bad.nonzero()[:5].tolist()]
         raise AssertionError(
-            f"{int(bad.sum())}/{bad.numel()} elements differ (max abs error {float(error.max()):.3g}, "
-            f"atol {atol:.3g}, rtol {rtol:.3g}); first at {first}"
+            f"{name}: {int(bad.sum())}/{bad.numel()} elements differ (max abs error "
+            f"{float(error.nan_to_num(float('inf')).max()):.3g}, atol {atol:.3g}, rtol {rtol:.3g}); first at {first}"
         )
 
 
