@@ -181,19 +181,37 @@ class BlipForImageTextRetrieval(BlipPreTrainedModel):
         """ITM logits ``[B, 2]`` (index 1 = "matched") for pairs, or ITC cosine ``[B_img, B_text]``."""
         image_embeds = self.vision_model(pixel_values, interpolate_pos_encoding).last_hidden_state
         if use_itm_head:
-            input_ids = self._with_first_token(input_ids, self.config.text.enc_token_id)
-            text_embeds = self.text_encoder(
-                input_ids, attention_mask, image_embeds, _ones_mask(image_embeds)
-            ).last_hidden_state
+            text_embeds = self.matching_states(image_embeds, input_ids, attention_mask)
             score = self.itm_head(text_embeds[:, 0])
         else:
             text_embeds = self.text_encoder(input_ids, attention_mask).last_hidden_state
-            image_feat = F.normalize(self.vision_proj(image_embeds[:, 0]), dim=-1)
-            text_feat = F.normalize(self.text_proj(text_embeds[:, 0]), dim=-1)
-            score = image_feat @ text_feat.t()
+            score = self.image_features(image_embeds) @ self.text_features(text_embeds).t()
         return BlipImageTextMatchingModelOutput(
             itm_score=score, last_hidden_state=image_embeds, question_embeds=text_embeds
         )
+
+    # The pieces of ``forward``, for callers that reuse one image's states across many texts (retrieval
+    # evaluation's ITM rerank, CapFilt's filter): the ViT runs once per image, not once per pair.
+    def image_features(self, image_embeds: torch.Tensor) -> torch.Tensor:
+        """L2-normalised ITC image features ``[B, E]`` from ViT states ``[B, N, D]``."""
+        return F.normalize(self.vision_proj(image_embeds[:, 0]), dim=-1)
+
+    def text_features(self, text_embeds: torch.Tensor) -> torch.Tensor:
+        """L2-normalised ITC text features ``[B, E]`` from unimodal text-encoder states ``[B, L, D]``."""
+        return F.normalize(self.text_proj(text_embeds[:, 0]), dim=-1)
+
+    def matching_states(
+        self, image_embeds: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Image-grounded text states ``[B, L, D]`` (``[ENC]`` first) of pairs ``(image_embeds[b], input_ids[b])``."""
+        input_ids = self._with_first_token(input_ids, self.config.text.enc_token_id)
+        return self.text_encoder(input_ids, attention_mask, image_embeds, _ones_mask(image_embeds)).last_hidden_state
+
+    def itm_logits(
+        self, image_embeds: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """ITM logits ``[B, 2]`` (index 1 = "matched") of pairs ``(image_embeds[b], input_ids[b])``."""
+        return self.itm_head(self.matching_states(image_embeds, input_ids, attention_mask)[:, 0])
 
 
 class BlipForQuestionAnswering(BlipPreTrainedModel):
