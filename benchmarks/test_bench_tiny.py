@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from benchmarks import bench_generate, bench_vit
+from benchmarks import bench_capfilt, bench_generate, bench_vit
 
 GENERATE_CASES = {"greedy_bs1": 1, "greedy_bs256": 8, "beam3_bs64": 4, "nucleus_bs256": 8}  # case -> tiny batch
 VIT_BATCHES = (1, 16)
@@ -57,3 +57,20 @@ def test_vit_tiny(benchmark, vit_models, bench_device, batch, engine):
     pixel_values = torch.randn(batch, 3, vision.image_size, vision.image_size, device=bench_device)
     hidden = benchmark.pedantic(bench_vit.make_forward(model, pixel_values), rounds=5, warmup_rounds=1)
     assert hidden.shape == (batch, vision.num_positions, vision.hidden_size)
+
+
+@pytest.fixture(scope="module")
+def capfilt_engines(bench_device, tmp_path_factory):
+    return bench_capfilt.build_engines("tiny", tmp_path_factory.mktemp("capfilt"), bench_device, torch.float32)
+
+
+@pytest.mark.parametrize("engine", bench_capfilt.ENGINES)
+def test_capfilt_tiny(benchmark, capfilt_engines, bench_device, engine):
+    image_size, pipelines, errors = capfilt_engines
+    pipeline = _model_or_skip(pipelines, errors, engine)
+    case = bench_capfilt.Case(batch=4, num_captions=3)
+    benchmark.group = "capfilt-k3-bs4"
+    pixel_values = torch.randn(case.batch, 3, image_size, image_size, device=bench_device)
+    p_match = benchmark.pedantic(bench_capfilt.make_pipeline_call(pipeline, pixel_values, case, length=20), rounds=3,
+                                 warmup_rounds=1)
+    assert p_match.shape == (case.batch * (1 + case.num_captions),)

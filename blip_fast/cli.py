@@ -1,8 +1,9 @@
-"""``blip-fast`` console entry: caption, convert, demo. ``main(argv)`` is callable from tests."""
+"""``blip-fast`` console entry: caption, capfilt, convert, demo, evaluate. ``main(argv)`` is callable from tests."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -85,6 +86,93 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_capfilt_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--captioner", required=True, type=Path, help="HuggingFace-layout BLIP captioning directory")
+    parser.add_argument("--filter", required=True, type=Path, help="HuggingFace-layout BLIP retrieval (ITM) directory")
+    parser.add_argument("--input", required=True, help="folder or brace/glob pattern of .tar shards, or BLIP .json")
+    parser.add_argument("--image-root", type=Path, help="folder the json's image paths are relative to")
+    parser.add_argument("--output", required=True, type=Path, help="output folder (rerun the same command to resume)")
+    parser.add_argument("--num-captions", type=int, default=1, help="synthetic captions per image (BLIP: 1)")
+    parser.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass (BLIP: 0.9)")
+    parser.add_argument("--max-length", type=int, default=20, help="tokens incl. [DEC] and prompt (BLIP: 20)")
+    parser.add_argument("--min-length", type=int, default=5, help="tokens incl. [DEC] and prompt (BLIP: 5)")
+    parser.add_argument("--prompt", default="a picture of ", help="text the captions continue; stripped from output")
+    parser.add_argument("--threshold", type=float, help="keep when p(match) > this (default: ITM argmax)")
+    parser.add_argument("--batch-size", type=int, default=32, help="images per batch (part of the sampling stream)")
+    parser.add_argument("--workers", type=int, default=4, help="DataLoader processes decoding images")
+    parser.add_argument("--images-per-part", type=int, default=1000, help="json input: images per work unit")
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed")
+    parser.add_argument("--device", default="auto", help="auto: cuda:LOCAL_RANK when CUDA is available")
+    parser.add_argument("--dtype", choices=["auto", *DTYPES], default="auto")
+    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # the deepspeed launcher's
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _capfilt(args: argparse.Namespace) -> int:
+    import os
+
+    from blip_fast.capfilt import CapFiltOptions, run_capfilt
+
+    device, dtype = _device_and_dtype(args.device, args.dtype)
+    if device.type == "cuda" and device.index is None:
+        local_rank = args.local_rank if args.local_rank is not None else int(os.environ.get("LOCAL_RANK", 0))
+        device = torch.device("cuda", local_rank)
+    options = CapFiltOptions(
+        captioner=args.captioner, filter=args.filter, input=args.input, output=args.output,
+        image_root=args.image_root, num_captions=args.num_captions, top_p=args.top_p, max_length=args.max_length,
+        min_length=args.min_length, prompt=args.prompt, threshold=args.threshold, batch_size=args.batch_size,
+        workers=args.workers, seed=args.seed, device=str(device), dtype=str(dtype).removeprefix("torch."),
+        images_per_part=args.images_per_part, progress=not args.no_progress,
+    )
+    summary = run_capfilt(options)
+    print(json.dumps({key: value for key, value in summary.items() if key != "config"}, sort_keys=True))
+    return 0
+
+
+def _add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--task", choices=["retrieval", "caption"], required=True)
+    parser.add_argument("--model", required=True, type=Path, help="HuggingFace-layout BLIP directory of that task")
+    parser.add_argument("--annotations", required=True, type=Path, help='test json: [{"image", "caption"}, ...]')
+    parser.add_argument("--image-root", required=True, type=Path, help="directory the json's image paths are under")
+    parser.add_argument("--k-test", type=int, default=256, help="retrieval: ITC candidates reranked by ITM (BLIP: 256)")
+    parser.add_argument("--batch-size", type=int, default=64, help="images (and retrieval texts) per forward")
+    parser.add_argument("--itm-batch-size", type=int, default=128, help="retrieval: image-text pairs per ITM forward")
+    parser.add_argument("--beams", type=int, default=3, help="caption: beam search width (BLIP: 3)")
+    parser.add_argument("--max-length", type=int, default=20, help="caption: tokens incl. [DEC] and prompt (BLIP: 20)")
+    parser.add_argument("--min-length", type=int, default=5, help="caption: tokens incl. [DEC] and prompt (BLIP: 5)")
+    parser.add_argument("--prompt", default="a picture of ", help="caption: text the caption continues")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", choices=["auto", *DTYPES], default="auto")
+    parser.add_argument("--out", type=Path, help="write the metrics (and captions) as JSON here")
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from blip_fast import evaluate
+    from blip_fast.data.transforms import ImageLoadError
+
+    device, dtype = _device_and_dtype(args.device, args.dtype)
+    inputs = dict(model_dir=args.model, annotations=args.annotations, image_root=args.image_root, device=device,
+                  dtype=dtype)
+    try:
+        if args.task == "retrieval":
+            report = evaluate.run_retrieval_evaluation(
+                **inputs, k_test=args.k_test, batch_size=args.batch_size, itm_batch_size=args.itm_batch_size
+            )
+        else:
+            report = evaluate.run_caption_evaluation(
+                **inputs, batch_size=args.batch_size, prompt=args.prompt, num_beams=args.beams,
+                max_length=args.max_length, min_length=args.min_length,
+            )
+    except (evaluate.EvaluationInputError, ImageLoadError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(evaluate.format_table(report["metrics"]))
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=2, default=str) + "\n", encoding="utf-8")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="blip-fast", description="Fast, faithful BLIP.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -108,6 +196,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--images", type=int, default=8)
     demo.add_argument("--device", default="auto")
     demo.set_defaults(run=_demo)
+
+    capfilt = commands.add_parser("capfilt", help="caption and filter an image-text dataset (BLIP's CapFilt)")
+    _add_capfilt_arguments(capfilt)
+    capfilt.set_defaults(run=_capfilt)
+
+    evaluate = commands.add_parser("evaluate", help="retrieval recall@K or caption BLEU-4/CIDEr on a test json")
+    _add_evaluate_arguments(evaluate)
+    evaluate.set_defaults(run=_evaluate)
     return parser
 
 
