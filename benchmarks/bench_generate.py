@@ -4,7 +4,11 @@ Both engines decode exactly ``--new-tokens`` tokens (``min_new_tokens == max_new
 emit ``[SEP]`` early do not shorten the work. The HuggingFace model is built from the blip_fast preset's
 ``to_hf()`` config with random weights; blip_fast's model is made from it with ``from_hf_model`` (identical
 state-dict keys). Reports img/s, median and 20/80-quantile latency, first-call time (compilation, CUDA-graph
-capture) and peak memory per engine, and blip_fast's speed-up over HuggingFace.
+capture) and peak memory (``torch.cuda.max_memory_allocated`` on CUDA) per engine, and blip_fast's speed-up over
+HuggingFace. With the greedy_bs256 case it adds the decode-step rows: time per decoded token after the prompt,
+``(T(new_tokens) - T(2)) / (new_tokens - 2)`` (the ViT and prefill cancel), for HuggingFace and for blip_fast with
+CUDA graphs on and off, against the floor of reading each image's cross-attention K/V once per step at the
+bandwidth of a large device-to-device copy measured in the same run.
 
     python -m benchmarks.bench_generate --config base --dtype fp16 --out benchmarks/results/h100
     python -m benchmarks.bench_generate --config tiny --device cpu --batch-scale 0.02   # CPU smoke run
@@ -26,8 +30,13 @@ if __package__ in (None, ""):  # run as a script: make ``benchmarks`` importable
 import torch
 
 from benchmarks import harness
+from blip_fast import generation
 
 ENGINES = ("hf", "ours")
+#: The case whose per-step decode time is compared with the K/V-read floor and with CUDA graphs on/off.
+DECODE_STEP_CASE = "greedy_bs256"
+#: Tokens of the short run whose time is subtracted to leave only decode steps.
+SHORT_NEW_TOKENS = 2
 
 
 @dataclass(frozen=True)
@@ -79,12 +88,17 @@ def load_ours(hf_model: Any, device: str, dtype: torch.dtype) -> Any:
     return blip_fast.BlipForConditionalGeneration.from_hf_model(hf_model).to(device=device, dtype=dtype).eval()
 
 
-def make_generate(model: Any, pixel_values: torch.Tensor, case: Case, new_tokens: int) -> Callable[[], Any]:
+def make_generate(
+    model: Any, pixel_values: torch.Tensor, case: Case, new_tokens: int, **engine_kwargs: Any
+) -> Callable[[], Any]:
+    """``engine_kwargs`` go to this engine only (blip_fast's ``cuda_graphs``)."""
+
     def generate() -> torch.Tensor:
         torch.manual_seed(0)  # same sampling stream every call and in both engines
         with torch.no_grad():
             return model.generate(
-                pixel_values=pixel_values, min_new_tokens=new_tokens, max_new_tokens=new_tokens, **case.generate_kwargs
+                pixel_values=pixel_values, min_new_tokens=new_tokens, max_new_tokens=new_tokens,
+                **case.generate_kwargs, **engine_kwargs,
             )
 
     return generate
@@ -95,6 +109,52 @@ def token_agreement(reference: torch.Tensor, candidate: torch.Tensor) -> float:
     if reference.shape != candidate.shape:
         return 0.0
     return (reference == candidate).all(dim=1).float().mean().item()
+
+
+def copy_bandwidth_gbps(device: str, megabytes: int, warmup: int, repeats: int) -> float:
+    """Achievable memory bandwidth: bytes read + written per second by one large device-to-device copy."""
+    source = torch.empty(megabytes * 2**20, dtype=torch.uint8, device=device).random_()
+    target = torch.empty_like(source)
+    timing = harness.measure(lambda: target.copy_(source), device, warmup=warmup, repeats=repeats)
+    return 2 * source.numel() / (timing.median_ms / 1e3) / 1e9
+
+
+def cross_kv_bytes_per_step(config: Any, images: int, dtype: torch.dtype) -> int:
+    """Bytes of cached cross-attention K/V one decode step must read: every layer's K and V, once per image."""
+    per_image = config.text.num_hidden_layers * 2 * config.vision.num_positions * config.text.hidden_size
+    return images * per_image * torch.empty((), dtype=dtype).element_size()
+
+
+def decode_step_rows(
+    models: dict[str, Any], pixel_values: torch.Tensor, config: Any, device: str, row: dict[str, Any],
+    args: argparse.Namespace,
+) -> list[dict[str, Any]]:
+    """Per-step decode time of greedy decoding vs the K/V-read floor: HF, and ours with CUDA graphs on and off.
+
+    The graphs-on row carries ``graphs_speedup`` (its img/s over the graphs-off row's) and both carry peak memory.
+    """
+    case, batch = CASES[DECODE_STEP_CASE], row["batch"]
+    floor_ms = cross_kv_bytes_per_step(config, batch, pixel_values.dtype) / (row["copy_gbps"] * 1e9) * 1e3
+    variants = [("hf", {})] if "hf" in models else []
+    variants += [("ours", {"cuda_graphs": True}), ("ours", {"cuda_graphs": False})] if "ours" in models else []
+    rows = []
+    for engine, engine_kwargs in variants:
+        model = models[engine]
+        result = {**row, "case": f"{DECODE_STEP_CASE}_step", "engine": engine, **engine_kwargs, "kv_floor_ms": floor_ms}
+        medians = {}
+        for new_tokens in (SHORT_NEW_TOKENS, args.new_tokens):
+            call = make_generate(model, pixel_values, case, new_tokens, **engine_kwargs)
+            with harness.peak_memory(device) as memory:
+                medians[new_tokens] = harness.measure(call, device, args.warmup, args.repeats).median_ms
+        step_ms = (medians[args.new_tokens] - medians[SHORT_NEW_TOKENS]) / (args.new_tokens - SHORT_NEW_TOKENS)
+        result.update(median_ms=medians[args.new_tokens], img_per_s=batch / (medians[args.new_tokens] / 1e3),
+                      step_ms=step_ms, step_vs_floor=step_ms / floor_ms, **memory.as_dict())
+        rows.append(result)
+        generation.clear_static_steps()
+    graphs = {result.get("cuda_graphs"): result for result in rows if result["engine"] == "ours"}
+    if {True, False} <= graphs.keys():
+        graphs[True]["graphs_speedup"] = graphs[True]["img_per_s"] / graphs[False]["img_per_s"]
+    return rows
 
 
 def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], int]:
@@ -134,10 +194,23 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], int]:
             case_rows["ours"]["tokens_match"] = token_agreement(outputs["hf"], outputs["ours"])
         rows.extend(case_rows.values())
         del outputs  # free the generated ids before the next case allocates
+        generation.clear_static_steps()  # each case's peak memory holds only its own static buffers
+        if case_name == DECODE_STEP_CASE and args.new_tokens > SHORT_NEW_TOKENS:
+            bandwidth = copy_bandwidth_gbps(device, args.copy_mb, args.warmup, args.repeats)
+            try:
+                rows.extend(decode_step_rows(models, pixel_values, config, device, {**row, "copy_gbps": bandwidth},
+                                             args))
+            except Exception as error:  # recorded like an engine failure; the other rows stand
+                print(f"[decode step] {type(error).__name__}: {error}", file=sys.stderr)
+                rows.append({**row, "case": f"{DECODE_STEP_CASE}_step", "error": f"{type(error).__name__}: {error}"})
+                failures += 1
     return rows, failures
 
 
-COLUMNS = [*harness.TIMING_COLUMNS, "tokens_match", "error"]
+COLUMNS = [
+    *harness.TIMING_COLUMNS, "tokens_match", "cuda_graphs", "graphs_speedup", "step_ms", "kv_floor_ms",
+    "step_vs_floor", "copy_gbps", "error",
+]
 
 
 def report(rows: list[dict[str, Any]], out_dir: str | None, name: str) -> str:
@@ -152,11 +225,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--cases", default="", help=f"comma-separated substrings of {', '.join(CASES)}")
     parser.add_argument("--new-tokens", type=int, default=20)
     parser.add_argument("--check-tokens", action="store_true", help="record token agreement on greedy/beam cases")
+    parser.add_argument("--copy-mb", type=int, default=None,
+                        help="size of the bandwidth-probe copy (default: 1024 on CUDA, 64 on CPU)")
     return harness.finish_model_arguments(parser.parse_args(argv))
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.copy_mb is None:
+        args.copy_mb = 1024 if (args.device or harness.default_device()).startswith("cuda") else 64
     rows, failures = run(args)
     print(report(rows, args.out, args.name))
     return 1 if failures else 0

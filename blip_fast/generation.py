@@ -4,11 +4,21 @@ Semantics are HuggingFace ``generate``'s (same keyword arguments and defaults, s
 beam bookkeeping), so token ids match ``transformers`` exactly in fp32. What differs is the work: the image's
 cross-attention K/V are projected once and shared by every beam/sample of the image (they attend as extra query
 rows), and the self-attention cache is preallocated to the maximum length.
+
+On CUDA each one-token step is a static, fixed-address step (:meth:`BlipTextModel.decode_step`) captured once as a
+CUDA graph per (model, bucket of images, rows per image, max length, context, dtype) and replayed every step; the
+graphs and their buffers are kept per model (:data:`MAX_STATIC_STEPS` most recently used) and reused by later
+calls. ``cuda_graphs=False`` or ``BLIP_FAST_CUDA_GRAPHS=0`` turns this off; ``cuda_graphs=True`` on a CPU runs the
+static step without capture. The host reads one flag per step (the stop check), or one per ``stop_check_interval``
+steps, or none until the end (``stop_check_interval=0``), with identical output.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
+import weakref
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -16,6 +26,9 @@ import torch
 
 if TYPE_CHECKING:
     from blip_fast.modeling.text import BlipTextLMHeadModel, DecoderCache
+
+#: Static steps (buffers + CUDA graph) kept per model, least recently used dropped first.
+MAX_STATIC_STEPS = 4
 
 
 @dataclass(frozen=True)
@@ -37,6 +50,12 @@ class GenerationSettings:
     early_stopping: bool | str = False
     num_return_sequences: int = 1
     use_cache: bool = True
+    #: blip_fast only. Static decode step captured as CUDA graphs; None: ``BLIP_FAST_CUDA_GRAPHS`` (0/1) if set,
+    #: else on for CUDA and off elsewhere. True on a CPU runs the static step without capture.
+    cuda_graphs: bool | None = None
+    #: blip_fast only. Read the stop flag every this many steps (1: every step, like HuggingFace; 0: never, decode
+    #: to the maximum length). The output is the same; fewer checks mean fewer host syncs and maybe wasted steps.
+    stop_check_interval: int = 1
 
     def __post_init__(self) -> None:
         if self.num_beams < 1 or self.num_return_sequences < 1:
@@ -55,6 +74,8 @@ class GenerationSettings:
             raise ValueError(f"early_stopping must be True, False or 'never', got {self.early_stopping!r}")
         if not self.use_cache:
             raise ValueError("blip_fast always decodes with a cache (use_cache=False is not supported)")
+        if self.stop_check_interval < 0:
+            raise ValueError(f"stop_check_interval must be >= 0, got {self.stop_check_interval}")
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> GenerationSettings:
@@ -70,6 +91,16 @@ class GenerationSettings:
         if self.max_length is None:
             return min(prompt_length + 20, max_positions)
         return self.max_length
+
+    def uses_static_step(self, device: torch.device) -> bool:
+        if self.cuda_graphs is not None:
+            return self.cuda_graphs
+        switch = os.environ.get("BLIP_FAST_CUDA_GRAPHS")
+        return device.type == "cuda" if switch is None else switch.strip() != "0"
+
+    def check_stop(self, steps_done: int) -> bool:
+        """Whether to read the stop flag after ``steps_done`` generated tokens."""
+        return self.stop_check_interval > 0 and steps_done % self.stop_check_interval == 0
 
 
 class LogitsProcessor:
@@ -130,6 +161,155 @@ def _top_p(scores: torch.Tensor, top_p: float, min_tokens_to_keep: int) -> torch
     return scores.masked_fill(remove, -float("inf"))
 
 
+class StaticStep:
+    """Fixed-address inputs, cache and output of the one-token decode step over a bucket of images, optionally
+    captured as a CUDA graph. A call feeds the leading rows; the bucket's other rows are inert (finite, unread)."""
+
+    def __init__(self, cache: DecoderCache) -> None:
+        rows, device = cache.self_kv.shape[2], cache.self_kv.device
+        self.cache = cache
+        self.tokens = torch.zeros(rows, 1, dtype=torch.long, device=device)  # [R_bucket, 1]
+        self.position = torch.zeros((), dtype=torch.long, device=device)
+        self.keep = torch.ones(rows, cache.max_length, dtype=torch.bool, device=device)  # prompt padding -> False
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.logits: torch.Tensor | None = None  # [R_bucket, V], the captured graph's output
+
+    def capture(self, decoder: BlipTextLMHeadModel) -> None:
+        """Warm up on a side stream (allocator, lazy kernel compilation), then capture one step."""
+        side = torch.cuda.Stream(self.tokens.device)
+        side.wait_stream(torch.cuda.current_stream(self.tokens.device))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                decoder.decode_step(self.tokens, self.position, self.keep, self.cache)
+        torch.cuda.current_stream(self.tokens.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):
+                self.logits = decoder.decode_step(self.tokens, self.position, self.keep, self.cache)
+        except RuntimeError as error:
+            raise RuntimeError(
+                f"CUDA-graph capture of the decode step failed ({error}); generate with cuda_graphs=False or set "
+                "BLIP_FAST_CUDA_GRAPHS=0"
+            ) from error
+        self.graph = graph
+
+    def load(
+        self,
+        decoder: BlipTextLMHeadModel,
+        encoder_hidden_states: torch.Tensor,
+        encoder_attention_mask: torch.Tensor | None,
+        mask: torch.Tensor,
+    ) -> None:
+        """Bind one call: its images' cross K/V and its rows' padding mask ``[R, max_length]`` (0/1)."""
+        decoder.bert.fill_context(self.cache, encoder_hidden_states, encoder_attention_mask)
+        rows = mask.shape[0]
+        self.keep[:rows].copy_(mask.bool())
+        self.keep[rows:] = True
+
+    def __call__(self, decoder: BlipTextLMHeadModel, tokens: torch.Tensor) -> torch.Tensor:
+        """Feed ``tokens [R]`` at the cache length -> logits ``[R, V]`` (valid until the next call)."""
+        rows = tokens.shape[0]
+        self.tokens[:rows, 0].copy_(tokens)
+        self.position.fill_(self.cache.length)
+        if self.graph is not None:
+            self.graph.replay()
+            logits = self.logits
+        else:
+            logits = decoder.decode_step(self.tokens, self.position, self.keep, self.cache)
+        self.cache.length += 1
+        return logits[:rows]
+
+
+def bucket(count: int) -> int:
+    """Image-count buckets of the static step: powers of two up to 64, then multiples of 64. Its rows are
+    ``bucket(images) * rows_per_image``, so every image keeps its rows together as the shared-K/V layout needs."""
+    if count <= 64:
+        return 1 << max(0, count - 1).bit_length()
+    return -(-count // 64) * 64
+
+
+_STATIC_STEPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # decoder -> OrderedDict[key, StaticStep]
+
+
+def clear_static_steps(decoder: BlipTextLMHeadModel | None = None) -> None:
+    """Free the cached static steps (buffers and CUDA graphs) of ``decoder``, or of every model."""
+    if decoder is None:
+        _STATIC_STEPS.clear()
+    else:
+        _STATIC_STEPS.pop(decoder, None)
+
+
+def static_step(
+    decoder: BlipTextLMHeadModel,
+    encoder_hidden_states: torch.Tensor,
+    encoder_attention_mask: torch.Tensor | None,
+    rows_per_image: int,
+    max_length: int,
+) -> StaticStep:
+    """The cached static step fitting this call (made, and on CUDA captured, on first use).
+
+    The key holds the parameters' addresses: a graph replays whatever lives there, so moving or re-creating the
+    weights (``.half()``, ``.to()``) must not reuse it, while in-place updates are seen.
+    """
+    if max_length > decoder.config.max_position_embeddings:  # the static step cannot check positions on the host
+        raise ValueError(f"max_length {max_length} exceeds max_position_embeddings "
+                         f"{decoder.config.max_position_embeddings}")
+    images, context_length = encoder_hidden_states.shape[:2]
+    dtype, device = encoder_hidden_states.dtype, encoder_hidden_states.device
+    capture = device.type == "cuda"
+    key = (bucket(images), rows_per_image, max_length, context_length, encoder_attention_mask is not None, dtype,
+           device, capture, tuple(parameter.data_ptr() for parameter in decoder.parameters()))
+    steps = _STATIC_STEPS.setdefault(decoder, OrderedDict())
+    if key in steps:
+        steps.move_to_end(key)
+        return steps[key]
+    cache = decoder.bert.static_cache(
+        key[0], rows_per_image, max_length, context_length, encoder_attention_mask is not None, dtype, device
+    )
+    step = StaticStep(cache)
+    if capture:
+        step.capture(decoder)
+    steps[key] = step
+    while len(steps) > MAX_STATIC_STEPS:
+        steps.popitem(last=False)
+    return step
+
+
+class Decoding:
+    """One call's model side for the search loops: the prompt pass, then one token per row per step, and beam
+    reorders. This base runs every step through the model's ordinary (dynamic-shape) forward."""
+
+    def __init__(self, decoder: BlipTextLMHeadModel, cache: DecoderCache, mask: torch.Tensor) -> None:
+        self.decoder, self.cache, self.mask = decoder, cache, mask  # mask [R, max_length] 0/1
+
+    def prefill(self, prompts: torch.Tensor) -> torch.Tensor:
+        """Feed ``prompts [R, P]`` -> next-token logits ``[R, V]`` in fp32."""
+        return self._forward(prompts)
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Feed one token per row ``tokens [R]`` -> next-token logits ``[R, V]`` in fp32."""
+        return self._forward(tokens[:, None])
+
+    def reorder(self, rows: torch.Tensor) -> None:
+        self.cache.reorder(rows)
+
+    def _forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        visible = self.mask[:, : self.cache.length + tokens.shape[1]]
+        return self.decoder(tokens, visible, cache=self.cache).logits[:, -1].float()
+
+
+class StaticDecoding(Decoding):
+    """Prompt through the dynamic forward, every later token through a :class:`StaticStep` (a graph on CUDA)."""
+
+    def __init__(self, decoder: BlipTextLMHeadModel, static: StaticStep, mask: torch.Tensor) -> None:
+        super().__init__(decoder, static.cache, mask)
+        self.static = static
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.static(self.decoder, tokens)
+
+
+@torch.no_grad()
 def generate(
     decoder: BlipTextLMHeadModel,
     input_ids: torch.Tensor,
@@ -165,28 +345,36 @@ def generate(
         first_kept = (prompt_mask != 0).int().argmax(dim=1, keepdim=True)
         ignore_for_penalty = torch.arange(prompt_length, device=device)[None, :] < first_kept
     processor = LogitsProcessor(settings, prompt_length, eos_token_id, ignore_for_penalty)
-    cache = decoder.bert.new_cache(encoder_hidden_states, encoder_attention_mask, rows_per_image, max_length)
+    if settings.uses_static_step(encoder_hidden_states.device):
+        static = static_step(decoder, encoder_hidden_states, encoder_attention_mask, rows_per_image, max_length)
+        static.load(decoder, encoder_hidden_states, encoder_attention_mask, mask)
+        decoding = StaticDecoding(decoder, static, mask)
+    else:
+        cache = decoder.bert.new_cache(encoder_hidden_states, encoder_attention_mask, rows_per_image, max_length)
+        decoding = Decoding(decoder, cache, mask)
     prompts = input_ids.repeat_interleave(rows_per_image, dim=0)
 
-    def step(tokens: torch.Tensor) -> torch.Tensor:
-        """Feed ``tokens [R, T]`` at the cache position -> next-token logits ``[R, V]`` in fp32."""
-        visible = mask[:, : cache.length + tokens.shape[1]]
-        return decoder(tokens, visible, cache=cache).logits[:, -1].float()
-
     if settings.num_beams > 1:
-        return _beam_search(step, prompts, cache, processor, settings, max_length, eos_token_id, pad_token_id, generator)
-    return _sample(step, prompts, processor, settings, max_length, eos_token_id, pad_token_id, generator)
+        return _beam_search(decoding, prompts, processor, settings, max_length, eos_token_id, pad_token_id, generator)
+    return _sample(decoding, prompts, processor, settings, max_length, eos_token_id, pad_token_id, generator)
 
 
-def _sample(step, prompts, processor, settings, max_length, eos_token_id, pad_token_id, generator) -> torch.Tensor:
-    """Greedy (argmax) or multinomial sampling, one token per row per step."""
+def _sample(
+    decoding: Decoding, prompts, processor, settings, max_length, eos_token_id, pad_token_id, generator
+) -> torch.Tensor:
+    """Greedy (argmax) or multinomial sampling, one token per row per step.
+
+    HuggingFace stops once every row has ended; ``steps_taken`` counts the steps it would have run (on device), so
+    decoding past that point (a sparse stop check) is trimmed away: those steps only append padding.
+    """
     rows, prompt_length = prompts.shape
     sequences = torch.full((rows, max_length), pad_token_id, dtype=torch.long, device=prompts.device)
     sequences[:, :prompt_length] = prompts
     unfinished = torch.ones(rows, dtype=torch.bool, device=prompts.device)
-    logits = step(prompts)
-    length = prompt_length
-    while True:
+    steps_taken = torch.zeros((), dtype=torch.long, device=prompts.device)
+    logits = decoding.prefill(prompts)
+    for length in range(prompt_length, max_length):
+        steps_taken += unfinished.any()
         scores = processor(logits, sequences[:, :length])
         if settings.do_sample:
             next_tokens = torch.multinomial(scores.softmax(dim=-1), 1, generator=generator).squeeze(1)
@@ -195,17 +383,21 @@ def _sample(step, prompts, processor, settings, max_length, eos_token_id, pad_to
         next_tokens = torch.where(unfinished, next_tokens, pad_token_id)
         sequences[:, length] = next_tokens
         unfinished &= next_tokens != eos_token_id
-        length += 1
-        if length >= max_length or not unfinished.any():
-            return sequences[:, :length]
-        logits = step(next_tokens[:, None])
+        done = length + 1 - prompt_length
+        if length + 1 == max_length or (settings.check_stop(done) and not bool(unfinished.any())):
+            break
+        logits = decoding.step(next_tokens)
+    return sequences[:, : prompt_length + int(steps_taken)]
 
 
 def _beam_search(
-    step, prompts, cache: DecoderCache, processor, settings, max_length, eos_token_id, pad_token_id, generator
+    decoding: Decoding, prompts, processor, settings, max_length, eos_token_id, pad_token_id, generator
 ) -> torch.Tensor:
     """HuggingFace's vectorised beam search: keep ``2 * num_beams`` candidates per step so ``num_beams`` stay alive
     even when the best ones end; finished hypotheses are scored ``sum_logprobs / generated_len ** length_penalty``.
+
+    HuggingFace's three stop conditions are fused into one device flag (one host read per checked step); once it
+    is set the finished set is frozen, so steps decoded past it (a sparse stop check) change nothing.
     """
     num_beams, device = settings.num_beams, prompts.device
     rows, prompt_length = prompts.shape
@@ -224,12 +416,12 @@ def _beam_search(
     finished_origins = running_origins.clone()
     is_finished = torch.zeros(batch, num_beams, dtype=torch.bool, device=device)
     can_improve = torch.ones(batch, 1, dtype=torch.bool, device=device)
+    stopped = torch.zeros((), dtype=torch.bool, device=device)
     is_top_beam = torch.arange(candidates, device=device) < num_beams
     batch_offset = torch.arange(batch, device=device)[:, None] * num_beams
 
-    logits = step(prompts)
-    length = prompt_length
-    while True:
+    logits = decoding.prefill(prompts)
+    for length in range(prompt_length, max_length):
         log_probs = processor(logits.log_softmax(dim=-1), running.view(rows, max_length)[:, :length])
         vocab = log_probs.shape[-1]
         total = (log_probs.view(batch, num_beams, vocab) + running_scores[:, :, None]).view(batch, -1)
@@ -253,32 +445,41 @@ def _beam_search(
         running_scores = _gather_beams(alive_scores, keep)
         running_origins = _gather_beams(cand_origins, keep)
 
-        # Merge newly ended top candidates into the finished set.
+        # Merge newly ended top candidates into the finished set (unless the search has already stopped).
         just_ended = ended & is_top_beam
         ended_scores = top_scores / ((length + 1 - prompt_length) ** settings.length_penalty)
         batch_full = is_finished.all(dim=-1, keepdim=True) & (settings.early_stopping is True)
         ended_scores = ended_scores + batch_full.float() * -1e9 + (~can_improve).float() * -1e9
         ended_scores = ended_scores + (~just_ended).float() * -1e9
         best = torch.cat([finished_scores, ended_scores], dim=1).topk(num_beams, dim=1).indices
-        finished = _gather_beams(torch.cat([finished, cand_sequences], dim=1), best)
-        finished_scores = _gather_beams(torch.cat([finished_scores, ended_scores], dim=1), best)
-        finished_origins = _gather_beams(torch.cat([finished_origins, cand_origins], dim=1), best)
-        is_finished = _gather_beams(torch.cat([is_finished, just_ended], dim=1), best)
+        finished = _unless(stopped, finished, _gather_beams(torch.cat([finished, cand_sequences], dim=1), best))
+        finished_origins = _unless(
+            stopped, finished_origins, _gather_beams(torch.cat([finished_origins, cand_origins], dim=1), best)
+        )
+        finished_scores = _unless(
+            stopped, finished_scores, _gather_beams(torch.cat([finished_scores, ended_scores], dim=1), best)
+        )
+        is_finished = _unless(stopped, is_finished, _gather_beams(torch.cat([is_finished, just_ended], dim=1), best))
 
-        cache.reorder(running_origins[:, :, length - prompt_length].flatten())
-        length += 1
-        can_improve = can_improve & _may_improve(running_scores, finished_scores, is_finished, length, prompt_length,
-                                                 max_length, settings)
-        all_done = bool(is_finished.all()) and settings.early_stopping is True
-        if not bool(can_improve.any()) or all_done or bool(ended.all()):
+        decoding.reorder(running_origins[:, :, length - prompt_length].flatten())
+        can_improve = can_improve & _may_improve(running_scores, finished_scores, is_finished, length + 1,
+                                                 prompt_length, max_length, settings)
+        all_done = is_finished.all() & (settings.early_stopping is True)
+        stopped = stopped | ~can_improve.any() | all_done | ended.all()
+        if length + 1 == max_length or (settings.check_stop(length + 1 - prompt_length) and bool(stopped)):
             break
-        logits = step(running.view(rows, max_length)[:, length - 1 : length])
+        logits = decoding.step(running.view(rows, max_length)[:, length])
 
     returned = settings.num_return_sequences
     sequences = finished[:, :returned].flatten(0, 1)
     origins = finished_origins[:, :returned].flatten(0, 1)
     output_length = prompt_length + int((origins >= 0).sum(dim=1).max())
     return sequences[:, :output_length]
+
+
+def _unless(stopped: torch.Tensor, frozen: torch.Tensor, updated: torch.Tensor) -> torch.Tensor:
+    """``frozen`` once the search has stopped (0-d bool on device), else ``updated``; no host read."""
+    return torch.where(stopped, frozen, updated)
 
 
 def _may_improve(running_scores, finished_scores, is_finished, length, prompt_length, max_length, settings):

@@ -12,7 +12,7 @@ image, which attend as extra query rows instead of copies.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -27,28 +27,76 @@ from blip_fast.modeling.outputs import CausalLMOutput, TextModelOutput
 class DecoderCache:
     """Attention state carried between decoding steps.
 
-    ``self_keys[i]``/``self_values[i]``: ``[rows, H, max_length, Dh]``, filled up to ``length``.
-    ``cross_keys[i]``/``cross_values[i]``: ``[images, H, N_ctx, Dh]``, one copy per image; row ``r`` belongs to
-    image ``r // rows_per_image``. ``cross_mask``: additive ``[images, 1, 1, N_ctx]`` or None.
+    ``self_kv``: ``[2, layers, rows, H, max_length, Dh]`` (keys, then values), filled up to ``length``; one tensor
+    so a beam reorder is one gather. ``cross_keys[i]``/``cross_values[i]``: ``[images, H, N_ctx, Dh]``, one copy
+    per image; row ``r`` belongs to image ``r // rows_per_image``. ``cross_mask``: additive ``[images, 1, 1, N_ctx]``
+    or None. A static cache (CUDA graphs) may hold more rows/images than a call feeds: calls use the leading ones.
     """
 
-    self_keys: list[torch.Tensor]
-    self_values: list[torch.Tensor]
+    self_kv: torch.Tensor
     cross_keys: list[torch.Tensor]
     cross_values: list[torch.Tensor]
     cross_mask: torch.Tensor | None
     rows_per_image: int
     length: int = 0
+    #: Flat buffer the size of ``self_kv``, allocated at the first reorder and reused by every later one.
+    reorder_scratch: torch.Tensor | None = field(default=None, repr=False)
+
+    @property
+    def self_keys(self) -> torch.Tensor:
+        """``[layers, rows, H, max_length, Dh]``."""
+        return self.self_kv[0]
+
+    @property
+    def self_values(self) -> torch.Tensor:
+        return self.self_kv[1]
 
     @property
     def max_length(self) -> int:
-        return self.self_keys[0].shape[2]
+        return self.self_kv.shape[4]
+
+    def append(
+        self, layer: int, key: torch.Tensor, value: torch.Tensor, position: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store the fed tokens' self-attention K/V ``[R, H, T, Dh]``; return the K/V to attend over.
+
+        Dynamic (``position`` None): written at ``length``, returns the filled prefix ``[R, H, length + T, Dh]``.
+        Static (``position`` a 0-d device tensor, ``T == 1``): ``index_copy_`` at that position, returns the whole
+        ``[R, H, max_length, Dh]`` buffers, whose not-yet-written positions the caller masks.
+        """
+        rows = key.shape[0]
+        keys, values = self.self_kv[0, layer, :rows], self.self_kv[1, layer, :rows]
+        if position is None:
+            end = self.length + key.shape[2]
+            keys[:, :, self.length : end] = key
+            values[:, :, self.length : end] = value
+            return keys[:, :, :end], values[:, :, :end]
+        keys.index_copy_(2, position.view(1), key)
+        values.index_copy_(2, position.view(1), value)
+        return keys, values
+
+    def cross_context(
+        self, layer: int, rows: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The cached cross-attention key, value and mask of the images that ``rows`` fed rows belong to."""
+        images = rows // self.rows_per_image
+        mask = None if self.cross_mask is None else self.cross_mask[:images]
+        return self.cross_keys[layer][:images], self.cross_values[layer][:images], mask
 
     def reorder(self, rows: torch.Tensor) -> None:
-        """Make row ``r`` continue the history of row ``rows[r]`` (beam search); rows must stay within their image."""
-        for cache in (self.self_keys, self.self_values):
-            for layer, tensor in enumerate(cache):
-                cache[layer] = tensor.index_select(0, rows)
+        """Make row ``r`` continue the history of row ``rows[r]`` (beam search); rows must stay within their image.
+
+        Only the filled prefix of the first ``len(rows)`` rows moves, in place: gathered into the reusable scratch and
+        copied back, so buffer addresses stay fixed (CUDA graphs read them) and no step allocates.
+        """
+        filled = self.self_kv[:, :, : rows.shape[0], :, : self.length]  # [2, layers, R, H, length, Dh]
+        if self.reorder_scratch is None:
+            self.reorder_scratch = torch.empty(
+                self.self_kv.numel(), dtype=self.self_kv.dtype, device=self.self_kv.device
+            )
+        gathered = self.reorder_scratch[: filled.numel()].view(filled.shape)
+        torch.index_select(filled, 2, rows, out=gathered)
+        filled.copy_(gathered)
 
 
 class BlipTextEmbeddings(nn.Module):
@@ -61,14 +109,16 @@ class BlipTextEmbeddings(nn.Module):
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
-    def forward(self, input_ids: torch.Tensor, past_length: int = 0) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, past_length: int | torch.Tensor = 0) -> torch.Tensor:
+        """``past_length``: an int, or a 0-d device tensor in the static decode step (not checked against the table
+        there, which would need a host read; the caller sizes its cache within it)."""
         length = input_ids.shape[1]
-        if past_length + length > self.position_embeddings.num_embeddings:
+        if isinstance(past_length, int) and past_length + length > self.position_embeddings.num_embeddings:
             raise ValueError(
                 f"text of {past_length + length} tokens exceeds max_position_embeddings "
                 f"{self.position_embeddings.num_embeddings}"
             )
-        positions = torch.arange(past_length, past_length + length, device=input_ids.device)
+        positions = torch.arange(length, device=input_ids.device) + past_length
         embeddings = self.word_embeddings(input_ids) + self.position_embeddings(positions)
         return self.dropout(self.LayerNorm(embeddings))
 
@@ -167,22 +217,20 @@ class BlipTextLayer(nn.Module):
         cross_mask: torch.Tensor | None,
         cache: DecoderCache | None,
         layer_index: int,
+        position: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """``position`` (0-d device tensor) selects the static decode step's cache write (:meth:`DecoderCache.append`)."""
         attention = self.attention.self
         key, value = attention.project_kv(hidden_states)
         if cache is not None:
-            end = cache.length + hidden_states.shape[1]
-            cache.self_keys[layer_index][:, :, cache.length : end] = key
-            cache.self_values[layer_index][:, :, cache.length : end] = value
-            key = cache.self_keys[layer_index][:, :, :end]
-            value = cache.self_values[layer_index][:, :, :end]
+            key, value = cache.append(layer_index, key, value, position)
         context = attention(hidden_states, key, value, self_mask)
         hidden_states = self.attention.output(context, hidden_states)
 
         if cache is not None:
-            key, value = cache.cross_keys[layer_index], cache.cross_values[layer_index]
+            key, value, cached_mask = cache.cross_context(layer_index, hidden_states.shape[0])
             context = self.crossattention.self(
-                hidden_states, key, value, cache.cross_mask, cache.rows_per_image, cached_context=True
+                hidden_states, key, value, cached_mask, cache.rows_per_image, cached_context=True
             )
             hidden_states = self.crossattention.output(context, hidden_states)
         elif encoder_hidden_states is not None:
@@ -274,6 +322,32 @@ class BlipTextModel(nn.Module):
         pooled = self.pooler(hidden_states) if self.pooler is not None else None
         return TextModelOutput(last_hidden_state=hidden_states, pooler_output=pooled)
 
+    def decode_step(
+        self, input_ids: torch.Tensor, position: torch.Tensor, keep: torch.Tensor, cache: DecoderCache
+    ) -> torch.Tensor:
+        """One token per row with shapes and addresses fixed across steps, so the step can be a CUDA graph.
+
+        input_ids ``[R, 1]`` sit at ``position`` (0-d long device tensor, the cache length); their K/V are written
+        there with ``index_copy_`` and attention spans the whole ``max_length`` cache under an additive mask built
+        on device from ``position`` and ``keep [R, max_length]`` (bool, False at prompt padding). Returns
+        ``[R, 1, D]``; ``cache.length`` is left to the caller (Python state is not replayed by a graph).
+        """
+        hidden_states = self.embeddings(input_ids, position)
+        causal = torch.arange(cache.max_length, device=input_ids.device) <= position  # [max_length]
+        self_mask = ops.additive_mask((keep & causal)[:, None, None, :], hidden_states.dtype)  # [R, 1, 1, max_length]
+        for index, layer in enumerate(self.encoder.layer):
+            hidden_states = layer(hidden_states, self_mask, None, None, cache, index, position)
+        return hidden_states
+
+    def _self_kv_buffer(self, rows: int, max_length: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        heads = self.config.num_attention_heads
+        shape = (2, len(self.encoder.layer), rows, heads, max_length, self.config.hidden_size // heads)
+        return torch.zeros(shape, dtype=dtype, device=device)
+
+    def _cross_kv(self, encoder_hidden_states: torch.Tensor):
+        """Each layer's cross-attention (key, value) ``[images, H, N_ctx, Dh]`` of ``[images, N_ctx, D_ctx]``."""
+        return (layer.crossattention.self.project_kv(encoder_hidden_states) for layer in self.encoder.layer)
+
     def new_cache(
         self,
         encoder_hidden_states: torch.Tensor,
@@ -286,21 +360,56 @@ class BlipTextModel(nn.Module):
         encoder_hidden_states ``[images, N_ctx, D_ctx]``; the cache serves ``images * rows_per_image`` rows.
         """
         images = encoder_hidden_states.shape[0]
-        rows = images * rows_per_image
-        heads = self.config.num_attention_heads
-        head_dim = self.config.hidden_size // heads
-        layers = self.encoder.layer
-        shape = (rows, heads, max_length, head_dim)
         dtype, device = encoder_hidden_states.dtype, encoder_hidden_states.device
-        cross = [layer.crossattention.self.project_kv(encoder_hidden_states) for layer in layers]
+        cross = list(self._cross_kv(encoder_hidden_states))
         return DecoderCache(
-            self_keys=[torch.zeros(shape, dtype=dtype, device=device) for _ in layers],
-            self_values=[torch.zeros(shape, dtype=dtype, device=device) for _ in layers],
+            self_kv=self._self_kv_buffer(images * rows_per_image, max_length, dtype, device),
             cross_keys=[key for key, _ in cross],
             cross_values=[value for _, value in cross],
             cross_mask=context_attention_mask(encoder_attention_mask, dtype),
             rows_per_image=rows_per_image,
         )
+
+    def static_cache(
+        self,
+        images: int,
+        rows_per_image: int,
+        max_length: int,
+        context_length: int,
+        masked_context: bool,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> DecoderCache:
+        """A zeroed cache for up to ``images`` images whose buffers keep their addresses for its lifetime (CUDA
+        graphs read them); :meth:`fill_context` loads each call's images into its leading slots."""
+        heads = [layer.crossattention.self for layer in self.encoder.layer]
+        shape = (images, context_length, self.config.hidden_size)
+        cross = [(attention.split_heads(torch.zeros(shape, dtype=dtype, device=device)),
+                  attention.split_heads(torch.zeros(shape, dtype=dtype, device=device))) for attention in heads]
+        mask = torch.zeros(images, 1, 1, context_length, dtype=dtype, device=device) if masked_context else None
+        return DecoderCache(
+            self_kv=self._self_kv_buffer(images * rows_per_image, max_length, dtype, device),
+            cross_keys=[key for key, _ in cross],
+            cross_values=[value for _, value in cross],
+            cross_mask=mask,
+            rows_per_image=rows_per_image,
+        )
+
+    @torch.no_grad()
+    def fill_context(
+        self, cache: DecoderCache, encoder_hidden_states: torch.Tensor, encoder_attention_mask: torch.Tensor | None
+    ) -> None:
+        """Write the cross-attention K/V (and mask) of ``[images, N_ctx, D_ctx]`` into a static cache's first
+        ``images`` slots, one layer at a time (a layer's K/V is the only transient copy), and rewind it."""
+        images = encoder_hidden_states.shape[0]
+        for (key, value), key_slot, value_slot in zip(
+            self._cross_kv(encoder_hidden_states), cache.cross_keys, cache.cross_values
+        ):
+            key_slot[:images].copy_(key)
+            value_slot[:images].copy_(value)
+        if cache.cross_mask is not None:
+            cache.cross_mask[:images].copy_(context_attention_mask(encoder_attention_mask, cache.cross_mask.dtype))
+        cache.length = 0
 
 
 class BlipTextPredictionHeadTransform(nn.Module):
@@ -374,3 +483,10 @@ class BlipTextLMHeadModel(nn.Module):
             smoothing = self.config.label_smoothing if label_smoothing is None else label_smoothing
             loss = ops.lm_loss(logits, labels, smoothing, reduction)
         return CausalLMOutput(loss=loss, logits=logits)
+
+    def decode_step(
+        self, input_ids: torch.Tensor, position: torch.Tensor, keep: torch.Tensor, cache: DecoderCache
+    ) -> torch.Tensor:
+        """Next-token logits ``[R, V]`` in fp32 of the static step (:meth:`BlipTextModel.decode_step`)."""
+        hidden_states = self.bert.decode_step(input_ids, position, keep, cache)
+        return self.cls.predictions(hidden_states)[:, -1].float()
