@@ -72,7 +72,8 @@ def extension_kwargs() -> dict:
     from torch.utils.cpp_extension import BuildExtension, CUDAExtension
 
     # No -std flag: BuildExtension picks the C++ standard that the installed torch's headers need.
-    nvcc_flags = ["-O3", "--expt-relaxed-constexpr"]
+    # --threads: the two architectures compile in parallel (gpu_check.sh's install step has a time budget).
+    nvcc_flags = ["-O3", "--expt-relaxed-constexpr", "--threads", os.environ.get("NVCC_THREADS", "2")]
     if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
         nvcc_flags += CUDA_ARCH_FLAGS
     extension = CUDAExtension(

@@ -68,9 +68,12 @@ fi
 
 # Install without network. The fallback runs from a mirror of the tree (symlinks) whose blip_fast/ also holds
 # kernels/, since blip_fast.kernels is mapped from the top-level kernels/ only by an install.
+# With a CUDA torch and nvcc this compiles blip_fast._C (csrc/: one .cu for sm_80 + sm_90, and bindings.cpp); the
+# two sources build in parallel and nvcc compiles the two architectures on two threads each.
 install_ok=0
 if [ "$DRY" != 1 ]; then
-    if step install 90 "$PY" -m pip install --no-index --no-deps --no-build-isolation -e .; then install_ok=1; fi
+    if MAX_JOBS="${MAX_JOBS:-4}" step install 180 "$PY" -m pip install --no-index --no-deps --no-build-isolation -e .
+    then install_ok=1; fi
 fi
 if [ "$install_ok" != 1 ] || ! "$PY" -c "import blip_fast.kernels" >/dev/null 2>&1; then
     MIRROR="$(mktemp -d)"
@@ -97,6 +100,9 @@ PYEOF
 
 # The gpu-marked tests include HF parity on CUDA (tests/test_gpu_parity.py: fp32 ids identical, fp16/bf16 error).
 step gpu_tests 120 "$PY" -m pytest -m gpu tests -q --junitxml="$OUT/gpu_tests.xml"
+# Issue 5: one decode step's cross-attention, eager HF / SDPA / Triton / CUDA (/ flash-attn, xformers) vs the K/V floor.
+step bench_decode_attention 60 "$PY" -m benchmarks.bench_decode_attention --device "$DEVICE" \
+    --repeats $((DRY == 1 ? REPEATS : 30)) --out "$OUT"
 step bench_vit 60 "$PY" -m benchmarks.bench_vit --config "$CONFIG" --dtype "$DTYPE" --device "$DEVICE" \
     --batch-scale "$SCALE" --repeats "$REPEATS" --out "$OUT"
 step bench_generate 150 "$PY" -m benchmarks.bench_generate --config "$CONFIG" --dtype "$DTYPE" --device "$DEVICE" \
@@ -130,7 +136,7 @@ done
     echo "|---|---|---|---|"
     tail -n +2 "$STEPS" | sed 's/\t/ | /g; s/^/| /; s/$/ |/'
     echo
-    for table in vit generate generate_fp32_parity pretrain itc itm_negatives; do
+    for table in vit generate generate_fp32_parity pretrain itc itm_negatives decode_attention; do
         [ -f "$OUT/$table.md" ] && cat "$OUT/$table.md" && echo
     done
 } >"$OUT/summary.md"

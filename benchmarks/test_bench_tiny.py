@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from benchmarks import bench_capfilt, bench_generate, bench_vit
+from benchmarks import bench_capfilt, bench_decode_attention, bench_generate, bench_vit
 
 GENERATE_CASES = {"greedy_bs1": 1, "greedy_bs256": 8, "beam3_bs64": 4, "nucleus_bs256": 8}  # case -> tiny batch
 VIT_BATCHES = (1, 16)
@@ -74,3 +74,17 @@ def test_capfilt_tiny(benchmark, capfilt_engines, bench_device, engine):
     p_match = benchmark.pedantic(bench_capfilt.make_pipeline_call(pipeline, pixel_values, case, length=20), rounds=3,
                                  warmup_rounds=1)
     assert p_match.shape == (case.batch * (1 + case.num_captions),)
+
+
+@pytest.mark.parametrize("engine", bench_decode_attention.ENGINES)
+@pytest.mark.parametrize("images,rows", [(4, 1), (4, 3)])
+def test_decode_attention_tiny(benchmark, bench_device, images, rows, engine):
+    shape = bench_decode_attention.TINY
+    benchmark.group = f"decode-attention-c{images}-r{rows}"
+    make = lambda n: torch.randn(images, shape["heads"], n, shape["head_dim"], device=bench_device)
+    query, key, value = make(rows), make(shape["keys"]), make(shape["keys"])
+    calls = bench_decode_attention.engine_calls(bench_device, query, key, value, rows)
+    if engine not in calls:
+        pytest.skip(f"{engine} unavailable on {bench_device}")
+    out = benchmark.pedantic(calls[engine], rounds=5, warmup_rounds=1)
+    assert out.shape == query.shape

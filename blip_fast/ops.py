@@ -7,6 +7,8 @@ from ``blip_fast.kernels``, CUDA ops from ``blip_fast._C``) register themselves 
 
 from __future__ import annotations
 
+import functools
+import logging
 import os
 from collections.abc import Callable
 
@@ -85,13 +87,36 @@ def _decode_attention_reference(
     return F.scaled_dot_product_attention(query, key, value, attn_mask=mask)
 
 
+def _needs_grad(*tensors: torch.Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 @register("decode_attention", "triton", available=lambda device: device.type == "cuda")
 def _decode_attention_triton(query, key, value, mask):
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (query, key, value, mask)):
+    if _needs_grad(query, key, value, mask):
         return _decode_attention_reference(query, key, value, mask)  # the kernel is forward-only (decoding)
     from blip_fast.kernels.decode_attention import decode_attention as fused  # lazy: blip_fast never imports triton
 
     return fused(query, key, value, mask)
+
+
+@functools.cache
+def cuda_extension_loaded() -> bool:
+    """Whether the optional CUDA extension ``blip_fast._C`` (csrc/) loads; importing it registers
+    ``torch.ops.blip_fast.*``. A missing or mismatched build logs one line and leaves Triton/reference in charge."""
+    try:
+        import blip_fast._C  # noqa: F401
+    except (ImportError, OSError) as error:
+        logging.getLogger(__name__).info("blip_fast._C not loaded (%s); using the Triton/reference backends", error)
+        return False
+    return True
+
+
+@register("decode_attention", "cuda", available=lambda device: device.type == "cuda" and cuda_extension_loaded())
+def _decode_attention_cuda(query, key, value, mask):
+    if _needs_grad(query, key, value, mask):
+        return _decode_attention_reference(query, key, value, mask)  # the kernel is forward-only (decoding)
+    return torch.ops.blip_fast.decode_attention(query, key, value, mask, query.shape[-1] ** -0.5)
 
 
 def decode_attention(
@@ -102,7 +127,7 @@ def decode_attention(
     query ``[C, H, Mq, Dh]`` holds the ``Mq = rows_per_image * new_tokens`` rows (beams/samples) of image ``c``;
     key/value ``[C, H, N, Dh]`` are that image's cached cross-attention K/V, stored once and shared by its rows;
     mask is additive and broadcastable to ``[C, 1, 1, N]``, or None. Returns ``[C, H, Mq, Dh]``. The reference is
-    SDPA; the Triton kernel (CUDA) reads each image's K/V once for all its rows.
+    SDPA; the CUDA op (``blip_fast._C``, preferred) and the Triton kernel read each image's K/V once for all its rows.
     """
     return resolve("decode_attention", query.device)(query, key, value, mask)
 
