@@ -1,4 +1,5 @@
-"""BLIP pre-training (ITC + ITM + LM) with DeepSpeed ZeRO 1/2/3, exact resume, and export to HF-layout dirs.
+"""BLIP pre-training (ITC + ITM + LM) and fine-tuning of CapFilt's filter (retrieval: ITC + ITM) and captioner
+(captioning: LM), with DeepSpeed ZeRO 1/2/3, exact resume, and export to HF-layout dirs.
 
 Launch it any of three ways (options: ``--help``; configs: ``configs/``)::
 
@@ -7,8 +8,16 @@ Launch it any of three ways (options: ``--help``; configs: ``configs/``)::
     torchrun --nproc_per_node 8 -m blip_fast.train --config configs/base-224-pretrain.yaml ...
     python -m blip_fast.train --config configs/tiny-cpu.yaml          # one process, no launcher
 
-Add ``--resume`` to continue exactly from ``output_dir/latest`` (same data order, RNG streams, queues, optimizer;
-see :mod:`blip_fast.training.checkpointing`). Export a checkpoint to task models::
+Fine-tune from a pre-training output dir (or an HF-layout task dir); the model config and tokenizer come with it::
+
+    python -m blip_fast.train --config configs/tiny-cpu-captioning.yaml --init_from output/tiny-cpu \\
+        --data blip_json --annotations clean.json --image_root images --output_dir output/captioner
+
+What differs per task lives in :mod:`blip_fast.training.tasks`. Add ``--resume`` to continue exactly from
+``output_dir/latest`` (same data order, RNG streams, queues, optimizer; see :mod:`blip_fast.training.checkpointing`).
+At the end, ``output_dir/export/<task>`` holds each exported task model as a complete HF-layout dir (weights,
+config.json, tokenizer, preprocessor_config.json): ``captioning`` and ``retrieval`` after pre-training, the
+fine-tuned task's model after fine-tuning. Export any checkpoint later::
 
     python -m blip_fast.train export --checkpoint output/pretrain --out exported --task captioning retrieval
 
@@ -33,12 +42,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from blip_fast.training import checkpointing, options
+from blip_fast.training import checkpointing, options, tasks
 from blip_fast.training.schedule import alpha_ramp, learning_rate
 
 logger = logging.getLogger("blip_fast")
 METRICS_FILE = "metrics.jsonl"
-_LOSS_NAMES = ("loss", "loss_itc", "loss_itm", "loss_lm")
 
 
 # ---------------------------------------------------------------------------------------------------- process setup
@@ -92,16 +100,17 @@ def _training_captions(dataset) -> list[str]:
     return list(dataset.captions)
 
 
-def build_tokenizer(args: argparse.Namespace, dataset, output_dir: Path, rank: int):
-    """The run's tokenizer, saved to ``output_dir/tokenizer`` by rank 0 and read back by every rank."""
+def build_tokenizer(args: argparse.Namespace, dataset, output_dir: Path, rank: int, source_dir: str | Path | None):
+    """The run's tokenizer, saved to ``output_dir/tokenizer`` by rank 0 and read back by every rank: the one in
+    ``source_dir`` (``--tokenizer_dir``, or the ``--init_from`` model's), else one trained on the captions."""
     import deepspeed.comm as dist
 
     from blip_fast.tokenizer import BlipTokenizer
 
     saved = output_dir / checkpointing.TOKENIZER_DIR
     if rank == 0 and not (args.resume and saved.is_dir()):
-        if args.tokenizer_dir is not None:
-            tokenizer = BlipTokenizer.from_pretrained(args.tokenizer_dir)
+        if source_dir is not None:
+            tokenizer = BlipTokenizer.from_pretrained(source_dir)
         else:
             # BLIP cleans captions before tokenising; the trained vocab sees the same cleaned text.
             from blip_fast.tokenizer import pre_caption
@@ -114,11 +123,25 @@ def build_tokenizer(args: argparse.Namespace, dataset, output_dir: Path, rank: i
     return BlipTokenizer.from_pretrained(saved)
 
 
-def build_model_config(args: argparse.Namespace, tokenizer):
+def _image_size(args: argparse.Namespace, source: tasks.InitSource | None) -> int:
+    """The training resolution: the ``--init_from`` model's, else ``image_size`` or the preset's."""
     from blip_fast.config import BlipConfig
 
-    overrides = {} if args.image_size is None else {"image_size": args.image_size}
-    config = BlipConfig.from_name(args.model, **overrides).for_tokenizer(tokenizer)
+    if source is not None:
+        return source.config.vision.image_size
+    return args.image_size or BlipConfig.from_name(args.model).vision.image_size
+
+
+def build_model_config(args: argparse.Namespace, tokenizer, source: tasks.InitSource | None):
+    """The preset's config for the tokenizer (pre-training) or the ``--init_from`` model's (fine-tuning), with the
+    run's activation checkpointing and drop path."""
+    from blip_fast.config import BlipConfig
+
+    if source is None:
+        overrides = {} if args.image_size is None else {"image_size": args.image_size}
+        config = BlipConfig.from_name(args.model, **overrides).for_tokenizer(tokenizer)
+    else:
+        config = source.run_config(args, tokenizer)
     vision = dataclasses.replace(config.vision, gradient_checkpointing=args.gradient_checkpointing,
                                  drop_path_rate=args.drop_path_rate)
     config = config.replace(vision=vision)
@@ -140,12 +163,13 @@ def _compute_dtype(engine) -> torch.dtype:
 class _Meter:
     """Loss sums over micro batches between log lines, reduced over ranks only when a line is written."""
 
-    def __init__(self) -> None:
+    def __init__(self, loss_names: tuple[str, ...]) -> None:
+        self.loss_names = loss_names
         self.sums: torch.Tensor | None = None
         self.count = 0
 
     def add(self, output) -> None:
-        values = torch.stack([output[name].detach().float() for name in _LOSS_NAMES])
+        values = torch.stack([output[name].detach().float() for name in self.loss_names])
         self.sums = values if self.sums is None else self.sums + values
         self.count += 1
 
@@ -156,20 +180,26 @@ class _Meter:
         dist.all_reduce(sums)
         means = (sums / (self.count * dist.get_world_size())).tolist()
         self.sums, self.count = None, 0
-        return dict(zip(_LOSS_NAMES, means))
+        return dict(zip(self.loss_names, means))
 
 
 # ---------------------------------------------------------------------------------------------------- training
+def _on_device(batch: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Images in the compute dtype, token and id tensors as they are."""
+    return {name: tensor.to(device, dtype if tensor.is_floating_point() else None, non_blocking=True)
+            for name, tensor in batch.items()}
+
+
 def train(args: argparse.Namespace) -> dict[str, Any]:
-    """Run (or resume) pre-training as configured; every rank calls this. Returns rank 0's summary."""
+    """Run (or resume) the configured task; every rank calls this. Returns rank 0's summary."""
     import deepspeed
     import deepspeed.comm as dist
     from tqdm.auto import tqdm
 
-    from blip_fast.config import BlipConfig
-    from blip_fast.data import BlipCollator, ResumableSampler
-    from blip_fast.modeling.pretrain import BlipPretrainer
+    from blip_fast.data import ResumableSampler
 
+    task = tasks.TASKS[args.task]
+    export_tasks = task.exports(args.export_tasks)
     default_single_process_env()
     deepspeed.init_distributed()
     rank, world_size = dist.get_rank(), dist.get_world_size()
@@ -187,13 +217,14 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         options.write_resolved(args, ds_config, output_dir)
 
     _seed_all(args.seed)  # the same on every rank: identical initial weights and queues
-    image_size = args.image_size or BlipConfig.from_name(args.model).vision.image_size
-    dataset = build_dataset(args, image_size)
-    tokenizer = build_tokenizer(args, dataset, output_dir, rank)
-    config = build_model_config(args, tokenizer)
+    source = None if args.init_from is None else tasks.InitSource(args.init_from)
+    dataset = build_dataset(args, _image_size(args, source))
+    tokenizer = build_tokenizer(args, dataset, output_dir, rank,
+                                args.tokenizer_dir if source is None else source.tokenizer_dir)
+    config = build_model_config(args, tokenizer, source)
     if rank == 0:
         checkpointing.write_model_config(output_dir, config)
-    model = BlipPretrainer(config, queue_size=args.queue_size, momentum=args.momentum)
+    model = task.build_model(config, args, source, tokenizer)
     # BLIP: AdamW with weight decay on every trainable parameter (the momentum encoders are frozen).
     parameters = [parameter for parameter in model.parameters() if parameter.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=args.init_lr, weight_decay=args.weight_decay, betas=tuple(args.betas))
@@ -202,7 +233,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
 
     micro_batch, accumulation = engine.train_micro_batch_size_per_gpu(), engine.gradient_accumulation_steps()
     global_batch = micro_batch * world_size
-    if args.queue_size % global_batch:
+    if task.alpha_ramp_epochs is not None and args.queue_size % global_batch:
         raise ValueError(f"queue_size {args.queue_size} is not a multiple of the global micro batch {global_batch} "
                          f"({micro_batch} per rank x {world_size} ranks)")
     sampler = ResumableSampler(len(dataset), micro_batch, world_size, rank, seed=args.seed, shuffle=True,
@@ -233,11 +264,11 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         # Per-rank dropout and negative-sampling streams, as BLIP seeds each rank (seed + rank).
         _seed_all(args.seed + rank + 1_000_003 * step)
 
-    collator = BlipCollator(tokenizer, max_length=args.max_text_length)
+    collator = task.collator(tokenizer, args)
     dtype, device = _compute_dtype(engine), engine.device
-    meter, metrics_path = _Meter(), output_dir / METRICS_FILE
+    meter, metrics_path = _Meter(task.loss_names), output_dir / METRICS_FILE
     progress = tqdm(total=total_steps, initial=step, disable=rank != 0 or not args.progress_bar,
-                    desc="pretrain", dynamic_ncols=True)
+                    desc=task.name, dynamic_ncols=True)
     interval_start, interval_steps, throughput = time.perf_counter(), 0, []
     logger.info("training steps %d..%d of %d per epoch: %d ranks x %d micro batch x %d accumulation, %s",
                 step, total_steps, steps_per_epoch, world_size, micro_batch, accumulation, dtype)
@@ -258,19 +289,14 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             lr = learning_rate(args, epoch, step_in_epoch)
             for group in engine.optimizer.param_groups:
                 group["lr"] = lr
-            alpha = alpha_ramp(args.alpha, epoch, step_in_epoch, steps_per_epoch)
+            alpha = None
+            if task.alpha_ramp_epochs is not None:
+                alpha = alpha_ramp(args.alpha, epoch, step_in_epoch, steps_per_epoch, task.alpha_ramp_epochs)
             for _ in range(accumulation):
                 batch = next(batches)
                 if batch is None or len(batch["input_ids"]) != micro_batch:
                     raise RuntimeError("a micro batch lost samples: training datasets must use on_error='replace'")
-                output = engine(
-                    pixel_values=batch["pixel_values"].to(device, dtype, non_blocking=True),
-                    input_ids=batch["input_ids"].to(device, non_blocking=True),
-                    attention_mask=batch["attention_mask"].to(device, non_blocking=True),
-                    alpha=alpha,
-                    # captions of one image are never each other's ITM negatives
-                    image_ids=batch["image_ids"].to(device, non_blocking=True),
-                )
+                output = engine(**task.forward_inputs(_on_device(batch, device, dtype), alpha))
                 engine.backward(output["loss"])
                 engine.step()
                 meter.add(output)
@@ -283,16 +309,17 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                 elapsed = time.perf_counter() - interval_start
                 samples_per_s = interval_steps * global_batch * accumulation / elapsed
                 throughput.append((interval_steps, elapsed))
-                record = {"step": step, "epoch": epoch, **losses, "lr": lr, "alpha": alpha,
-                          "samples_per_s": samples_per_s}
+                record = {"step": step, "epoch": epoch, **losses, "lr": lr, "samples_per_s": samples_per_s}
+                if alpha is not None:
+                    record["alpha"] = alpha
                 if torch.cuda.is_available():
                     record["max_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
                     torch.cuda.reset_peak_memory_stats()
                 if rank == 0:
-                    _log_record(record, progress, metrics_path)
+                    _log_record(record, task.loss_names, progress, metrics_path)
                     if engine.monitor.enabled:
                         engine.monitor.write_events([(f"Train/Samples/{name}", losses[name], engine.global_samples)
-                                                     for name in _LOSS_NAMES])
+                                                     for name in task.loss_names])
                 interval_start, interval_steps = time.perf_counter(), 0
 
             if step % args.save_every_steps == 0 or step == total_steps:
@@ -307,9 +334,9 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     progress.close()
 
     summary = {"final_step": step, "output_dir": str(output_dir), **_throughput(throughput, global_batch * accumulation)}
-    if args.export_tasks and rank == 0 and step > 0:
-        targets = {task: output_dir / "export" / task for task in args.export_tasks}
-        summary["exports"] = checkpointing.export(output_dir, targets)
+    if export_tasks and rank == 0 and step > 0:
+        targets = {name: output_dir / "export" / name for name in export_tasks}
+        summary["exports"] = tasks.export_checkpoint(output_dir, targets)
     dist.barrier()
     return summary
 
@@ -335,10 +362,16 @@ def _truncate_metrics(path: Path, step: int) -> None:
     path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
 
 
-def _log_record(record: dict[str, Any], progress, metrics_path: Path) -> None:
-    line = (f"step {record['step']} epoch {record['epoch']} loss {record['loss']:.4f} (itc {record['loss_itc']:.4f} "
-            f"itm {record['loss_itm']:.4f} lm {record['loss_lm']:.4f}) lr {record['lr']:.3g} "
-            f"alpha {record['alpha']:.3f} {record['samples_per_s']:.1f} samples/s")
+def _log_record(record: dict[str, Any], loss_names: tuple[str, ...], progress, metrics_path: Path) -> None:
+    """One log line (the total loss, then its terms) and one metrics.jsonl record."""
+    line = f"step {record['step']} epoch {record['epoch']} loss {record['loss']:.4f}"
+    if len(loss_names) > 1:
+        terms = " ".join(f"{name.removeprefix('loss_')} {record[name]:.4f}" for name in loss_names[1:])
+        line += f" ({terms})"
+    line += f" lr {record['lr']:.3g}"
+    if "alpha" in record:
+        line += f" alpha {record['alpha']:.3f}"
+    line += f" {record['samples_per_s']:.1f} samples/s"
     if "max_memory_gib" in record:
         line += f" mem {record['max_memory_gib']:.2f} GiB"
     if progress.disable:
@@ -356,14 +389,18 @@ def export_main(argv: list[str]) -> list[str]:
     parser.add_argument("--checkpoint", required=True, help="output_dir (uses `latest`) or a global_stepN dir")
     parser.add_argument("--tag", default=None, help="checkpoint tag inside --checkpoint (default: latest)")
     parser.add_argument("--out", required=True, help="target dir (one task) or parent of one dir per task")
-    parser.add_argument("--task", nargs="+", default=["captioning"], choices=options.EXPORT_TASKS)
+    parser.add_argument("--task", nargs="+", default=None, choices=options.EXPORT_TASKS,
+                        help="task models to write (default: the run's first: captioning after pre-training, the "
+                             "fine-tuned task's model after fine-tuning)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    if len(args.task) == 1:
-        targets = {args.task[0]: Path(args.out)}
+    output_dir, tag = checkpointing.resolve_checkpoint(args.checkpoint, args.tag)
+    names = args.task or tasks.run_task(output_dir).export_tasks[:1]
+    if len(names) == 1:
+        targets = {names[0]: Path(args.out)}
     else:
-        targets = {task: Path(args.out) / task for task in args.task}
-    written = checkpointing.export(args.checkpoint, targets, tag=args.tag)
+        targets = {name: Path(args.out) / name for name in names}
+    written = tasks.export_checkpoint(output_dir, targets, tag=tag)
     for path in written:
         print(path)
     return written

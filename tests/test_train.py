@@ -203,7 +203,7 @@ def _remove_shm(port: int) -> None:
             path.unlink(missing_ok=True)
 
 
-def _train_command(launcher: str, port: int, output_dir: Path, *extra: str) -> list[str]:
+def _train_command(launcher: str, port: int, output_dir: Path, *extra: str, config: Path = TINY) -> list[str]:
     if launcher == "deepspeed":
         head = ["deepspeed", "--num_gpus", "2", "--master_port", str(port), "--module", "blip_fast.train"]
     elif launcher == "torchrun":
@@ -211,7 +211,7 @@ def _train_command(launcher: str, port: int, output_dir: Path, *extra: str) -> l
                 "-m", "blip_fast.train"]
     else:
         head = [sys.executable, "-m", "blip_fast.train"]
-    return [*head, "--config", str(TINY), "--output_dir", str(output_dir), "--no-progress_bar", *extra]
+    return [*head, "--config", str(config), "--output_dir", str(output_dir), "--no-progress_bar", *extra]
 
 
 def _run(command: list[str], log: Path, port: int) -> str:
@@ -226,10 +226,32 @@ def _run(command: list[str], log: Path, port: int) -> str:
     return text
 
 
-def _train(launcher: str, output_dir: Path, *extra: str) -> str:
+def _train(launcher: str, output_dir: Path, *extra: str, config: Path = TINY) -> str:
     port = _free_port()
-    return _run(_train_command(launcher, port, output_dir, *extra), output_dir.parent / f"{output_dir.name}.log",
-                port)
+    return _run(_train_command(launcher, port, output_dir, *extra, config=config),
+                output_dir.parent / f"{output_dir.name}.log", port)
+
+
+def _kill_after_checkpoint(command: list[str], output_dir: Path, step: int, port: int, linger: float) -> None:
+    """Start ``command``, SIGKILL its whole process group ``linger`` seconds after its step-``step`` checkpoint is
+    committed (the steps trained meanwhile are lost), and check that no later checkpoint was committed."""
+    tag = checkpointing.tag_for(step)
+    log = output_dir.parent / f"{output_dir.name}-killed.log"
+    with open(log, "w") as handle:
+        process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=_env(), cwd=log.parent,
+                                   start_new_session=True)
+    try:
+        deadline = time.monotonic() + LAUNCH_TIMEOUT
+        while checkpointing.latest_tag(output_dir) != tag:
+            assert process.poll() is None, f"the run ended before its {tag} checkpoint:\n{log.read_text()[-4000:]}"
+            assert time.monotonic() < deadline, f"no {tag} checkpoint in time"
+            time.sleep(0.05)
+        time.sleep(linger)
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+        _remove_shm(port)
+    assert checkpointing.latest_tag(output_dir) == tag, f"the run was not killed between {tag} and the next checkpoint"
 
 
 def _metrics(output_dir: Path) -> list[dict]:
@@ -302,22 +324,7 @@ def test_resume_after_sigkill_is_exact(zero2_run, tmp_path):
     command = _train_command("deepspeed", port, run_b, "--deepspeed_config", str(CONFIGS / "ds_zero2.json"),
                              "--tokenizer_dir", str(run_a / "tokenizer"), "--save_every_steps", "10",
                              "--log_every_steps", "1", "--export_tasks")
-    log = tmp_path / "killed.log"
-    with open(log, "w") as handle:
-        process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=_env(), cwd=tmp_path,
-                                   start_new_session=True)
-    try:
-        deadline = time.monotonic() + LAUNCH_TIMEOUT
-        while checkpointing.latest_tag(run_b) != "global_step10":
-            assert process.poll() is None, f"run B ended before its step-10 checkpoint:\n{log.read_text()[-4000:]}"
-            assert time.monotonic() < deadline, "no step-10 checkpoint in time"
-            time.sleep(0.05)
-        time.sleep(0.5)  # let it train a few steps past the checkpoint: those are lost
-    finally:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
-        _remove_shm(port)
-    assert checkpointing.latest_tag(run_b) == "global_step10", "B was not killed between checkpoints 10 and 20"
+    _kill_after_checkpoint(command, run_b, 10, port, linger=0.5)  # a few steps past the checkpoint are lost
 
     resumed_log = _run([*command, "--resume"], tmp_path / "resumed.log", port)
     assert "resumed" in resumed_log and "at step 10" in resumed_log

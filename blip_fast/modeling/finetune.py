@@ -36,6 +36,12 @@ class BlipRetrievalTrainer(MomentumContrastiveModel):
         super().__init__(config, queue_size, momentum)
         self.negative_all_rank = negative_all_rank
 
+    @torch.no_grad()
+    def reset_momentum_encoders(self) -> None:
+        """Momentum copies = the online weights: the start when fine-tuning a model saved without them (HF dirs)."""
+        for online, momentum_model in self._momentum_pairs():
+            momentum_model.load_state_dict(online.state_dict())
+
     def forward(
         self,
         pixel_values: torch.Tensor,

@@ -7,7 +7,8 @@ Layout of ``output_dir`` (DeepSpeed's, with three additions marked +)::
     global_step1000/              model/optimizer shards (module state holds the queues: they are buffers)
         rng_rank{r}.pt          + rank r's RNG streams (python, numpy, torch CPU, CUDA)
     config.yaml, ds_config.json + the resolved options and ds_config of the run
-    blip_config.json, tokenizer/ + the model config and the tokenizer (trained or copied), what export needs
+    blip_config.json, tokenizer/ + the model config and the tokenizer (trained, or copied from --tokenizer_dir or
+                                  --init_from), what export and fine-tuning from this dir need
 
 What is saved where, for exact resume:
 
@@ -202,22 +203,28 @@ def consolidated_state_dict(checkpoint_dir: str | os.PathLike, tag: str) -> dict
             for key, value in state.items()}
 
 
-def export(checkpoint: str | os.PathLike, targets: dict[str, str | os.PathLike], tag: str | None = None) -> list[str]:
-    """Write one HuggingFace-layout directory per ``{task: out_dir}`` of ``targets`` from a training checkpoint
-    (an output dir, its ``latest`` unless ``tag``, or a ``global_stepN`` dir); the run's tokenizer goes along."""
+def export(checkpoint: str | os.PathLike, targets: dict[str, str | os.PathLike], tag: str | None = None,
+           state_prefix: str = "") -> list[str]:
+    """Write one complete HuggingFace-layout directory per ``{task: out_dir}`` of ``targets`` from a training
+    checkpoint (an output dir, its ``latest`` unless ``tag``, or a ``global_stepN`` dir): the task model, the run's
+    tokenizer and a ``preprocessor_config.json`` for the model's image size. ``state_prefix``: where the task model's
+    weights sit in the training module (``"model."`` for a captioning run); use
+    :func:`blip_fast.training.tasks.export_checkpoint`, which knows it per task."""
+    from blip_fast.data import BlipImageProcessor
     from blip_fast.modeling.pretrain import export_state_dict
     from blip_fast.tokenizer import BlipTokenizer
 
     output_dir, tag = resolve_checkpoint(checkpoint, tag)
     config = read_model_config(output_dir)
-    state = consolidated_state_dict(output_dir, tag)
-    tokenizer_dir = output_dir / TOKENIZER_DIR
-    tokenizer = BlipTokenizer.from_pretrained(tokenizer_dir) if tokenizer_dir.is_dir() else None
+    state = {key.removeprefix(state_prefix): value
+             for key, value in consolidated_state_dict(output_dir, tag).items() if key.startswith(state_prefix)}
+    tokenizer = BlipTokenizer.from_pretrained(output_dir / TOKENIZER_DIR)
+    processor = BlipImageProcessor(size=config.vision.image_size)
     written = []
     for task, target in targets.items():
         export_state_dict(state, config, target, task)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(target)
+        tokenizer.save_pretrained(target)
+        processor.save_pretrained(target)
         logger.info("exported %s/%s as %s -> %s", output_dir, tag, task, target)
         written.append(str(target))
     return written

@@ -22,6 +22,8 @@ import yaml
 
 from blip_fast.checkpoint import atomic_write_text
 
+#: The keys of :data:`blip_fast.training.tasks.TASKS` (kept here so that parsing imports no model code).
+TRAINING_TASKS = ("pretrain", "retrieval", "captioning")
 PRESETS = ("tiny", "base", "large")
 DATA_SOURCES = ("synthetic", "blip_json", "webdataset")
 LR_SCHEDULES = ("step", "cosine")
@@ -35,15 +37,32 @@ _LAUNCH_ONLY = frozenset({"config", "local_rank", "deepspeed", "deepscale", "dee
 def _add_options(parser: argparse.ArgumentParser) -> None:
     bool_flag = argparse.BooleanOptionalAction
 
+    task = parser.add_argument_group("task")
+    task.add_argument("--task", default="pretrain", choices=TRAINING_TASKS,
+                      help="pretrain: ITC + ITM + LM; retrieval: ITC (multi-positive by image id) + ITM, CapFilt's "
+                           "filter; captioning: LM on prompt + caption, CapFilt's captioner")
+    task.add_argument("--init_from", default=None,
+                      help="fine-tuning: a blip_fast.train output dir (pre-training or the same task; its `latest` or "
+                           "a global_stepN dir) or an HF-layout dir of the task's model; model config and tokenizer "
+                           "come from it")
+    task.add_argument("--prompt", default="a picture of ",
+                      help="captioning: text put before every caption and masked from the loss (BLIP's)")
+    task.add_argument("--negative_all_rank", action=bool_flag, default=False,
+                      help="retrieval: draw ITM hard negatives from every rank's batch (BLIP on COCO) instead of the "
+                           "local one")
+
     model = parser.add_argument_group("model")
-    model.add_argument("--model", default="tiny", choices=PRESETS, help="BlipConfig preset")
-    model.add_argument("--image_size", type=int, default=None, help="input resolution (default: the preset's)")
+    model.add_argument("--model", default=None, choices=PRESETS,
+                       help="BlipConfig preset (default: tiny; fine-tuning: the --init_from model's, which a preset "
+                            "given here must match)")
+    model.add_argument("--image_size", type=int, default=None,
+                       help="input resolution (default: the preset's; fine-tuning: the --init_from model's)")
     model.add_argument("--gradient_checkpointing", action=bool_flag, default=False,
                        help="recompute ViT blocks in backward (activation checkpointing)")
     model.add_argument("--drop_path_rate", type=float, default=0.0, help="ViT stochastic depth (BLIP pre-training: 0)")
     model.add_argument("--tokenizer_dir", default=None,
-                       help="tokenizer directory (e.g. bert-base-uncased + [DEC]/[ENC]); default: train a WordPiece "
-                            "vocab on the training captions and save it with the checkpoints")
+                       help="pre-training: tokenizer directory (e.g. bert-base-uncased + [DEC]/[ENC]); default: train "
+                            "a WordPiece vocab on the training captions (fine-tuning takes --init_from's)")
     model.add_argument("--vocab_size", type=int, default=4096, help="size of a trained WordPiece vocab")
     model.add_argument("--max_text_length", type=int, default=30, help="caption tokens incl. [CLS]/[SEP] (BLIP: 30)")
 
@@ -89,14 +108,17 @@ def _add_options(parser: argparse.ArgumentParser) -> None:
 
     run = parser.add_argument_group("run")
     run.add_argument("--seed", type=int, default=42, help="model init seed; rank r trains with seed + r")
-    run.add_argument("--output_dir", default="output/pretrain", help="checkpoints, logs, resolved configs, exports")
+    run.add_argument("--output_dir", default=None,
+                     help="checkpoints, logs, resolved configs, exports (default: output/<task>)")
     run.add_argument("--save_every_steps", type=int, default=1000, help="checkpoint period in optimizer steps")
     run.add_argument("--keep_checkpoints", type=int, default=0, help="keep only the newest N checkpoints (0: all)")
     run.add_argument("--log_every_steps", type=int, default=50, help="log period in optimizer steps")
     run.add_argument("--resume", action=bool_flag, default=False,
                      help="continue exactly from output_dir's `latest` checkpoint (a fresh start when none)")
-    run.add_argument("--export_tasks", nargs="*", default=["captioning", "retrieval"], choices=EXPORT_TASKS,
-                     help="task models exported as HuggingFace-layout dirs under output_dir/export/ at the end")
+    run.add_argument("--export_tasks", nargs="*", default=None, choices=EXPORT_TASKS,
+                     help="task models exported as HuggingFace-layout dirs output_dir/export/<task> at the end "
+                          "(default: captioning retrieval after pre-training, the fine-tuned task's model after "
+                          "fine-tuning; no value: none)")
     run.add_argument("--progress_bar", action=bool_flag, default=True, help="tqdm progress bar on rank 0")
 
 
@@ -106,7 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(
         prog="python -m blip_fast.train",
-        description="BLIP pre-training (ITC + ITM + LM) with DeepSpeed. Also: `python -m blip_fast.train export ...`.",
+        description="BLIP pre-training (ITC + ITM + LM) and retrieval/caption fine-tuning with DeepSpeed. "
+                    "Also: `python -m blip_fast.train export ...`.",
     )
     parser.add_argument("--config", default=None, help="YAML file of option defaults (flags override it)")
     # The deepspeed launcher passes --local_rank=N; torch.distributed.launch spells it --local-rank.
@@ -188,7 +211,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def check_args(args: argparse.Namespace) -> None:
-    """Cross-option checks that argparse cannot express."""
+    """Cross-option checks that argparse cannot express, and the defaults that depend on other options."""
     positive = ("epochs", "save_every_steps", "log_every_steps", "queue_size", "max_text_length", "vocab_size")
     for name in positive:
         if getattr(args, name) <= 0:
@@ -203,6 +226,18 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError("data=blip_json needs annotations (json files) and image_root")
     if args.data == "webdataset" and not args.shards:
         raise ValueError("data=webdataset needs shards")
+    if args.task == "pretrain" and args.init_from is not None:
+        raise ValueError("init_from is for fine-tuning (task retrieval or captioning); pre-training starts from "
+                         "random weights")
+    if args.task != "pretrain" and args.init_from is None:
+        raise ValueError(f"task {args.task} fine-tunes a model: pass --init_from (a pre-training output dir or an "
+                         "HF-layout task dir)")
+    if args.init_from is not None and args.tokenizer_dir is not None:
+        raise ValueError("tokenizer_dir and init_from exclude each other: fine-tuning keeps the tokenizer of init_from")
+    if args.task == "pretrain" and args.model is None:
+        args.model = "tiny"
+    if args.output_dir is None:
+        args.output_dir = f"output/{args.task}"
     if not args.deepspeed_config:
         raise ValueError("no ds_config: pass --deepspeed_config FILE.json or set deepspeed_config in the YAML")
 

@@ -37,6 +37,8 @@ def learning_rate(args, epoch: int, step_in_epoch: int) -> float:
                         args.lr_decay_rate)
 
 
-def alpha_ramp(alpha: float, epoch: int, step_in_epoch: int, steps_per_epoch: int) -> float:
-    """BLIP's distillation weight: ``alpha * min(1, (epoch * steps_per_epoch + step) / (2 * steps_per_epoch))``."""
-    return alpha * min(1.0, (epoch * steps_per_epoch + step_in_epoch) / (2 * steps_per_epoch))
+def alpha_ramp(alpha: float, epoch: int, step_in_epoch: int, steps_per_epoch: int, ramp_epochs: int = 2) -> float:
+    """BLIP's distillation weight, linear from 0 over the first ``ramp_epochs`` epochs:
+    ``alpha * min(1, (epoch * steps_per_epoch + step) / (ramp_epochs * steps_per_epoch))``; pre-training ramps over
+    2 epochs, retrieval fine-tuning over 1 (``train_retrieval.py``)."""
+    return alpha * min(1.0, (epoch * steps_per_epoch + step_in_epoch) / (ramp_epochs * steps_per_epoch))
