@@ -93,6 +93,9 @@ def read_readme() -> str:
         return handle.read()
 
 
+# webdataset 1.x changed tar_file_expander defaults (DESIGN.md §2b): the tested 0.2 line is pinned.
+TRAIN_REQUIRES = ["deepspeed>=0.19,<0.20", "webdataset>=0.2.100,<0.3", "pyyaml"]
+
 # "blip_fast" is listed explicitly so an editable install maps it even before its __init__.py exists.
 PACKAGES = ["blip_fast", *find_packages(include=["blip_fast.*"], exclude=["blip_fast.kernels"]), "blip_fast.kernels"]
 
@@ -116,8 +119,9 @@ if __name__ == "__main__":  # setuptools' PEP 517 backend runs this file as __ma
             "tqdm",
         ],
         extras_require={
-            # webdataset 1.x changed tar_file_expander defaults (DESIGN.md §2b): the tested 0.2 line is pinned.
-            "train": ["deepspeed>=0.19,<0.20", "webdataset>=0.2.100,<0.3", "pyyaml"],
+            "train": TRAIN_REQUIRES,
+            # blip-fast demo: trains (subprocesses of blip_fast.train) and plots its results.
+            "demo": [*TRAIN_REQUIRES, "matplotlib"],
             "test": ["pytest", "pytest-benchmark", "transformers>=5.0,<6", "ruff"],
         },
         entry_points={"console_scripts": ["blip-fast = blip_fast.cli:main"]},

@@ -153,8 +153,7 @@ def make_pipeline_call(pipeline: Any, pixel_values: torch.Tensor, case: Case, le
 
 
 def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], int]:
-    device = args.device or harness.default_device()
-    dtype = harness.DTYPES[args.dtype or ("fp16" if device.startswith("cuda") else "fp32")]
+    device, dtype = harness.device_and_dtype(args)
     engines = tuple(name for name in args.engines.split(",") if name)
     env = harness.environment(device)
     with tempfile.TemporaryDirectory() as out_dir:
@@ -163,18 +162,13 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], int]:
     vocab_size = len(pipelines["hf"].tokenizer) if "hf" in pipelines else None
     common = {"bench": "capfilt", "config": args.config, "dtype": str(dtype).replace("torch.", ""),
               "image_size": image_size, "max_length": args.max_length, "vocab_size": vocab_size, **env}
-    rows: list[dict[str, Any]] = []
-    failures = 0
-    for engine, message in errors.items():
-        print(f"[{engine}] could not be built: {message}", file=sys.stderr)
-        rows.append({**common, "case": "*", "engine": engine, "error": message})
-        failures += 1
-    selected = [name for name in CASES if not args.cases or any(part in name for part in args.cases.split(","))]
+    rows = harness.build_error_rows(errors, common)
+    failures = len(rows)
+    selected = harness.select_cases(CASES, args.cases)
     for case_name in selected:
         case = CASES[case_name]
         batch = harness.scaled_batch(case.batch, args.batch_scale)
-        generator = torch.Generator(device="cpu").manual_seed(1)
-        pixel_values = torch.randn(batch, 3, image_size, image_size, generator=generator).to(device, dtype)
+        pixel_values = harness.random_pixels(batch, image_size, device, dtype)
         row = {**common, "case": case_name, "batch": batch, "num_captions": case.num_captions}
         case_rows, _, failed = harness.time_engines(
             pipelines, functools.partial(make_pipeline_call, pixel_values=pixel_values, case=case,

@@ -158,8 +158,7 @@ def decode_step_rows(
 
 
 def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], int]:
-    device = args.device or harness.default_device()
-    dtype = harness.DTYPES[args.dtype or ("fp16" if device.startswith("cuda") else "fp32")]
+    device, dtype = harness.device_and_dtype(args)
     engines = tuple(name for name in args.engines.split(",") if name)
     env = harness.environment(device)
     config, models, errors = build_models(args.config, device, dtype, args.image_size, engines)
@@ -172,18 +171,13 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], int]:
         "new_tokens": args.new_tokens,
         **env,
     }
-    rows: list[dict[str, Any]] = []
-    failures = 0
-    for engine, message in errors.items():
-        print(f"[{engine}] could not be built: {message}", file=sys.stderr)
-        rows.append({**common, "case": "*", "engine": engine, "error": message})
-        failures += 1
-    selected = [name for name in CASES if not args.cases or any(part in name for part in args.cases.split(","))]
+    rows = harness.build_error_rows(errors, common)
+    failures = len(rows)
+    selected = harness.select_cases(CASES, args.cases)
     for case_name in selected:
         case = CASES[case_name]
         batch = harness.scaled_batch(case.batch, args.batch_scale)
-        generator = torch.Generator(device="cpu").manual_seed(1)
-        pixel_values = torch.randn(batch, 3, image_size, image_size, generator=generator).to(device, dtype)
+        pixel_values = harness.random_pixels(batch, image_size, device, dtype)
         row = {**common, "case": case_name, "batch": batch, **case.generate_kwargs}
         case_rows, outputs, failed = harness.time_engines(
             models, functools.partial(make_generate, pixel_values=pixel_values, case=case, new_tokens=args.new_tokens),

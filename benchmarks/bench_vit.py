@@ -68,8 +68,7 @@ def make_forward(model: Any, pixel_values: torch.Tensor) -> Callable[[], torch.T
 
 
 def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], int]:
-    device = args.device or harness.default_device()
-    dtype = harness.DTYPES[args.dtype or ("fp16" if device.startswith("cuda") else "fp32")]
+    device, dtype = harness.device_and_dtype(args)
     engines = tuple(name for name in args.engines.split(",") if name)
     env = harness.environment(device)
     vision, models, errors = build_models(args.config, device, dtype, args.image_size, engines)
@@ -81,17 +80,11 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], int]:
         "tokens": vision.num_positions,
         **env,
     }
-    rows: list[dict[str, Any]] = []
-    failures = 0
-    for engine, message in errors.items():
-        print(f"[{engine}] could not be built: {message}", file=sys.stderr)
-        rows.append({**common, "case": "*", "engine": engine, "error": message})
-        failures += 1
+    rows = harness.build_error_rows(errors, common)
+    failures = len(rows)
     batches = sorted({harness.scaled_batch(int(b), args.batch_scale) for b in args.batches.split(",") if b})
     for batch in batches:
-        generator = torch.Generator(device="cpu").manual_seed(1)
-        pixel_values = torch.randn(batch, 3, vision.image_size, vision.image_size, generator=generator)
-        pixel_values = pixel_values.to(device, dtype)
+        pixel_values = harness.random_pixels(batch, vision.image_size, device, dtype)
         row = {**common, "case": f"forward_bs{batch}", "batch": batch}
         case_rows, outputs, failed = harness.time_engines(
             models, functools.partial(make_forward, pixel_values=pixel_values), device, row, args.warmup, args.repeats

@@ -107,6 +107,9 @@ step bench_vit 60 "$PY" -m benchmarks.bench_vit --config "$CONFIG" --dtype "$DTY
     --batch-scale "$SCALE" --repeats "$REPEATS" --out "$OUT"
 step bench_generate 150 "$PY" -m benchmarks.bench_generate --config "$CONFIG" --dtype "$DTYPE" --device "$DEVICE" \
     --batch-scale "$SCALE" --repeats "$REPEATS" --check-tokens --out "$OUT"
+# Issue 6: CapFilt throughput (captioner nucleus sampling + filter ITM), HF pipeline vs blip_fast.
+step bench_capfilt 90 "$PY" -m benchmarks.bench_capfilt --config "$CONFIG" --dtype "$DTYPE" --device "$DEVICE" \
+    --batch-scale "$SCALE" --repeats "$REPEATS" --out "$OUT"
 # fp32 token parity on the deterministic cases, small batches: fp16 may legitimately diverge, fp32 must not.
 step parity_generate_fp32 60 "$PY" -m benchmarks.bench_generate --config "$CONFIG" --dtype fp32 --device "$DEVICE" \
     --cases greedy_bs1,greedy_bs64,beam3 --batch-scale 0.125 --warmup 0 --repeats 1 --check-tokens \
@@ -136,7 +139,7 @@ done
     echo "|---|---|---|---|"
     tail -n +2 "$STEPS" | sed 's/\t/ | /g; s/^/| /; s/$/ |/'
     echo
-    for table in vit generate generate_fp32_parity pretrain itc itm_negatives decode_attention; do
+    for table in vit generate generate_fp32_parity capfilt pretrain itc itm_negatives decode_attention; do
         [ -f "$OUT/$table.md" ] && cat "$OUT/$table.md" && echo
     done
 } >"$OUT/summary.md"

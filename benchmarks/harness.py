@@ -310,6 +310,30 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def device_and_dtype(args: argparse.Namespace, low_precision: str = "fp16") -> tuple[str, torch.dtype]:
+    """``--device``/``--dtype`` with their defaults: CUDA when present, ``low_precision`` there and fp32 on CPU."""
+    device = args.device or default_device()
+    return device, DTYPES[args.dtype or (low_precision if device.startswith("cuda") else "fp32")]
+
+
+def build_error_rows(errors: dict[str, str], common: dict[str, Any]) -> list[dict[str, Any]]:
+    """One result row per engine that could not be built (reported, not fatal: the others still run)."""
+    for engine, message in errors.items():
+        print(f"[{engine}] could not be built: {message}", file=sys.stderr)
+    return [{**common, "case": "*", "engine": engine, "error": message} for engine, message in errors.items()]
+
+
+def select_cases(cases: dict[str, Any], spec: str | None) -> list[str]:
+    """Case names containing any comma-separated part of ``spec`` (all when empty)."""
+    return [name for name in cases if not spec or any(part in name for part in spec.split(","))]
+
+
+def random_pixels(batch: int, image_size: int, device: str, dtype: torch.dtype) -> torch.Tensor:
+    """Seeded random images: every engine and run times the same input."""
+    generator = torch.Generator(device="cpu").manual_seed(1)
+    return torch.randn(batch, 3, image_size, image_size, generator=generator).to(device, dtype)
+
+
 def scaled_batch(batch: int, scale: float) -> int:
     """``batch * scale`` rounded, at least 1: lets the GPU case list run as a CPU smoke test."""
     return max(1, int(round(batch * scale)))

@@ -302,10 +302,7 @@ class CapFiltModels:
         captioner = Captioner.from_pretrained(options.captioner, options.device, dtype, options.prompt)
         filter_model = BlipForImageTextRetrieval.from_pretrained(options.filter, torch_dtype=dtype,
                                                                  device=options.device)
-        if (Path(options.filter) / "preprocessor_config.json").is_file():
-            processor = BlipImageProcessor.from_pretrained(options.filter)
-        else:
-            processor = BlipImageProcessor(size=filter_model.config.vision.image_size)
+        processor = BlipImageProcessor.for_model_dir(options.filter, filter_model.config.vision.image_size)
         return cls(captioner, filter_model, BlipTokenizer.from_pretrained(options.filter), processor, options)
 
     def decoding(self) -> dict[str, Any]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 from typing import Any
 
 import PIL.Image
@@ -39,10 +38,7 @@ class Captioner:
         """Model, tokenizer and (if saved) ``preprocessor_config.json`` from one HuggingFace-layout directory."""
         model = BlipForConditionalGeneration.from_pretrained(directory, torch_dtype=dtype, device=device)
         tokenizer = BlipTokenizer.from_pretrained(directory)
-        if (Path(directory) / "preprocessor_config.json").is_file():
-            processor = BlipImageProcessor.from_pretrained(directory)
-        else:
-            processor = BlipImageProcessor(size=model.config.vision.image_size)
+        processor = BlipImageProcessor.for_model_dir(directory, model.config.vision.image_size)
         return cls(model, processor, tokenizer, prompt)
 
     def caption(self, images: Sequence[PIL.Image.Image], **generate_kwargs: Any) -> list[str]:

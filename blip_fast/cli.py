@@ -81,8 +81,7 @@ def _convert(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from blip_fast.demo import run_demo
 
-    device, dtype = _device_and_dtype(args.device, "auto")
-    run_demo(args.out_dir, num_images=args.images, device=device, dtype=dtype)
+    run_demo(args.out_dir, scale=args.scale)
     return 0
 
 
@@ -191,10 +190,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     convert.set_defaults(run=_convert)
 
-    demo = commands.add_parser("demo", help="end-to-end smoke run on built-in synthetic images")
-    demo.add_argument("--out-dir", type=Path, default=Path("blip_fast_demo"))
-    demo.add_argument("--images", type=int, default=8)
-    demo.add_argument("--device", default="auto")
+    demo = commands.add_parser(
+        "demo", help="BLIP's bootstrapping loop on built-in synthetic noisy data: pre-train, CapFilt, pre-train again"
+    )
+    demo.add_argument("--out-dir", type=Path, default=Path("blip_fast_demo"), help="rerun the same command to resume")
+    demo.add_argument("--scale", choices=["full", "small"], default="full",
+                      help="full: about 10 minutes on a 2-core CPU; small: the CI-sized run")
     demo.set_defaults(run=_demo)
 
     capfilt = commands.add_parser("capfilt", help="caption and filter an image-text dataset (BLIP's CapFilt)")

@@ -470,10 +470,7 @@ def load_retrieval_model(
     """Retrieval model, tokenizer and image processor (saved, else the model's resolution) from one directory."""
     model = BlipForImageTextRetrieval.from_pretrained(directory, torch_dtype=dtype, device=device)
     tokenizer = BlipTokenizer.from_pretrained(directory)
-    if (Path(directory) / "preprocessor_config.json").is_file():
-        processor = BlipImageProcessor.from_pretrained(directory)
-    else:
-        processor = BlipImageProcessor(size=model.config.vision.image_size)
+    processor = BlipImageProcessor.for_model_dir(directory, model.config.vision.image_size)
     return model, tokenizer, processor
 
 

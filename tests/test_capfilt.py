@@ -23,10 +23,9 @@ from blip_fast.cli import main
 from blip_fast.config import BlipConfig
 from blip_fast.data.synthetic import SyntheticNoisyDataset
 from blip_fast.data.transforms import BlipImageProcessor, load_image_bytes
-from blip_fast.demo import build_demo_model
 from blip_fast.modeling.blip import BlipForImageTextRetrieval
 from blip_fast.tokenizer import BlipTokenizer, pre_caption
-from tests.tiny_models import randomize_
+from tests.tiny_models import randomize_, save_tiny_captioner
 
 NUM_IMAGES = 10
 NUM_CAPTIONS = 2
@@ -53,7 +52,7 @@ def data(tmp_path_factory):
 def model_dirs(tmp_path_factory, data):
     """A tiny random captioner (the demo's) and a tiny random filter sharing its tokenizer."""
     root = tmp_path_factory.mktemp("capfilt_models")
-    captioner_dir = build_demo_model(root, [record["caption"] for record in data["records"]])
+    captioner_dir = save_tiny_captioner(root, [record["caption"] for record in data["records"]])
     tokenizer = BlipTokenizer.from_pretrained(captioner_dir)
     torch.manual_seed(1)
     # Re-drawn weights: the default init's near-zero ITM logits would make every decision a coin toss at 1e-7.

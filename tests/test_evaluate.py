@@ -14,10 +14,9 @@ from blip_fast.cli import main
 from blip_fast.config import BlipConfig
 from blip_fast.data.synthetic import SyntheticNoisyDataset
 from blip_fast.data.transforms import BlipImageProcessor, load_image
-from blip_fast.demo import build_demo_model
 from blip_fast.modeling.blip import BlipForImageTextRetrieval
 from blip_fast.tokenizer import BlipTokenizer, pre_caption
-from tests.tiny_models import assert_close, randomize_
+from tests.tiny_models import assert_close, randomize_, save_tiny_captioner
 
 IMAGE_SIZE = 32
 
@@ -255,7 +254,7 @@ def cli_setup(tmp_path_factory):
     model.save_pretrained(retrieval_model)
     tokenizer.save_pretrained(retrieval_model)
     BlipImageProcessor(size=IMAGE_SIZE).save_pretrained(retrieval_model)
-    caption_model = build_demo_model(root / "captioner", captions, image_size=IMAGE_SIZE)
+    caption_model = save_tiny_captioner(root / "captioner", captions, image_size=IMAGE_SIZE)
     return {"root": root, "annotations": annotations, "single_caption_annotations": single_caption_json,
             "retrieval_model": retrieval_model, "caption_model": caption_model}
 

@@ -100,3 +100,21 @@ def poison_kernel_outputs(monkeypatch, kernel_module) -> None:
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
 
     monkeypatch.setattr(kernel_module, "_output_buffer", poisoned)
+
+
+def save_tiny_captioner(out_dir, captions, image_size=64):
+    """A random tiny blip_fast captioner with a WordPiece vocab trained on ``captions`` (+ the prompt) and its image
+    processor, saved as one HuggingFace-layout dir ``out_dir/model``; returns that dir."""
+    from blip_fast.config import BlipConfig
+    from blip_fast.data.transforms import BlipImageProcessor
+    from blip_fast.modeling.blip import BlipForConditionalGeneration
+    from blip_fast.tokenizer import BlipTokenizer
+
+    tokenizer = BlipTokenizer.train(list(captions) + ["a picture of"], vocab_size=200)
+    config = BlipConfig.tiny(image_size=image_size).for_tokenizer(tokenizer)
+    torch.manual_seed(0)
+    model_dir = out_dir / "model"
+    BlipForConditionalGeneration(config).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    BlipImageProcessor(size=image_size).save_pretrained(model_dir)
+    return model_dir

@@ -194,6 +194,14 @@ class BlipImageProcessor:
             size = (size["height"], size["width"])
         return cls(size=size, **{name: config[name] for name in _CONFIG_KEYS if name in config})
 
+    @classmethod
+    def for_model_dir(cls, directory: str | os.PathLike, image_size: int) -> BlipImageProcessor:
+        """The directory's saved processor, else BLIP's preprocessing at the model's `image_size` (original
+        checkpoints and bare weight dirs carry no `preprocessor_config.json`)."""
+        if (Path(directory) / PREPROCESSOR_CONFIG_FILE).is_file():
+            return cls.from_pretrained(directory)
+        return cls(size=image_size)
+
     def save_pretrained(self, directory: str | os.PathLike) -> str:
         """Write `preprocessor_config.json` that transformers' BlipImageProcessor loads to the same settings."""
         height, width = self.size
