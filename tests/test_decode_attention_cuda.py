@@ -12,40 +12,23 @@ FMAs, no TF32); fp16/bf16 — at most twice the error of SDPA fed the same low-p
 
 from __future__ import annotations
 
+import functools
 import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from blip_fast import ops
-from tests.tiny_models import assert_close
+from tests.tiny_models import additive, assert_close, decode_attention_inputs, sdpa
 
 ROOT = Path(__file__).resolve().parents[1]
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-def make_inputs(images, heads, rows, keys, head_dim, masked=False, device="cuda"):
-    """fp64 query [C, H, rows, Dh], key/value [C, H, N, Dh] and a boolean keep mask [C, 1, 1, N] (or None) that
-    drops ~30% of the keys, never all of an image's."""
-    query = torch.randn(images, heads, rows, head_dim, device=device, dtype=torch.float64) * 2
-    key, value = (torch.randn(images, heads, keys, head_dim, device=device, dtype=torch.float64) for _ in range(2))
-    keep = None
-    if masked:
-        keep = torch.rand(images, 1, 1, keys, device=device) > 0.3
-        keep[..., torch.randint(0, keys, ())] = True
-    return query, key, value, keep
-
-
-def additive(keep: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
-    return None if keep is None else ops.additive_mask(keep, dtype)
-
-
-def sdpa(query, key, value, mask):
-    return F.scaled_dot_product_attention(query, key, value, attn_mask=mask)
+make_inputs = functools.partial(decode_attention_inputs, device="cuda")
 
 
 def cuda_op(query, key, value, mask, splits=0):

@@ -14,15 +14,15 @@ in for.
 
 from __future__ import annotations
 
+import functools
 import subprocess
 import sys
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from blip_fast import ops
-from tests.tiny_models import assert_close, poison_kernel_outputs
+from tests.tiny_models import additive, assert_close, decode_attention_inputs, poison_kernel_outputs, sdpa
 
 kernel = pytest.importorskip("blip_fast.kernels.decode_attention")
 
@@ -35,25 +35,7 @@ def _poison_outputs(monkeypatch):
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-def make_inputs(images, heads, rows, keys, head_dim, masked=False):
-    """fp64 query [C, H, rows, Dh], key/value [C, H, N, Dh] and an additive mask [C, 1, 1, N] (or None) that drops
-    ~30% of the keys, never all of an image's. The key scale gives peaked and flat rows alike."""
-    query = torch.randn(images, heads, rows, head_dim, device=DEVICE, dtype=torch.float64) * 2
-    key, value = (torch.randn(images, heads, keys, head_dim, device=DEVICE, dtype=torch.float64) for _ in range(2))
-    mask = None
-    if masked:
-        keep = torch.rand(images, 1, 1, keys, device=DEVICE) > 0.3
-        keep[..., torch.randint(0, keys, ())] = True
-        mask = keep
-    return query, key, value, mask
-
-
-def additive(keep: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
-    return None if keep is None else ops.additive_mask(keep, dtype)
-
-
-def sdpa(query, key, value, mask):
-    return F.scaled_dot_product_attention(query, key, value, attn_mask=mask)
+make_inputs = functools.partial(decode_attention_inputs, device=DEVICE)
 
 
 def check_fp32(query, key, value, keep, **kwargs):

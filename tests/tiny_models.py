@@ -118,3 +118,27 @@ def save_tiny_captioner(out_dir, captions, image_size=64):
     tokenizer.save_pretrained(model_dir)
     BlipImageProcessor(size=image_size).save_pretrained(model_dir)
     return model_dir
+
+
+def decode_attention_inputs(images, heads, rows, keys, head_dim, masked=False, device="cpu"):
+    """fp64 query ``[C, H, rows, Dh]``, key/value ``[C, H, N, Dh]`` and a boolean keep mask ``[C, 1, 1, N]`` (or
+    None) that drops ~30% of the keys, never all of an image's. The query scale gives peaked and flat rows alike."""
+    query = torch.randn(images, heads, rows, head_dim, device=device, dtype=torch.float64) * 2
+    key, value = (torch.randn(images, heads, keys, head_dim, device=device, dtype=torch.float64) for _ in range(2))
+    keep = None
+    if masked:
+        keep = torch.rand(images, 1, 1, keys, device=device) > 0.3
+        keep[..., torch.randint(0, keys, ())] = True
+    return query, key, value, keep
+
+
+def additive(keep, dtype):
+    """The additive form of a boolean keep mask (None stays None)."""
+    from blip_fast import ops
+
+    return None if keep is None else ops.additive_mask(keep, dtype)
+
+
+def sdpa(query, key, value, mask):
+    """The decode-attention oracle: SDPA with beams as query rows."""
+    return torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask)
