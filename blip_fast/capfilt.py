@@ -59,7 +59,14 @@ from tqdm.auto import tqdm
 
 from blip_fast.captioning import Captioner
 from blip_fast.checkpoint import atomic_write_text
-from blip_fast.data.datasets import IMAGE_EXTENSIONS, _read_annotations, _scan_tar, _split_key, expand_urls
+from blip_fast.data.datasets import (
+    IMAGE_EXTENSIONS,
+    expand_urls,
+    read_annotation_file,
+    read_member,
+    scan_tar,
+    split_member_name,
+)
 from blip_fast.data.transforms import BlipImageProcessor, ImageLoadError, load_image, load_image_bytes
 from blip_fast.modeling.blip import BlipForImageTextRetrieval
 from blip_fast.tokenizer import BlipTokenizer, pre_caption
@@ -161,7 +168,7 @@ class CapFiltInput:
         self.is_json = source.endswith((".json", ".jsonl"))
         self.image_root = "" if image_root is None else os.fspath(image_root)
         if self.is_json:
-            self.entries = _read_annotations(Path(source))
+            self.entries = read_annotation_file(Path(source))
             starts = range(0, len(self.entries), images_per_part)
             self.unit_names = [f"{source}[{start}:{start + images_per_part}]" for start in starts]
             self.images_per_part = images_per_part
@@ -198,7 +205,7 @@ class CapFiltInput:
 
     def _add_shard_items(self, unit: Unit) -> None:
         shard = unit.name
-        members, truncation, _ = _scan_tar(shard)
+        members, truncation, _ = scan_tar(shard)
         if truncation == "missing":
             unit.error(shard, "missing_shard", "no such file")
             return
@@ -206,7 +213,7 @@ class CapFiltInput:
             unit.error(shard, "truncated_shard", truncation)
         groups: dict[str, dict[str, tuple[int, int]]] = {}
         for name, offset, size in members:
-            key_ext = _split_key(name)
+            key_ext = split_member_name(name)
             if key_ext is not None:
                 groups.setdefault(key_ext[0], {}).setdefault(key_ext[1], (offset, size))
         with open(shard, "rb") as handle:
@@ -223,14 +230,14 @@ class CapFiltInput:
         metadata: dict[str, Any] = {}
         if "json" in parts:
             try:
-                metadata = json.loads(_read(handle, *parts["json"]))
+                metadata = json.loads(read_member(handle, *parts["json"]))
             except ValueError as error:
                 unit.error(where, "bad_record", f"unreadable json member ({error})")
                 return
             if not isinstance(metadata, dict):
                 unit.error(where, "bad_record", f"json member holds a {type(metadata).__name__}, not an object")
                 return
-        caption = _read(handle, *parts["txt"]).decode("utf-8", "replace") if "txt" in parts \
+        caption = read_member(handle, *parts["txt"]).decode("utf-8", "replace") if "txt" in parts \
             else metadata.get("caption")
         if caption is not None and not isinstance(caption, str):
             unit.error(where, "bad_record", f"caption is {type(caption).__name__}, not text")
@@ -238,11 +245,6 @@ class CapFiltInput:
         url = metadata.get("url") if isinstance(metadata.get("url"), str) else None
         offset, size = parts[extension]
         unit.items.append(Item(where, unit.name, (caption or "",), key, offset, size, extension, url))
-
-
-def _read(handle: Any, offset: int, size: int) -> bytes:
-    handle.seek(offset)
-    return handle.read(size)
 
 
 # ==================================================================== decoding in DataLoader workers
@@ -272,7 +274,7 @@ class ImageStream(torch.utils.data.Dataset):
         if item.offset < 0:
             return None
         with open(item.path, "rb") as handle:
-            data = _read(handle, item.offset, item.size)
+            data = read_member(handle, item.offset, item.size)
         if len(data) != item.size:
             raise ImageLoadError(f"cannot load image {item.key!r}: shard ends inside it (changed on disk?)")
         return data

@@ -333,6 +333,12 @@ def _empty_model(model_cls: type[ModelT], config: BlipConfig) -> ModelT:
     return model
 
 
+def _new_file_mode() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def atomic_write(target: str | os.PathLike, write: Callable[[str], None]) -> None:
     """Write through a temp file in the same directory and rename: a crash never leaves a half-written target."""
     target = os.fspath(target)
@@ -342,6 +348,7 @@ def atomic_write(target: str | os.PathLike, write: Callable[[str], None]) -> Non
         write(tmp)
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
+        os.chmod(tmp, _new_file_mode())  # mkstemp makes it owner-only; a plain open() would honour the umask
         os.replace(tmp, target)
     except BaseException:
         os.unlink(tmp)

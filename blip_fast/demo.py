@@ -61,6 +61,7 @@ SCALES = {
 }
 IMAGE_SIZE = 64
 SEED = 7
+EXAMPLES = 20  # test captions kept per model in the results
 _DS_CONFIG = {"gradient_accumulation_steps": 1, "gradient_clipping": 0.0, "steps_per_print": 10**9,
               "zero_optimization": {"stage": 0}}
 
@@ -228,7 +229,8 @@ def _evaluate(out_dir: Path, model_dir: Path, test_json: Path, scale: DemoScale,
     predictions = [item["caption"] for item in captions["predictions"]]
     return {"retrieval": retrieval,
             "captions": {**captions["metrics"], "object_accuracy": object_accuracy(predictions, references)},
-            "examples": [{"references": refs, "caption": caption} for refs, caption in zip(references, predictions)]}
+            "examples": [{"references": refs, "caption": caption}
+                         for refs, caption in zip(references[:EXAMPLES], predictions[:EXAMPLES])]}
 
 
 # ---------------------------------------------------------------------------------------------------- the run

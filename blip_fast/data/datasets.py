@@ -152,7 +152,7 @@ class SyntheticDataset(_MapDataset):
         return f"synthetic[{index}]"
 
 
-def _read_annotations(path: Path) -> list[Any]:
+def read_annotation_file(path: Path) -> list[Any]:
     """A BLIP/COCO-Karpathy json list, or jsonl (one record per line, as CapFilt can write)."""
     text = path.read_text(encoding="utf-8")
     if path.suffix == ".jsonl":
@@ -194,7 +194,7 @@ class BlipJsonDataset(_MapDataset):
         ids: dict[str, int] = {}
         exists: dict[str, bool] = {}
         for annotation_path in self.annotation_paths:
-            for position, entry in enumerate(_read_annotations(annotation_path)):
+            for position, entry in enumerate(read_annotation_file(annotation_path)):
                 where = f"{annotation_path}[{position}]"
                 if not isinstance(entry, dict) or not isinstance(entry.get("image"), str):
                     self._skip("bad_record", where, "not a record with an 'image' path")
@@ -302,7 +302,7 @@ class WebDatasetShards(_MapDataset):
         return len(self.captions)
 
     def _index_shard(self, shard_id: int, shard: str) -> None:
-        members, truncation, cut_member = _scan_tar(shard)
+        members, truncation, cut_member = scan_tar(shard)
         if truncation == "missing":
             self._skip("missing_shard", shard)
             return
@@ -310,10 +310,10 @@ class WebDatasetShards(_MapDataset):
             self._skip("truncated_shard", shard, truncation)
         groups: dict[str, dict[str, tuple[int, int]]] = {}
         for name, offset, size in members:
-            key_ext = _split_key(name)
+            key_ext = split_member_name(name)
             if key_ext is not None:
                 groups.setdefault(key_ext[0], {}).setdefault(key_ext[1], (offset, size))
-        cut_parts = _split_key(cut_member) if cut_member else None
+        cut_parts = split_member_name(cut_member) if cut_member else None
         if cut_parts is not None and cut_parts[0] not in groups:
             self._skip("truncated_sample", f"{shard}:{cut_parts[0]}", f"{cut_member!r} is cut off")
         # The last key of a truncated shard may have lost members to the cut: name that, not a bad sample.
@@ -332,10 +332,10 @@ class WebDatasetShards(_MapDataset):
             return
         caption = None
         if "txt" in parts:
-            caption = _read_member(handle, *parts["txt"]).decode("utf-8", errors="replace")
+            caption = read_member(handle, *parts["txt"]).decode("utf-8", errors="replace")
         elif "json" in parts:
             try:
-                caption = json.loads(_read_member(handle, *parts["json"])).get("caption")
+                caption = json.loads(read_member(handle, *parts["json"])).get("caption")
             except (ValueError, AttributeError) as error:
                 self._skip("bad_record", where, f"unreadable {key}.json ({error})")
                 return
@@ -357,7 +357,7 @@ class WebDatasetShards(_MapDataset):
         shard = self.shards[self._shard_ids[index]]
         try:
             with open(shard, "rb") as handle:
-                data = _read_member(handle, self._offsets[index], self._sizes[index])
+                data = read_member(handle, self._offsets[index], self._sizes[index])
         except OSError as error:
             raise ImageLoadError(f"cannot read {self._name(index)}: {error}") from error
         if len(data) != self._sizes[index]:
@@ -368,7 +368,7 @@ class WebDatasetShards(_MapDataset):
         return f"{self.shards[self._shard_ids[index]]}:{self.keys[index]}"
 
 
-def _split_key(name: str) -> tuple[str, str] | None:
+def split_member_name(name: str) -> tuple[str, str] | None:
     """webdataset's (key, lower-cased extension) of a member name; None for names it ignores."""
     match = _KEY_EXT.match(name)
     if match is None or ("/" not in name and name.startswith("__")):
@@ -376,12 +376,13 @@ def _split_key(name: str) -> tuple[str, str] | None:
     return match.group(1), match.group(2).lower()
 
 
-def _read_member(handle: Any, offset: int, size: int) -> bytes:
+def read_member(handle: Any, offset: int, size: int) -> bytes:
+    """The bytes of one tar member located by :func:`scan_tar` in an open shard."""
     handle.seek(offset)
     return handle.read(size)
 
 
-def _scan_tar(shard: str) -> tuple[list[tuple[str, int, int]], str, str | None]:
+def scan_tar(shard: str) -> tuple[list[tuple[str, int, int]], str, str | None]:
     """Regular-file members of a tar as (name, data offset, size), why it is truncated ("" when intact, "missing"
     when there is no such file), and the name of the member cut off by the truncation (None when unknown).
     Members whose data runs past the end of the file are left out.
