@@ -164,11 +164,7 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], int]:
               "image_size": image_size, "max_length": args.max_length, "vocab_size": vocab_size, **env}
     rows = harness.build_error_rows(errors, common)
     failures = len(rows)
-    selected = harness.select_cases(CASES, args.cases)
-    for case_name in selected:
-        case = CASES[case_name]
-        batch = harness.scaled_batch(case.batch, args.batch_scale)
-        pixel_values = harness.random_pixels(batch, image_size, device, dtype)
+    for case_name, case, batch, pixel_values in harness.model_cases(CASES, args, image_size, device, dtype):
         row = {**common, "case": case_name, "batch": batch, "num_captions": case.num_captions}
         case_rows, _, failed = harness.time_engines(
             pipelines, functools.partial(make_pipeline_call, pixel_values=pixel_values, case=case,

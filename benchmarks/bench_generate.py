@@ -173,11 +173,7 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], int]:
     }
     rows = harness.build_error_rows(errors, common)
     failures = len(rows)
-    selected = harness.select_cases(CASES, args.cases)
-    for case_name in selected:
-        case = CASES[case_name]
-        batch = harness.scaled_batch(case.batch, args.batch_scale)
-        pixel_values = harness.random_pixels(batch, image_size, device, dtype)
+    for case_name, case, batch, pixel_values in harness.model_cases(CASES, args, image_size, device, dtype):
         row = {**common, "case": case_name, "batch": batch, **case.generate_kwargs}
         case_rows, outputs, failed = harness.time_engines(
             models, functools.partial(make_generate, pixel_values=pixel_values, case=case, new_tokens=args.new_tokens),

@@ -328,6 +328,14 @@ def select_cases(cases: dict[str, Any], spec: str | None) -> list[str]:
     return [name for name in cases if not spec or any(part in name for part in spec.split(","))]
 
 
+def model_cases(cases: dict[str, Any], args: argparse.Namespace, image_size: int, device: str, dtype: torch.dtype):
+    """``(name, case, batch, pixel_values)`` for each case selected by ``--cases``, batch scaled by ``--batch-scale``
+    (cases carry a ``batch`` field)."""
+    for name in select_cases(cases, args.cases):
+        batch = scaled_batch(cases[name].batch, args.batch_scale)
+        yield name, cases[name], batch, random_pixels(batch, image_size, device, dtype)
+
+
 def random_pixels(batch: int, image_size: int, device: str, dtype: torch.dtype) -> torch.Tensor:
     """Seeded random images: every engine and run times the same input."""
     generator = torch.Generator(device="cpu").manual_seed(1)
