@@ -18,6 +18,7 @@ from blip_fast.config import BlipConfig
 from blip_fast.modeling.blip import BlipForConditionalGeneration, BlipForQuestionAnswering
 from blip_fast.modeling.outputs import ModelOutput
 from blip_fast.modeling.pretrain import MomentumContrastiveModel
+from blip_fast.modeling.text import decoder_inputs_and_targets
 
 
 @dataclass
@@ -92,9 +93,8 @@ class BlipCaptionTrainer(torch.nn.Module):
     def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> LMOutput:
         """input_ids ``[B, L]``: tokenized ``prompt + caption`` (``[CLS]`` at 0, replaced by ``[DEC]``)."""
         image_embeds = self.model.vision_model(pixel_values).last_hidden_state
-        decoder_ids = input_ids.clone()
-        decoder_ids[:, 0] = self.model.config.text.bos_token_id
-        targets = decoder_ids.masked_fill(attention_mask == 0, -100)
+        decoder_ids, targets = decoder_inputs_and_targets(input_ids, attention_mask,
+                                                          self.model.config.text.bos_token_id)
         targets[:, : self.prompt_length] = -100
         decoded = self.model.text_decoder(
             decoder_ids, attention_mask, image_embeds, labels=targets, label_smoothing=self.label_smoothing
@@ -126,9 +126,7 @@ class BlipVQATrainer(torch.nn.Module):
         """Questions ``[B, Lq]`` about images ``[B, 3, H, W]``; answers ``[A, La]`` grouped by question (question b owns
         ``answers_per_question[b]`` consecutive rows), with weights ``[A]``."""
         _, question = self.model.encode_question(question_ids, pixel_values, question_mask, False)
-        answer_ids = answer_ids.clone()
-        answer_ids[:, 0] = self.model.config.text.bos_token_id
-        targets = answer_ids.masked_fill(answer_mask == 0, -100)
+        answer_ids, targets = decoder_inputs_and_targets(answer_ids, answer_mask, self.model.config.text.bos_token_id)
         per_answer = self.model.text_decoder(
             answer_ids,
             answer_mask,

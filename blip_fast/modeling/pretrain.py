@@ -20,7 +20,7 @@ from blip_fast import distributed, ops
 from blip_fast.config import BlipConfig
 from blip_fast.modeling.common import init_weights
 from blip_fast.modeling.outputs import ModelOutput
-from blip_fast.modeling.text import BlipTextLMHeadModel, BlipTextModel
+from blip_fast.modeling.text import BlipTextLMHeadModel, BlipTextModel, decoder_inputs_and_targets
 from blip_fast.modeling.vit import BlipVisionModel
 
 
@@ -227,9 +227,7 @@ class BlipPretrainer(MomentumContrastiveModel):
         loss_itm = self.matching(image_embeds, input_ids, attention_mask, negative_texts, negative_images)
 
         # LM: [DEC] replaces [CLS]; padding is not predicted.
-        decoder_ids = input_ids.clone()
-        decoder_ids[:, 0] = self.config.text.bos_token_id
-        targets = decoder_ids.masked_fill(attention_mask == 0, -100)
+        decoder_ids, targets = decoder_inputs_and_targets(input_ids, attention_mask, self.config.text.bos_token_id)
         loss_lm = self.text_decoder(
             decoder_ids, attention_mask, image_embeds, labels=targets, label_smoothing=self.label_smoothing
         ).loss

@@ -412,6 +412,16 @@ class BlipTextModel(nn.Module):
         cache.length = 0
 
 
+def decoder_inputs_and_targets(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor, bos_token_id: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """BLIP's LM training pair from tokenized ``[CLS] text [SEP]`` rows: ``[DEC]`` written over ``[CLS]``, and the
+    same ids as targets with padding set to -100 (the loss shifts them by one)."""
+    decoder_ids = input_ids.clone()
+    decoder_ids[:, 0] = bos_token_id
+    return decoder_ids, decoder_ids.masked_fill(attention_mask == 0, -100)
+
+
 class BlipTextPredictionHeadTransform(nn.Module):
     def __init__(self, config: TextConfig) -> None:
         super().__init__()
