@@ -253,16 +253,19 @@ def sample_hard_negatives(
     """ITM hard negatives: for each image a text, for each text an image, drawn from ``softmax(sim) + smoothing``.
 
     Rows are the local ITC features ``image_feat``/``text_feat`` ``[B, D]``; candidates are the columns
-    ``image_columns``/``text_columns`` ``[C, D]`` (all-gathered across ranks for BLIP's ``negative_all_rank``),
-    by default the rows themselves. ``sim = rows @ columns.T / temp``. Candidates of the same image get probability
-    0: the diagonal, or equal ids (``image_ids [B]`` vs ``column_ids [C]``, required with explicit columns). One
-    vectorised draw per row — no Python loop and no host sync (the original loops over rows with ``.item()``).
-    Returns column indices ``(negative_text [B], negative_image [B])``. Pre-training smooths by 1e-4, fine-tuning 0.
+    ``image_columns``/``text_columns`` ``[C, D]``, by default the rows themselves. BLIP's pre-training passes the
+    batch's momentum features (its ``sim_i2t[:, :bs]``: online rows x momentum columns); retrieval fine-tuning the
+    rows themselves, or all ranks' rows for ``negative_all_rank``. ``sim = rows @ columns.T / temp``. Candidates of
+    the same image get probability 0: the diagonal (column ``i`` of row ``i``), or equal ids (``image_ids [B]`` vs
+    ``column_ids [C]``, both or neither with explicit columns). One vectorised draw per row — no Python loop and no
+    host sync (the original loops over rows with ``.item()``). Returns column indices
+    ``(negative_text [B], negative_image [B])``. Pre-training smooths by 1e-4, fine-tuning 0.
     """
     if image_columns is None:
         image_columns, text_columns, column_ids = image_feat, text_feat, image_ids
-    elif image_ids is None or column_ids is None:
-        raise ValueError("sampling negatives from explicit columns needs image_ids and column_ids")
+    elif (image_ids is None) != (column_ids is None):
+        raise ValueError("sampling negatives from explicit columns takes both image_ids and column_ids, or neither "
+                         "(then column i is row i's positive)")
     if image_columns.shape[0] < 2:
         raise ValueError("hard-negative mining needs at least 2 pairs per batch")
     fn = resolve("sample_hard_negatives", image_feat.device)

@@ -112,18 +112,23 @@ def test_replicated_rows_follow_the_reference_distribution(smoothing, dtype):
 
 
 def test_diagonal_exclusion_follows_the_reference_distribution_over_seeds():
-    # No ids: the diagonal is excluded. One launch per draw, the seed varying per draw.
+    # No ids: the diagonal is excluded. One launch per draw, the seed varying per draw. The columns are pre-training's:
+    # the batch's momentum features (``sim_i2t[:, :bs]``), other vectors than the rows, the diagonal still excluded
+    # (rows as their own columns, retrieval's case, is the same launch with other column pointers).
     rows, dim, draws = 6, 32, 150
     image_feat, text_feat = _features(rows, dim), _features(rows, dim)
+    image_columns = F.normalize(image_feat + 0.5 * _features(rows, dim), dim=-1)
+    text_columns = F.normalize(text_feat + 0.5 * _features(rows, dim), dim=-1)
     temp = torch.tensor(0.3, device=DEVICE)
     counts_i2t = torch.zeros(rows, rows, dtype=torch.int64, device=DEVICE)
     counts_t2i = torch.zeros_like(counts_i2t)
     for seed in range(draws):
-        texts, images = itm_negatives.hard_negatives(image_feat, text_feat, temp, smoothing=1e-4, seed=1000 + seed)
+        texts, images = itm_negatives.hard_negatives(image_feat, text_feat, temp, smoothing=1e-4, seed=1000 + seed,
+                                                     image_columns=image_columns, text_columns=text_columns)
         counts_i2t += F.one_hot(texts, rows)
         counts_t2i += F.one_hot(images, rows)
-    _assert_matches(counts_i2t, _expected(image_feat, text_feat, temp, None, None, 1e-4), "i2t")
-    _assert_matches(counts_t2i, _expected(text_feat, image_feat, temp, None, None, 1e-4), "t2i")
+    _assert_matches(counts_i2t, _expected(image_feat, text_columns, temp, None, None, 1e-4), "i2t")
+    _assert_matches(counts_t2i, _expected(text_feat, image_columns, temp, None, None, 1e-4), "t2i")
 
 
 def test_a_positive_is_never_drawn():

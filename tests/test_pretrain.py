@@ -83,6 +83,93 @@ def test_temperature_is_clamped_every_step(start, clamped):
     assert float(model.temp.detach()) == pytest.approx(clamped)
 
 
+def _recorded_negative_weights(monkeypatch, model, batch, **forward_kwargs):
+    """Run one pre-training step, recording the weight matrices ``torch.multinomial`` draws negatives from."""
+    recorded = []
+    multinomial = torch.multinomial
+
+    def recording(weights, *args, **kwargs):
+        recorded.append(weights.detach().clone())
+        return multinomial(weights, *args, **kwargs)
+
+    monkeypatch.setenv("BLIP_FAST_BACKEND", "reference")
+    monkeypatch.setattr(torch, "multinomial", recording)
+    model(*batch, alpha=0.4, **forward_kwargs)
+    monkeypatch.setattr(torch, "multinomial", multinomial)
+    return recorded
+
+
+def _perturbed_momentum_model() -> BlipPretrainer:
+    """A pre-trainer whose momentum encoders differ from the online ones (as after some training)."""
+    model = _model()
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for module in (model.visual_encoder_m, model.vision_proj_m, model.text_encoder_m, model.text_proj_m):
+            for parameter in module.parameters():
+                parameter.add_(0.05 * torch.randn(parameter.shape, generator=generator))
+    return model
+
+
+def _features(model, pixel_values, input_ids, attention_mask, momentum: bool):
+    vision, vision_proj = (model.visual_encoder_m, model.vision_proj_m) if momentum else (
+        model.vision_model, model.vision_proj)
+    text, text_proj = (model.text_encoder_m, model.text_proj_m) if momentum else (model.text_encoder, model.text_proj)
+    with torch.no_grad():
+        image_feat = F.normalize(vision_proj(vision(pixel_values).last_hidden_state[:, 0]), dim=-1)
+        text_feat = F.normalize(text_proj(text(input_ids, attention_mask).last_hidden_state[:, 0]), dim=-1)
+    return image_feat, text_feat
+
+
+def test_pretraining_negatives_are_weighted_by_online_x_momentum_similarities(monkeypatch):
+    """The original ``blip_pretrain.py``: ``softmax(sim_i2t[:, :bs]) + 1e-4`` with ``sim_i2t = image_feat @
+    text_feat_m.T / temp`` (online rows, the batch's momentum columns), diagonal zeroed, and the same for t2i;
+    captions sharing an image id are not excluded by default."""
+    model = _perturbed_momentum_model()
+    batch = _batch(4)
+    image_ids = torch.tensor([0, 0, 1, 2])  # ids fill the id queue; pre-training's negatives ignore them
+    weights_i2t, weights_t2i = _recorded_negative_weights(monkeypatch, model, batch, image_ids=image_ids)
+    # The momentum encoders were updated before their forward; no optimizer step ran, so the modules now hold
+    # exactly the weights of that forward.
+    image_feat, text_feat = _features(model, *batch, momentum=False)
+    image_feat_m, text_feat_m = _features(model, *batch, momentum=True)
+    temp = float(model.temp.detach())
+    expected_i2t = (image_feat @ text_feat_m.t() / temp).softmax(dim=1) + 1e-4
+    expected_t2i = (text_feat @ image_feat_m.t() / temp).softmax(dim=1) + 1e-4
+    expected_i2t.fill_diagonal_(0)
+    expected_t2i.fill_diagonal_(0)
+    assert_close(weights_i2t, expected_i2t, rtol=1e-5, name="weights_i2t")
+    assert_close(weights_t2i, expected_t2i, rtol=1e-5, name="weights_t2i")
+    online_i2t = (image_feat @ text_feat.t() / temp).softmax(dim=1) + 1e-4
+    assert not torch.allclose(online_i2t.fill_diagonal_(0), expected_i2t, rtol=1e-3), "momentum made no difference"
+
+
+def test_pretraining_can_exclude_captions_of_the_same_image(monkeypatch):
+    model = _perturbed_momentum_model()
+    model.negatives_by_image_id = True
+    image_ids = torch.tensor([0, 0, 1, 2])
+    weights_i2t, weights_t2i = _recorded_negative_weights(monkeypatch, model, _batch(4), image_ids=image_ids)
+    same_image = image_ids[:, None] == image_ids[None, :]
+    for weights in (weights_i2t, weights_t2i):
+        assert (weights[same_image] == 0).all() and (weights[~same_image] > 0).all()
+
+
+def test_retrieval_negatives_stay_online_x_online(monkeypatch):
+    """The original ``blip_retrieval.py`` samples from ``image_feat @ text_feat.T`` (no momentum, no smoothing)."""
+    from blip_fast.modeling.finetune import BlipRetrievalTrainer
+
+    torch.manual_seed(0)
+    model = BlipRetrievalTrainer(CONFIG, queue_size=8).eval()
+    with torch.no_grad():
+        for parameter in model.text_proj_m.parameters():
+            parameter.add_(0.1)
+    batch, image_ids = _batch(4), torch.tensor([0, 0, 1, 2])
+    weights_i2t, _ = _recorded_negative_weights(monkeypatch, model, batch, image_ids=image_ids)
+    image_feat, text_feat = _features(model, *batch, momentum=False)
+    expected = (image_feat @ text_feat.t() / float(model.temp.detach())).softmax(dim=1)
+    expected[image_ids[:, None] == image_ids[None, :]] = 0
+    assert_close(weights_i2t, expected, rtol=1e-5)
+
+
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     """The pre-trainer's first-step losses, and its captioning/retrieval exports loaded by transformers."""

@@ -52,7 +52,9 @@ class BlipRetrievalTrainer(MomentumContrastiveModel):
         image_ids: torch.Tensor,
     ) -> RetrievalOutput:
         """``image_ids [B]`` identify images: every caption of the same image is a positive and never a negative."""
-        loss_itc, image_embeds, image_feat, text_feat = self.contrastive(
+        # Negatives from online x online similarities, as the original retrieval fine-tuning (pre-training uses the
+        # momentum features as columns).
+        loss_itc, image_embeds, image_feat, text_feat, _, _ = self.contrastive(
             pixel_values, input_ids, attention_mask, alpha, image_ids, multi_positive=True
         )
         candidates = None

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +31,17 @@ class PretrainOutput(ModelOutput):
     loss_itc: torch.Tensor
     loss_itm: torch.Tensor
     loss_lm: torch.Tensor
+
+
+class ContrastiveStep(NamedTuple):
+    """What :meth:`MomentumContrastiveModel.contrastive` computed: the ITC loss and the states ITM reuses."""
+
+    loss_itc: torch.Tensor
+    image_embeds: torch.Tensor  # [B, N, Dv] ViT states
+    image_feat: torch.Tensor  # [B, D] online ITC features
+    text_feat: torch.Tensor
+    image_feat_m: torch.Tensor  # [B, D] momentum ITC features of the same batch
+    text_feat_m: torch.Tensor
 
 
 def share_all_but_self_attention(encoder: BlipTextModel, decoder: BlipTextModel) -> None:
@@ -137,9 +149,9 @@ class MomentumContrastiveModel(nn.Module):
         alpha: float,
         image_ids: torch.Tensor | None,
         multi_positive: bool,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Encode, update momentum and queues, and compute ITC. Returns ``(loss_itc, image_embeds [B, N, Dv],
-        image_feat [B, D], text_feat [B, D])``; ``multi_positive`` makes every caption of the same image a target."""
+    ) -> ContrastiveStep:
+        """Encode, update momentum and queues, and compute ITC; ``multi_positive`` makes every caption of the same
+        image a target."""
         with torch.no_grad():
             self.temp.clamp_(0.001, 0.5)
         image_embeds = self.vision_model(pixel_values).last_hidden_state
@@ -156,7 +168,7 @@ class MomentumContrastiveModel(nn.Module):
             **positives,
         )
         self.enqueue(image_feat_m, text_feat_m, image_ids)
-        return loss_itc, image_embeds, image_feat, text_feat
+        return ContrastiveStep(loss_itc, image_embeds, image_feat, text_feat, image_feat_m, text_feat_m)
 
     def matching(
         self,
@@ -189,7 +201,13 @@ class MomentumContrastiveModel(nn.Module):
 
 class BlipPretrainer(MomentumContrastiveModel):
     """The pre-training model: ``forward`` returns the three losses and updates the momentum encoders and queues.
-    The text decoder shares everything but self-attention with the text encoder."""
+    The text decoder shares everything but self-attention with the text encoder.
+
+    ITM hard negatives are drawn as in the original pre-training: from the online features against the batch's
+    momentum features (``softmax(sim_i2t[:, :bs]) + 1e-4``), the diagonal excluded. ``negatives_by_image_id``
+    also excludes every caption of the same image (given ``image_ids``), as retrieval fine-tuning does; the
+    original pre-training does not (its web pairs have one caption per image).
+    """
 
     def __init__(
         self,
@@ -198,9 +216,11 @@ class BlipPretrainer(MomentumContrastiveModel):
         momentum: float = 0.995,
         negative_smoothing: float = 1e-4,
         label_smoothing: float = 0.1,
+        negatives_by_image_id: bool = False,
     ) -> None:
         super().__init__(config, queue_size, momentum)
         self.negative_smoothing = negative_smoothing
+        self.negatives_by_image_id = negatives_by_image_id
         self.label_smoothing = label_smoothing
         self.text_decoder = BlipTextLMHeadModel(config.text, config.vision.hidden_size)
         self.text_decoder.apply(init_weights)
@@ -216,14 +236,15 @@ class BlipPretrainer(MomentumContrastiveModel):
         image_ids: torch.Tensor | None = None,
     ) -> PretrainOutput:
         """pixel_values ``[B, 3, H, W]``; input_ids/attention_mask ``[B, L]`` tokenized captions (``[CLS] ... [SEP]``);
-        ``alpha`` the momentum-distillation weight; ``image_ids [B]`` (optional) mark captions of the same image, whose
-        pairs are never drawn as ITM negatives."""
-        loss_itc, image_embeds, image_feat, text_feat = self.contrastive(
-            pixel_values, input_ids, attention_mask, alpha, image_ids, multi_positive=False
-        )
+        ``alpha`` the momentum-distillation weight; ``image_ids [B]`` (optional) fill the id queue and, with
+        ``negatives_by_image_id``, mark captions of the same image, whose pairs are never drawn as ITM negatives."""
+        step = self.contrastive(pixel_values, input_ids, attention_mask, alpha, image_ids, multi_positive=False)
+        ids = image_ids if self.negatives_by_image_id else None
         negative_texts, negative_images = ops.sample_hard_negatives(
-            image_feat, text_feat, self.temp, image_ids, self.negative_smoothing
+            step.image_feat, step.text_feat, self.temp, ids, self.negative_smoothing,
+            image_columns=step.image_feat_m, text_columns=step.text_feat_m, column_ids=ids,
         )
+        image_embeds, loss_itc = step.image_embeds, step.loss_itc
         loss_itm = self.matching(image_embeds, input_ids, attention_mask, negative_texts, negative_images)
 
         # LM: [DEC] replaces [CLS]; padding is not predicted.

@@ -72,6 +72,10 @@ def _add_options(parser: argparse.ArgumentParser) -> None:
     pretrain.add_argument("--momentum", type=float, default=0.995, help="EMA factor of the momentum encoders")
     pretrain.add_argument("--alpha", type=float, default=0.4,
                           help="momentum-distillation weight, ramped linearly over the first 2 epochs")
+    pretrain.add_argument("--negatives_by_image_id", action=bool_flag, default=False,
+                          help="pre-training: never draw another caption of the same image as an ITM negative (BLIP "
+                               "pre-training excludes only the pair itself; retrieval fine-tuning always excludes the "
+                               "image's captions)")
 
     data = parser.add_argument_group("data")
     data.add_argument("--data", default="synthetic", choices=DATA_SOURCES, help="training data source")

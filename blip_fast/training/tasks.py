@@ -138,7 +138,8 @@ def _build_pretrainer(config: BlipConfig, args: argparse.Namespace, source: Init
                       tokenizer: BlipTokenizer) -> nn.Module:
     from blip_fast.modeling.pretrain import BlipPretrainer
 
-    return BlipPretrainer(config, queue_size=args.queue_size, momentum=args.momentum)
+    return BlipPretrainer(config, queue_size=args.queue_size, momentum=args.momentum,
+                          negatives_by_image_id=args.negatives_by_image_id)
 
 
 def _build_retrieval(config: BlipConfig, args: argparse.Namespace, source: InitSource,
