@@ -184,7 +184,9 @@ class StaticStep:
         torch.cuda.current_stream(self.tokens.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(graph):
+            # thread_local: a CUDA call from another thread during capture (CapFilt's DataLoader pin-memory thread)
+            # must not invalidate it, as it would under the default "global" mode.
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 self.logits = decoder.decode_step(self.tokens, self.position, self.keep, self.cache)
         except RuntimeError as error:
             raise RuntimeError(

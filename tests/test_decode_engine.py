@@ -2,6 +2,7 @@
 cache, sparse stop checks, and (GPU) CUDA graphs. The oracle is the dynamic path, itself checked against
 HuggingFace in test_hf_parity.py."""
 
+import contextlib
 import copy
 
 import pytest
@@ -260,3 +261,60 @@ def test_cuda_graphs_give_eager_ids(captioner, dtype, case, batch):
         assert torch.equal(graphed, eager), f"\ngraph {graphed.tolist()}\neager {eager.tolist()}"
     steps = generation._STATIC_STEPS[model.text_decoder]
     assert len(steps) == 1 and next(iter(steps.values())).graph is not None, "one captured graph, reused"
+
+
+class _FakeStream:
+    def wait_stream(self, other):
+        pass
+
+
+class _FakeCuda:
+    """Records what ``StaticStep.capture`` asks of torch.cuda, so the capture call is checked without a GPU."""
+
+    def __init__(self, monkeypatch):
+        self.graph_kwargs = []
+        fakes = dict(Stream=lambda device=None: _FakeStream(), current_stream=lambda device=None: _FakeStream(),
+                     stream=lambda stream: contextlib.nullcontext(), CUDAGraph=lambda: "graph", graph=self.graph)
+        for name, value in fakes.items():
+            monkeypatch.setattr(torch.cuda, name, value)
+
+    def graph(self, graph, **kwargs):
+        self.graph_kwargs.append(kwargs)
+        return contextlib.nullcontext()
+
+
+def test_capture_is_thread_local(captioner, monkeypatch):
+    """CapFilt captures lazily while its DataLoader's pin-memory thread makes CUDA calls; under the default "global"
+    capture mode such a call invalidates the capture, so the step must be captured with thread_local errors."""
+    fake = _FakeCuda(monkeypatch)
+    image_embeds = torch.randn(2, 26, 48)
+    step = static_step(captioner.text_decoder, image_embeds, None, rows_per_image=1, max_length=10)
+    assert step.graph is None  # CPU: not captured
+    with torch.no_grad():  # as generate() runs it
+        step.capture(captioner.text_decoder)
+    assert fake.graph_kwargs == [{"capture_error_mode": "thread_local"}]
+    assert step.graph == "graph" and step.logits.shape == (step.tokens.shape[0], captioner.config.text.vocab_size)
+
+
+@pytest.mark.gpu
+def test_capture_survives_a_pin_memory_thread(captioner):
+    """The capture happens while another thread pins host memory and copies to the GPU (what a pin-memory
+    DataLoader does); the graphed ids equal eager ones."""
+    import threading
+
+    model = copy.deepcopy(captioner).to("cuda")
+    pixel_values = torch.randn(5, 3, 40, 40, device="cuda")
+    stop = threading.Event()
+
+    def pin_and_copy():
+        while not stop.is_set():
+            torch.randn(1 << 16).pin_memory().to("cuda", non_blocking=True)
+
+    worker = threading.Thread(target=pin_and_copy, daemon=True)
+    worker.start()
+    try:
+        graphed = model.generate(pixel_values, cuda_graphs=True, max_new_tokens=10)
+    finally:
+        stop.set()
+        worker.join()
+    assert torch.equal(graphed, model.generate(pixel_values, cuda_graphs=False, max_new_tokens=10))
