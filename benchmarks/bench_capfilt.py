@@ -152,7 +152,8 @@ def make_pipeline_call(pipeline: Any, pixel_values: torch.Tensor, case: Case, le
     return call
 
 
-def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], int]:
+def run(args: argparse.Namespace, report: harness.Report) -> int:
+    """Measure every selected case, adding its rows to ``report`` as each finishes; returns the failure count."""
     device, dtype = harness.device_and_dtype(args)
     engines = tuple(name for name in args.engines.split(",") if name)
     env = harness.environment(device)
@@ -162,8 +163,8 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], int]:
     vocab_size = len(pipelines["hf"].tokenizer) if "hf" in pipelines else None
     common = {"bench": "capfilt", "config": args.config, "dtype": str(dtype).replace("torch.", ""),
               "image_size": image_size, "max_length": args.max_length, "vocab_size": vocab_size, **env}
-    rows = harness.build_error_rows(errors, common)
-    failures = len(rows)
+    report.add(*harness.build_error_rows(errors, common))
+    failures = len(errors)
     for case_name, case, batch, pixel_values in harness.model_cases(CASES, args, image_size, device, dtype):
         row = {**common, "case": case_name, "batch": batch, "num_captions": case.num_captions}
         case_rows, _, failed = harness.time_engines(
@@ -172,8 +173,8 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], int]:
             device, row, args.warmup, args.repeats,
         )
         failures += failed
-        rows.extend(case_rows.values())
-    return rows, failures
+        report.add(*case_rows.values())
+    return failures
 
 
 COLUMNS = [*harness.TIMING_COLUMNS, "num_captions", "error"]
@@ -189,10 +190,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    rows, failures = run(args)
-    first = rows[0]
-    title = f"{args.name}: {first['config']} {first['dtype']}, captions of {args.max_length} tokens"
-    print(harness.write_report(rows, COLUMNS, title, args.out, args.name))
+    report = harness.Report(args.out, args.name, COLUMNS, lambda first: f"{args.name}: {first['config']} "
+                            f"{first['dtype']}, captions of {args.max_length} tokens")
+    failures = run(args, report)
+    print(report.text())
     return 1 if failures else 0
 
 

@@ -157,7 +157,8 @@ def decode_step_rows(
     return rows
 
 
-def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], int]:
+def run(args: argparse.Namespace, report: harness.Report) -> int:
+    """Measure every selected case, adding its rows to ``report`` as each finishes; returns the failure count."""
     device, dtype = harness.device_and_dtype(args)
     engines = tuple(name for name in args.engines.split(",") if name)
     env = harness.environment(device)
@@ -171,8 +172,8 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], int]:
         "new_tokens": args.new_tokens,
         **env,
     }
-    rows = harness.build_error_rows(errors, common)
-    failures = len(rows)
+    report.add(*harness.build_error_rows(errors, common))
+    failures = len(errors)
     for case_name, case, batch, pixel_values in harness.model_cases(CASES, args, image_size, device, dtype):
         row = {**common, "case": case_name, "batch": batch, **case.generate_kwargs}
         case_rows, outputs, failed = harness.time_engines(
@@ -182,31 +183,25 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], int]:
         failures += failed
         if args.check_tokens and case.deterministic and {"ours", "hf"} <= outputs.keys():
             case_rows["ours"]["tokens_match"] = token_agreement(outputs["hf"], outputs["ours"])
-        rows.extend(case_rows.values())
+        report.add(*case_rows.values())
         del outputs  # free the generated ids before the next case allocates
         generation.clear_static_steps()  # each case's peak memory holds only its own static buffers
         if case_name == DECODE_STEP_CASE and args.new_tokens > SHORT_NEW_TOKENS:
             bandwidth = copy_bandwidth_gbps(device, args.copy_mb, args.warmup, args.repeats)
             try:
-                rows.extend(decode_step_rows(models, pixel_values, config, device, {**row, "copy_gbps": bandwidth},
+                report.add(*decode_step_rows(models, pixel_values, config, device, {**row, "copy_gbps": bandwidth},
                                              args))
             except Exception as error:  # recorded like an engine failure; the other rows stand
                 print(f"[decode step] {type(error).__name__}: {error}", file=sys.stderr)
-                rows.append({**row, "case": f"{DECODE_STEP_CASE}_step", "error": f"{type(error).__name__}: {error}"})
+                report.add({**row, "case": f"{DECODE_STEP_CASE}_step", "error": f"{type(error).__name__}: {error}"})
                 failures += 1
-    return rows, failures
+    return failures
 
 
 COLUMNS = [
     *harness.TIMING_COLUMNS, "tokens_match", "cuda_graphs", "graphs_speedup", "step_ms", "kv_floor_ms",
     "step_vs_floor", "copy_gbps", "error",
 ]
-
-
-def report(rows: list[dict[str, Any]], out_dir: str | None, name: str) -> str:
-    first = rows[0]
-    title = f"{name}: {first['config']} {first['dtype']}, {first.get('new_tokens', '')} new tokens"
-    return harness.write_report(rows, COLUMNS, title, out_dir, name)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -224,8 +219,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.copy_mb is None:
         args.copy_mb = 1024 if (args.device or harness.default_device()).startswith("cuda") else 64
-    rows, failures = run(args)
-    print(report(rows, args.out, args.name))
+    report = harness.Report(args.out, args.name, COLUMNS, lambda first: (
+        f"{args.name}: {first['config']} {first['dtype']}, {first.get('new_tokens', '')} new tokens"))
+    failures = run(args, report)
+    print(report.text())
     return 1 if failures else 0
 
 

@@ -87,7 +87,8 @@ def time_step(step: Callable[[], Any], device: str, warmup: int, repeats: int) -
             "first_call_ms": timing.first_call_ms}
 
 
-def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], int]:
+def run(args: argparse.Namespace, report: harness.Report) -> int:
+    """Measure every batch, adding its rows to ``report`` as each finishes; returns the failure count."""
     device = args.device or harness.default_device()
     on_cuda = device.startswith("cuda")
     dtype = harness.DTYPES[args.dtype or ("fp16" if on_cuda else "fp32")]
@@ -101,7 +102,6 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], int]:
 
     env = harness.environment(device)
     common = {"bench": "itc", "dtype": str(dtype).replace("torch.", ""), "dim": dim, "queue": queue, **env}
-    rows: list[dict[str, Any]] = []
     failures = 0
     for batch in batches:
         case_rows: dict[str, dict[str, Any]] = {}
@@ -134,8 +134,8 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], int]:
         fused, eager = case_rows.get("fused", {}), case_rows.get("eager", {})
         if "median_ms" in fused and "median_ms" in eager:
             fused["speedup_vs_eager"] = eager["median_ms"] / fused["median_ms"]
-        rows.extend(case_rows.values())
-    return rows, failures
+        report.add(*case_rows.values())
+    return failures
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -154,10 +154,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    rows, failures = run(args)
-    title = f"ITC loss fwd+bwd: eager vs fused, {rows[0]['dtype']}, D={rows[0]['dim']}, queue {rows[0]['queue']}"
-    print(harness.write_report(rows, COLUMNS, title, args.out, args.name))
-    for row in rows:
+    report = harness.Report(args.out, args.name, COLUMNS, lambda first: (
+        f"ITC loss fwd+bwd: eager vs fused, {first['dtype']}, D={first['dim']}, queue {first['queue']}"))
+    failures = run(args, report)
+    print(report.text())
+    for row in report.rows:
         if row["engine"] == "fused" and "median_ms" in row:
             print(f"fused b{row['batch']}: {row['gflop']:.0f} GFLOP in {row['median_ms']:.3f} ms = "
                   f"{row['tflops']:.0f} TFLOP/s, {100 * row['floor_fraction']:.0f}% of the "

@@ -93,7 +93,8 @@ def _valid(negatives: tuple[torch.Tensor, torch.Tensor], rows: int) -> bool:
     return all(bool(((n >= 0) & (n < rows) & (n != diagonal)).all()) for n in (t.cpu() for t in negatives))
 
 
-def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], int]:
+def run(args: argparse.Namespace, report: harness.Report) -> int:
+    """Measure every engine and size, adding each row to ``report`` as it finishes; returns the failure count."""
     device = args.device or harness.default_device()
     dtype = harness.DTYPES[args.dtype]
     if not device.startswith("cuda"):
@@ -103,7 +104,6 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], int]:
     selected = [name for name in args.engines.split(",") if name in found]
     rows_list = [int(r) for r in args.rows.split(",")] if args.rows else (ROWS if device.startswith("cuda")
                                                                           else CPU_ROWS)
-    results: list[dict[str, Any]] = []
     failures = 0
     for rows in rows_list:
         image_feat, text_feat, temp = make_inputs(rows, args.dim, device, dtype)
@@ -135,8 +135,8 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], int]:
                 loop_ms = row["median_ms"]
             if loop_ms and "median_ms" in row:
                 row["speedup_vs_loop"] = loop_ms / row["median_ms"]
-            results.append(row)
-    return results, failures
+            report.add(row)
+    return failures
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -156,9 +156,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    results, failures = run(args)
-    title = f"ITM hard negatives: {args.dtype}, D={args.dim}, smoothing {SMOOTHING}, both directions"
-    print(harness.write_report(results, COLUMNS, title, args.out, args.name))
+    report = harness.Report(args.out, args.name, COLUMNS,
+                            f"ITM hard negatives: {args.dtype}, D={args.dim}, smoothing {SMOOTHING}, both directions")
+    failures = run(args, report)
+    print(report.text())
     return 1 if failures else 0
 
 

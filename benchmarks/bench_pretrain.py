@@ -1,7 +1,9 @@
-"""Pre-training step throughput of ``BlipPretrainer`` (forward + backward + AdamW) on the reference backend.
+"""Pre-training step throughput of ``BlipPretrainer`` (forward + backward + AdamW).
 
 One process, no DeepSpeed: the number isolates the model's step (ITC + ITM + LM, momentum update, queues) from
 the launcher. bf16 runs the step under ``torch.autocast`` with fp32 master weights, as mixed-precision training does.
+The ops run on whatever ``blip_fast.ops`` resolves on the device (fused Triton ITC and hard negatives on CUDA, the
+reference on CPU, or what ``BLIP_FAST_BACKEND`` forces); each row names them in ``backends``.
 
     python -m benchmarks.bench_pretrain --config base --image-size 224 --batch 64 --dtype bf16 --out results/h100
     python -m benchmarks.bench_pretrain --config tiny --batch 8 --device cpu           # CPU smoke run
@@ -23,7 +25,10 @@ from benchmarks import harness
 from blip_fast.config import BlipConfig
 from blip_fast.modeling.pretrain import BlipPretrainer
 
-COLUMNS = ["case", "batch", "samples_per_s", "median_ms", "p20_ms", "p80_ms", "first_call_ms", "peak_mem_mb", "error"]
+COLUMNS = ["case", "batch", "dtype", "samples_per_s", "median_ms", "p20_ms", "p80_ms", "first_call_ms", "peak_mem_mb",
+           "backends", "error"]
+#: The ops a pre-training step calls (``backends`` names what each resolved to).
+STEP_OPS = ("itc_loss", "sample_hard_negatives", "lm_loss", "attention")
 
 
 def make_step(model: BlipPretrainer, optimizer: torch.optim.Optimizer, batch: int, dtype: torch.dtype, device: str):
@@ -44,14 +49,23 @@ def make_step(model: BlipPretrainer, optimizer: torch.optim.Optimizer, batch: in
     return step
 
 
-def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], int]:
+def backends(device: str) -> str:
+    """``op=backend`` for the ops of a step, as ``blip_fast.ops`` resolves them on ``device`` now."""
+    from blip_fast import ops
+
+    resolved = ops.resolved_backends(device)
+    return ", ".join(f"{op}={resolved[op]}" for op in STEP_OPS if op in resolved)
+
+
+def run(args: argparse.Namespace, report: harness.Report) -> int:
+    """Time the step, adding its row to ``report``; returns the failure count."""
     device = args.device or harness.default_device()
     dtype = harness.DTYPES[args.dtype or ("bf16" if device.startswith("cuda") else "fp32")]
     overrides = {} if args.image_size is None else {"image_size": args.image_size}
     config = BlipConfig.from_name(args.config, **overrides)
     row: dict[str, Any] = {
         "bench": "pretrain", "case": f"{args.config}-{config.vision.image_size}px", "batch": args.batch,
-        "config": args.config, "dtype": str(dtype).removeprefix("torch."), "backend": "reference",
+        "config": args.config, "dtype": str(dtype).removeprefix("torch."), "backends": backends(device),
         **harness.environment(device),
     }
     try:
@@ -64,10 +78,12 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], int]:
             timing = harness.measure(step, device, warmup=args.warmup, repeats=args.repeats)
     except Exception as error:  # report, do not hide the row (e.g. out of memory at a large batch)
         row["error"] = f"{type(error).__name__}: {error}"
-        return [row], 1
+        report.add(row)
+        return 1
     row.update(**timing.as_dict(), **memory.as_dict())
     row["samples_per_s"] = args.batch / (timing.median_ms / 1e3)
-    return [row], 0
+    report.add(row)
+    return 0
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -87,9 +103,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    rows, failures = run(args)
-    title = f"{args.name}: BlipPretrainer step, reference backend"
-    print(harness.write_report(rows, COLUMNS, title, args.out, args.name))
+    report = harness.Report(args.out, args.name, COLUMNS, lambda first: (
+        f"{args.name}: BlipPretrainer step (forward + backward + AdamW), {first['case']}"))
+    failures = run(args, report)
+    print(report.text())
     return 1 if failures else 0
 
 

@@ -67,7 +67,8 @@ def make_forward(model: Any, pixel_values: torch.Tensor) -> Callable[[], torch.T
     return forward
 
 
-def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], int]:
+def run(args: argparse.Namespace, report: harness.Report) -> int:
+    """Measure every batch size, adding its rows to ``report`` as each finishes; returns the failure count."""
     device, dtype = harness.device_and_dtype(args)
     engines = tuple(name for name in args.engines.split(",") if name)
     env = harness.environment(device)
@@ -80,8 +81,8 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], int]:
         "tokens": vision.num_positions,
         **env,
     }
-    rows = harness.build_error_rows(errors, common)
-    failures = len(rows)
+    report.add(*harness.build_error_rows(errors, common))
+    failures = len(errors)
     batches = sorted({harness.scaled_batch(int(b), args.batch_scale) for b in args.batches.split(",") if b})
     for batch in batches:
         pixel_values = harness.random_pixels(batch, vision.image_size, device, dtype)
@@ -92,18 +93,12 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], int]:
         failures += failed
         if {"ours", "hf"} <= outputs.keys():
             case_rows["ours"]["max_abs_diff"] = (outputs["ours"].float() - outputs["hf"].float()).abs().max().item()
-        rows.extend(case_rows.values())
+        report.add(*case_rows.values())
         del outputs  # free the outputs before the next batch size allocates
-    return rows, failures
+    return failures
 
 
 COLUMNS = [*harness.TIMING_COLUMNS, "max_abs_diff", "error"]
-
-
-def report(rows: list[dict[str, Any]], out_dir: str | None, name: str) -> str:
-    first = rows[0]
-    title = f"{name}: {first['config']} {first['dtype']}, {first['image_size']}px ({first['tokens']} tokens)"
-    return harness.write_report(rows, COLUMNS, title, out_dir, name)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -115,8 +110,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    rows, failures = run(args)
-    print(report(rows, args.out, args.name))
+    report = harness.Report(args.out, args.name, COLUMNS, lambda first: (
+        f"{args.name}: {first['config']} {first['dtype']}, {first['image_size']}px ({first['tokens']} tokens)"))
+    failures = run(args, report)
+    print(report.text())
     return 1 if failures else 0
 
 

@@ -354,14 +354,35 @@ TIMING_COLUMNS = [
 ]
 
 
-def write_report(rows: Sequence[dict[str, Any]], columns: Sequence[str], title: str, out_dir: str | None,
-                 name: str) -> str:
-    """Markdown report of ``rows``; with ``out_dir``, also append them to ``<name>.jsonl`` and write ``<name>.md``."""
-    text = f"### {title}\n\n" + environment_line(rows[0]) + "\n\n" + markdown_table(rows, columns) + "\n"
-    if out_dir:
-        append_rows(Path(out_dir) / f"{name}.jsonl", rows)
-        (Path(out_dir) / f"{name}.md").write_text(text, encoding="utf-8")
-    return text
+class Report:
+    """The rows of one benchmark run, written as they are measured.
+
+    ``add`` appends each row to ``<out_dir>/<name>.jsonl`` at once (flushed), rewrites ``<name>.md`` and prints a
+    one-line digest, so a run killed by its time limit (``gpu_check.sh``) leaves every finished row on disk and in
+    its log. ``title`` is a string or a function of the first row (which carries the environment).
+    """
+
+    def __init__(self, out_dir: str | os.PathLike | None, name: str, columns: Sequence[str],
+                 title: str | Callable[[dict[str, Any]], str]) -> None:
+        self.out_dir, self.name, self.columns, self.title = out_dir, name, list(columns), title
+        self.rows: list[dict[str, Any]] = []
+
+    def add(self, *rows: dict[str, Any]) -> None:
+        self.rows.extend(rows)
+        for row in rows:
+            print(f"[{self.name}] " + ", ".join(f"{column}={_cell(row[column])}" for column in self.columns
+                                               if row.get(column) is not None), flush=True)
+        if self.out_dir:
+            append_rows(Path(self.out_dir) / f"{self.name}.jsonl", rows)
+            (Path(self.out_dir) / f"{self.name}.md").write_text(self.text(), encoding="utf-8")
+
+    def text(self) -> str:
+        """The markdown report of the rows so far (title, environment line, table)."""
+        if not self.rows:
+            return ""
+        title = self.title(self.rows[0]) if callable(self.title) else self.title
+        return (f"### {title}\n\n" + environment_line(self.rows[0]) + "\n\n"
+                + markdown_table(self.rows, self.columns) + "\n")
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, name: str, warmup: int, repeats: int) -> None:

@@ -57,6 +57,21 @@ def resolve(op: str, device: torch.device) -> Callable:
     raise RuntimeError(f"no implementation of op {op!r} can run on {device}")
 
 
+def resolved_backends(device: torch.device | str) -> dict[str, str]:
+    """Each op's backend name (``cuda``, ``triton``, ``reference``) on ``device`` under the current
+    ``BLIP_FAST_BACKEND``, or why it cannot run: what benchmarks and ``gpu_check.sh`` report as having run."""
+    device = torch.device(device)
+    names = {}
+    for op, implementations in sorted(_REGISTRY.items()):
+        try:
+            chosen = resolve(op, device)
+        except RuntimeError as error:
+            names[op] = f"unavailable ({error})"
+            continue
+        names[op] = next(name for name, (fn, _) in implementations.items() if fn is chosen)
+    return names
+
+
 @register("attention", "reference")
 def _attention_reference(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None, dropout_p: float
