@@ -2,8 +2,8 @@
 
 The extension is never required: every op has a Triton and a pure-torch path. It is built only when all hold:
 ``csrc/`` has ``.cu``/``.cpp`` sources, torch is importable in the build environment and is a CUDA build, and a
-CUDA toolkit (``CUDA_HOME`` or ``nvcc`` on ``PATH``) is found. ``BLIP_FAST_BUILD_CUDA=0`` skips it,
-``BLIP_FAST_BUILD_CUDA=1`` makes any missing piece an error.
+usable CUDA toolkit is found (``csrc/cuda_env.py``: headers, runtime and nvcc checked, torch's guess from a wrapper
+``nvcc`` corrected). ``BLIP_FAST_BUILD_CUDA=0`` skips it, ``BLIP_FAST_BUILD_CUDA=1`` makes any missing piece an error.
 
 pip builds in an isolated environment without torch, so a plain ``pip install -e .`` never builds the extension.
 On a GPU machine with a CUDA torch installed, use ``pip install --no-build-isolation -e .``.
@@ -51,15 +51,29 @@ def cuda_extension_decision(env: dict | None = None, csrc_dir: str = CSRC) -> tu
         elif torch.version.cuda is None:
             problem = f"torch {torch.__version__} is a CPU build"
         else:
-            from torch.utils.cpp_extension import CUDA_HOME
-
-            if CUDA_HOME is None:
-                problem = "no CUDA toolkit found (set CUDA_HOME or put nvcc on PATH)"
+            problem = use_cuda_toolkit(torch.version.cuda)
     if problem is None:
         return True, f"building blip_fast._C from {len(csrc_sources(csrc_dir))} source files in csrc/"
     if mode == "1":
         raise RuntimeError(f"BLIP_FAST_BUILD_CUDA=1 but the CUDA extension cannot be built: {problem}")
     return False, f"skipping the optional CUDA extension blip_fast._C: {problem}"
+
+
+def use_cuda_toolkit(torch_cuda: str) -> str | None:
+    """Point the build (``CUDA_HOME`` and torch's cached guess) at a usable toolkit; the problem when none is."""
+    from torch.utils import cpp_extension
+
+    sys.path.insert(0, CSRC)
+    try:
+        import cuda_env
+    finally:
+        sys.path.remove(CSRC)
+    home, notes = cuda_env.find_cuda_home(torch_cuda=torch_cuda, torch_guess=cpp_extension.CUDA_HOME)
+    if home is None:
+        return "no usable CUDA toolkit found (set CUDA_HOME): " + "; ".join(notes or ["no candidates"])
+    # cpp_extension computed CUDA_HOME at import; BuildExtension reads the module global, nvcc subprocesses the env.
+    os.environ["CUDA_HOME"] = cpp_extension.CUDA_HOME = home
+    return None
 
 
 def extension_kwargs() -> dict:

@@ -1,147 +1,321 @@
 #!/usr/bin/env bash
-# GPU verification (DESIGN.md §5): run on an H100/H200 machine with torch, Triton and transformers preinstalled and
-# no network. Installs blip_fast without touching the network, runs the GPU-marked tests (HF parity on CUDA among them),
-# then the ViT and caption-generation benchmarks against HuggingFace, and writes JSON lines, logs and summary.md to
-# OUT_DIR. Every step has its own timeout and a failing step does not stop the others; the exit code is non-zero
-# when any step failed. Total well under 8 minutes.
+# GPU verification (DESIGN.md §5) on an H100/H200 machine with torch, Triton and transformers preinstalled and no
+# network: build blip_fast (and its CUDA extension), run the GPU tests, run the benchmarks against their baselines.
 #
-#   bash benchmarks/gpu_check.sh OUT_DIR
-#   BLIP_FAST_GPU_CHECK_DRY=1 bash benchmarks/gpu_check.sh /tmp/gpu_dry   # same steps on CPU, tiny config
+#   bash benchmarks/gpu_check.sh OUT_DIR             # full check, <= 480 s of step budgets
+#   bash benchmarks/gpu_check.sh --quick OUT_DIR     # ~3 min rerun after a fix: no CUDA-extension build, the core
+#   bash benchmarks/gpu_check.sh --plan              # print the steps and their budgets, run nothing
+#   BLIP_FAST_GPU_CHECK_DRY=1 bash benchmarks/gpu_check.sh OUT_DIR    # CPU rehearsal: same steps, tiny configs
+#
+# OUT_DIR gets three files, all rewritten after every step (and the archive every 20 s within one), so a run killed
+# at any moment returns what it did (the device machine returns at most 8 files, nothing buffered):
+#   summary.md      the steps table, environment + build + resolved backends, every result table, failing logs' tails
+#   steps.tsv       step, budget_s, status (pending/running/ok/failed/timeout/skipped), rc, seconds
+#   results.tar.gz  gpu_check/: each step's log, each benchmark's JSON lines (appended row by row) and table
+# Steps run in order of value, each killed at its budget (a step may use what earlier steps left unused, never
+# later steps' time). Steps past the total budget run only on time left over. Environment: PYTHON (default
+# python3), BLIP_FAST_GPU_CHECK_STEPS=a,b (only these), BLIP_FAST_GPU_CHECK_BUDGET_S (total, default 480 / 180).
 set -uo pipefail
 
-if [ $# -lt 1 ]; then
-    echo "usage: $0 OUT_DIR" >&2
-    exit 2
-fi
-cd "$(dirname "$0")/.."
-ROOT="$PWD"
-mkdir -p "$1"
-OUT="$(cd "$1" && pwd)"
-DRY="${BLIP_FAST_GPU_CHECK_DRY:-0}"
-PY="${PYTHON:-python}"
-STEPS="$OUT/steps.tsv"
-printf 'step\tstatus\trc\tseconds\n' >"$STEPS"
-FAILED=0
+# ---------------------------------------------------------------------------------------------- the steps
+# step NAME FULL_S QUICK_S COMMAND...  (QUICK_S 0: not in --quick). Adding a check is one line here.
+# between FUNCTION                     (runs in this shell between steps: state the later steps need)
+checks() {
+    step environment 15 15 "$PY" -m benchmarks.gpu_env --stage machine --out "$WORK"
+    between prepare_build
+    step build 120 0 "${BUILD[@]}"
+    between use_built_tree
+    step backends 15 15 "$PY" -m benchmarks.gpu_env --stage build --out "$WORK" ${BUILT:+--expect-extension}
+    # The GPU code proven correct: fast core first (HF parity, CUDA graphs, the CUDA op), then the Triton kernels.
+    step tests_core 45 45 "$PY" -m pytest "${PYTEST[@]}" -m gpu -k "not test_matches_reference" \
+        tests/test_gpu_parity.py tests/test_decode_engine.py tests/test_decode_attention_cuda.py \
+        tests/test_pretrain.py --junitxml="$WORK/tests_core.xml"
+    step tests_kernels 50 40 "$PY" -m pytest "${PYTEST[@]}" "${XDIST[@]}" -m gpu tests/test_itc_kernel.py \
+        tests/test_itm_negatives_kernel.py tests/test_decode_attention_kernel.py --junitxml="$WORK/tests_kernels.xml"
+    step capfilt_cli 35 30 "$PY" -m benchmarks.capfilt_cli "${CAPFILT_CLI[@]}" --out "$WORK" --name capfilt_cli
+    # One row per headline benchmark, against its baseline in the same process.
+    step generate 40 30 "$PY" -m benchmarks.bench_generate "${MODEL[@]}" --cases greedy_bs256 --check-tokens \
+        --out "$WORK" --name generate
+    step itc 20 0 "$PY" -m benchmarks.bench_itc "${DEV[@]}" --batches "$ITC_HEADLINE" --out "$WORK" --name itc
+    step vit 20 0 "$PY" -m benchmarks.bench_vit "${MODEL[@]}" --batches 256 --out "$WORK" --name vit
+    step decode_attention 20 0 "$PY" -m benchmarks.bench_decode_attention "${DEV[@]}" --images "$DECODE_HEADLINE" \
+        --out "$WORK" --name decode_attention
+    step itm_negatives 20 0 "$PY" -m benchmarks.bench_itm_negatives "${DEV[@]}" --out "$WORK" --name itm_negatives
+    step capfilt 25 0 "$PY" -m benchmarks.bench_capfilt "${MODEL[@]}" --cases k1_bs64 --out "$WORK" --name capfilt
+    step pretrain_bf16 25 0 "$PY" -m benchmarks.bench_pretrain "${PRETRAIN[@]}" --dtype "$LOW" --out "$WORK" \
+        --name pretrain_bf16
+    step tests_sweep 30 0 "$PY" -m pytest "${PYTEST[@]}" "${XDIST[@]}" -m gpu -k test_matches_reference \
+        tests/test_decode_attention_cuda.py --junitxml="$WORK/tests_sweep.xml"
+    # The rest: past the 480 s of budgets, run on the time the steps above left unused.
+    step generate_rest 60 0 "$PY" -m benchmarks.bench_generate "${MODEL[@]}" --cases greedy_bs1,greedy_bs64,beam3,nucleus \
+        --check-tokens --out "$WORK" --name generate_rest
+    step generate_fp32_parity 40 0 "$PY" -m benchmarks.bench_generate "${MODEL[@]}" --dtype fp32 --batch-scale 0.125 \
+        --cases greedy_bs1,greedy_bs64,beam3 --warmup 0 --repeats 1 --check-tokens --out "$WORK" \
+        --name generate_fp32_parity
+    step decode_attention_rest 25 0 "$PY" -m benchmarks.bench_decode_attention "${DEV[@]}" --images "$DECODE_REST" \
+        --out "$WORK" --name decode_attention_rest
+    step itc_rest 30 0 "$PY" -m benchmarks.bench_itc "${DEV[@]}" --batches "$ITC_REST" --out "$WORK" --name itc_rest
+    step vit_rest 20 0 "$PY" -m benchmarks.bench_vit "${MODEL[@]}" --batches 1,64 --out "$WORK" --name vit_rest
+    step capfilt_rest 40 0 "$PY" -m benchmarks.bench_capfilt "${MODEL[@]}" --cases k3_bs64,k5_bs32 --out "$WORK" \
+        --name capfilt_rest
+    step pretrain_fp32 30 0 "$PY" -m benchmarks.bench_pretrain "${PRETRAIN[@]}" --dtype fp32 --out "$WORK" \
+        --name pretrain_fp32
+}
 
-# The whole check stays inside this budget: each step's timeout is cut to what is left of it.
-DEADLINE=$(($(date +%s) + ${BLIP_FAST_GPU_CHECK_BUDGET_S:-420}))
-
-# step NAME TIMEOUT_S CMD...: run with a timeout, log to OUT/NAME.log, record the outcome, return the exit code.
-step() {
-    local name="$1" limit="$2"
-    shift 2
-    local start rc status left
-    start=$(date +%s)
-    left=$((DEADLINE - start))
-    if [ "$left" -lt 15 ]; then
-        printf '%s\t%s\t%s\t%s\n' "$name" "skipped-budget" "-" 0 >>"$STEPS"
-        echo "== $name: skipped, time budget spent"
-        FAILED=1
-        return 124
+# Sizes: base shapes in fp16 on the GPU; tiny ones on a CPU for the dry run.
+configure() {
+    if [ "$DRY" = 1 ]; then
+        export CUDA_VISIBLE_DEVICES=""  # behave like a machine without a GPU
+        local scale=(--config tiny --dtype fp32 --device cpu --batch-scale 0.02 --warmup 1 --repeats 2)
+        MODEL=("${scale[@]}") DEV=(--device cpu --warmup 1 --repeats 2)
+        PRETRAIN=(--config tiny --batch 4 --device cpu --warmup 1 --repeats 2)
+        CAPFILT_CLI=(--config tiny --device cpu --shards 2 --per-shard 4 --batch-size 4 --source-size 64)
+        ITC_HEADLINE=33 ITC_REST=8 DECODE_HEADLINE=4 DECODE_REST=2,1 LOW=fp32
+        BUILD=("$PY" setup.py --version)  # the build decision only: never reinstall the developer's environment
+    else
+        MODEL=(--config base --dtype fp16 --device cuda --repeats 5) DEV=(--device cuda)
+        PRETRAIN=(--config base --batch 32 --device cuda)
+        CAPFILT_CLI=(--config base --device cuda --shards 4 --per-shard 32 --batch-size 32)
+        ITC_HEADLINE=4096 ITC_REST=1024,32768 DECODE_HEADLINE=256 DECODE_REST=64,1 LOW=bf16
+        BUILD=("$PY" -m pip install -v --no-index --no-deps --no-build-isolation -e .)
     fi
-    [ "$limit" -gt "$left" ] && limit=$left
-    echo "== $name (timeout ${limit}s): $*"
-    timeout --kill-after=10 "$limit" "$@" >"$OUT/$name.log" 2>&1
+    PYTEST=(-q -rfEs -p no:cacheprovider -o console_output_style=classic)
+    XDIST=()
+    if [ "$DRY" != 1 ] && "$PY" -c "import xdist" >/dev/null 2>&1; then XDIST=(-n 4); fi  # parallel Triton compiles
+}
+
+# ---------------------------------------------------------------------------------------------- between steps
+prepare_build() {
+    # csrc/cuda_env.py: a CUDA_HOME that really holds a toolkit, TORCH_CUDA_ARCH_LIST = this GPU's capability.
+    "$PY" csrc/cuda_env.py >"$WORK/logs/cuda_env.txt" 2>&1
+    eval "$(grep -E '^(export|unset) ' "$WORK/logs/cuda_env.txt")"
+    export MAX_JOBS="${MAX_JOBS:-4}"
+}
+
+use_built_tree() {
+    # After an editable install, blip_fast (with blip_fast.kernels mapped from kernels/) imports from the tree.
+    # Otherwise run from a mirror (symlinks) whose blip_fast/ holds kernels/ as an install would map it.
+    BUILT=""
+    local build
+    build=$(index_of build)
+    if [ "$DRY" != 1 ] && [ "$build" -ge 0 ] && [ "${STATUS[$build]}" = ok ]; then BUILT=1; fi
+    if (cd "$ROOT" && "$PY" -c "import blip_fast.kernels") >/dev/null 2>&1; then return; fi
+    local mirror
+    mirror="$(mktemp -d)"
+    for entry in "$ROOT"/* "$ROOT"/.ci; do [ "$(basename "$entry")" = blip_fast ] || ln -s "$entry" "$mirror/"; done
+    mkdir "$mirror/blip_fast"
+    for entry in "$ROOT"/blip_fast/*; do ln -s "$entry" "$mirror/blip_fast/"; done
+    ln -s "$ROOT/kernels" "$mirror/blip_fast/kernels"
+    cd "$mirror" || return
+    export PYTHONPATH="$mirror${PYTHONPATH:+:$PYTHONPATH}"
+    echo "running from a mirror of the source tree: $mirror" | tee -a "$WORK/logs/build.log"
+}
+
+# ---------------------------------------------------------------------------------------------- machinery
+NAMES=() BUDGETS=() STATUS=() RCS=() SECS=() CUMULATIVE=()
+
+index_of() {
+    local i
+    for i in "${!NAMES[@]}"; do [ "${NAMES[$i]}" = "$1" ] && echo "$i" && return; done
+    echo -1
+}
+
+selected() {  # whether BLIP_FAST_GPU_CHECK_STEPS (if set) names this step
+    [ -z "${BLIP_FAST_GPU_CHECK_STEPS:-}" ] || [[ ",$BLIP_FAST_GPU_CHECK_STEPS," == *",$1,"* ]]
+}
+
+between() {
+    [ "$PHASE" = run ] && "$@"
+    return 0
+}
+
+step() {
+    local name="$1" full="$2" quick="$3"
+    shift 3
+    local budget=$full
+    [ "$QUICK" = 1 ] && budget=$quick
+    if [ -n "${BLIP_FAST_GPU_CHECK_STEPS:-}" ] && [ "$budget" = 0 ]; then budget=$full; fi
+    if [ "$PHASE" = plan ]; then
+        if [ "$budget" -gt 0 ] && selected "$name"; then
+            NAMES+=("$name") BUDGETS+=("$budget") STATUS+=(pending) RCS+=(-) SECS+=(-)
+        fi
+        return 0
+    fi
+    local i
+    i=$(index_of "$name")
+    [ "$i" -ge 0 ] && run_step "$i" "$@"
+    return 0
+}
+
+# run_step INDEX COMMAND...: run with a timeout at the step's end of budget, log to WORK/logs/NAME.log, record.
+run_step() {
+    local i=$1
+    shift
+    local name=${NAMES[$i]} started now limit pid rc status last_pack
+    started=$(date +%s)
+    limit=$((START + CUMULATIVE[i] - started))
+    [ $((END - started)) -lt "$limit" ] && limit=$((END - started))
+    if [ "$limit" -lt 5 ]; then
+        STATUS[i]=skipped RCS[i]=- SECS[i]=0
+        echo "== $name: skipped, no time left"
+        write_outputs
+        return
+    fi
+    STATUS[i]=running
+    write_outputs
+    echo "== [$((i + 1))/${#NAMES[@]}] $name: up to ${limit}s (budget ${BUDGETS[$i]}s)"
+    timeout --kill-after=5 "$limit" "$@" >"$WORK/logs/$name.log" 2>&1 </dev/null &
+    pid=$!
+    CHILD=$pid
+    last_pack=$(date +%s)
+    while kill -0 "$pid" 2>/dev/null; do
+        sleep 0.2
+        now=$(date +%s)
+        if [ $((now - last_pack)) -ge 20 ]; then pack; last_pack=$now; fi
+    done
+    wait "$pid"
     rc=$?
     case $rc in
         0) status=ok ;;
-        5) status=no-tests ;;  # pytest: nothing selected (e.g. no gpu-marked tests yet)
         124 | 137) status=timeout ;;
         *) status=failed ;;
     esac
-    if [ "$status" = timeout ] || [ "$status" = failed ]; then FAILED=1; fi
-    printf '%s\t%s\t%s\t%s\n' "$name" "$status" "$rc" "$(($(date +%s) - start))" >>"$STEPS"
-    tail -n 5 "$OUT/$name.log"
-    echo "== $name: $status (rc $rc)"
-    return $rc
+    STATUS[i]=$status RCS[i]=$rc SECS[i]=$(($(date +%s) - started))
+    tail -n 3 "$WORK/logs/$name.log" | cut -c1-200
+    echo "== $name: $status (rc $rc, ${SECS[$i]}s)"
+    write_outputs
 }
 
-if [ "$DRY" = 1 ]; then
-    DEVICE=cpu CONFIG=tiny DTYPE=fp32 SCALE=0.02 REPEATS=2 PRETRAIN_BATCH=4 PRETRAIN_DTYPES=fp32
-    export CUDA_VISIBLE_DEVICES=""  # the dry run must behave like a machine without a GPU
-    echo "dry run: no GPU" >"$OUT/nvidia-smi.txt"
-else
-    DEVICE=cuda CONFIG=base DTYPE=fp16 SCALE=1 REPEATS=5 PRETRAIN_BATCH=32 PRETRAIN_DTYPES="fp32 bf16"
-    { nvidia-smi && nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv; } \
-        >"$OUT/nvidia-smi.txt" 2>&1 || echo "nvidia-smi failed" >>"$OUT/nvidia-smi.txt"
-fi
+# Atomic rewrites: a file in OUT is always complete (NAME.part, then a rename within OUT).
+publish() {
+    mv -f "$OUT/$1.part" "$OUT/$1"
+}
 
-# Install without network. The fallback runs from a mirror of the tree (symlinks) whose blip_fast/ also holds
-# kernels/, since blip_fast.kernels is mapped from the top-level kernels/ only by an install.
-# With a CUDA torch and nvcc this compiles blip_fast._C (csrc/: one .cu for sm_80 + sm_90, and bindings.cpp); the
-# two sources build in parallel and nvcc compiles the two architectures on two threads each.
-install_ok=0
-if [ "$DRY" != 1 ]; then
-    if MAX_JOBS="${MAX_JOBS:-4}" step install 180 "$PY" -m pip install --no-index --no-deps --no-build-isolation -e .
-    then install_ok=1; fi
-fi
-if [ "$install_ok" != 1 ] || ! "$PY" -c "import blip_fast.kernels" >/dev/null 2>&1; then
-    MIRROR="$(mktemp -d)"
-    for entry in "$ROOT"/* "$ROOT"/.ci; do [ "$(basename "$entry")" = blip_fast ] || ln -s "$entry" "$MIRROR/"; done
-    mkdir "$MIRROR/blip_fast"
-    for entry in "$ROOT"/blip_fast/*; do ln -s "$entry" "$MIRROR/blip_fast/"; done
-    ln -s "$ROOT/kernels" "$MIRROR/blip_fast/kernels"
-    cd "$MIRROR"
-    echo "running from a mirror of the source tree: $MIRROR"
-fi
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # `benchmarks` and blip_fast from the tree we run in
+pack() {
+    # Exit status 1: a file grew while being read (a step appending rows); the archive is still whole.
+    tar -czf "$OUT/results.tar.gz.part" -C "$(dirname "$WORK")" "$(basename "$WORK")" 2>/dev/null
+    [ $? -le 1 ] && publish results.tar.gz
+}
 
-"$PY" - >"$OUT/environment.json" <<'PYEOF'
-import json, torch
-from benchmarks import harness
-env = harness.environment("cuda" if torch.cuda.is_available() else "cpu")
-try:
-    import blip_fast._C  # noqa: F401
-    env["blip_fast_C"] = "built"
-except Exception as error:
-    env["blip_fast_C"] = f"absent ({type(error).__name__})"
-print(json.dumps(env, indent=2))
-PYEOF
+write_outputs() {
+    local i
+    {
+        printf 'step\tbudget_s\tstatus\trc\tseconds\n'
+        for i in "${!NAMES[@]}"; do
+            printf '%s\t%s\t%s\t%s\t%s\n' "${NAMES[$i]}" "${BUDGETS[$i]}" "${STATUS[$i]}" "${RCS[$i]}" "${SECS[$i]}"
+        done
+    } >"$OUT/steps.tsv.part" && publish steps.tsv
+    cp "$OUT/steps.tsv" "$WORK/steps.tsv"
+    summary >"$OUT/summary.md.part" && publish summary.md
+    pack
+}
 
-# The gpu-marked tests include HF parity on CUDA (tests/test_gpu_parity.py: fp32 ids identical, fp16/bf16 error).
-step gpu_tests 120 "$PY" -m pytest -m gpu tests -q --junitxml="$OUT/gpu_tests.xml"
-# Issue 5: one decode step's cross-attention, eager HF / SDPA / Triton / CUDA (/ flash-attn, xformers) vs the K/V floor.
-step bench_decode_attention 60 "$PY" -m benchmarks.bench_decode_attention --device "$DEVICE" \
-    --repeats $((DRY == 1 ? REPEATS : 30)) --out "$OUT"
-step bench_vit 60 "$PY" -m benchmarks.bench_vit --config "$CONFIG" --dtype "$DTYPE" --device "$DEVICE" \
-    --batch-scale "$SCALE" --repeats "$REPEATS" --out "$OUT"
-step bench_generate 150 "$PY" -m benchmarks.bench_generate --config "$CONFIG" --dtype "$DTYPE" --device "$DEVICE" \
-    --batch-scale "$SCALE" --repeats "$REPEATS" --check-tokens --out "$OUT"
-# Issue 6: CapFilt throughput (captioner nucleus sampling + filter ITM), HF pipeline vs blip_fast.
-step bench_capfilt 90 "$PY" -m benchmarks.bench_capfilt --config "$CONFIG" --dtype "$DTYPE" --device "$DEVICE" \
-    --batch-scale "$SCALE" --repeats "$REPEATS" --out "$OUT"
-# fp32 token parity on the deterministic cases, small batches: fp16 may legitimately diverge, fp32 must not.
-step parity_generate_fp32 60 "$PY" -m benchmarks.bench_generate --config "$CONFIG" --dtype fp32 --device "$DEVICE" \
-    --cases greedy_bs1,greedy_bs64,beam3 --batch-scale 0.125 --warmup 0 --repeats 1 --check-tokens \
-    --name generate_fp32_parity --out "$OUT"
-
-# Issue 4: fused ITC loss vs eager BLIP ITC (B=4096 + queue 57,600 and larger), and fused ITM hard-negative
-# mining vs the original per-row loop and the vectorised reference.
-step bench_itc 120 "$PY" -m benchmarks.bench_itc --device "$DEVICE" --out "$OUT"
-step bench_itm_negatives 90 "$PY" -m benchmarks.bench_itm_negatives --device "$DEVICE" --out "$OUT"
-
-# Issue 3: base-224 pre-training step (ITC + ITM + LM, reference backend) in fp32 and bf16.
-for PRECISION in $PRETRAIN_DTYPES; do
-    step "pretrain_$PRECISION" 90 "$PY" -m benchmarks.bench_pretrain --config "$CONFIG" --batch "$PRETRAIN_BATCH" \
-        --dtype "$PRECISION" --device "$DEVICE" --name pretrain --out "$OUT"
-done
-
-{
+summary() {
+    local i name
     echo "# blip_fast GPU check"
     echo
-    echo "$(date -u +%Y-%m-%dT%H:%M:%SZ), dry=$DRY, $(head -n 1 "$OUT/nvidia-smi.txt" 2>/dev/null)"
+    echo "$(date -u +%Y-%m-%dT%H:%M:%SZ): $MODE, $(($(date +%s) - START)) s of $((END - START)) s used;" \
+        "blip_fast $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo '?')."
+    echo "Every log, JSON line and table is in results.tar.gz (gpu_check/)."
     echo
-    echo '```json'
-    cat "$OUT/environment.json"
-    echo '```'
-    echo
-    echo "| step | status | rc | seconds |"
-    echo "|---|---|---|---|"
-    tail -n +2 "$STEPS" | sed 's/\t/ | /g; s/^/| /; s/$/ |/'
-    echo
-    for table in vit generate generate_fp32_parity capfilt pretrain itc itm_negatives decode_attention; do
-        [ -f "$OUT/$table.md" ] && cat "$OUT/$table.md" && echo
+    echo "| step | budget_s | status | rc | seconds |"
+    echo "|---|---|---|---|---|"
+    for i in "${!NAMES[@]}"; do
+        echo "| ${NAMES[$i]} | ${BUDGETS[$i]} | ${STATUS[$i]} | ${RCS[$i]} | ${SECS[$i]} |"
     done
-} >"$OUT/summary.md"
-echo "wrote $OUT/summary.md"
-exit $FAILED
+    echo
+    [ -f "$WORK/environment.md" ] && cat "$WORK/environment.md" && echo
+    for name in "${NAMES[@]}"; do
+        [ -f "$WORK/$name.md" ] && cat "$WORK/$name.md" && echo
+    done
+    for i in "${!NAMES[@]}"; do
+        case ${STATUS[$i]} in
+            failed | timeout | killed)
+                echo "### ${NAMES[$i]}: ${STATUS[$i]} (last lines of its log)"
+                echo
+                echo '```'
+                grep -v '^\s*$' "$WORK/logs/${NAMES[$i]}.log" 2>/dev/null | tail -n 25 | cut -c1-300
+                echo '```'
+                echo
+                ;;
+        esac
+    done
+}
+
+on_signal() {
+    local i
+    [ -n "${CHILD:-}" ] && kill -TERM "$CHILD" 2>/dev/null  # timeout passes it on to the step
+    for i in "${!NAMES[@]}"; do [ "${STATUS[$i]}" = running ] && STATUS[i]=killed; done
+    write_outputs
+    exit 143
+}
+
+print_plan() {
+    local i total=0
+    printf '%-24s %8s\n' step budget_s
+    for i in "${!NAMES[@]}"; do
+        total=$((total + BUDGETS[i]))
+        printf '%-24s %8s%s\n' "${NAMES[$i]}" "${BUDGETS[$i]}" "$([ "$total" -gt "$TOTAL" ] && echo '  (on time left over)')"
+    done
+    echo "total budget: $TOTAL s ($MODE); steps' budgets add up to $total s"
+}
+
+main() {
+    QUICK=0
+    local plan_only=0
+    while [ $# -gt 0 ]; do
+        case $1 in
+            --quick) QUICK=1 ;;
+            --plan) plan_only=1 ;;
+            -h | --help) sed -n '2,20p' "$0"; exit 0 ;;
+            -*) echo "unknown option $1" >&2; exit 2 ;;
+            *) break ;;
+        esac
+        shift
+    done
+    if [ $plan_only = 0 ] && [ $# -ne 1 ]; then
+        echo "usage: $0 [--quick] [--plan] OUT_DIR" >&2
+        exit 2
+    fi
+    cd "$(dirname "$0")/.." || exit 2
+    ROOT="$PWD"
+    PY="${PYTHON:-python3}"
+    DRY="${BLIP_FAST_GPU_CHECK_DRY:-0}"
+    MODE="$([ "$QUICK" = 1 ] && echo quick || echo full)$([ "$DRY" = 1 ] && echo ', dry run on CPU')"
+    TOTAL="${BLIP_FAST_GPU_CHECK_BUDGET_S:-$([ "$QUICK" = 1 ] && echo 180 || echo 480)}"
+    configure
+    if [ $plan_only = 1 ]; then PHASE=plan WORK=WORK; checks; print_plan; exit 0; fi
+
+    mkdir -p "$1" || exit 2
+    OUT="$(cd "$1" && pwd)"
+    WORK="$(mktemp -d "${TMPDIR:-/tmp}/blip_fast_gpu_check.XXXXXX")/gpu_check"
+    export PYTHONUNBUFFERED=1 PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+    run_checks
+    echo
+    sed -n '/^| step/,/^$/p' "$OUT/summary.md"
+    echo "wrote $OUT: $(cd "$OUT" && echo *)"
+    local i
+    for i in "${!STATUS[@]}"; do [ "${STATUS[$i]}" = ok ] || exit 1; done
+    exit 0
+}
+
+# run_checks: plan the steps (with WORK, TOTAL and MODE set), then run them against the clock, writing OUT as it goes.
+run_checks() {
+    mkdir -p "$OUT" "$WORK/logs"
+    NAMES=() BUDGETS=() STATUS=() RCS=() SECS=() CUMULATIVE=()
+    PHASE=plan
+    checks
+    START=$(date +%s)
+    END=$((START + TOTAL))
+    local i sum=0
+    for i in "${!NAMES[@]}"; do sum=$((sum + BUDGETS[i])); CUMULATIVE+=("$sum"); done
+    print_plan | tee "$WORK/plan.txt"
+    trap on_signal TERM INT
+    write_outputs
+    PHASE=run
+    checks
+    trap - TERM INT
+}
+
+# Sourced (tests): define the functions only.
+if [ "${BASH_SOURCE[0]}" = "$0" ]; then main "$@"; fi

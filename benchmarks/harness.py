@@ -289,16 +289,14 @@ def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> st
 
 
 def environment_line(env: dict[str, Any]) -> str:
-    """One line naming the hardware and versions, to put above a table."""
-    parts = [env["device"], f"torch {env['torch']}"]
-    if env.get("cuda"):
-        parts.append(f"CUDA {env['cuda']}")
-    for name in ("triton", "transformers"):
+    """One line naming the hardware and versions (those ``env`` has), to put above a table."""
+    parts = [env.get("device", "unknown device")]
+    for name, label in (("torch", "torch"), ("cuda", "CUDA"), ("triton", "triton"), ("transformers", "transformers"),
+                        ("blip_fast_commit", "blip_fast")):
         if env.get(name):
-            parts.append(f"{name} {env[name]}")
-    if env.get("blip_fast_commit"):
-        parts.append(f"blip_fast {env['blip_fast_commit']}")
-    parts.append(env["date"])
+            parts.append(f"{label} {env[name]}")
+    if env.get("date"):
+        parts.append(env["date"])
     return ", ".join(parts)
 
 
