@@ -14,6 +14,6 @@ lint:
 bench:
 	$(PYTHON) -m pytest benchmarks --benchmark-only
 
-# On an H100/H200 machine; writes JSON lines and summary.md to $(OUT).
+# On an H100/H200 machine: summary.md, steps.tsv and results.tar.gz in $(OUT) (benchmarks/gpu_check.sh --plan).
 gpu-check:
 	bash benchmarks/gpu_check.sh $(OUT)

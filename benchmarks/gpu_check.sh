@@ -34,8 +34,8 @@ checks() {
         tests/test_itm_negatives_kernel.py tests/test_decode_attention_kernel.py --junitxml="$WORK/tests_kernels.xml"
     step capfilt_cli 35 30 "$PY" -m benchmarks.capfilt_cli "${CAPFILT_CLI[@]}" --out "$WORK" --name capfilt_cli
     # One row per headline benchmark, against its baseline in the same process.
-    step generate 40 30 "$PY" -m benchmarks.bench_generate "${MODEL[@]}" --cases greedy_bs256 --check-tokens \
-        --out "$WORK" --name generate
+    step generate 40 30 "$PY" -m benchmarks.bench_generate "${MODEL[@]}" "${GENERATE[@]}" --cases greedy_bs256 \
+        --check-tokens --out "$WORK" --name generate
     step itc 20 0 "$PY" -m benchmarks.bench_itc "${DEV[@]}" --batches "$ITC_HEADLINE" --out "$WORK" --name itc
     step vit 20 0 "$PY" -m benchmarks.bench_vit "${MODEL[@]}" --batches 256 --out "$WORK" --name vit
     step decode_attention 20 0 "$PY" -m benchmarks.bench_decode_attention "${DEV[@]}" --images "$DECODE_HEADLINE" \
@@ -47,8 +47,8 @@ checks() {
     step tests_sweep 30 0 "$PY" -m pytest "${PYTEST[@]}" "${XDIST[@]}" -m gpu -k test_matches_reference \
         tests/test_decode_attention_cuda.py --junitxml="$WORK/tests_sweep.xml"
     # The rest: past the 480 s of budgets, run on the time the steps above left unused.
-    step generate_rest 60 0 "$PY" -m benchmarks.bench_generate "${MODEL[@]}" --cases greedy_bs1,greedy_bs64,beam3,nucleus \
-        --check-tokens --out "$WORK" --name generate_rest
+    step generate_rest 60 0 "$PY" -m benchmarks.bench_generate "${MODEL[@]}" "${GENERATE[@]}" \
+        --cases greedy_bs1,greedy_bs64,beam3,nucleus --check-tokens --out "$WORK" --name generate_rest
     step generate_fp32_parity 40 0 "$PY" -m benchmarks.bench_generate "${MODEL[@]}" --dtype fp32 --batch-scale 0.125 \
         --cases greedy_bs1,greedy_bs64,beam3 --warmup 0 --repeats 1 --check-tokens --out "$WORK" \
         --name generate_fp32_parity
@@ -66,14 +66,14 @@ checks() {
 configure() {
     if [ "$DRY" = 1 ]; then
         export CUDA_VISIBLE_DEVICES=""  # behave like a machine without a GPU
-        local scale=(--config tiny --dtype fp32 --device cpu --batch-scale 0.02 --warmup 1 --repeats 2)
-        MODEL=("${scale[@]}") DEV=(--device cpu --warmup 1 --repeats 2)
-        PRETRAIN=(--config tiny --batch 4 --device cpu --warmup 1 --repeats 2)
+        MODEL=(--config tiny --dtype fp32 --device cpu --batch-scale 0.02 --warmup 0 --repeats 1)
+        DEV=(--device cpu --warmup 0 --repeats 1) GENERATE=(--new-tokens 6 --copy-mb 8)
+        PRETRAIN=(--config tiny --batch 4 --device cpu --warmup 0 --repeats 1)
         CAPFILT_CLI=(--config tiny --device cpu --shards 2 --per-shard 4 --batch-size 4 --source-size 64)
         ITC_HEADLINE=33 ITC_REST=8 DECODE_HEADLINE=4 DECODE_REST=2,1 LOW=fp32
         BUILD=("$PY" setup.py --version)  # the build decision only: never reinstall the developer's environment
     else
-        MODEL=(--config base --dtype fp16 --device cuda --repeats 5) DEV=(--device cuda)
+        MODEL=(--config base --dtype fp16 --device cuda --repeats 5) DEV=(--device cuda) GENERATE=()
         PRETRAIN=(--config base --batch 32 --device cuda)
         CAPFILT_CLI=(--config base --device cuda --shards 4 --per-shard 32 --batch-size 32)
         ITC_HEADLINE=4096 ITC_REST=1024,32768 DECODE_HEADLINE=256 DECODE_REST=64,1 LOW=bf16
