@@ -56,6 +56,10 @@ class GenerationSettings:
     #: blip_fast only. Read the stop flag every this many steps (1: every step, like HuggingFace; 0: never, decode
     #: to the maximum length). The output is the same; fewer checks mean fewer host syncs and maybe wasted steps.
     stop_check_interval: int = 1
+    #: Beam sampling only: rank the sampled candidates by score before choosing which may end, as transformers
+    #: >= 5.24 does; False keeps them in draw order, as transformers 4.x to 5.23 do (same distribution, other ids
+    #: under one seed). ``blip_fast.interop.sorts_sampled_beams(version)`` says which one a transformers does.
+    sort_sampled_beams: bool = True
 
     def __post_init__(self) -> None:
         if self.num_beams < 1 or self.num_return_sequences < 1:
@@ -429,8 +433,10 @@ def _beam_search(
         total = (log_probs.view(batch, num_beams, vocab) + running_scores[:, :, None]).view(batch, -1)
         if settings.do_sample:
             picks = torch.multinomial(total.softmax(dim=-1), candidates, generator=generator)
-            top_scores, order = total.gather(1, picks).sort(dim=-1, descending=True)
-            picks = picks.gather(1, order)
+            top_scores = total.gather(1, picks)
+            if settings.sort_sampled_beams:
+                top_scores, order = top_scores.sort(dim=-1, descending=True)
+                picks = picks.gather(1, order)
         else:
             top_scores, picks = total.topk(candidates, dim=1)
         source_beam = picks // vocab  # [B, 2K]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import torch
 from torch import nn
 
@@ -31,4 +33,17 @@ def optimize(hf_model: nn.Module) -> blip.BlipPreTrainedModel:
     for key, _ in list(model.named_parameters(remove_duplicate=False)):
         owner, _, attribute = key.rpartition(".")
         setattr(model.get_submodule(owner), attribute, hf_parameters[key])
+    if name != "BlipForImageTextRetrieval":
+        import transformers
+
+        # Sampled beams then follow the installed transformers exactly (its candidate order changed in 5.24).
+        model.generation_defaults["sort_sampled_beams"] = sorts_sampled_beams(transformers.__version__)
     return model.train(hf_model.training)
+
+
+def sorts_sampled_beams(transformers_version: str) -> bool:
+    """Whether that transformers version ranks beam sampling's drawn candidates by score before picking the
+    ones that may end (5.24 and later) or keeps them in draw order (4.x to 5.23): blip_fast's
+    ``sort_sampled_beams`` generate() argument reproducing it."""
+    major, minor = (int(part) for part in re.findall(r"\d+", transformers_version)[:2])
+    return (major, minor) >= (5, 24)

@@ -5,6 +5,7 @@ import torch
 
 import blip_fast
 from blip_fast.generation import GenerationSettings, LogitsProcessor, _top_k, _top_p
+from blip_fast.interop import sorts_sampled_beams
 from tests.tiny_models import assert_close, tiny_hf_model
 
 transformers = pytest.importorskip("transformers")
@@ -74,8 +75,30 @@ def test_sampling_matches_hf_under_the_same_seed(captioner, case):
     torch.manual_seed(11)
     expected = hf_model.generate(pixel_values=pixel_values, do_sample=True, max_length=12, **case)
     torch.manual_seed(11)
-    actual = model.generate(pixel_values, do_sample=True, max_length=12, **case)
+    # Beam sampling's candidate order is the one behaviour that differs between transformers versions.
+    order = dict(sort_sampled_beams=sorts_sampled_beams(transformers.__version__)) if "num_beams" in case else {}
+    actual = model.generate(pixel_values, do_sample=True, max_length=12, **case, **order)
     assert torch.equal(actual, expected), f"\nours {actual.tolist()}\nhf   {expected.tolist()}"
+
+
+@pytest.mark.parametrize("version, sorts", [("4.46.3", False), ("4.57.6", False), ("5.17.0", False),
+                                            ("5.23.0", False), ("5.24.0", True), ("5.24.0.dev0", True),
+                                            ("6.1.0", True)])
+def test_beam_sampling_candidate_order_by_transformers_version(version, sorts):
+    """transformers 5.24 started ranking beam sampling's drawn candidates by score (read off the released wheels'
+    ``_get_top_k_continuations``); before, they stayed in draw order."""
+    assert sorts_sampled_beams(version) is sorts
+
+
+def test_optimize_follows_the_installed_transformers_beam_sampling(captioner):
+    hf_model, _ = captioner
+    fast = blip_fast.optimize(hf_model)
+    assert fast.generation_defaults["sort_sampled_beams"] is sorts_sampled_beams(transformers.__version__)
+    pixel_values = torch.randn(2, 3, 40, 40)
+    torch.manual_seed(3)
+    expected = hf_model.generate(pixel_values=pixel_values, do_sample=True, num_beams=2, max_length=10)
+    torch.manual_seed(3)
+    assert torch.equal(fast.generate(pixel_values, do_sample=True, num_beams=2, max_length=10), expected)
 
 
 @pytest.mark.parametrize("rows_per_image", [1, 3])
