@@ -19,6 +19,7 @@ pytest.importorskip("triton")
 
 from blip_fast import ops  # noqa: E402
 from blip_fast.kernels import itm_negatives  # noqa: E402
+from tests.triton_compile import run_offline  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 POISON = -7
@@ -318,35 +319,31 @@ def test_ops_dispatch_to_triton_on_gpu(monkeypatch):
     _check_valid(ops.sample_hard_negatives(image_feat, text_feat, temp), None, None, rows)
 
 
-# Compile (not run) for real GPUs at the 4096-row launch config: the interpreter accepts code the compiler rejects
-# and cannot see register or shared-memory limits. A fresh process, because under TRITON_INTERPRET=1 @triton.jit
-# yields interpreter objects that cannot be compiled.
+# Compile (not run) for real GPUs at the 4096-row launch config, with a launch's divisibility hints
+# (tests/triton_compile.py): the interpreter accepts code the compiler rejects and sees no register limits.
 _COMPILE_SCRIPT = """
-import os
-os.environ.pop("TRITON_INTERPRET", None)
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+import torch
 from blip_fast.kernels import itm_negatives
+from tests.triton_compile import compile_like_launch, resource_usage
 
 fn = itm_negatives._hard_negatives_kernel
-block_m, block_n, block_d, num_warps = itm_negatives._block_sizes(4096, 4096, 256)
-for arch, element, fp32_dot in ((90, "fp16", False), (90, "bf16", False), (80, "fp32", True)):
-    constexprs = dict(HAS_IDS=True, FP32_DOT=fp32_dot, UPCAST=False, BLOCK_M=block_m, BLOCK_N=block_n,
-                      BLOCK_D=block_d)
-    types = dict(image_ptr="*" + element, text_ptr="*" + element, image_columns_ptr="*" + element,
-                 text_columns_ptr="*" + element, row_ids_ptr="*i64", column_ids_ptr="*i64", temp_ptr="*fp32",
-                 out_ptr="*i64", B="i32", C="i32", D="i32", smoothing="fp32", seed="i64", offset="i64",
-                 coin_offset="i64")
-    signature = {arg: "constexpr" if arg in constexprs else types[arg] for arg in fn.arg_names}
-    source = ASTSource(fn=fn, signature=signature,
-                       constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()})
-    kernel = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=num_warps))
-    assert kernel.metadata.shared <= 166912, (arch, element, kernel.metadata.shared)
+names = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+for arch, dtype in ((90, torch.float16), (90, torch.bfloat16), (90, torch.float32), (80, torch.float32)):
+    block_m, block_n, block_d, num_warps = itm_negatives._block_sizes(4096, 4096, 256, dtype)
+    constexprs = dict(HAS_IDS=True, FP32_DOT=dtype == torch.float32, UPCAST=False, BLOCK_M=block_m,
+                      BLOCK_N=block_n, BLOCK_D=block_d)
+    element = "*" + names[dtype]
+    args = dict(image_ptr=element, text_ptr=element, image_columns_ptr=element, text_columns_ptr=element,
+                row_ids_ptr="*i64", column_ids_ptr="*i64", temp_ptr="*fp32", out_ptr="*i64", B=4096, C=4096, D=256,
+                smoothing="fp32", seed="i64", offset="i64", coin_offset="i64")
+    kernel = compile_like_launch(fn, arch, args, constexprs, dict(num_warps=num_warps))
+    usage = resource_usage(kernel)
+    # 64-bit Philox counters per tile element: at 4 warps ptxas spilled (255 registers, 416 B stack in fp16).
+    assert arch != 90 or usage["stack"] == 0, (arch, names[dtype], num_warps, usage)
+    print(arch, names[dtype], num_warps, usage)
 """
 
 
-def test_kernel_compiles_for_sm90_and_sm80():
+def test_kernel_compiles_for_sm90_and_sm80_without_spills():
     pytest.importorskip("triton.backends.nvidia")
-    result = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_offline(_COMPILE_SCRIPT)
