@@ -1,0 +1,34 @@
+"""HuggingFace parity under a second transformers version: the GPU machine's 5.17, beside the one CI installs.
+
+``.ci/run`` installs transformers 5.17 (with the huggingface_hub 1.x it needs) into ``build/transformers-5.17`` with
+``pip --target``, outside the venv; this runs the parity suites under it in a subprocess. Where no such folder
+exists the test skips. Versions whose HF behaviour differs are explicit in blip_fast (``sort_sampled_beams``).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SUITES = ["tests/test_hf_parity.py", "tests/test_generation.py", "tests/test_interop.py"]
+ALTERNATES = sorted(ROOT.glob("build/transformers-*/transformers/__init__.py"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("init", ALTERNATES or [pytest.param(None, marks=pytest.mark.skip(
+    reason="no second transformers in build/transformers-* (.ci/run installs one)"))],
+    ids=lambda init: init.parents[1].name if init else "none")
+def test_parity_suites_under_another_transformers(init):
+    site = init.parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), str(ROOT)]), "OMP_NUM_THREADS": "1"}
+    version = subprocess.run([sys.executable, "-c", "import transformers; print(transformers.__version__)"],
+                             capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert version.stdout.startswith(site.name.removeprefix("transformers-") + "."), version.stdout + version.stderr
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *SUITES],
+                            capture_output=True, text=True, env=env, cwd=ROOT, timeout=1800)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
