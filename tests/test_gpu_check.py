@@ -194,3 +194,49 @@ def test_arch_list_is_the_visible_gpus_capability(cuda_env):
     assert cuda_env.arch_list([(9, 0)]) == "9.0"
     assert cuda_env.arch_list([(9, 0), (8, 0), (9, 0)]) == "8.0;9.0"
     assert cuda_env.arch_list([]) is None
+
+
+# ------------------------------------------------------------------------------------------------ timing and labels
+def test_decode_attention_timing_rotates_inputs_past_l2_and_falls_back(monkeypatch):
+    """On CUDA each engine is timed over many calls (a replayed CUDA graph; back-to-back launches when capture
+    fails), and successive calls read different input copies spanning more than the L2 cache."""
+    import triton.testing
+
+    from benchmarks import bench_decode_attention as bench
+
+    kv_bytes = 2 * 1 * 12 * 577 * 64 * 2  # one image's K/V in fp16: 1.7 MB, far below a 50-60 MB L2
+    copies = bench.input_copies("cuda", kv_bytes)
+    assert copies * kv_bytes >= bench.ROTATE_BYTES and bench.input_copies("cuda", 10 * bench.ROTATE_BYTES) == 1
+    assert bench.input_copies("cpu", kv_bytes) == 1
+    seen = []
+    call = bench.rotating([lambda i=i: seen.append(i) for i in range(3)])
+    for _ in range(7):
+        call()
+    assert seen == [0, 1, 2, 0, 1, 2, 0]
+
+    def no_capture(fn, **kwargs):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(triton.testing, "do_bench_cudagraph", no_capture)
+    monkeypatch.setattr(triton.testing, "do_bench", lambda fn, **kwargs: [fn(), 2.0, 1.0, 3.0][1:])
+    monkeypatch.setattr(bench.torch.cuda, "synchronize", lambda *args: None)
+    timing = bench.time_call(lambda: None, "cuda", warmup=1, repeats=5)
+    assert timing == {"median_ms": 2.0, "p20_ms": 1.0, "p80_ms": 3.0, "timing": "back_to_back"}
+    monkeypatch.setattr(triton.testing, "do_bench_cudagraph", lambda fn, **kwargs: [0.5, 0.4, 0.6])
+    assert bench.time_call(lambda: None, "cuda", warmup=1, repeats=5)["timing"] == "cudagraph"
+
+
+def test_pretrain_rows_name_the_backends_that_ran(monkeypatch):
+    """bench_pretrain used to say "reference backend" while ITC and the negatives ran the Triton kernels on CUDA."""
+    from benchmarks import bench_pretrain
+    from blip_fast import ops
+
+    assert bench_pretrain.backends("cpu") == ("itc_loss=reference, sample_hard_negatives=reference, "
+                                              "lm_loss=reference, attention=reference")
+    # As on a GPU: the Triton backends are available there, the CUDA extension is not built.
+    for op in ("itc_loss", "sample_hard_negatives"):
+        function, _ = ops._REGISTRY[op]["triton"]
+        monkeypatch.setitem(ops._REGISTRY[op], "triton", (function, lambda device: True))
+    assert bench_pretrain.backends("cpu").startswith("itc_loss=triton, sample_hard_negatives=triton, ")
+    monkeypatch.setenv("BLIP_FAST_BACKEND", "cuda")
+    assert ops.resolved_backends("cpu")["itc_loss"].startswith("unavailable (BLIP_FAST_BACKEND=cuda")
