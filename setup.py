@@ -136,7 +136,7 @@ if __name__ == "__main__":  # setuptools' PEP 517 backend runs this file as __ma
             "train": TRAIN_REQUIRES,
             # blip-fast demo: trains (subprocesses of blip_fast.train) and plots its results.
             "demo": [*TRAIN_REQUIRES, "matplotlib"],
-            # The tested transformers range: CI installs the newest and runs the parity suites under 5.17 too.
+            # The venv's tested transformers range; CI also runs the parity suites under 4.57 and 5.17.
             "test": ["pytest", "pytest-benchmark", "transformers>=5.17,<5.25", "ruff"],
         },
         entry_points={"console_scripts": ["blip-fast = blip_fast.cli:main"]},

@@ -6,7 +6,8 @@ workers with pinned memory, captioning with CUDA graphs captured lazily while th
 writing output shards and merging. It then checks the output (every image scored, no errors, output shards holding
 only kept captions) and reports one row: images/s as the command's summary counts it, and the wall time.
 
-    python3 -m benchmarks.capfilt_cli --config base --out OUT        # GPU: base-size random models, 384 px
+    python3 -m benchmarks.capfilt_cli --config tiny --out OUT        # gpu_check.sh: the path, with tiny models
+    python3 -m benchmarks.capfilt_cli --config base --out OUT        # base-size random models, 384 px
     python3 -m benchmarks.capfilt_cli --config tiny --device cpu     # CPU smoke run (gpu_check.sh's DRY mode)
 """
 

@@ -32,6 +32,8 @@ checks() {
         tests/test_pretrain.py --junitxml="$WORK/tests_core.xml"
     step tests_kernels 50 40 "$PY" -m pytest "${PYTEST[@]}" "${XDIST[@]}" -m gpu tests/test_itc_kernel.py \
         tests/test_itm_negatives_kernel.py tests/test_decode_attention_kernel.py --junitxml="$WORK/tests_kernels.xml"
+    # The real CLI (DataLoader workers, pinned memory, lazily captured CUDA graphs) on tar shards; tiny models: the
+    # path is the point here, the throughput of base models is bench_capfilt's.
     step capfilt_cli 35 30 "$PY" -m benchmarks.capfilt_cli "${CAPFILT_CLI[@]}" --out "$WORK" --name capfilt_cli
     # One row per headline benchmark, against its baseline in the same process.
     step generate 40 30 "$PY" -m benchmarks.bench_generate "${MODEL[@]}" "${GENERATE[@]}" --cases greedy_bs256 \
@@ -41,10 +43,10 @@ checks() {
     step decode_attention 20 0 "$PY" -m benchmarks.bench_decode_attention "${DEV[@]}" --images "$DECODE_HEADLINE" \
         --out "$WORK" --name decode_attention
     step itm_negatives 20 0 "$PY" -m benchmarks.bench_itm_negatives "${DEV[@]}" --out "$WORK" --name itm_negatives
-    step capfilt 25 0 "$PY" -m benchmarks.bench_capfilt "${MODEL[@]}" --cases k1_bs64 --out "$WORK" --name capfilt
+    step capfilt 35 0 "$PY" -m benchmarks.bench_capfilt "${MODEL[@]}" --cases k1_bs64 --out "$WORK" --name capfilt
     step pretrain_bf16 25 0 "$PY" -m benchmarks.bench_pretrain "${PRETRAIN[@]}" --dtype "$LOW" --out "$WORK" \
         --name pretrain_bf16
-    step tests_sweep 30 0 "$PY" -m pytest "${PYTEST[@]}" "${XDIST[@]}" -m gpu -k test_matches_reference \
+    step tests_sweep 20 0 "$PY" -m pytest "${PYTEST[@]}" "${XDIST[@]}" -m gpu -k test_matches_reference \
         tests/test_decode_attention_cuda.py --junitxml="$WORK/tests_sweep.xml"
     # The rest: past the 480 s of budgets, run on the time the steps above left unused.
     step generate_rest 60 0 "$PY" -m benchmarks.bench_generate "${MODEL[@]}" "${GENERATE[@]}" \
@@ -75,7 +77,7 @@ configure() {
     else
         MODEL=(--config base --dtype fp16 --device cuda --repeats 5) DEV=(--device cuda) GENERATE=()
         PRETRAIN=(--config base --batch 32 --device cuda)
-        CAPFILT_CLI=(--config base --device cuda --shards 4 --per-shard 32 --batch-size 32)
+        CAPFILT_CLI=(--config tiny --device cuda --shards 4 --per-shard 32 --batch-size 32)
         ITC_HEADLINE=4096 ITC_REST=1024,32768 DECODE_HEADLINE=256 DECODE_REST=64,1 LOW=bf16
         BUILD=("$PY" -m pip install -v --no-index --no-deps --no-build-isolation -e .)
     fi

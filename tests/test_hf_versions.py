@@ -1,8 +1,10 @@
-"""HuggingFace parity under a second transformers version: the GPU machine's 5.17, beside the one CI installs.
+"""HuggingFace parity under other transformers versions than the venv's: 5.17 (the GPU machine's) and 4.57 (the
+last 4.x).
 
-``.ci/run`` installs transformers 5.17 (with the huggingface_hub 1.x it needs) into ``build/transformers-5.17`` with
-``pip --target``, outside the venv; this runs the parity suites under it in a subprocess. Where no such folder
-exists the test skips. Versions whose HF behaviour differs are explicit in blip_fast (``sort_sampled_beams``).
+``.ci/run`` installs each, with the huggingface_hub and tokenizers it needs, into ``build/transformers-<version>``
+with ``pip --target``, outside the venv; this runs the parity suites under each in a subprocess. Where no such
+folder exists the test skips. The HF behaviour that differs between them is explicit in blip_fast
+(``sort_sampled_beams``).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ ALTERNATES = sorted(ROOT.glob("build/transformers-*/transformers/__init__.py"))
 
 @pytest.mark.slow
 @pytest.mark.parametrize("init", ALTERNATES or [pytest.param(None, marks=pytest.mark.skip(
-    reason="no second transformers in build/transformers-* (.ci/run installs one)"))],
+    reason="no other transformers in build/transformers-* (.ci/run installs them)"))],
     ids=lambda init: init.parents[1].name if init else "none")
 def test_parity_suites_under_another_transformers(init):
     site = init.parents[1]
