@@ -76,8 +76,8 @@ source "$1"
 ROOT="$2" OUT="$3" WORK="$4/gpu_check" PY="$5" TOTAL=60 MODE=test QUICK=0 DRY=1
 checks() {
     step slow 12 12 "$PY" -c 'import time
-from benchmarks import harness
-report = harness.Report("'"$WORK"'", "slow", ["case", "median_ms"], "slow")
+from benchmarks.report import Report
+report = Report("'"$WORK"'", "slow", ["case", "median_ms"], "slow")
 report.add({"case": "first", "median_ms": 1.0})
 report.add({"case": "second", "median_ms": 2.0})
 time.sleep(600)'
