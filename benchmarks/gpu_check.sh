@@ -14,7 +14,8 @@
 #   results.tar.gz  gpu_check/: each step's log, each benchmark's JSON lines (appended row by row) and table
 # Steps run in order of value, each killed at its budget (a step may use what earlier steps left unused, never
 # later steps' time). Steps past the total budget run only on time left over. Environment: PYTHON (default
-# python3), BLIP_FAST_GPU_CHECK_STEPS=a,b (only these), BLIP_FAST_GPU_CHECK_BUDGET_S (total, default 480 / 180).
+# python3), BLIP_FAST_GPU_CHECK_STEPS=a,b (only these), BLIP_FAST_GPU_CHECK_BUDGET_S (total, default 480 / 180),
+# BLIP_FAST_GPU_CHECK_BUDGET_SCALE=N (every budget times N, for a rehearsal on a slow or shared machine).
 set -uo pipefail
 
 # ---------------------------------------------------------------------------------------------- the steps
@@ -137,6 +138,7 @@ step() {
     local budget=$full
     [ "$QUICK" = 1 ] && budget=$quick
     if [ -n "${BLIP_FAST_GPU_CHECK_STEPS:-}" ] && [ "$budget" = 0 ]; then budget=$full; fi
+    budget=$((budget * SCALE))
     if [ "$PHASE" = plan ]; then
         if [ "$budget" -gt 0 ] && selected "$name"; then
             NAMES+=("$name") BUDGETS+=("$budget") STATUS+=(pending) RCS+=(-) SECS+=(-)
@@ -284,7 +286,8 @@ main() {
     PY="${PYTHON:-python3}"
     DRY="${BLIP_FAST_GPU_CHECK_DRY:-0}"
     MODE="$([ "$QUICK" = 1 ] && echo quick || echo full)$([ "$DRY" = 1 ] && echo ', dry run on CPU')"
-    TOTAL="${BLIP_FAST_GPU_CHECK_BUDGET_S:-$([ "$QUICK" = 1 ] && echo 180 || echo 480)}"
+    SCALE="${BLIP_FAST_GPU_CHECK_BUDGET_SCALE:-1}"  # a whole factor on every budget: a rehearsal on a slow machine
+    TOTAL="${BLIP_FAST_GPU_CHECK_BUDGET_S:-$((SCALE * ($([ "$QUICK" = 1 ] && echo 180 || echo 480))))}"
     configure
     if [ $plan_only = 1 ]; then PHASE=plan WORK=WORK; checks; print_plan; exit 0; fi
 
