@@ -59,8 +59,12 @@ _RENAMES = [(re.compile(pattern), replacement) for pattern, replacement in ORIGI
 # Top-level groups of the original pre-training/fine-tuning models that hold no inference weights.
 _TRAINING_ONLY = frozenset({
     "visual_encoder_m", "text_encoder_m", "text_decoder_m", "vision_proj_m", "text_proj_m",
-    "image_queue", "text_queue", "idx_queue", "ptr_queue", "temp",
+    "image_queue", "text_queue", "idx_queue", "ptr_queue", "queue_ptr", "temp",
 })
+#: Momentum copy -> online component, in the training modules' (and the original's) names.
+MOMENTUM_OF = {"visual_encoder_m": "vision_model", "vision_proj_m": "vision_proj", "text_encoder_m": "text_encoder",
+               "text_proj_m": "text_proj"}
+_QUEUES = ("image_queue", "text_queue", "idx_queue", "ptr_queue")
 # BLIP components; a task model lacking one of them (a captioner has no text_encoder) drops it from the file.
 _COMPONENTS = frozenset({"vision_model", "text_encoder", "text_decoder", "vision_proj", "text_proj", "itm_head"})
 
@@ -118,19 +122,36 @@ def _read_dir(directory: str) -> dict[str, torch.Tensor]:
     )
 
 
+def _rename_vision(key: str) -> str:
+    for pattern, replacement in _RENAMES:
+        new_key, count = pattern.subn(replacement, key)
+        if count:
+            return new_key
+    return key
+
+
 def _rename_original(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Original BLIP names -> ours: the ViT's (online and momentum), and the training state's layout (the
+    pre-training model's ``queue_ptr`` is the retrieval model's ``ptr_queue``; ``idx_queue`` ``[1, Q]`` -> ``[Q]``;
+    the 0-dim ``temp`` -> ``[1]``)."""
     renamed = {}
     for key, tensor in state.items():
-        for pattern, replacement in _RENAMES:
-            new_key, count = pattern.subn(replacement, key)
-            if count:
-                key = new_key
-                break
+        if key.startswith("visual_encoder_m."):
+            key = "visual_encoder_m." + _rename_vision("visual_encoder." + key.removeprefix("visual_encoder_m."))
+            key = key.replace("visual_encoder_m.vision_model.", "visual_encoder_m.")
+        elif key == "queue_ptr":
+            key = "ptr_queue"
+        else:
+            key = _rename_vision(key)
+        if key == "idx_queue" and tensor.ndim == 2:
+            tensor = tensor.reshape(-1)
+        elif key == "temp" and tensor.ndim == 0:
+            tensor = tensor.reshape(1)
         renamed[key] = tensor
     return renamed
 
 
-def _infer_config(state: Mapping[str, torch.Tensor], path: str, tokenizer: Any = None) -> BlipConfig:
+def infer_config(state: Mapping[str, torch.Tensor], path: str, tokenizer: Any = None) -> BlipConfig:
     """Sizes from tensor shapes (HF key names). Head counts are not in the weights: BLIP's heads are 64-d
     (12 for 768, 16 for 1024). Special-token ids come from ``tokenizer`` when given, else BLIP's (bert-base-uncased
     ids, ``[DEC]``/``[ENC]`` the last two vocabulary entries)."""
@@ -243,6 +264,88 @@ def _fit(model: nn.Module, state: dict[str, torch.Tensor], path: str, resize_pos
     return state
 
 
+def read_original(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """An original Salesforce BLIP ``.pth`` (``{"model": state_dict, ...}`` or a bare state dict) under our names."""
+    return _rename_original(_read_file(os.fspath(path)))
+
+
+def _resize_vision_positions(state: dict[str, torch.Tensor], expected: Mapping[str, torch.Tensor],
+                             source: str) -> list[str]:
+    """``interpolate_pos_embed`` of the original, for the online and the momentum ViT; returns what was resized."""
+    from blip_fast.modeling.vit import resize_position_embedding
+
+    resized = []
+    for key in (POS_EMBED, "visual_encoder_m.embeddings.position_embedding"):
+        old, new = state.get(key), expected.get(key)
+        if old is None or new is None or old.shape == new.shape:
+            continue
+        if old.ndim == 3 and old.shape[-1] == new.shape[-1] and _is_grid(old.shape[1], new.shape[1]):
+            grid = math.isqrt(new.shape[1] - 1)
+            state[key] = resize_position_embedding(old, (grid, grid))
+            resized.append(f"{key} {tuple(old.shape)} -> {tuple(new.shape)}")
+    return resized
+
+
+def load_training_state(model: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> dict[str, list[str]]:
+    """Load a training checkpoint's tensors (our names: :func:`read_original` for an original ``.pth``) into a
+    pre-training or retrieval training module, as the original's ``load_checkpoint`` does but nothing silently.
+
+    Momentum encoders and queues are loaded when the file has them and their shapes agree; momentum encoders it
+    lacks start as copies of the online ones (the original's ``copy_params``); queues it lacks, or of another length,
+    start fresh; position tables of another resolution are resized bicubically. Components the module does not have
+    are dropped. Any other tensor the module needs and the file lacks, or holds in another shape, is an error, all
+    of them listed in one :class:`CheckpointError`. Logs one block and returns it: ``{"loaded", "copied", "fresh",
+    "dropped", "resized"}`` -> names (top-level groups, with tensor counts).
+    """
+    expected = {k: v for k, v in model.state_dict().items() if not _is_position_ids(k)}
+    state = {k: v for k, v in state.items() if not _is_position_ids(k)}
+    report: dict[str, list[str]] = {name: [] for name in ("loaded", "copied", "fresh", "dropped", "resized")}
+    report["resized"] = _resize_vision_positions(state, expected, source)
+
+    def group_of(key: str) -> str:
+        return key.split(".")[0]
+
+    model_groups = {group_of(key) for key in expected}
+    file_groups: dict[str, int] = {}
+    for key in state:
+        file_groups[group_of(key)] = file_groups.get(group_of(key), 0) + 1
+    for group, count in sorted(file_groups.items()):
+        if group not in model_groups:
+            report["dropped"].append(f"{group} ({count}, not in {type(model).__name__})")
+    for queue in _QUEUES:
+        if queue in expected and queue in state and state[queue].shape != expected[queue].shape:
+            report["dropped"].append(f"{queue} {list(state[queue].shape)} (this run's is {list(expected[queue].shape)})")
+            del state[queue]
+    # A queue pointer or id queue only means something next to the feature queues it indexes.
+    queues_loaded = "image_queue" in state and "text_queue" in state
+    for queue in ("idx_queue", "ptr_queue"):
+        if not queues_loaded and queue in state:
+            del state[queue]
+
+    problems = [f"shape: {key} is {list(state[key].shape)} in the file, the model expects {list(tensor.shape)}"
+                for key, tensor in sorted(expected.items()) if key in state and state[key].shape != tensor.shape]
+    copied = sorted(group for group in MOMENTUM_OF if group in model_groups and group not in file_groups)
+    missing = sorted(key for key in expected if key not in state and group_of(key) not in copied
+                     and group_of(key) not in _QUEUES)
+    problems += [f"missing: {key}" for key in missing]
+    if problems:
+        count = f"{len(problems)} problem" + "s" * (len(problems) > 1)
+        raise CheckpointError(f"{source} does not fit {type(model).__name__} ({count}):\n  " + "\n  ".join(problems))
+
+    loadable = {key: tensor for key, tensor in state.items() if key in expected}
+    model.load_state_dict(loadable, strict=False)
+    with torch.no_grad():
+        for group in copied:
+            getattr(model, group).load_state_dict(getattr(model, MOMENTUM_OF[group]).state_dict())
+    loaded_groups = sorted({group_of(key) for key in loadable})
+    report["loaded"] = [f"{group} ({sum(group_of(k) == group for k in loadable)})" for group in loaded_groups]
+    report["copied"] = [f"{group} <- {MOMENTUM_OF[group]}" for group in copied]
+    report["fresh"] = [queue for queue in _QUEUES if queue in expected and queue not in loadable]
+    lines = [f"  {name}: {', '.join(items)}" for name, items in report.items() if items]
+    logger.info("%s -> %s (tensors per group):\n%s", source, type(model).__name__, "\n".join(lines))
+    return report
+
+
 def _read_generation_defaults(path: str) -> dict[str, Any]:
     """The decoding settings of an HF ``generation_config.json`` (num_beams, max_length, top_p, ...).
 
@@ -291,7 +394,7 @@ def load_pretrained(
         generation_defaults = _read_generation_defaults(os.path.join(path, GENERATION_CONFIG_NAME))
     elif os.path.isfile(path):
         state = _rename_original(_read_file(path))
-        config = config or _infer_config(state, path, tokenizer)
+        config = config or infer_config(state, path, tokenizer)
     else:
         raise FileNotFoundError(f"no checkpoint at {path}")
     if hf_compat is not None:

@@ -128,6 +128,8 @@ def _image_size(args: argparse.Namespace, source: tasks.InitSource | None) -> in
     from blip_fast.config import BlipConfig
 
     if source is not None:
+        if source.original is not None and args.image_size is not None:
+            return args.image_size  # an original .pth's position tables are resized to it
         return source.config.vision.image_size
     return args.image_size or BlipConfig.from_name(args.model).vision.image_size
 
@@ -217,7 +219,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         options.write_resolved(args, ds_config, output_dir)
 
     _seed_all(args.seed)  # the same on every rank: identical initial weights and queues
-    source = None if args.init_from is None else tasks.InitSource(args.init_from)
+    source = None if args.init_from is None else tasks.InitSource(
+        args.init_from, args.tokenizer_dir if os.path.isfile(args.init_from) else None)
     dataset = build_dataset(args, _image_size(args, source))
     tokenizer = build_tokenizer(args, dataset, output_dir, rank,
                                 args.tokenizer_dir if source is None else source.tokenizer_dir)

@@ -44,7 +44,7 @@ def _add_options(parser: argparse.ArgumentParser) -> None:
     task.add_argument("--init_from", default=None,
                       help="fine-tuning: a blip_fast.train output dir (pre-training or the same task; its `latest` or "
                            "a global_stepN dir) or an HF-layout dir of the task's model; model config and tokenizer "
-                           "come from it")
+                           "come from it. Any task (pre-training too): an original BLIP .pth, with --tokenizer_dir")
     task.add_argument("--prompt", default="a picture of ",
                       help="captioning: text put before every caption and masked from the loss (BLIP's)")
     task.add_argument("--negative_all_rank", action=bool_flag, default=False,
@@ -230,15 +230,16 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError("data=blip_json needs annotations (json files) and image_root")
     if args.data == "webdataset" and not args.shards:
         raise ValueError("data=webdataset needs shards")
-    if args.task == "pretrain" and args.init_from is not None:
+    if args.task == "pretrain" and args.init_from is not None and not os.path.isfile(args.init_from):
         raise ValueError("init_from is for fine-tuning (task retrieval or captioning); pre-training starts from "
-                         "random weights")
+                         "random weights or continues an original BLIP .pth")
     if args.task != "pretrain" and args.init_from is None:
         raise ValueError(f"task {args.task} fine-tunes a model: pass --init_from (a pre-training output dir or an "
                          "HF-layout task dir)")
-    if args.init_from is not None and args.tokenizer_dir is not None:
-        raise ValueError("tokenizer_dir and init_from exclude each other: fine-tuning keeps the tokenizer of init_from")
-    if args.task == "pretrain" and args.model is None:
+    if args.init_from is not None and args.tokenizer_dir is not None and not os.path.isfile(args.init_from):
+        raise ValueError("tokenizer_dir and init_from exclude each other unless init_from is an original .pth: "
+                         "fine-tuning keeps the tokenizer of init_from")
+    if args.task == "pretrain" and args.model is None and args.init_from is None:
         args.model = "tiny"
     if args.output_dir is None:
         args.output_dir = f"output/{args.task}"

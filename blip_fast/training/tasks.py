@@ -24,6 +24,7 @@ from it, so a fine-tuned model keeps the vocabulary its embeddings were trained 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import logging
@@ -56,14 +57,29 @@ def _architecture(config: BlipConfig) -> dict[str, int]:
 
 
 class InitSource:
-    """Where a fine-tuning run starts: a ``blip_fast.train`` output dir (its ``latest``), one of its
-    ``global_stepN`` dirs, or an HuggingFace-layout task dir (``config.json`` + weights + tokenizer files)."""
+    """Where a run starts: a ``blip_fast.train`` output dir (its ``latest``), one of its ``global_stepN`` dirs, an
+    HuggingFace-layout task dir (``config.json`` + weights + tokenizer files), or an original Salesforce BLIP
+    ``.pth`` (``model_base.pth``, ``model_base_retrieval_coco.pth``, ...; it holds no tokenizer, so ``tokenizer_dir``
+    names one: bert-base-uncased's ``vocab.txt``, to which ``[DEC]``/``[ENC]`` are added as the original does)."""
 
-    def __init__(self, path: str | os.PathLike) -> None:
+    def __init__(self, path: str | os.PathLike, tokenizer_dir: str | os.PathLike | None = None) -> None:
         self.path = Path(path)
         #: (output_dir, tag) of a training checkpoint; None for an HF-layout dir.
         self.checkpoint: tuple[Path, str] | None = None
-        if (self.path / checkpoint.CONFIG_NAME).is_file():
+        #: An original ``.pth``'s tensors under our names; None for the other sources.
+        self.original: dict[str, torch.Tensor] | None = None
+        if self.path.is_file():
+            if tokenizer_dir is None:
+                raise ValueError(f"--init_from {self.path} is an original BLIP checkpoint, which holds no tokenizer: "
+                                 "pass --tokenizer_dir (a dir with bert-base-uncased's vocab.txt)")
+            self.tokenizer_dir = Path(tokenizer_dir)
+            self.original = checkpoint.read_original(self.path)
+            self.config = checkpoint.infer_config(self.original, str(self.path),
+                                                  BlipTokenizer.from_pretrained(self.tokenizer_dir))
+        elif tokenizer_dir is not None:
+            raise ValueError("tokenizer_dir and init_from exclude each other unless init_from is an original .pth: "
+                             "fine-tuning keeps the tokenizer of init_from")
+        elif (self.path / checkpoint.CONFIG_NAME).is_file():
             self.config = BlipConfig.from_hf(self.path)
             self.tokenizer_dir = self.path
         else:
@@ -83,8 +99,11 @@ class InitSource:
         return str(self.path) if self.checkpoint is None else "/".join(map(str, self.checkpoint))
 
     def run_config(self, args: argparse.Namespace, tokenizer: BlipTokenizer) -> BlipConfig:
-        """The source's model config; the run's ``model``/``image_size``, when given, must agree with it."""
+        """The source's model config; the run's ``model``/``image_size``, when given, must agree with it (an
+        original ``.pth`` may change the image size: its position tables are resized, as the original does)."""
         config = self.config
+        if self.original is not None and args.image_size is not None:
+            config = config.replace(vision=dataclasses.replace(config.vision, image_size=args.image_size))
         if args.image_size is not None and args.image_size != config.vision.image_size:
             raise ValueError(f"image_size {args.image_size} differs from the {config.vision.image_size} of "
                              f"--init_from {self}: fine-tuning keeps the source's architecture (leave image_size unset)")
@@ -111,6 +130,9 @@ class InitSource:
         """The source's model of ``task`` (``captioning``/``retrieval``: the fine-tuning task is also the exported
         model's) built with ``config``; errors say what the source lacks."""
         model_cls = checkpoint.task_class(task)
+        if self.original is not None:
+            return checkpoint.model_from_state_dict(model_cls, self.original, config, source=str(self),
+                                                    resize_pos_embed=True)
         if self.checkpoint is None:
             config_text = (self.path / checkpoint.CONFIG_NAME).read_text(encoding="utf-8")
             architectures = json.loads(config_text).get("architectures")
@@ -126,6 +148,11 @@ class InitSource:
                              f"(a {model_cls.__name__}); it holds {sorted(held)}")
         return checkpoint.model_from_state_dict(model_cls, self._training_state, config, source=str(self))
 
+    def load_training_state(self, trainer: nn.Module) -> None:
+        """Load an original ``.pth`` into a pre-training/retrieval trainer: momentum encoders and queues included
+        when present and of the same shape, logged in one block (:func:`checkpoint.load_training_state`)."""
+        checkpoint.load_training_state(trainer, self.original, str(self))
+
     def training_state(self, keys: Sequence[str]) -> dict[str, torch.Tensor]:
         """Those of ``keys`` the source's training checkpoint holds (none for an HF-layout dir)."""
         if self.checkpoint is None:
@@ -138,8 +165,11 @@ def _build_pretrainer(config: BlipConfig, args: argparse.Namespace, source: Init
                       tokenizer: BlipTokenizer) -> nn.Module:
     from blip_fast.modeling.pretrain import BlipPretrainer
 
-    return BlipPretrainer(config, queue_size=args.queue_size, momentum=args.momentum,
-                          negatives_by_image_id=args.negatives_by_image_id)
+    trainer = BlipPretrainer(config, queue_size=args.queue_size, momentum=args.momentum,
+                             negatives_by_image_id=args.negatives_by_image_id)
+    if source is not None:  # continuing the original's pre-training from its .pth
+        source.load_training_state(trainer)
+    return trainer
 
 
 def _build_retrieval(config: BlipConfig, args: argparse.Namespace, source: InitSource,
@@ -147,6 +177,9 @@ def _build_retrieval(config: BlipConfig, args: argparse.Namespace, source: InitS
     from blip_fast.modeling.finetune import BlipRetrievalTrainer
 
     trainer = BlipRetrievalTrainer(config, args.queue_size, args.momentum, args.negative_all_rank)
+    if source.original is not None:
+        source.load_training_state(trainer)
+        return trainer
     missing, unexpected = trainer.load_state_dict(source.task_model("retrieval", config).state_dict(),
                                                   strict=False)
     if unexpected:
