@@ -5,6 +5,7 @@ from blip_fast.interop import optimize
 from blip_fast.modeling import (
     BlipForConditionalGeneration,
     BlipForImageTextRetrieval,
+    BlipForNLVR,
     BlipForQuestionAnswering,
     BlipVisionModel,
 )
@@ -31,6 +32,7 @@ __all__ = [
     "BlipConfig",
     "BlipForConditionalGeneration",
     "BlipForImageTextRetrieval",
+    "BlipForNLVR",
     "BlipForQuestionAnswering",
     "BlipImageProcessor",
     "BlipTokenizer",

@@ -66,13 +66,15 @@ MOMENTUM_OF = {"visual_encoder_m": "vision_model", "vision_proj_m": "vision_proj
                "text_proj_m": "text_proj"}
 _QUEUES = ("image_queue", "text_queue", "idx_queue", "ptr_queue")
 # BLIP components; a task model lacking one of them (a captioner has no text_encoder) drops it from the file.
-_COMPONENTS = frozenset({"vision_model", "text_encoder", "text_decoder", "vision_proj", "text_proj", "itm_head"})
+_COMPONENTS = frozenset({"vision_model", "text_encoder", "text_decoder", "vision_proj", "text_proj", "itm_head",
+                         "cls_head"})
 
 #: ``blip-fast convert --task`` -> task class name in :mod:`blip_fast.modeling.blip`.
 TASKS = {
     "captioning": "BlipForConditionalGeneration",
     "retrieval": "BlipForImageTextRetrieval",
     "vqa": "BlipForQuestionAnswering",
+    "nlvr": "BlipForNLVR",
 }
 
 
@@ -421,10 +423,34 @@ def model_from_state_dict(
 ) -> ModelT:
     """``model_cls(config)`` holding ``state`` (HF key names; training-only state and unused components dropped),
     with the same checks as :func:`load_pretrained`; ``source`` names the origin in messages."""
-    model = _empty_model(model_cls, config) if strict else model_cls(config)
+    twin = model_cls.__name__ == "BlipForNLVR" and not any(".crossattention.self0." in key for key in state)
+    model = _empty_model(model_cls, config) if strict and not twin else model_cls(config)
+    if twin:
+        state = _twin_from_single(state, model, source)
     state = _fit(model, dict(state), source, resize_pos_embed=resize_pos_embed, strict=strict)
     model.load_state_dict(state, strict=False)  # _fit has already checked every key and shape
     return model.eval()
+
+
+def _twin_from_single(state: Mapping[str, torch.Tensor], model: nn.Module, source: str) -> dict[str, torch.Tensor]:
+    """NLVR2 from a checkpoint with one cross-attention per layer (pre-training, retrieval), as the original's NLVR
+    loader: it initialises both of the pair's (``self`` -> ``self0``/``self1``, ``output.dense`` ->
+    ``dense0``/``dense1``); the merge layers and a missing classifier head keep the model's fresh initialisation."""
+    twin: dict[str, torch.Tensor] = {}
+    for key, tensor in state.items():
+        if ".crossattention.self." in key:
+            for copy in ("self0", "self1"):
+                twin[key.replace(".crossattention.self.", f".crossattention.{copy}.")] = tensor
+        elif ".crossattention.output.dense." in key:
+            for copy in ("dense0", "dense1"):
+                twin[key.replace(".output.dense.", f".output.{copy}.")] = tensor
+        else:
+            twin[key] = tensor
+    fresh = {key: value for key, value in model.state_dict().items()
+             if ".merge_layer." in key or (key.startswith("cls_head.") and key not in state)}
+    logger.info("%s: twin cross-attention initialised from the single one; freshly initialised: %s", source,
+                ", ".join(sorted({key.rsplit(".", 1)[0] for key in fresh})) or "nothing")
+    return {**twin, **fresh}
 
 
 def _empty_model(model_cls: type[ModelT], config: BlipConfig) -> ModelT:

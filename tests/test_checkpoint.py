@@ -287,7 +287,7 @@ def test_convert_original(tmp_path, task):
     assert_state_equal(hf.state_dict(), expected_for(TASK_NAMES[task], state))
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["architectures"] == [TASK_NAMES[task]]
     with pytest.raises(ValueError, match="unknown task"):
-        convert_original(path, tmp_path / "x", task="nlvr")
+        convert_original(path, tmp_path / "x", task="ocr")
 
 
 # ---------------------------------------------------------------------------------------------------- errors

@@ -3,6 +3,7 @@
 from blip_fast.modeling.blip import (
     BlipForConditionalGeneration,
     BlipForImageTextRetrieval,
+    BlipForNLVR,
     BlipForQuestionAnswering,
     BlipPreTrainedModel,
 )
@@ -12,6 +13,7 @@ from blip_fast.modeling.vit import BlipVisionModel
 __all__ = [
     "BlipForConditionalGeneration",
     "BlipForImageTextRetrieval",
+    "BlipForNLVR",
     "BlipForQuestionAnswering",
     "BlipPreTrainedModel",
     "BlipTextLMHeadModel",

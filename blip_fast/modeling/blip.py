@@ -20,6 +20,7 @@ from blip_fast.modeling.common import init_weights
 from blip_fast.modeling.outputs import (
     BlipForConditionalGenerationModelOutput,
     BlipImageTextMatchingModelOutput,
+    BlipNLVROutput,
     BlipTextVisionModelOutput,
 )
 from blip_fast.modeling.text import BlipTextLMHeadModel, BlipTextModel
@@ -334,3 +335,43 @@ class BlipForQuestionAnswering(BlipPreTrainedModel):
         ).loss.view(num_questions, k)
         best = (-answer_loss).argmax(dim=1)
         return topk_ids.gather(1, best[:, None]).squeeze(1)
+
+
+class BlipForNLVR(BlipPreTrainedModel):
+    """NLVR2: is a statement true of a pair of images? The original ``blip_nlvr.py``: both images through the ViT,
+    the ``[ENC]`` statement through the text encoder with a twin cross-attention in every layer (one per image,
+    averaged in layers before :attr:`MERGE_FROM_LAYER`, mixed by a linear layer from it on), and a two-layer ReLU
+    head on ``[ENC]``. The state-dict keys are the original's (``crossattention.self0``/``self1``,
+    ``output.dense0``/``dense1``/``merge_layer``, ``cls_head``), so ``model_base_nlvr.pth`` loads with the ViT renames.
+    """
+
+    #: The original merges the pair with a linear layer in text layers 6 and later, whatever the depth.
+    MERGE_FROM_LAYER = 6
+
+    def __init__(self, config: BlipConfig) -> None:
+        super().__init__(config)
+        width = config.text.hidden_size
+        self.vision_model = BlipVisionModel(config.vision)
+        self.text_encoder = BlipTextModel(config.text, config.vision.hidden_size,
+                                          twin_merge_from=self.MERGE_FROM_LAYER)
+        self.cls_head = nn.Sequential(nn.Linear(width, width), nn.ReLU(), nn.Linear(width, 2))
+        self.apply(init_weights)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+    ) -> BlipNLVROutput:
+        """Statements ``input_ids [B, L]`` about image pairs ``pixel_values [B, 2, 3, H, W]`` -> logits ``[B, 2]``
+        (+ cross-entropy with ``labels [B]``, 1 = true). One ViT pass over all ``2B`` images."""
+        pairs = pixel_values.shape[0]
+        image_embeds = self.vision_model(pixel_values.flatten(0, 1)).last_hidden_state.unflatten(0, (pairs, 2))
+        images = (image_embeds[:, 0], image_embeds[:, 1])
+        masks = (_ones_mask(images[0]), _ones_mask(images[1]))
+        input_ids = self._with_first_token(input_ids, self.config.text.enc_token_id)
+        states = self.text_encoder(input_ids, attention_mask, images, masks).last_hidden_state
+        logits = self.cls_head(states[:, 0])
+        loss = None if labels is None else F.cross_entropy(logits, labels)
+        return BlipNLVROutput(loss=loss, logits=logits)

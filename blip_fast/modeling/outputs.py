@@ -78,3 +78,11 @@ class BlipImageTextMatchingModelOutput(ModelOutput):
     itm_score: torch.Tensor | None = None
     last_hidden_state: torch.Tensor | None = None  # [B, N_img, D_vision]
     question_embeds: torch.Tensor | None = None  # [B, L, D_text]
+
+
+@dataclass
+class BlipNLVROutput(ModelOutput):
+    #: Cross-entropy against ``labels`` (when given).
+    loss: torch.Tensor | None = None
+    #: [B, 2] (index 1 = the statement is true of the image pair).
+    logits: torch.Tensor | None = None

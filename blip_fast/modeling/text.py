@@ -201,11 +201,56 @@ class BlipTextIntermediate(nn.Module):
         return self.intermediate_act_fn(self.dense(hidden_states))
 
 
+class BlipTextTwinOutput(nn.Module):
+    """The two cross-attention outputs of NLVR2's twin layer, each projected (``dense0``/``dense1``), then averaged
+    or, with ``merge``, mixed by ``merge_layer`` over their concatenation; dropout, residual, post-LayerNorm."""
+
+    def __init__(self, config: TextConfig, merge: bool) -> None:
+        super().__init__()
+        width = config.hidden_size
+        self.dense0, self.dense1 = nn.Linear(width, width), nn.Linear(width, width)
+        self.merge_layer = nn.Linear(2 * width, width) if merge else None
+        self.LayerNorm = nn.LayerNorm(width, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, contexts: tuple[torch.Tensor, torch.Tensor], residual: torch.Tensor) -> torch.Tensor:
+        first, second = self.dense0(contexts[0]), self.dense1(contexts[1])
+        if self.merge_layer is None:
+            mixed = (first + second) / 2
+        else:
+            mixed = self.merge_layer(torch.cat([first, second], dim=-1))
+        return self.LayerNorm(self.dropout(mixed) + residual)
+
+
+class BlipTextTwinCrossAttention(nn.Module):
+    """NLVR2's cross-attention over an image pair (the original ``nlvr_encoder.py``): one query/key/value set per
+    image (``self0``/``self1``) and the :class:`BlipTextTwinOutput` that combines them."""
+
+    def __init__(self, config: TextConfig, context_width: int, merge: bool) -> None:
+        super().__init__()
+        self.self0 = BlipTextSelfAttention(config, context_width)
+        self.self1 = BlipTextSelfAttention(config, context_width)
+        self.output = BlipTextTwinOutput(config, merge)
+
+    def forward(self, hidden_states: torch.Tensor, contexts: tuple[torch.Tensor, torch.Tensor],
+                masks: tuple[torch.Tensor | None, torch.Tensor | None]) -> torch.Tensor:
+        attended = []
+        for attention, context, mask in zip((self.self0, self.self1), contexts, masks, strict=True):
+            key, value = attention.project_kv(context)
+            attended.append(attention(hidden_states, key, value, mask))
+        return self.output(tuple(attended), hidden_states)
+
+
 class BlipTextLayer(nn.Module):
-    def __init__(self, config: TextConfig, encoder_width: int) -> None:
+    """Self-attention, cross-attention (or NLVR2's twin cross-attention, ``twin``/``merge``), FFN."""
+
+    def __init__(self, config: TextConfig, encoder_width: int, twin: bool = False, merge: bool = False) -> None:
         super().__init__()
         self.attention = BlipTextAttention(config, config.hidden_size)
-        self.crossattention = BlipTextAttention(config, encoder_width)
+        if twin:
+            self.crossattention = BlipTextTwinCrossAttention(config, encoder_width, merge)
+        else:
+            self.crossattention = BlipTextAttention(config, encoder_width)
         self.intermediate = BlipTextIntermediate(config)
         self.output = BlipTextSelfOutput(config, config.intermediate_size)
 
@@ -233,6 +278,8 @@ class BlipTextLayer(nn.Module):
                 hidden_states, key, value, cached_mask, cache.rows_per_image, cached_context=True
             )
             hidden_states = self.crossattention.output(context, hidden_states)
+        elif isinstance(self.crossattention, BlipTextTwinCrossAttention):
+            hidden_states = self.crossattention(hidden_states, encoder_hidden_states, cross_mask)
         elif encoder_hidden_states is not None:
             key, value = self.crossattention.self.project_kv(encoder_hidden_states)
             context = self.crossattention.self(hidden_states, key, value, cross_mask)
@@ -242,9 +289,13 @@ class BlipTextLayer(nn.Module):
 
 
 class BlipTextEncoder(nn.Module):
-    def __init__(self, config: TextConfig, encoder_width: int) -> None:
+    def __init__(self, config: TextConfig, encoder_width: int, twin_merge_from: int | None = None) -> None:
         super().__init__()
-        self.layer = nn.ModuleList(BlipTextLayer(config, encoder_width) for _ in range(config.num_hidden_layers))
+        twin = twin_merge_from is not None
+        self.layer = nn.ModuleList(
+            BlipTextLayer(config, encoder_width, twin, merge=twin and index >= twin_merge_from)
+            for index in range(config.num_hidden_layers)
+        )
 
 
 class BlipTextPooler(nn.Module):
@@ -285,13 +336,16 @@ class BlipTextModel(nn.Module):
 
     ``encoder_hidden_states [B, N_ctx, D_ctx]`` switches on cross-attention; ``is_decoder`` makes self-attention
     causal. With a ``cache`` (decoding), cross-attention reads the cached per-image K/V instead.
+    ``twin_merge_from`` (NLVR2) gives every layer a twin cross-attention over a pair of images, passed as a pair of
+    ``encoder_hidden_states`` (and masks); layers from that index on merge the pair with a linear layer.
     """
 
-    def __init__(self, config: TextConfig, encoder_width: int, add_pooling_layer: bool = False) -> None:
+    def __init__(self, config: TextConfig, encoder_width: int, add_pooling_layer: bool = False,
+                 twin_merge_from: int | None = None) -> None:
         super().__init__()
         self.config = config
         self.embeddings = BlipTextEmbeddings(config)
-        self.encoder = BlipTextEncoder(config, encoder_width)
+        self.encoder = BlipTextEncoder(config, encoder_width, twin_merge_from)
         self.pooler = BlipTextPooler(config) if add_pooling_layer else None
 
     def forward(
@@ -311,7 +365,10 @@ class BlipTextModel(nn.Module):
             device=device,
         )
         cross_mask = None
-        if encoder_hidden_states is not None and cache is None:
+        if isinstance(encoder_hidden_states, (tuple, list)):  # NLVR2's image pair
+            masks = encoder_attention_mask or (None, None)
+            cross_mask = tuple(context_attention_mask(mask, dtype) for mask in masks)
+        elif encoder_hidden_states is not None and cache is None:
             if encoder_attention_mask is None:
                 encoder_attention_mask = torch.ones(encoder_hidden_states.shape[:2], device=device)
             cross_mask = context_attention_mask(encoder_attention_mask, dtype)
