@@ -52,9 +52,9 @@ checks() {
     # The rest: past the 480 s of budgets, run on the time the steps above left unused.
     step generate_rest 60 0 "$PY" -m benchmarks.bench_generate "${MODEL[@]}" "${GENERATE[@]}" \
         --cases greedy_bs1,greedy_bs64,beam3,nucleus --check-tokens --out "$WORK" --name generate_rest
-    step generate_fp32_parity 40 0 "$PY" -m benchmarks.bench_generate "${MODEL[@]}" --dtype fp32 --batch-scale 0.125 \
-        --cases greedy_bs1,greedy_bs64,beam3 --warmup 0 --repeats 1 --check-tokens --out "$WORK" \
-        --name generate_fp32_parity
+    step generate_fp32_parity 40 0 "$PY" -m benchmarks.bench_generate "${MODEL[@]}" --dtype fp32 \
+        --batch-scale 0.125 --cases greedy_bs1,greedy_bs64,beam3 --warmup 0 --repeats 1 --check-tokens \
+        --out "$WORK" --name generate_fp32_parity
     step decode_attention_rest 25 0 "$PY" -m benchmarks.bench_decode_attention "${DEV[@]}" --images "$DECODE_REST" \
         --out "$WORK" --name decode_attention_rest
     step itc_rest 30 0 "$PY" -m benchmarks.bench_itc "${DEV[@]}" --batches "$ITC_REST" --out "$WORK" --name itc_rest
@@ -82,7 +82,8 @@ configure() {
         ITC_HEADLINE=4096 ITC_REST=1024,32768 DECODE_HEADLINE=256 DECODE_REST=64,1 LOW=bf16
         BUILD=("$PY" -m pip install -v --no-index --no-deps --no-build-isolation -e .)
     fi
-    PYTEST=(-q -rfEs -p no:cacheprovider -o console_output_style=classic)
+    # -v: a step killed at its budget still shows in its log which test was running; durations size the next budgets.
+    PYTEST=(-v -rfEs --durations=15 -p no:cacheprovider -o console_output_style=classic)
     XDIST=()
     if [ "$DRY" != 1 ] && "$PY" -c "import xdist" >/dev/null 2>&1; then XDIST=(-n 4); fi  # parallel Triton compiles
 }
@@ -255,11 +256,13 @@ on_signal() {
 }
 
 print_plan() {
-    local i total=0
+    local i total=0 note
     printf '%-24s %8s\n' step budget_s
     for i in "${!NAMES[@]}"; do
         total=$((total + BUDGETS[i]))
-        printf '%-24s %8s%s\n' "${NAMES[$i]}" "${BUDGETS[$i]}" "$([ "$total" -gt "$TOTAL" ] && echo '  (on time left over)')"
+        note=""
+        [ "$total" -gt "$TOTAL" ] && note="  (on time left over)"
+        printf '%-24s %8s%s\n' "${NAMES[$i]}" "${BUDGETS[$i]}" "$note"
     done
     echo "total budget: $TOTAL s ($MODE); steps' budgets add up to $total s"
 }
