@@ -86,7 +86,7 @@ class HfPipeline:
         self.filter = transformers.BlipForImageTextRetrieval.from_pretrained(filter_dir, dtype=dtype)
         self.captioner, self.filter = self.captioner.to(device).eval(), self.filter.to(device).eval()
         self.tokenizer = BlipTokenizer.from_pretrained(captioner_dir)
-        self.prompt_ids = self.tokenizer([PROMPT]).input_ids.to(device)
+        self.prompt_ids = self.tokenizer([PROMPT], return_tensors="pt").input_ids.to(device)
 
     @torch.no_grad()
     def __call__(self, pixel_values: torch.Tensor, web: Sequence[str], num_captions: int, length: int) -> Any:
@@ -101,7 +101,7 @@ class HfPipeline:
         synthetic = [pre_caption(text) for text in self.tokenizer.batch_decode(ids[:, prompt.shape[1] - 1 :])]
         texts = [text for row, caption in enumerate(web)
                  for text in [caption, *synthetic[row * num_captions : (row + 1) * num_captions]]]
-        tokens = self.tokenizer(texts, max_length=ITM_MAX_TOKENS).to(pixel_values.device)
+        tokens = self.tokenizer(texts, padding=True, truncation=True, max_length=ITM_MAX_TOKENS, return_tensors="pt").to(pixel_values.device)
         pair_pixels = pixel_values.repeat_interleave(1 + num_captions, dim=0)
         logits = self.filter(input_ids=tokens.input_ids, pixel_values=pair_pixels,
                              attention_mask=tokens.attention_mask, use_itm_head=True).itm_score

@@ -335,7 +335,8 @@ class CapFiltModels:
         flat = [text for texts in captions for text in texts]
         if not flat:
             return [torch.empty(0, 2) for _ in captions]
-        tokens = self.filter_tokenizer(flat, max_length=ITM_MAX_TOKENS).to(model.device)
+        tokens = self.filter_tokenizer(flat, padding=True, truncation=True, max_length=ITM_MAX_TOKENS,
+                                       return_tensors="pt").to(model.device)
         pair_embeds = image_embeds.repeat_interleave(counts, dim=0)  # [sum n_b, N, D]
         logits = model.itm_logits(pair_embeds, tokens.input_ids, tokens.attention_mask).float().cpu()
         return list(logits.split(counts.tolist()))

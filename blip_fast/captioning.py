@@ -28,7 +28,7 @@ class Captioner:
         self.model = model.eval()
         self.processor = processor
         self.tokenizer = tokenizer
-        self.prompt_ids = tokenizer([prompt]).input_ids  # [1, P + 1]: [CLS] prompt [SEP]
+        self.prompt_ids = tokenizer([prompt], return_tensors="pt").input_ids  # [1, P + 1]: [CLS] prompt [SEP]
 
     @classmethod
     def from_pretrained(

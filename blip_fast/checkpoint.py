@@ -10,7 +10,6 @@ buffers, which hold no learned state, are ignored without a word.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import math
@@ -351,20 +350,21 @@ def load_training_state(model: nn.Module, state: Mapping[str, torch.Tensor], sou
 def _read_generation_defaults(path: str) -> dict[str, Any]:
     """The decoding settings of an HF ``generation_config.json`` (num_beams, max_length, top_p, ...).
 
-    Token ids and output flags are left out: the model's config owns the ids (HF's BLIP ``generate`` also ends on
-    ``sep_token_id``), and the engine takes only :class:`~blip_fast.generation.GenerationSettings` fields.
+    Token ids are left out (the model's config owns them; HF's BLIP ``generate`` also ends on ``sep_token_id``);
+    settings blip_fast does not implement are dropped with a warning (:func:`blip_fast.generate_args.settings_of`).
     """
     if not os.path.isfile(path):
         return {}
-    from blip_fast.generation import GenerationSettings
+    from blip_fast.generate_args import settings_of
 
     try:
         with open(path, encoding="utf-8") as handle:
             values = json.load(handle)
     except (OSError, ValueError) as error:
         raise CheckpointError(f"cannot read {path}: {type(error).__name__}: {error}") from error
-    known = {field.name for field in dataclasses.fields(GenerationSettings)}
-    return {key: value for key, value in values.items() if key in known and value is not None}
+    if not isinstance(values, dict):
+        raise CheckpointError(f"{path} does not hold a JSON object")
+    return settings_of(values, path, strict=False)
 
 
 # ---------------------------------------------------------------------------------------------------- public API

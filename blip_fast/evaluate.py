@@ -107,7 +107,8 @@ def encode_texts(
     model: BlipForImageTextRetrieval, tokenizer: BlipTokenizer, texts: Sequence[str], batch_size: int = 256
 ) -> EncodedTexts:
     """Tokenise (BLIP's 35-token limit) and run the unimodal text encoder once per text."""
-    tokens = tokenizer(list(texts), padding=True, truncation=True, max_length=TEXT_MAX_LENGTH).to(model.device)
+    tokens = tokenizer(list(texts), padding=True, truncation=True, max_length=TEXT_MAX_LENGTH,
+                       return_tensors="pt").to(model.device)
     features = []
     with _progress(len(texts), batch_size, "text", "encode texts") as progress:
         for start in range(0, len(texts), batch_size):

@@ -24,6 +24,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from blip_fast.modeling.outputs import GenerateBeamDecoderOnlyOutput, GenerateDecoderOnlyOutput
+
 if TYPE_CHECKING:
     from blip_fast.modeling.text import BlipTextLMHeadModel, DecoderCache
 
@@ -49,7 +51,15 @@ class GenerationSettings:
     length_penalty: float = 1.0
     early_stopping: bool | str = False
     num_return_sequences: int = 1
+    #: Every n-gram of this size may occur once per row (prompt included); 0 turns it off.
+    no_repeat_ngram_size: int = 0
     use_cache: bool = True
+    #: HuggingFace's output switches: with ``return_dict_in_generate`` the call returns a
+    #: ``GenerateDecoderOnlyOutput`` (beam search: ``GenerateBeamDecoderOnlyOutput``) instead of the ids, holding the
+    #: processed per-step scores (``output_scores``, also the beams' ``sequences_scores``) and raw logits.
+    return_dict_in_generate: bool = False
+    output_scores: bool = False
+    output_logits: bool = False
     #: blip_fast only. Static decode step captured as CUDA graphs; None: ``BLIP_FAST_CUDA_GRAPHS`` (0/1) if set,
     #: else on for CUDA and off elsewhere. True on a CPU runs the static step without capture.
     cuda_graphs: bool | None = None
@@ -76,6 +86,8 @@ class GenerationSettings:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
         if self.early_stopping not in (True, False, "never"):
             raise ValueError(f"early_stopping must be True, False or 'never', got {self.early_stopping!r}")
+        if self.no_repeat_ngram_size < 0:
+            raise ValueError(f"no_repeat_ngram_size must be >= 0, got {self.no_repeat_ngram_size}")
         if not self.use_cache:
             raise ValueError("blip_fast always decodes with a cache (use_cache=False is not supported)")
         if self.stop_check_interval < 0:
@@ -106,6 +118,11 @@ class GenerationSettings:
         """Whether to read the stop flag after ``steps_done`` generated tokens."""
         return self.stop_check_interval > 0 and steps_done % self.stop_check_interval == 0
 
+    @property
+    def records_steps(self) -> bool:
+        """Whether the call returns per-step scores or logits (each step then keeps a copy of ``[R, V]``)."""
+        return self.return_dict_in_generate and (self.output_scores or self.output_logits)
+
 
 class LogitsProcessor:
     """HuggingFace's processors, in HuggingFace's order, for one ``generate`` call."""
@@ -125,6 +142,8 @@ class LogitsProcessor:
         length = sequences.shape[1]
         if s.repetition_penalty != 1.0:
             scores = self._penalize_repeats(scores, sequences)
+        if s.no_repeat_ngram_size and length >= s.no_repeat_ngram_size:
+            scores = _ban_repeated_ngrams(scores, sequences, s.no_repeat_ngram_size)
         if length < s.min_length or (s.min_new_tokens is not None and length - self.prompt_length < s.min_new_tokens):
             scores = scores.clone()
             scores[:, self.eos_token_id] = -float("inf")
@@ -149,6 +168,21 @@ class LogitsProcessor:
         return torch.where(seen, penalized, scores)
 
 
+def _ban_repeated_ngrams(scores: torch.Tensor, sequences: torch.Tensor, size: int) -> torch.Tensor:
+    """-inf for each token that would repeat an n-gram of ``size`` already in its row of ``sequences [R, T]``.
+
+    The next token completes a repeat when the row's last ``size - 1`` tokens open an earlier n-gram; that n-gram's
+    last token is banned. Windows that do not match scatter into a spare column past the vocabulary.
+    """
+    vocab = scores.shape[-1]
+    windows = sequences.unfold(1, size, 1)  # [R, T - size + 1, size]
+    suffix = sequences[:, sequences.shape[1] - size + 1 :]  # [R, size - 1]
+    opens_repeat = (windows[..., :-1] == suffix[:, None, :]).all(dim=-1)  # [R, T - size + 1]
+    banned = torch.zeros(scores.shape[0], vocab + 1, dtype=torch.bool, device=scores.device)
+    banned.scatter_(1, torch.where(opens_repeat, windows[..., -1], vocab), True)
+    return scores.masked_fill(banned[:, :vocab], -float("inf"))
+
+
 def _top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
     k = min(k, scores.shape[-1])
     threshold = torch.topk(scores, k).values[..., -1:]
@@ -163,6 +197,31 @@ def _top_p(scores: torch.Tensor, top_p: float, min_tokens_to_keep: int) -> torch
     remove_sorted[..., -min_tokens_to_keep:] = False
     remove = remove_sorted.scatter(1, order, remove_sorted)
     return scores.masked_fill(remove, -float("inf"))
+
+
+class StepRecord:
+    """Per-step copies of the raw logits and processed scores ``[R, V]`` that HuggingFace returns, when asked for.
+
+    Copies, because a static step's logits buffer is overwritten by the next step; recorded steps past HuggingFace's
+    stopping point (a sparse stop check) are trimmed at the end.
+    """
+
+    def __init__(self, settings: GenerationSettings) -> None:
+        self.active = settings.records_steps
+        self._scores: list[torch.Tensor] | None = [] if self.active and settings.output_scores else None
+        self._logits: list[torch.Tensor] | None = [] if self.active and settings.output_logits else None
+
+    def add(self, logits: torch.Tensor, scores: torch.Tensor) -> None:
+        if self._scores is not None:
+            self._scores.append(scores.clone())
+        if self._logits is not None:
+            self._logits.append(logits.clone())
+
+    def scores(self, steps: int) -> tuple[torch.Tensor, ...] | None:
+        return None if self._scores is None else tuple(self._scores[:steps])
+
+    def logits(self, steps: int) -> tuple[torch.Tensor, ...] | None:
+        return None if self._logits is None else tuple(self._logits[:steps])
 
 
 class StaticStep:
@@ -327,11 +386,12 @@ def generate(
     pad_token_id: int,
     generator: torch.Generator | None = None,
     **kwargs,
-) -> torch.Tensor:
+) -> torch.Tensor | GenerateDecoderOnlyOutput | GenerateBeamDecoderOnlyOutput:
     """Continue the prompts ``input_ids [B, P]`` conditioned on ``encoder_hidden_states [B, N, D]``.
 
     Returns ``[B * num_return_sequences, L]`` token ids including the prompt, padded like HuggingFace (greedy and
-    sampling pad finished rows with ``pad_token_id``; beam search fills with ``pad_token_id or eos_token_id``).
+    sampling pad finished rows with ``pad_token_id``; beam search fills with ``pad_token_id or eos_token_id``), or
+    with ``return_dict_in_generate=True`` HuggingFace's output object holding them as ``sequences``.
     ``kwargs`` are :class:`GenerationSettings` fields; ``generator`` seeds sampling.
     """
     settings = GenerationSettings.from_kwargs(**kwargs)
@@ -360,20 +420,21 @@ def generate(
         decoding = Decoding(decoder, cache, mask)
     prompts = input_ids.repeat_interleave(rows_per_image, dim=0)
 
-    if settings.num_beams > 1:
-        return _beam_search(decoding, prompts, processor, settings, max_length, eos_token_id, pad_token_id, generator)
-    return _sample(decoding, prompts, processor, settings, max_length, eos_token_id, pad_token_id, generator)
+    search = _beam_search if settings.num_beams > 1 else _sample
+    output = search(decoding, prompts, processor, settings, max_length, eos_token_id, pad_token_id, generator)
+    return output if settings.return_dict_in_generate else output.sequences
 
 
 def _sample(
     decoding: Decoding, prompts, processor, settings, max_length, eos_token_id, pad_token_id, generator
-) -> torch.Tensor:
+) -> GenerateDecoderOnlyOutput:
     """Greedy (argmax) or multinomial sampling, one token per row per step.
 
     HuggingFace stops once every row has ended; ``steps_taken`` counts the steps it would have run (on device), so
     decoding past that point (a sparse stop check) is trimmed away: those steps only append padding.
     """
     rows, prompt_length = prompts.shape
+    record = StepRecord(settings)
     sequences = torch.full((rows, max_length), pad_token_id, dtype=torch.long, device=prompts.device)
     sequences[:, :prompt_length] = prompts
     unfinished = torch.ones(rows, dtype=torch.bool, device=prompts.device)
@@ -382,6 +443,7 @@ def _sample(
     for length in range(prompt_length, max_length):
         steps_taken += unfinished.any()
         scores = processor(logits, sequences[:, :length])
+        record.add(logits, scores)
         if settings.do_sample:
             next_tokens = torch.multinomial(scores.softmax(dim=-1), 1, generator=generator).squeeze(1)
         else:
@@ -393,17 +455,21 @@ def _sample(
         if length + 1 == max_length or (settings.check_stop(done) and not bool(unfinished.any())):
             break
         logits = decoding.step(next_tokens)
-    return sequences[:, : prompt_length + int(steps_taken)]
+    steps = int(steps_taken)
+    return GenerateDecoderOnlyOutput(
+        sequences=sequences[:, : prompt_length + steps], scores=record.scores(steps), logits=record.logits(steps)
+    )
 
 
 def _beam_search(
     decoding: Decoding, prompts, processor, settings, max_length, eos_token_id, pad_token_id, generator
-) -> torch.Tensor:
+) -> GenerateBeamDecoderOnlyOutput:
     """HuggingFace's vectorised beam search: keep ``2 * num_beams`` candidates per step so ``num_beams`` stay alive
     even when the best ones end; finished hypotheses are scored ``sum_logprobs / generated_len ** length_penalty``.
 
     HuggingFace's three stop conditions are fused into one device flag (one host read per checked step); once it
-    is set the finished set is frozen, so steps decoded past it (a sparse stop check) change nothing.
+    is set the finished set is frozen, so steps decoded past it (a sparse stop check) change nothing and are not
+    counted in ``steps_taken`` (the steps HuggingFace runs, which the per-step records are trimmed to).
     """
     num_beams, device = settings.num_beams, prompts.device
     rows, prompt_length = prompts.shape
@@ -411,6 +477,7 @@ def _beam_search(
     candidates = 2 * num_beams
     fill = pad_token_id or eos_token_id  # HuggingFace's output fill value (pad 0 is falsy there too)
     generated = max_length - prompt_length
+    record = StepRecord(settings)
 
     running = torch.full((batch, num_beams, max_length), fill, dtype=torch.long, device=device)
     running[:, :, :prompt_length] = prompts.view(batch, num_beams, prompt_length)
@@ -423,12 +490,15 @@ def _beam_search(
     is_finished = torch.zeros(batch, num_beams, dtype=torch.bool, device=device)
     can_improve = torch.ones(batch, 1, dtype=torch.bool, device=device)
     stopped = torch.zeros((), dtype=torch.bool, device=device)
+    steps_taken = torch.zeros((), dtype=torch.long, device=device)
     is_top_beam = torch.arange(candidates, device=device) < num_beams
     batch_offset = torch.arange(batch, device=device)[:, None] * num_beams
 
     logits = decoding.prefill(prompts)
     for length in range(prompt_length, max_length):
+        steps_taken += ~stopped
         log_probs = processor(logits.log_softmax(dim=-1), running.view(rows, max_length)[:, :length])
+        record.add(logits, log_probs)
         vocab = log_probs.shape[-1]
         total = (log_probs.view(batch, num_beams, vocab) + running_scores[:, :, None]).view(batch, -1)
         if settings.do_sample:
@@ -480,9 +550,16 @@ def _beam_search(
 
     returned = settings.num_return_sequences
     sequences = finished[:, :returned].flatten(0, 1)
-    origins = finished_origins[:, :returned].flatten(0, 1)
-    output_length = prompt_length + int((origins >= 0).sum(dim=1).max())
-    return sequences[:, :output_length]
+    origins = finished_origins[:, :returned].flatten(0, 1)  # [B * returned, generated], -1 past each end
+    generated_length = int((origins >= 0).sum(dim=1).max())
+    steps = int(steps_taken) if record.active else 0
+    return GenerateBeamDecoderOnlyOutput(
+        sequences=sequences[:, : prompt_length + generated_length],
+        sequences_scores=finished_scores[:, :returned].flatten() if settings.output_scores else None,
+        scores=record.scores(steps),
+        logits=record.logits(steps),
+        beam_indices=origins[:, :generated_length].int(),  # HuggingFace's dtype
+    )
 
 
 def _unless(stopped: torch.Tensor, frozen: torch.Tensor, updated: torch.Tensor) -> torch.Tensor:

@@ -34,6 +34,9 @@ TOKENIZER_CONFIG_FILE, SPECIAL_TOKENS_MAP_FILE, ADDED_TOKENS_FILE = (
 DEFAULT_MODEL_MAX_LENGTH = 512
 
 Padding = bool | Literal["longest", "max_length", "do_not_pad"]
+Truncation = bool | Literal["longest_first", "only_first", "do_not_truncate"] | None
+#: A `model_max_length` above this means "no limit" (transformers writes 1e30 when a tokenizer has none).
+UNLIMITED_LENGTH = int(1e20)
 
 
 class TokenizerNotFoundError(FileNotFoundError):
@@ -53,15 +56,22 @@ class BatchFeature(dict):
         except KeyError as error:
             raise AttributeError(name) from error
 
-    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> BatchFeature:
-        """Move tensors to `device`; `dtype` casts floating-point tensors only, so token ids stay integers."""
-
-        def move(value: Any) -> Any:
-            if not isinstance(value, torch.Tensor):
-                return value
-            return value.to(device=device, dtype=dtype if value.is_floating_point() else None)
-
-        return BatchFeature({key: move(value) for key, value in self.items()})
+    def to(self, *args: Any, **kwargs: Any) -> BatchFeature:
+        """Move tensors in place and return self, like transformers' BatchFeature: `.to(device)`, `.to(dtype)`,
+        `.to(device, dtype)`, `.to(device=..., dtype=..., non_blocking=...)`. A dtype casts floating-point
+        tensors only, so token ids and masks stay integers."""
+        device = kwargs.get("device")
+        if device is None and args and not isinstance(args[0], torch.dtype):
+            device = args[0]
+        if device is not None and not isinstance(device, (str, int, torch.device)):
+            raise ValueError(f"cannot move a BatchFeature to {device!r}: pass a device and/or a dtype")
+        non_blocking = kwargs.get("non_blocking", False)
+        for key, value in self.items():
+            if isinstance(value, torch.Tensor) and value.is_floating_point():
+                self[key] = value.to(*args, **kwargs)
+            elif isinstance(value, torch.Tensor) and device is not None:
+                self[key] = value.to(device=device, non_blocking=non_blocking)
+        return self
 
 
 def pre_caption(caption: str, max_words: int = 30) -> str:
@@ -294,57 +304,74 @@ class BlipTokenizer:
     # ---------------------------------------------------------------- encoding / decoding
     def __call__(
         self,
-        texts: str | Sequence[str],
-        padding: Padding = True,
-        truncation: bool = True,
+        text: str | Sequence[str],
+        padding: Padding = False,
+        truncation: Truncation = None,
         max_length: int | None = None,
-        return_tensors: Literal["pt", "np"] | None = "pt",
+        return_tensors: Literal["pt", "np"] | None = None,
+        add_special_tokens: bool = True,
+        return_attention_mask: bool | None = None,
+        return_token_type_ids: bool | None = None,
     ) -> BatchFeature:
-        """Tokenise to `[CLS] tokens [SEP]` rows, right-padded with `[PAD]` like transformers' BertTokenizer.
+        """Tokenise to `[CLS] tokens [SEP]` rows with transformers' BertTokenizer defaults and rules.
 
-        padding: True/"longest" pads to the longest row, "max_length" to `max_length`, False/"do_not_pad" not
-        at all (tensors then need equal lengths). truncation cuts rows to `max_length` tokens including
-        `[CLS]`/`[SEP]` (`model_max_length` when `max_length` is None).
-        Returns `input_ids` and `attention_mask`, each LongTensor [B, L] ("np": int64 arrays, None: lists).
+        padding: False/"do_not_pad" (default), True/"longest" pads right with `[PAD]` to the longest row,
+        "max_length" to `max_length` (else `model_max_length`). truncation: True/"longest_first"/"only_first" cuts
+        rows to `max_length` (else `model_max_length`) tokens including `[CLS]`/`[SEP]`; None truncates only when
+        `max_length` is given without padding (as transformers does). `add_special_tokens=False` leaves out
+        `[CLS]`/`[SEP]`. Returns `input_ids` and `attention_mask` (and all-zero `token_type_ids` when asked: BLIP
+        has no token types, and transformers' BlipProcessor drops them): lists without `return_tensors` (a flat
+        list for one string), int64 LongTensors [B, L] for "pt", int64 arrays for "np".
         """
-        texts = [texts] if isinstance(texts, str) else list(texts)
+        texts = [text] if isinstance(text, str) else list(text)
         if not texts:
             raise ValueError("no texts given")
+        if not all(isinstance(item, str) for item in texts):
+            raise TypeError(f"text must be a string or a list of strings, got {type(text).__name__}")
         if padding not in (True, False, "longest", "max_length", "do_not_pad"):
             raise ValueError(f"padding must be True, False, 'longest', 'max_length' or 'do_not_pad', got {padding!r}")
+        if truncation not in (None, True, False, "longest_first", "only_first", "do_not_truncate"):
+            raise ValueError(f"truncation must be True, False, 'longest_first' or 'do_not_truncate', got {truncation!r}")
         if return_tensors not in ("pt", "np", None):
             raise ValueError(f"return_tensors must be 'pt', 'np' or None, got {return_tensors!r}")
-        limit = max_length if max_length is not None else self.model_max_length
-        if (truncation or padding == "max_length") and limit < 2:
+        pad_to_max = padding == "max_length"
+        if truncation is None:
+            truncation = max_length is not None and padding in (False, "do_not_pad")
+        truncation = truncation not in (False, "do_not_truncate")
+        limit = max_length
+        if limit is None and self.model_max_length <= UNLIMITED_LENGTH:
+            limit = self.model_max_length
+        specials = 2 if add_special_tokens else 0
+        if truncation and limit is not None and limit < specials:
             raise ValueError(f"max_length must leave room for [CLS] and [SEP], got {limit}")
 
         encodings = self._tokenizer.encode_batch(texts, add_special_tokens=False)
-        cls_id, sep_id = self.cls_token_id, self.sep_token_id
-        content_limit = limit - 2 if truncation else None
-        rows = [[cls_id, *encoding.ids[:content_limit], sep_id] for encoding in encodings]
-
+        content_limit = limit - specials if truncation and limit is not None else None
+        rows = [encoding.ids[:content_limit] for encoding in encodings]
+        if add_special_tokens:
+            rows = [[self.cls_token_id, *row, self.sep_token_id] for row in rows]
         lengths = [len(row) for row in rows]
+        width = None
         if padding in (True, "longest"):
             width = max(lengths)
-        elif padding == "max_length":
-            width = max(limit, *lengths)
-        elif return_tensors is None:
-            return BatchFeature(input_ids=rows, attention_mask=[[1] * length for length in lengths])
-        elif len(set(lengths)) > 1:
+        elif pad_to_max and limit is not None:
+            width = limit
+        pad = [] if width is None else [[self.pad_token_id] * max(0, width - length) for length in lengths]
+        columns = {"input_ids": [row + extra for row, extra in zip(rows, pad)] if pad else rows}
+        if return_token_type_ids:
+            columns["token_type_ids"] = [[0] * len(row) for row in columns["input_ids"]]
+        if return_attention_mask is not False:
+            columns["attention_mask"] = [
+                [1] * length + [0] * (len(row) - length) for row, length in zip(columns["input_ids"], lengths)
+            ]
+        if return_tensors is None:
+            return BatchFeature({key: value[0] if isinstance(text, str) else value for key, value in columns.items()})
+        if len({len(row) for row in columns["input_ids"]}) > 1:
             raise ValueError("texts have different lengths: pass padding=True to return tensors")
-        else:
-            width = lengths[0]
-
-        input_ids = np.full((len(rows), width), self.pad_token_id, dtype=np.int64)  # [B, L]
-        attention_mask = np.zeros((len(rows), width), dtype=np.int64)  # [B, L], 1 = real token
-        for index, row in enumerate(rows):
-            input_ids[index, : len(row)] = row
-            attention_mask[index, : len(row)] = 1
+        arrays = {key: np.asarray(value, dtype=np.int64) for key, value in columns.items()}  # each [B, L]
         if return_tensors == "pt":
-            return BatchFeature(input_ids=torch.from_numpy(input_ids), attention_mask=torch.from_numpy(attention_mask))
-        if return_tensors == "np":
-            return BatchFeature(input_ids=input_ids, attention_mask=attention_mask)
-        return BatchFeature(input_ids=input_ids.tolist(), attention_mask=attention_mask.tolist())
+            return BatchFeature({key: torch.from_numpy(value) for key, value in arrays.items()})
+        return BatchFeature(arrays)
 
     def decode(self, ids: Sequence[int] | torch.Tensor | np.ndarray, skip_special_tokens: bool = True) -> str:
         """Ids [L] -> text; drops `[CLS]`/`[SEP]`/`[PAD]`/`[DEC]`/`[ENC]` and joins `##` pieces like HF."""

@@ -95,7 +95,7 @@ def _oracle_itm(filter_dir: Path, image: PIL.Image.Image, captions: list[str]) -
     rows = []
     with torch.no_grad():
         for caption in captions:
-            tokens = tokenizer([caption], max_length=ITM_MAX_TOKENS)
+            tokens = tokenizer([caption], max_length=ITM_MAX_TOKENS, return_tensors="pt")
             rows.append(model(tokens.input_ids, pixel_values, use_itm_head=True,
                               attention_mask=tokens.attention_mask).itm_score[0])
     return torch.stack(rows)
@@ -104,7 +104,7 @@ def _oracle_itm(filter_dir: Path, image: PIL.Image.Image, captions: list[str]) -
 def _oracle_synthetic(captioner_dir: Path, images: list[PIL.Image.Image], seed: int, batch_size: int) -> list[list]:
     """Each unit's synthetic captions from the captioner's own generate: the unit's generator, batch by batch."""
     captioner = Captioner.from_pretrained(captioner_dir)
-    prompt = captioner.tokenizer(["a picture of "]).input_ids
+    prompt = captioner.tokenizer(["a picture of "], return_tensors="pt").input_ids
     captions = []
     for unit, start in enumerate(range(0, len(images), 4)):
         generator = torch.Generator().manual_seed(unit_seed(seed, unit))

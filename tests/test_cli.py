@@ -40,7 +40,7 @@ def test_caption_matches_model_generate(demo_model, capsys):
     printed = capsys.readouterr().out.strip().split("\t")[1]
     captioner = Captioner.from_pretrained(model_dir)
     pixel_values = captioner.processor([load_image(paths[0])]).pixel_values
-    prompt = captioner.tokenizer(["a picture of "]).input_ids
+    prompt = captioner.tokenizer(["a picture of "], return_tensors="pt").input_ids
     ids = captioner.model.generate(pixel_values, input_ids=prompt, num_beams=3, max_length=20, min_length=5)
     assert printed == captioner.tokenizer.decode(ids[0, prompt.shape[1] - 1 :])
 

@@ -534,7 +534,7 @@ def test_collator_shapes_padding_and_truncation(max_length):
     batch = BlipCollator(tokenizer, max_length=max_length)(records)
     assert set(batch) == {"pixel_values", "input_ids", "attention_mask", "image_ids", "indices"}
     assert batch["pixel_values"].shape == (3, 3, 4, 4) and batch["pixel_values"][2].eq(2).all()
-    lengths = [min(len(tokenizer([caption]).input_ids[0]), max_length) for caption in captions]
+    lengths = [min(len(tokenizer(caption).input_ids), max_length) for caption in captions]
     assert batch["input_ids"].shape == (3, max(lengths)) and batch["input_ids"].dtype == torch.long
     assert batch["attention_mask"].sum(1).tolist() == lengths
     for row, length in zip(batch["input_ids"], lengths):

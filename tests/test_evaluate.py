@@ -91,7 +91,7 @@ def brute_force_scores(model, tokenizer, processor, images, texts, k_test):
     pixel_values = processor(images).pixel_values
     itm, itc = torch.empty(len(images), len(texts)), torch.empty(len(images), len(texts))
     for column, text in enumerate(texts):
-        input_ids = tokenizer([text]).input_ids
+        input_ids = tokenizer([text], return_tensors="pt").input_ids
         itm[:, column] = model(input_ids.expand(len(images), -1), pixel_values).itm_score[:, 1]
         itc[:, column] = model(input_ids, pixel_values, use_itm_head=False).itm_score[:, 0]
 

@@ -124,7 +124,11 @@ def test_incremental_decoding_equals_full_forward(captioner, rows_per_image):
         (dict(num_beams=2, num_return_sequences=3), "num_return_sequences"),
         (dict(do_sample=True, temperature=0.0), "temperature"),
         (dict(top_p=1.5), "top_p"),
-        (dict(output_scores=True), "unsupported generate"),
+        (dict(streamer=object()), "unsupported generate"),
+        (dict(typical_p=0.5), "typical_p=0.5, which blip_fast does not implement"),
+        (dict(generation_config=dict(num_beams=2, bad_words_ids=[[7]])), "generation_config sets bad_words_ids"),
+        (dict(generation_config=3), "GenerationConfig or a dict"),
+        (dict(no_repeat_ngram_size=-1), "no_repeat_ngram_size"),
         (dict(max_length=1), "no room"),
     ],
 )

@@ -127,7 +127,7 @@ def test_vocabulary_covers_every_caption_word():
     tokenizer = BlipTokenizer.train(SyntheticNoisyDataset.vocabulary(), vocab_size=400)
     unk = tokenizer.token_to_id("[UNK]")
     captions = SyntheticNoisyDataset(400, noise_fraction=0.5, seed=9).captions()
-    ids = tokenizer([pre_caption(caption) for caption in captions]).input_ids
+    ids = tokenizer([pre_caption(caption) for caption in captions], padding=True, return_tensors="pt").input_ids
     assert not (ids == unk).any()
 
 

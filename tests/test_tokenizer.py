@@ -57,43 +57,94 @@ def test_special_token_ids(tokenizer):
 @pytest.mark.parametrize("text", SENTENCES, ids=range(len(SENTENCES)))
 def test_ids_match_transformers(tokenizer, hf_tokenizer, text, max_length):
     expected = hf_tokenizer(text, truncation=True, max_length=max_length)["input_ids"]
-    ours = tokenizer(text, max_length=max_length)
+    ours = tokenizer(text, truncation=True, max_length=max_length, return_tensors="pt")
     assert ours["input_ids"].dtype == torch.int64
     assert ours["input_ids"][0].tolist() == expected
     assert ours["attention_mask"].tolist() == [[1] * len(expected)]
     assert len(expected) <= (max_length or 512)
 
 
-def test_padded_batch_matches_transformers(tokenizer, hf_tokenizer):
-    expected = hf_tokenizer(SENTENCES, padding=True, truncation=True, max_length=35, return_tensors="pt")
-    ours = tokenizer(SENTENCES, padding="longest", max_length=35)
-    assert torch.equal(ours.input_ids, expected["input_ids"])
-    assert torch.equal(ours.attention_mask, expected["attention_mask"])
+# (padding, truncation, max_length): transformers' defaults and its rules for combining them, e.g. max_length
+# without padding truncates, padding=True ignores max_length unless truncation is on.
+CALL_OPTIONS = [
+    (False, None, None), (False, None, 12), (True, None, None), (True, None, 12), (True, True, 12),
+    ("longest", "longest_first", 9), ("max_length", True, 16), ("max_length", None, 40), (False, True, None),
+    ("do_not_pad", "do_not_truncate", 10), (True, False, 7),
+]
+
+
+@pytest.mark.parametrize("padding, truncation, max_length", CALL_OPTIONS)
+@pytest.mark.parametrize("add_special_tokens", [True, False])
+@pytest.mark.parametrize("texts", [SENTENCES[:3], SENTENCES[0], [SENTENCES[5]] * 2], ids=["batch", "one", "same"])
+def test_call_options_match_transformers(tokenizer, hf_tokenizer, texts, padding, truncation, max_length,
+                                         add_special_tokens):
+    """Lists without return_tensors (flat for one string), tensors with it, HF's errors where HF errs."""
+    options = dict(padding=padding, truncation=truncation, max_length=max_length,
+                   add_special_tokens=add_special_tokens)
+    expected = hf_tokenizer(texts, return_token_type_ids=False, **options)
+    ours = tokenizer(texts, **options)
+    assert dict(ours) == dict(expected)
+    try:
+        expected_pt = hf_tokenizer(texts, return_token_type_ids=False, return_tensors="pt", **options)
+    except ValueError:
+        with pytest.raises(ValueError, match="padding=True"):
+            tokenizer(texts, return_tensors="pt", **options)
+        return
+    ours_pt = tokenizer(texts, return_tensors="pt", **options)
+    assert ours_pt.keys() == expected_pt.keys()
+    for key in expected_pt:
+        assert torch.equal(ours_pt[key], expected_pt[key]), key
+
+
+def test_token_type_ids_and_attention_mask_switches(tokenizer, hf_tokenizer):
+    for options in (dict(return_token_type_ids=True), dict(return_attention_mask=False, return_token_type_ids=False)):
+        assert dict(tokenizer(SENTENCES[:2], padding=True, **options)) == dict(
+            hf_tokenizer(SENTENCES[:2], padding=True, **options))
+
+
+def test_unlimited_model_max_length_does_not_truncate(bert_vocab_dir, hf_tokenizer):
+    """transformers writes model_max_length 1e30 for a tokenizer without a limit: no truncation then."""
+    unlimited = BlipTokenizer.from_pretrained(bert_vocab_dir)
+    unlimited.model_max_length = int(1e30)
+    assert len(unlimited(SENTENCES[-1], truncation=True).input_ids) == 602
+    assert unlimited(SENTENCES[:2], padding="max_length").input_ids == hf_tokenizer(SENTENCES[:2]).input_ids
 
 
 def test_padding_options(tokenizer):
     texts = ["a dog", "a dog on a red sofa"]
-    fixed = tokenizer(texts, padding="max_length", max_length=12)
+    fixed = tokenizer(texts, padding="max_length", max_length=12, return_tensors="pt")
     assert fixed.input_ids.shape == (2, 12)
     assert fixed.input_ids[0].tolist() == [101, 1037, 3899, 102] + [0] * 8
     assert fixed.attention_mask[0].tolist() == [1] * 4 + [0] * 8
-    lists = tokenizer(texts, padding=False, return_tensors=None)
+    lists = tokenizer(texts)
     assert [len(row) for row in lists.input_ids] == [4, 8]
-    arrays = tokenizer(texts, return_tensors="np")
+    assert tokenizer("a dog").input_ids == [101, 1037, 3899, 102]
+    arrays = tokenizer(texts, padding=True, return_tensors="np")
     assert isinstance(arrays["input_ids"], np.ndarray) and arrays["input_ids"].shape == (2, 8)
-    untruncated = tokenizer(" ".join(["dog"] * 600), truncation=False)
+    untruncated = tokenizer(" ".join(["dog"] * 600), return_tensors="pt")
     assert untruncated.input_ids.shape == (1, 602)
     with pytest.raises(ValueError, match="padding=True"):
-        tokenizer(texts, padding=False)
+        tokenizer(texts, return_tensors="pt")
     with pytest.raises(ValueError, match="padding"):
         tokenizer(texts, padding="left")
+    with pytest.raises(ValueError, match="truncation"):
+        tokenizer(texts, truncation="left")
     with pytest.raises(ValueError, match="no texts"):
         tokenizer([])
+    with pytest.raises(TypeError, match="list of strings"):
+        tokenizer([["a", "dog"]])
 
 
-def test_batch_feature_to_keeps_ids_integer(tokenizer):
-    batch = tokenizer(["a dog"]).to("cpu", dtype=torch.float16)
+def test_batch_feature_to_casts_only_floating_tensors(tokenizer):
+    batch = tokenizer(["a dog"], return_tensors="pt")
+    batch["pixel_values"] = torch.randn(1, 3, 4, 4)
+    assert batch.to("cpu", torch.float16) is batch, "like transformers, .to() works in place and returns self"
     assert batch.input_ids.dtype == torch.int64 and batch["attention_mask"].dtype == torch.int64
+    assert batch.pixel_values.dtype == torch.float16
+    assert batch.to(torch.float64).pixel_values.dtype == torch.float64
+    assert batch.to(device="cpu", dtype=torch.float32).pixel_values.dtype == torch.float32
+    with pytest.raises(ValueError, match="device"):
+        batch.to([1, 2])
 
 
 @pytest.mark.parametrize("text", SENTENCES[:6], ids=range(6))
@@ -106,7 +157,7 @@ def test_decode_matches_transformers(tokenizer, hf_tokenizer, text):
 def test_decode_round_trip_of_a_generated_caption(tokenizer):
     """A decoder output: [DEC] replaces [CLS], then the caption, [SEP] (eos) and padding."""
     text = "a picture of a dog running on the grass"
-    ids = tokenizer([text, "a cat"]).input_ids  # [2, L], the second row padded
+    ids = tokenizer([text, "a cat"], padding=True, return_tensors="pt").input_ids  # [2, L], the second row padded
     ids[:, 0] = tokenizer.bos_token_id
     assert tokenizer.decode(ids[0]) == text
     assert tokenizer.batch_decode(ids) == [text, "a cat"]
@@ -121,7 +172,7 @@ def test_decode_round_trip_of_a_generated_caption(tokenizer):
 def assert_same_ids(ours: BlipTokenizer, other, texts=SENTENCES):
     for text in texts:
         expected = other(text, truncation=True, max_length=64)["input_ids"]
-        assert ours(text, max_length=64).input_ids[0].tolist() == expected, text
+        assert ours(text, max_length=64).input_ids == expected, text
 
 
 @pytest.mark.parametrize("keep_tokenizer_json", [True, False], ids=["tokenizer_json", "vocab_txt_only"])
@@ -147,7 +198,7 @@ def test_vocab_dir_respects_do_lower_case(bert_vocab_dir, tmp_path, do_lower_cas
     ours = BlipTokenizer.from_pretrained(tmp_path)
     assert_same_ids(ours, hf_blip_tokenizer(tmp_path / "vocab.txt", do_lower_case=do_lower_case))
     # "Hello" is not in the uncased vocab: cased tokenisation must differ
-    assert (ours("Hello").input_ids[0, 1].item() == 7592) is do_lower_case
+    assert (ours("Hello").input_ids[1] == 7592) is do_lower_case
 
 
 def test_added_tokens_json_ids_are_kept_and_checked(bert_vocab_dir, tmp_path):
@@ -191,9 +242,9 @@ def test_train_builds_bert_layout_with_dec_enc_last(trained):
     assert (trained.pad_token_id, trained.cls_token_id, trained.sep_token_id) == (0, 2, 3)
     assert (trained.bos_token_id, trained.enc_token_id) == (size - 2, size - 1)
     for text in training_corpus(5, seed=1):
-        ids = trained(text).input_ids[0]
-        assert ids[0].item() == trained.cls_token_id and ids[-1].item() == trained.sep_token_id
-        assert trained.token_to_id("[UNK]") not in ids.tolist()
+        ids = trained(text).input_ids
+        assert ids[0] == trained.cls_token_id and ids[-1] == trained.sep_token_id
+        assert trained.token_to_id("[UNK]") not in ids
         assert trained.decode(ids) == text.lower()
 
 

@@ -404,7 +404,7 @@ def test_exports_load_in_blip_fast_and_transformers(zero2_run, tmp_path):
     final = _consolidated(zero2_run["dir"], 30)
     pixel_values = torch.randn(2, 3, 64, 64)
     tokenizer = blip_fast.BlipTokenizer.from_pretrained(export_dir / "captioning")
-    text = tokenizer(["a red circle", "two blue squares on the left"])
+    text = tokenizer(["a red circle", "two blue squares on the left"], padding=True, return_tensors="pt")
 
     ours = blip_fast.BlipForConditionalGeneration.from_pretrained(export_dir / "captioning")
     theirs, info = transformers.BlipForConditionalGeneration.from_pretrained(export_dir / "captioning",

@@ -127,9 +127,9 @@ def test_prompt_collator_prepends_the_prompt(pretrained):
     tokenizer = BlipTokenizer.from_pretrained(pretrained / "tokenizer")
     records = [{"image": torch.zeros(3, 2, 2), "caption": "a red circle", "image_id": 4, "index": 0}, None]
     batch = tasks.PromptCollator(tokenizer, 40, "a picture of ")(records)
-    expected = tokenizer(["a picture of a red circle"])
+    expected = tokenizer(["a picture of a red circle"], return_tensors="pt")
     assert torch.equal(batch["input_ids"], expected.input_ids) and batch["image_ids"].tolist() == [4]
-    prompt = tokenizer(["a picture of "]).input_ids[0, :-1]  # [CLS] + prompt, no [SEP]
+    prompt = tokenizer(["a picture of "], return_tensors="pt").input_ids[0, :-1]  # [CLS] + prompt, no [SEP]
     assert tasks.prompt_length(tokenizer, "a picture of ") == len(prompt)
     assert torch.equal(batch["input_ids"][0, : len(prompt)], prompt)
 
@@ -286,12 +286,13 @@ def test_exported_captioner_reproduces_the_trainer(finetuned, data, tmp_path):
     images = _images(data, 3)
     pixel_values = torch.stack([BlipEvalTransform(config.vision.image_size)(image) for image in images])
     assert_close(captioner.processor(images).pixel_values, pixel_values)
-    text = captioner.tokenizer(["a picture of " + record["caption"][0] for record in data["records"][:3]])
+    text = captioner.tokenizer(["a picture of " + record["caption"][0] for record in data["records"][:3]],
+                                padding=True, return_tensors="pt")
     with torch.no_grad():
         expected = trainer(pixel_values, text.input_ids, text.attention_mask).loss
         exported = BlipCaptionTrainer(captioner.model, prompt_length)(pixel_values, text.input_ids,
                                                                        text.attention_mask).loss
-        prompt = tokenizer(["a picture of "] * 3).input_ids
+        prompt = tokenizer(["a picture of "] * 3, return_tensors="pt").input_ids
         generated = trainer.model.generate(pixel_values, input_ids=prompt, max_new_tokens=8)
     assert_close(exported, expected)
     expected_captions = tokenizer.batch_decode(generated[:, prompt.shape[1] - 1 :], skip_special_tokens=True)
@@ -319,7 +320,8 @@ def test_exported_filter_reproduces_the_trainer(finetuned, data):
     model = BlipForImageTextRetrieval.from_pretrained(export_dir)
     tokenizer = BlipTokenizer.from_pretrained(export_dir)
     pixel_values = BlipImageProcessor.from_pretrained(export_dir)(_images(data, 4)).pixel_values
-    text = tokenizer([record["caption"][1] for record in data["records"][:4]], max_length=35)
+    text = tokenizer([record["caption"][1] for record in data["records"][:4]], padding=True, truncation=True,
+                     max_length=35, return_tensors="pt")
     ids, mask = text.input_ids, text.attention_mask
     with torch.no_grad():
         image_embeds = trainer.vision_model(pixel_values).last_hidden_state

@@ -43,7 +43,7 @@ class BlipCollator:
         if not kept:
             return None
         text = self.tokenizer([record["caption"] for record in kept], padding=self.padding, truncation=True,
-                              max_length=self.max_length)
+                              max_length=self.max_length, return_tensors="pt")
         return {
             "pixel_values": torch.stack([record["image"] for record in kept]),  # [B, 3, H, W]
             "input_ids": text["input_ids"],  # [B, L]

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from blip_fast import generation
+from blip_fast import generate_args, generation
 from blip_fast.config import BlipConfig
 from blip_fast.modeling.common import init_weights
 from blip_fast.modeling.outputs import (
@@ -84,7 +84,8 @@ class BlipPreTrainedModel(nn.Module):
         return input_ids
 
     def _generation_kwargs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
-        return {**self.generation_defaults, **kwargs}
+        """HuggingFace's ``generate`` keywords (``generation_config=`` included) over the model's defaults."""
+        return generate_args.resolve(self.generation_defaults, kwargs)
 
 
 def _ones_mask(states: torch.Tensor) -> torch.Tensor:

@@ -86,3 +86,40 @@ class BlipNLVROutput(ModelOutput):
     loss: torch.Tensor | None = None
     #: [B, 2] (index 1 = the statement is true of the image pair).
     logits: torch.Tensor | None = None
+
+
+@dataclass
+class GenerateDecoderOnlyOutput(ModelOutput):
+    """``generate(..., return_dict_in_generate=True)`` of greedy search and sampling (HuggingFace's fields).
+
+    ``scores``/``logits``: one ``[B * num_return_sequences, V]`` fp32 tensor per generated step, the processed
+    scores (``output_scores``) and the raw logits (``output_logits``). blip_fast returns no attentions, hidden
+    states or cache; those fields stay None.
+    """
+
+    sequences: torch.Tensor  # [B * num_return_sequences, L]
+    scores: tuple[torch.Tensor, ...] | None = None
+    logits: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple | None = None
+    hidden_states: tuple | None = None
+    cache: Any = None
+
+
+@dataclass
+class GenerateBeamDecoderOnlyOutput(ModelOutput):
+    """``generate(..., num_beams>1, return_dict_in_generate=True)`` (HuggingFace's fields).
+
+    ``sequences_scores`` ``[B * num_return_sequences]``: each returned hypothesis' length-penalised log-probability
+    (with ``output_scores``); ``scores``/``logits``: one ``[B * num_beams, V]`` tensor per step (processed log-probs,
+    raw logits); ``beam_indices`` ``[B * num_return_sequences, L_generated]`` int32: the flat beam each token came
+    from, -1 past the hypothesis' end.
+    """
+
+    sequences: torch.Tensor  # [B * num_return_sequences, L]
+    sequences_scores: torch.Tensor | None = None
+    scores: tuple[torch.Tensor, ...] | None = None
+    logits: tuple[torch.Tensor, ...] | None = None
+    beam_indices: torch.Tensor | None = None
+    attentions: tuple | None = None
+    hidden_states: tuple | None = None
+    cache: Any = None

@@ -199,7 +199,7 @@ def _build_retrieval(config: BlipConfig, args: argparse.Namespace, source: InitS
 
 def prompt_length(tokenizer: BlipTokenizer, prompt: str) -> int:
     """``[CLS]`` (``[DEC]`` in the decoder) plus the prompt's tokens: the positions the captioning loss skips."""
-    return tokenizer([prompt]).input_ids.shape[1] - 1  # without [SEP]
+    return len(tokenizer(prompt).input_ids) - 1  # without [SEP]
 
 
 def _build_captioner(config: BlipConfig, args: argparse.Namespace, source: InitSource,
