@@ -28,6 +28,8 @@ PACKAGES = ("triton", "transformers", "numpy", "tokenizers", "safetensors", "pyt
 
 
 def _version(distribution: str) -> str:
+    if distribution in sys.modules and sys.modules[distribution] is None:
+        return "hidden (gpu_check's dry run: the GPU machine lacks it)"
     try:
         return importlib.metadata.version(distribution)
     except importlib.metadata.PackageNotFoundError:
