@@ -11,6 +11,7 @@ import torch
 from tqdm.auto import tqdm
 
 from blip_fast.data.transforms import BlipImageProcessor, ImageLoadError, load_image
+from blip_fast.errors import UserError
 from blip_fast.modeling.blip import BlipForConditionalGeneration
 from blip_fast.tokenizer import BlipTokenizer
 
@@ -40,6 +41,19 @@ class Captioner:
         tokenizer = BlipTokenizer.from_pretrained(directory)
         processor = BlipImageProcessor.for_model_dir(directory, model.config.vision.image_size)
         return cls(model, processor, tokenizer, prompt)
+
+    def check_lengths(self, max_length: int, min_length: int = 0) -> None:
+        """Refuse, before any image is decoded, lengths (in tokens, [DEC] and prompt included) this model cannot
+        produce: past its text positions, no room after the prompt, or a minimum above the maximum."""
+        positions = self.model.config.text.max_position_embeddings
+        prompt_length = self.prompt_ids.shape[1] - 1  # [DEC] + prompt; its [SEP] is not fed
+        if max_length > positions:
+            raise UserError(f"max_length {max_length} exceeds the {positions} text positions of this model")
+        if max_length <= prompt_length:
+            raise UserError(f"max_length {max_length} leaves no room for a caption after the prompt "
+                            f"({prompt_length} tokens with [DEC])")
+        if min_length > max_length:
+            raise UserError(f"min_length {min_length} is above max_length {max_length}")
 
     def caption(self, images: Sequence[PIL.Image.Image], **generate_kwargs: Any) -> list[str]:
         """One caption per image (the first of ``num_return_sequences``, if more are asked for, per image)."""

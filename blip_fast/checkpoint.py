@@ -24,14 +24,15 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from blip_fast.config import BlipConfig, TextConfig, VisionConfig
+from blip_fast.errors import MissingFileError, UserError
 
 logger = logging.getLogger("blip_fast")
 
 ModelT = TypeVar("ModelT", bound=nn.Module)
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be loaded as asked: unreadable, or tensors that do not fit the model."""
+class CheckpointError(UserError, ValueError):
+    """A checkpoint that cannot be loaded as asked: unreadable, of another task, or tensors that do not fit."""
 
 
 SAFE_WEIGHTS, SAFE_INDEX = "model.safetensors", "model.safetensors.index.json"
@@ -75,6 +76,11 @@ TASKS = {
     "vqa": "BlipForQuestionAnswering",
     "nlvr": "BlipForNLVR",
 }
+#: Checkpoints (:func:`detect_task` names) a task model also starts from, besides its own task's and pre-training's:
+#: NLVR2's twin cross-attention is initialised from any single one.
+_ALSO_FROM = {"nlvr": ("retrieval",)}
+#: Attention heads of BLIP's released widths (ViT-B/BERT-base 768, ViT-L 1024); other widths do not tell.
+KNOWN_HEADS = {768: 12, 1024: 16}
 
 
 def _is_position_ids(key: str) -> bool:
@@ -152,19 +158,79 @@ def _rename_original(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tenso
     return renamed
 
 
-def infer_config(state: Mapping[str, torch.Tensor], path: str, tokenizer: Any = None) -> BlipConfig:
-    """Sizes from tensor shapes (HF key names). Head counts are not in the weights: BLIP's heads are 64-d
-    (12 for 768, 16 for 1024). Special-token ids come from ``tokenizer`` when given, else BLIP's (bert-base-uncased
-    ids, ``[DEC]``/``[ENC]`` the last two vocabulary entries)."""
+def detect_task(state: Mapping[str, torch.Tensor]) -> str:
+    """What an original checkpoint (HF key names) was saved for, from the components it holds: ``captioning``
+    (decoder), ``retrieval`` (encoder + ITM head), ``vqa`` (encoder + answer decoder), ``nlvr`` (encoder + NLVR2
+    ``cls_head``), ``pretrain`` (encoder, decoder and ITM head: any task can be cut from it) or ``unknown``."""
+    groups = {key.split(".")[0] for key in state}
+    encoder, decoder, itm = "text_encoder" in groups, "text_decoder" in groups, "itm_head" in groups
+    if "cls_head" in groups:
+        return "nlvr"
+    if encoder and decoder and itm:
+        return "pretrain"
+    if encoder and itm:
+        return "retrieval"
+    if encoder and decoder:
+        return "vqa"
+    return "captioning" if decoder else "unknown"
+
+
+def starts_from(task: str, found: str) -> bool:
+    """Whether a ``task`` model can be made from a checkpoint :func:`detect_task` calls ``found``."""
+    return found in (task, "pretrain", "unknown", *_ALSO_FROM.get(task, ()))
+
+
+def _task_of_class(name: str) -> str | None:
+    return next((task for task, class_name in TASKS.items() if class_name == name), None)
+
+
+def _check_task(path: str, model_cls: type, found: str, how: str) -> None:
+    """Refuse a checkpoint of another task than ``model_cls``'s: a VQA model's weights fit a captioner, which then
+    writes answers as captions. ``found`` is the file's task (``detect_task``'s name), ``how`` how it was told."""
+    wanted = _task_of_class(model_cls.__name__)
+    if wanted is None or starts_from(wanted, found):
+        return
+    raise CheckpointError(f"{path} is a {found} model ({how}), not a {wanted} model ({model_cls.__name__}): "
+                          f"use a {wanted} checkpoint here")
+
+
+def _check_architecture(directory: str, config_json: Mapping[str, Any], model_cls: type) -> None:
+    architectures = config_json.get("architectures") or []
+    found = next((task for name in architectures if (task := _task_of_class(name))), None)
+    if found is not None and model_cls.__name__ not in architectures:
+        _check_task(directory, model_cls, found, f"config.json names {architectures[0]}")
+
+
+def _heads(width: int, given: int | None, where: str, path: str, guess: bool) -> int:
+    if given is not None:
+        return given
+    if width in KNOWN_HEADS:
+        return KNOWN_HEADS[width]
+    if not guess:
+        raise CheckpointError(
+            f"{path}: the {where} is {width} wide; its number of attention heads is not in the weights (only BLIP's "
+            f"{' and '.join(map(str, KNOWN_HEADS))} widths are known): pass heads (blip-fast convert --heads "
+            "VISION TEXT) or a config (--config config.json or the original med_config.json)"
+        )
+    if width % 64:
+        raise ValueError(f"hidden size {width} is not a multiple of BLIP's 64-d heads")
+    logger.warning("%s: the %s is %d wide, not one of BLIP's; assuming 64-d heads (%d)", path, where, width,
+                   width // 64)
+    return width // 64
+
+
+def infer_config(
+    state: Mapping[str, torch.Tensor], path: str, tokenizer: Any = None,
+    heads: tuple[int | None, int | None] = (None, None), guess_heads: bool = True,
+) -> BlipConfig:
+    """Sizes from tensor shapes (HF key names). Head counts are not in the weights: ``heads`` (vision, text) when
+    given, else BLIP's for its 768/1024 widths; other widths are assumed to have 64-d heads with a warning, or
+    refused with ``guess_heads=False``. Special-token ids come from ``tokenizer`` when given, else BLIP's
+    (bert-base-uncased ids, ``[DEC]``/``[ENC]`` the last two vocabulary entries)."""
 
     def count_layers(prefix: str) -> int:
         pattern = re.compile(re.escape(prefix) + r"(\d+)\.")
         return 1 + max((int(m.group(1)) for k in state if (m := pattern.match(k))), default=-1)
-
-    def heads(hidden: int) -> int:
-        if hidden % 64:
-            raise ValueError(f"hidden size {hidden} is not a multiple of BLIP's 64-d heads")
-        return hidden // 64
 
     try:
         pos_embed, patch = state[POS_EMBED], state["vision_model.embeddings.patch_embedding.weight"]
@@ -173,7 +239,7 @@ def infer_config(state: Mapping[str, torch.Tensor], path: str, tokenizer: Any = 
             hidden_size=vision_hidden,
             intermediate_size=state["vision_model.encoder.layers.0.mlp.fc1.weight"].shape[0],
             num_hidden_layers=count_layers("vision_model.encoder.layers."),
-            num_attention_heads=heads(vision_hidden),
+            num_attention_heads=_heads(vision_hidden, heads[0], "vision transformer", path, guess_heads),
             image_size=grid * patch.shape[-1],
             patch_size=patch.shape[-1],
         )
@@ -192,12 +258,14 @@ def infer_config(state: Mapping[str, torch.Tensor], path: str, tokenizer: Any = 
             hidden_size=text_hidden,
             intermediate_size=state[text_prefix + "encoder.layer.0.intermediate.dense.weight"].shape[0],
             num_hidden_layers=count_layers(text_prefix + "encoder.layer."),
-            num_attention_heads=heads(text_hidden),
+            num_attention_heads=_heads(text_hidden, heads[1], "text transformer", path, guess_heads),
             max_position_embeddings=state[text_prefix + "embeddings.position_embeddings.weight"].shape[0],
             **special,
         )
         proj = state.get("vision_proj.weight")
         return BlipConfig(vision=vision, text=text, image_text_hidden_size=256 if proj is None else proj.shape[0])
+    except CheckpointError:
+        raise
     except (KeyError, ValueError) as error:
         raise CheckpointError(
             f"cannot infer the model's config from {path} ({error}); pass config= (or the tokenizer)"
@@ -347,6 +415,17 @@ def load_training_state(model: nn.Module, state: Mapping[str, torch.Tensor], sou
     return report
 
 
+def _read_json(path: str) -> dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            values = json.load(handle)
+    except (OSError, ValueError) as error:
+        raise CheckpointError(f"cannot read {path}: {type(error).__name__}: {error}") from error
+    if not isinstance(values, dict):
+        raise CheckpointError(f"{path} holds a json {type(values).__name__}, not an object")
+    return values
+
+
 def _read_generation_defaults(path: str) -> dict[str, Any]:
     """The decoding settings of an HF ``generation_config.json`` (num_beams, max_length, top_p, ...).
 
@@ -357,14 +436,7 @@ def _read_generation_defaults(path: str) -> dict[str, Any]:
         return {}
     from blip_fast.generate_args import settings_of
 
-    try:
-        with open(path, encoding="utf-8") as handle:
-            values = json.load(handle)
-    except (OSError, ValueError) as error:
-        raise CheckpointError(f"cannot read {path}: {type(error).__name__}: {error}") from error
-    if not isinstance(values, dict):
-        raise CheckpointError(f"{path} does not hold a JSON object")
-    return settings_of(values, path, strict=False)
+    return settings_of(_read_json(path), path, strict=False)
 
 
 # ---------------------------------------------------------------------------------------------------- public API
@@ -377,6 +449,7 @@ def load_pretrained(
     hf_compat: bool | None = None,
     config: BlipConfig | None = None,
     tokenizer: Any = None,
+    heads: tuple[int | None, int | None] = (None, None),
 ) -> ModelT:
     """Build ``model_cls(config)`` and load an HF model directory or an original BLIP ``.pth`` into it, in eval mode.
 
@@ -386,19 +459,25 @@ def load_pretrained(
     unexpected or mis-shaped tensor (``strict=False`` only logs missing and unexpected keys). ``torch_dtype`` casts
     floating tensors, ``device`` moves the model. The decoding settings of ``generation_config.json`` land in
     ``model.generation_defaults``. ``tokenizer`` supplies the special-token ids when inferring a ``.pth`` config
-    whose vocabulary is not BLIP's bert-base-uncased one.
+    whose vocabulary is not BLIP's bert-base-uncased one; ``heads`` (vision, text) its attention heads, which only
+    BLIP's 768/1024 widths imply (other widths are refused, not guessed). A checkpoint of another task than
+    ``model_cls``'s (``config.json``'s architectures, or a ``.pth``'s components) is refused: a VQA model's weights
+    would load into a captioner.
     """
     path = os.fspath(path)
     generation_defaults: dict[str, Any] = {}
     if os.path.isdir(path):
         config = config or BlipConfig.from_hf(path)
+        if os.path.isfile(os.path.join(path, CONFIG_NAME)):
+            _check_architecture(path, _read_json(os.path.join(path, CONFIG_NAME)), model_cls)
         state = _read_dir(path)
         generation_defaults = _read_generation_defaults(os.path.join(path, GENERATION_CONFIG_NAME))
     elif os.path.isfile(path):
         state = _rename_original(_read_file(path))
-        config = config or infer_config(state, path, tokenizer)
+        _check_task(path, model_cls, detect_task(state), "by its weights")
+        config = config or infer_config(state, path, tokenizer, heads, guess_heads=False)
     else:
-        raise FileNotFoundError(f"no checkpoint at {path}")
+        raise MissingFileError(f"no checkpoint at {path}")
     if hf_compat is not None:
         config = config.replace(hf_compat=hf_compat)
 
@@ -551,7 +630,7 @@ def save_pretrained(model: nn.Module, out_dir: str | os.PathLike, safe_serializa
 def task_class(task: str) -> type[nn.Module]:
     """The blip_fast model class for a ``convert --task`` name."""
     if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; choose one of {sorted(TASKS)}")
+        raise CheckpointError(f"unknown task {task!r}; choose one of {sorted(TASKS)}")
     from blip_fast.modeling import blip
 
     return getattr(blip, TASKS[task])
@@ -560,14 +639,38 @@ def task_class(task: str) -> type[nn.Module]:
 def convert_original(
     pth_path: str | os.PathLike,
     out_dir: str | os.PathLike,
-    task: str = "captioning",
+    task: str = "auto",
     config: BlipConfig | None = None,
     tokenizer: Any = None,
-) -> str:
-    """Convert an original Salesforce BLIP ``.pth`` to an HF-layout directory (``blip-fast convert``).
+    heads: tuple[int | None, int | None] = (None, None),
+) -> tuple[str, str]:
+    """Convert an original Salesforce BLIP ``.pth`` to an HF-layout directory (``blip-fast convert``); returns
+    ``(out_dir, task)``.
 
-    ``task`` picks which components are kept (captioning, retrieval, vqa); the rest of a pre-training checkpoint
-    and its training-only state are dropped with one log line. Returns ``out_dir``.
+    ``task`` "auto" writes the checkpoint's own task (:func:`detect_task`); a pre-training checkpoint holds every
+    task's parts and needs an explicit ``task`` (a key of :data:`TASKS`), whose unused parts and the training-only
+    state are dropped with one log line. A task-specific checkpoint converts to its own task only (and a retrieval
+    one also to NLVR2, whose twin cross-attention starts from its single one).
+    ``config``/``tokenizer``/``heads`` as in :func:`load_pretrained`. ``out_dir`` must be new or empty: files of an
+    earlier model (tokenizer, weights) would otherwise mix with this one.
     """
-    model = load_pretrained(task_class(task), pth_path, config=config, tokenizer=tokenizer)
-    return save_pretrained(model, out_dir)
+    pth_path, out_dir = os.fspath(pth_path), os.fspath(out_dir)
+    if os.path.isdir(out_dir) and os.listdir(out_dir):
+        raise CheckpointError(f"{out_dir} is not empty: convert writes a complete model folder, and files already "
+                              "there (an earlier tokenizer or weights) would mix with it; choose a new or empty folder")
+    if task != "auto":
+        task_class(task)
+    state = _rename_original(_read_file(pth_path))
+    found = detect_task(state)
+    if found == "pretrain" and task == "auto":
+        raise CheckpointError(f"{pth_path} is a pre-training checkpoint (text encoder, decoder and ITM head): choose the "
+                              f"model to write with --task ({', '.join(TASKS)})")
+    if found == "unknown":
+        raise CheckpointError(f"{pth_path} holds neither a text encoder nor a text decoder: not a BLIP checkpoint")
+    if task != "auto" and not starts_from(task, found):
+        raise CheckpointError(f"{pth_path} is a {found} checkpoint, not a {task} one: pass --task {found} "
+                              "(or leave --task at auto)")
+    task = found if task == "auto" else task
+    config = config or infer_config(state, pth_path, tokenizer, heads, guess_heads=False)
+    model = model_from_state_dict(task_class(task), state, config, source=pth_path, resize_pos_embed=True)
+    return save_pretrained(model, out_dir), task

@@ -1,39 +1,61 @@
-"""``blip-fast`` console entry: caption, capfilt, convert, demo, evaluate. ``main(argv)`` is callable from tests."""
+"""``blip-fast`` console entry: caption, capfilt, convert, demo, evaluate. ``main(argv)`` is callable from tests.
+
+Every argument is checked when it is parsed (ranges, paths, devices); mistakes found later (a model of the wrong
+kind, an output folder that would overwrite data) are :class:`~blip_fast.errors.UserError`s. Both end as one line
+``blip-fast: error: ...`` with exit status 2 (``--debug`` or ``BLIP_FAST_DEBUG=1`` adds the traceback).
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
+from blip_fast import errors
+from blip_fast.data.workers import default_workers
+
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+PROG = "blip-fast"
 
 
-def _device_and_dtype(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:
-    resolved = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+def _device_and_dtype(device: str, dtype: str, local_rank: int | None = None) -> tuple[torch.device, torch.dtype]:
+    resolved = errors.resolve_device(device, local_rank)
     if dtype == "auto":
         return resolved, torch.float16 if resolved.type == "cuda" else torch.float32
     return resolved, DTYPES[dtype]
 
 
+def _add_decoding_lengths(parser: argparse.ArgumentParser, prefix: str = "") -> None:
+    parser.add_argument("--max-length", type=errors.positive_int, default=20,
+                        help=f"{prefix}tokens incl. [DEC] and prompt (BLIP: 20)")
+    parser.add_argument("--min-length", type=errors.non_negative_int, default=5,
+                        help=f"{prefix}tokens incl. [DEC] and prompt (BLIP: 5)")
+
+
+def _add_device_arguments(parser: argparse.ArgumentParser, device_help: str = "auto: cuda when available") -> None:
+    parser.add_argument("--device", type=errors.device_spec, default="auto", help=device_help)
+    parser.add_argument("--dtype", choices=["auto", *DTYPES], default="auto", help="auto: fp16 on cuda, else fp32")
+
+
 def _add_caption_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("images", nargs="+", type=Path, help="image files")
-    parser.add_argument("--model", required=True, type=Path, help="HuggingFace-layout BLIP captioning directory")
+    parser.add_argument("--model", required=True, type=errors.existing_dir,
+                        help="HuggingFace-layout BLIP captioning directory")
     decoding = parser.add_mutually_exclusive_group()
-    decoding.add_argument("--beams", type=int, default=3, help="beam search width (BLIP: 3)")
+    decoding.add_argument("--beams", type=errors.positive_int, default=3, help="beam search width (BLIP: 3)")
     decoding.add_argument("--sample", action="store_true", help="nucleus sampling instead of beam search")
-    parser.add_argument("--top-p", type=float, default=0.9, help="nucleus mass with --sample (BLIP: 0.9)")
+    parser.add_argument("--top-p", type=errors.float_in(0, 1, low_open=True), default=0.9,
+                        help="nucleus mass with --sample (BLIP: 0.9)")
     parser.add_argument("--prompt", default="a picture of ", help="text the caption continues; stripped from output")
-    parser.add_argument("--max-length", type=int, default=20, help="tokens incl. [DEC] and prompt (BLIP: 20)")
-    parser.add_argument("--min-length", type=int, default=5, help="tokens incl. [DEC] and prompt (BLIP: 5)")
-    parser.add_argument("--batch-size", type=int, default=16)
+    _add_decoding_lengths(parser)
+    parser.add_argument("--batch-size", type=errors.positive_int, default=16, help="images per forward")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--dtype", choices=["auto", *DTYPES], default="auto")
+    _add_device_arguments(parser)
 
 
 def _caption(args: argparse.Namespace) -> int:
@@ -42,6 +64,7 @@ def _caption(args: argparse.Namespace) -> int:
     device, dtype = _device_and_dtype(args.device, args.dtype)
     captioner = Captioner.from_pretrained(args.model, device=device, dtype=dtype, prompt=args.prompt)
     decoding = dict(max_length=args.max_length, min_length=args.min_length)
+    captioner.check_lengths(**decoding)
     if args.sample:
         decoding.update(do_sample=True, top_p=args.top_p, repetition_penalty=1.1)
     else:
@@ -55,7 +78,51 @@ def _caption(args: argparse.Namespace) -> int:
             print(f"error: {error}", file=sys.stderr, flush=True)
     if failures:
         print(f"{failures} of {len(args.images)} images could not be captioned", file=sys.stderr)
-    return 1 if failures else 0
+    return errors.EXIT_FAILED if failures else 0
+
+
+def _add_convert_arguments(parser: argparse.ArgumentParser) -> None:
+    from blip_fast.checkpoint import TASKS
+
+    parser.add_argument("checkpoint", type=errors.existing_file, help="original Salesforce BLIP .pth")
+    parser.add_argument("out_dir", type=errors.output_dir, help="new (or empty) output folder")
+    parser.add_argument("--task", choices=["auto", *TASKS], default="auto",
+                        help="the model to write; auto: the checkpoint's own task, detected from its keys")
+    parser.add_argument("--tokenizer", type=errors.existing_dir,
+                        help="directory with bert-base-uncased tokenizer files to include")
+    parser.add_argument("--config", type=Path,
+                        help="the model's sizes and heads: an HF config.json (or its directory), or the original "
+                             "med_config.json (text; the ViT's heads then come from --heads or its width)")
+    parser.add_argument("--heads", type=errors.positive_int, nargs="+", metavar="N",
+                        help="attention heads (one value for both, or vision then text) when they cannot be told "
+                             "from the weights: only BLIP's 768/1024 widths can")
+
+
+def _convert_sizes(config_path: Path | None, heads: list[int] | None):
+    """``--config`` and ``--heads`` as (BlipConfig or None, (vision heads, text heads)): an HF config.json (or its
+    folder) fixes everything; the original med_config.json (a BERT config) gives the text's heads."""
+    from blip_fast.config import BlipConfig
+
+    if heads is not None and len(heads) > 2:
+        raise errors.UserError(f"--heads takes one value (both models) or two (vision, text), got {len(heads)}")
+    vision_heads, text_heads = (None, None) if heads is None else (heads[0], heads[-1])
+    if config_path is None:
+        return None, (vision_heads, text_heads)
+    if not config_path.exists():
+        raise errors.MissingFileError(f"--config {config_path}: no such file or folder")
+    if config_path.is_file():
+        try:
+            values = json.loads(config_path.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as error:
+            raise errors.InvalidInputError(f"--config {config_path} is not valid JSON: {error}") from None
+        if isinstance(values, dict) and values.get("model_type") == "bert":  # the original med_config.json
+            if heads is not None and len(heads) == 2 and heads[1] != values["num_attention_heads"]:
+                raise errors.UserError(f"--heads gives the text {heads[1]} heads, {config_path} "
+                                       f"{values['num_attention_heads']}")
+            return None, (vision_heads, values["num_attention_heads"])
+    if heads is not None:
+        raise errors.UserError("--heads and an HF config.json exclude each other: the config holds the heads")
+    return BlipConfig.from_hf(config_path).replace(hf_compat=False), (None, None)
 
 
 def _convert(args: argparse.Namespace) -> int:
@@ -65,8 +132,9 @@ def _convert(args: argparse.Namespace) -> int:
     from blip_fast.tokenizer import BlipTokenizer
 
     tokenizer = None if args.tokenizer is None else BlipTokenizer.from_pretrained(args.tokenizer)
-    config = None if args.config is None else BlipConfig.from_hf(args.config).replace(hf_compat=False)
-    out_dir = convert_original(args.checkpoint, args.out_dir, task=args.task, config=config, tokenizer=tokenizer)
+    config, heads = _convert_sizes(args.config, args.heads)
+    out_dir, task = convert_original(args.checkpoint, args.out_dir, task=args.task, config=config,
+                                     tokenizer=tokenizer, heads=heads)
     image_size = BlipConfig.from_hf(out_dir).vision.image_size
     BlipImageProcessor(size=image_size).save_pretrained(out_dir)
     if tokenizer is not None:
@@ -74,7 +142,7 @@ def _convert(args: argparse.Namespace) -> int:
     else:
         print("note: no --tokenizer given; copy bert-base-uncased tokenizer files into the output to caption",
               file=sys.stderr)
-    print(out_dir)
+    print(f"{task} model written to {out_dir}")
     return 0
 
 
@@ -86,36 +154,40 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _add_capfilt_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--captioner", required=True, type=Path, help="HuggingFace-layout BLIP captioning directory")
-    parser.add_argument("--filter", required=True, type=Path, help="HuggingFace-layout BLIP retrieval (ITM) directory")
+    parser.add_argument("--captioner", required=True, type=errors.existing_dir,
+                        help="HuggingFace-layout BLIP captioning directory")
+    parser.add_argument("--filter", required=True, type=errors.existing_dir,
+                        help="HuggingFace-layout BLIP retrieval (ITM) directory")
     parser.add_argument("--input", required=True, help="folder or brace/glob pattern of .tar shards, or BLIP .json")
-    parser.add_argument("--image-root", type=Path, help="folder the json's image paths are relative to")
-    parser.add_argument("--output", required=True, type=Path, help="output folder (rerun the same command to resume)")
-    parser.add_argument("--num-captions", type=int, default=1, help="synthetic captions per image (BLIP: 1)")
-    parser.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass (BLIP: 0.9)")
-    parser.add_argument("--max-length", type=int, default=20, help="tokens incl. [DEC] and prompt (BLIP: 20)")
-    parser.add_argument("--min-length", type=int, default=5, help="tokens incl. [DEC] and prompt (BLIP: 5)")
+    parser.add_argument("--image-root", type=errors.existing_dir, help="folder the json's image paths are relative to")
+    parser.add_argument("--output", required=True, type=errors.output_dir,
+                        help="output folder: new, empty, or an earlier run's (rerun the same command to resume)")
+    parser.add_argument("--num-captions", type=errors.positive_int, default=1, help="synthetic captions per image (BLIP: 1)")
+    parser.add_argument("--top-p", type=errors.float_in(0, 1, low_open=True), default=0.9,
+                        help="nucleus sampling mass (BLIP: 0.9)")
+    _add_decoding_lengths(parser)
     parser.add_argument("--prompt", default="a picture of ", help="text the captions continue; stripped from output")
-    parser.add_argument("--threshold", type=float, help="keep when p(match) > this (default: ITM argmax)")
-    parser.add_argument("--batch-size", type=int, default=32, help="images per batch (part of the sampling stream)")
-    parser.add_argument("--workers", type=int, default=4, help="DataLoader processes decoding images")
-    parser.add_argument("--images-per-part", type=int, default=1000, help="json input: images per work unit")
+    parser.add_argument("--threshold", type=errors.float_in(0, 1, high_open=True),
+                        help="keep when p(match) > this (default: ITM argmax)")
+    parser.add_argument("--batch-size", type=errors.positive_int, default=32,
+                        help="images per batch (part of the sampling stream)")
+    parser.add_argument("--workers", type=errors.non_negative_int, default=default_workers(),
+                        help="DataLoader processes decoding images (default: up to 4, at most the usable CPUs)")
+    parser.add_argument("--images-per-part", type=errors.positive_int, default=1000,
+                        help="json input: images per work unit")
+    parser.add_argument("--max-error-rate", type=errors.float_in(0, 1), default=0.05,
+                        help="exit with status 1 when more than this fraction of the input records is unusable")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed")
-    parser.add_argument("--device", default="auto", help="auto: cuda:LOCAL_RANK when CUDA is available")
-    parser.add_argument("--dtype", choices=["auto", *DTYPES], default="auto")
+    _add_device_arguments(parser, "auto: cuda:LOCAL_RANK when CUDA is available")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # the deepspeed launcher's
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def _capfilt(args: argparse.Namespace) -> int:
-    import os
-
     from blip_fast.capfilt import CapFiltOptions, run_capfilt
 
-    device, dtype = _device_and_dtype(args.device, args.dtype)
-    if device.type == "cuda" and device.index is None:
-        local_rank = args.local_rank if args.local_rank is not None else int(os.environ.get("LOCAL_RANK", 0))
-        device = torch.device("cuda", local_rank)
+    local_rank = args.local_rank if args.local_rank is not None else int(os.environ.get("LOCAL_RANK", 0))
+    device, dtype = _device_and_dtype(args.device, args.dtype, local_rank)
     options = CapFiltOptions(
         captioner=args.captioner, filter=args.filter, input=args.input, output=args.output,
         image_root=args.image_root, num_captions=args.num_captions, top_p=args.top_p, max_length=args.max_length,
@@ -125,92 +197,98 @@ def _capfilt(args: argparse.Namespace) -> int:
     )
     summary = run_capfilt(options)
     print(json.dumps({key: value for key, value in summary.items() if key != "config"}, sort_keys=True))
+    if summary.get("merged") and summary["error_rate"] > args.max_error_rate:
+        errors.report(PROG, errors.UserError(
+            f"{summary['unusable']} of {summary['records']} input records ({summary['error_rate']:.1%}) could not be "
+            f"used, more than --max-error-rate {args.max_error_rate:g}: see {Path(args.output) / 'errors.jsonl'}"))
+        return errors.EXIT_FAILED
     return 0
 
 
 def _add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--task", choices=["retrieval", "caption"], required=True)
-    parser.add_argument("--model", required=True, type=Path, help="HuggingFace-layout BLIP directory of that task")
-    parser.add_argument("--annotations", required=True, type=Path, help='test json: [{"image", "caption"}, ...]')
-    parser.add_argument("--image-root", required=True, type=Path, help="directory the json's image paths are under")
-    parser.add_argument("--k-test", type=int, default=256, help="retrieval: ITC candidates reranked by ITM (BLIP: 256)")
-    parser.add_argument("--batch-size", type=int, default=64, help="images (and retrieval texts) per forward")
-    parser.add_argument("--itm-batch-size", type=int, default=128, help="retrieval: image-text pairs per ITM forward")
-    parser.add_argument("--beams", type=int, default=3, help="caption: beam search width (BLIP: 3)")
-    parser.add_argument("--max-length", type=int, default=20, help="caption: tokens incl. [DEC] and prompt (BLIP: 20)")
-    parser.add_argument("--min-length", type=int, default=5, help="caption: tokens incl. [DEC] and prompt (BLIP: 5)")
+    parser.add_argument("--task", choices=["retrieval", "caption"], required=True, help="what to evaluate")
+    parser.add_argument("--model", required=True, type=errors.existing_dir,
+                        help="HuggingFace-layout BLIP directory of that task")
+    parser.add_argument("--annotations", required=True, type=errors.existing_file,
+                        help='test json: [{"image", "caption"}, ...]')
+    parser.add_argument("--image-root", required=True, type=errors.existing_dir,
+                        help="directory the json's image paths are under")
+    parser.add_argument("--k-test", type=errors.positive_int, default=256,
+                        help="retrieval: ITC candidates reranked by ITM (BLIP: 256)")
+    parser.add_argument("--batch-size", type=errors.positive_int, default=64,
+                        help="images (and retrieval texts) per forward")
+    parser.add_argument("--itm-batch-size", type=errors.positive_int, default=128,
+                        help="retrieval: image-text pairs per ITM forward")
+    parser.add_argument("--beams", type=errors.positive_int, default=3, help="caption: beam search width (BLIP: 3)")
+    _add_decoding_lengths(parser, "caption: ")
     parser.add_argument("--prompt", default="a picture of ", help="caption: text the caption continues")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--dtype", choices=["auto", *DTYPES], default="auto")
-    parser.add_argument("--out", type=Path, help="write the metrics (and captions) as JSON here")
+    _add_device_arguments(parser)
+    parser.add_argument("--out", type=errors.output_file, help="write the metrics (and captions) as JSON here")
 
 
 def _evaluate(args: argparse.Namespace) -> int:
     from blip_fast import evaluate
-    from blip_fast.data.transforms import ImageLoadError
 
+    if args.out is not None:  # before the evaluation: a folder that cannot be made must not lose its results
+        args.out.parent.mkdir(parents=True, exist_ok=True)
     device, dtype = _device_and_dtype(args.device, args.dtype)
     inputs = dict(model_dir=args.model, annotations=args.annotations, image_root=args.image_root, device=device,
                   dtype=dtype)
-    try:
-        if args.task == "retrieval":
-            report = evaluate.run_retrieval_evaluation(
-                **inputs, k_test=args.k_test, batch_size=args.batch_size, itm_batch_size=args.itm_batch_size
-            )
-        else:
-            report = evaluate.run_caption_evaluation(
-                **inputs, batch_size=args.batch_size, prompt=args.prompt, num_beams=args.beams,
-                max_length=args.max_length, min_length=args.min_length,
-            )
-    except (evaluate.EvaluationInputError, ImageLoadError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    print(evaluate.format_table(report["metrics"]))
+    if args.task == "retrieval":
+        report = evaluate.run_retrieval_evaluation(
+            **inputs, k_test=args.k_test, batch_size=args.batch_size, itm_batch_size=args.itm_batch_size
+        )
+    else:
+        report = evaluate.run_caption_evaluation(
+            **inputs, batch_size=args.batch_size, prompt=args.prompt, num_beams=args.beams,
+            max_length=args.max_length, min_length=args.min_length,
+        )
     if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=2, default=str) + "\n", encoding="utf-8")
+        from blip_fast.checkpoint import atomic_write_text
+
+        atomic_write_text(args.out, json.dumps(report, indent=2, default=str) + "\n")
+    print(evaluate.format_table(report["metrics"]))
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="blip-fast", description="Fast, faithful BLIP.")
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser = errors.ArgumentParser(prog=PROG, description="Fast, faithful BLIP.")
+    errors.add_debug_flag(parser)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    caption = commands.add_parser("caption", help="caption images, one line per image")
-    _add_caption_arguments(caption)
-    caption.set_defaults(run=_caption)
+    def command(name: str, help_text: str, add_arguments, run) -> None:
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        add_arguments(sub)
+        errors.add_debug_flag(sub)
+        sub.set_defaults(run=run)
 
-    convert = commands.add_parser("convert", help="original Salesforce BLIP .pth -> HuggingFace-layout directory")
-    convert.add_argument("checkpoint", type=Path)
-    convert.add_argument("out_dir", type=Path)
-    convert.add_argument("--task", choices=["captioning", "retrieval", "vqa"], default="captioning")
-    convert.add_argument("--tokenizer", type=Path, help="directory with bert-base-uncased tokenizer files to include")
-    convert.add_argument(
-        "--config", type=Path, help="config.json to use instead of inferring sizes (needed when heads are not 64-d)"
-    )
-    convert.set_defaults(run=_convert)
-
-    demo = commands.add_parser(
-        "demo", help="BLIP's bootstrapping loop on built-in synthetic noisy data: pre-train, CapFilt, pre-train again"
-    )
-    demo.add_argument("--out-dir", type=Path, default=Path("blip_fast_demo"), help="rerun the same command to resume")
-    demo.add_argument("--scale", choices=["full", "small"], default="full",
-                      help="full: about 10 minutes on a 2-core CPU; small: the CI-sized run")
-    demo.set_defaults(run=_demo)
-
-    capfilt = commands.add_parser("capfilt", help="caption and filter an image-text dataset (BLIP's CapFilt)")
-    _add_capfilt_arguments(capfilt)
-    capfilt.set_defaults(run=_capfilt)
-
-    evaluate = commands.add_parser("evaluate", help="retrieval recall@K or caption BLEU-4/CIDEr on a test json")
-    _add_evaluate_arguments(evaluate)
-    evaluate.set_defaults(run=_evaluate)
+    command("caption", "caption images, one line per image", _add_caption_arguments, _caption)
+    command("convert", "original Salesforce BLIP .pth -> HuggingFace-layout directory", _add_convert_arguments,
+            _convert)
+    command("demo", "BLIP's bootstrapping loop on built-in synthetic noisy data: pre-train, CapFilt, pre-train again",
+            _add_demo_arguments, _demo)
+    command("capfilt", "caption and filter an image-text dataset (BLIP's CapFilt)", _add_capfilt_arguments, _capfilt)
+    command("evaluate", "retrieval recall@K or caption BLEU-4/CIDEr on a test json", _add_evaluate_arguments,
+            _evaluate)
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def _add_demo_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out-dir", type=errors.output_dir, default=Path("blip_fast_demo"),
+                        help="rerun the same command to resume")
+    parser.add_argument("--scale", choices=["full", "small"], default="full",
+                        help="full: about 8 minutes on a 2-core CPU; small: the CI-sized run")
+
+
+def _run(argv: Sequence[str]) -> int:
     args = build_parser().parse_args(argv)
     return args.run(args)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; user errors are one line on stderr and exit status 2."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    return errors.run_main(_run, argv, PROG)
 
 
 if __name__ == "__main__":

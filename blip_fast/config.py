@@ -13,6 +13,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from blip_fast.errors import InvalidInputError, MissingFileError
+
 #: Activations the models know by name (HuggingFace spellings).
 SUPPORTED_ACTIVATIONS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "relu", "quick_gelu")
 
@@ -222,9 +224,9 @@ def _read_config_json(path: str | os.PathLike) -> dict[str, Any]:
         with open(path, encoding="utf-8") as handle:
             return json.load(handle)
     except FileNotFoundError:
-        raise FileNotFoundError(f"no config.json at {path}") from None
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path} is not valid JSON: {error}") from None
+        raise MissingFileError(f"no config.json at {path}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise InvalidInputError(f"{path} is not valid JSON: {error}") from None
 
 
 def _check_heads(where: str, hidden_size: int, num_heads: int) -> None:

@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 from blip_fast.captioning import Captioner
 from blip_fast.data.transforms import BlipImageProcessor, load_image
 from blip_fast.distributed import world_size
+from blip_fast.errors import InvalidInputError
 from blip_fast.modeling.blip import BlipForImageTextRetrieval
 from blip_fast.tokenizer import BlipTokenizer, pre_caption
 
@@ -48,7 +49,7 @@ RECALL_KS = (1, 5, 10)
 ImageSource = PIL.Image.Image | str | os.PathLike
 
 
-class EvaluationInputError(ValueError):
+class EvaluationInputError(InvalidInputError):
     """An annotation file or one of its images cannot be evaluated; the message names the file and record."""
 
 

@@ -21,6 +21,8 @@ import torch
 from tokenizers import AddedToken, Tokenizer, decoders, normalizers, pre_tokenizers, processors, trainers
 from tokenizers.models import WordPiece
 
+from blip_fast.errors import MissingFileError
+
 PAD_TOKEN, UNK_TOKEN, CLS_TOKEN, SEP_TOKEN, MASK_TOKEN = "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"
 DEC_TOKEN, ENC_TOKEN = "[DEC]", "[ENC]"
 #: BERT's special tokens in BERT's id order; a trained vocab gives them ids 0..4.
@@ -39,7 +41,7 @@ Truncation = bool | Literal["longest_first", "only_first", "do_not_truncate"] | 
 UNLIMITED_LENGTH = int(1e20)
 
 
-class TokenizerNotFoundError(FileNotFoundError):
+class TokenizerNotFoundError(MissingFileError):
     """A checkpoint directory holds neither `tokenizer.json` nor `vocab.txt`."""
 
 

@@ -42,6 +42,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from blip_fast import errors
+from blip_fast.data.workers import die_with_parent
 from blip_fast.training import checkpointing, options, tasks
 from blip_fast.training.schedule import alpha_ramp, learning_rate
 
@@ -148,8 +150,8 @@ def build_model_config(args: argparse.Namespace, tokenizer, source: tasks.InitSo
                                  drop_path_rate=args.drop_path_rate)
     config = config.replace(vision=vision)
     if args.max_text_length > config.text.max_position_embeddings:
-        raise ValueError(f"max_text_length {args.max_text_length} exceeds the text model's "
-                         f"{config.text.max_position_embeddings} positions")
+        raise options.ConfigError(f"max_text_length {args.max_text_length} exceeds the text model's "
+                                  f"{config.text.max_position_embeddings} positions")
     return config
 
 
@@ -213,8 +215,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     output_dir = Path(args.output_dir)
     tag = checkpointing.latest_tag(output_dir)
     if tag is not None and not args.resume:
-        raise FileExistsError(f"{output_dir} already holds checkpoint {tag}: pass --resume to continue it, "
-                              "or choose another output_dir")
+        raise options.ConfigError(f"{output_dir} already holds checkpoint {tag}: pass --resume to continue it, "
+                                  "or choose another output_dir")
     if rank == 0:
         options.write_resolved(args, ds_config, output_dir)
 
@@ -237,13 +239,13 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     micro_batch, accumulation = engine.train_micro_batch_size_per_gpu(), engine.gradient_accumulation_steps()
     global_batch = micro_batch * world_size
     if task.alpha_ramp_epochs is not None and args.queue_size % global_batch:
-        raise ValueError(f"queue_size {args.queue_size} is not a multiple of the global micro batch {global_batch} "
-                         f"({micro_batch} per rank x {world_size} ranks)")
+        raise options.ConfigError(f"queue_size {args.queue_size} is not a multiple of the global micro batch {global_batch} "
+                                  f"({micro_batch} per rank x {world_size} ranks)")
     sampler = ResumableSampler(len(dataset), micro_batch, world_size, rank, seed=args.seed, shuffle=True,
                                drop_last=True)
     steps_per_epoch = len(sampler) // accumulation
     if steps_per_epoch == 0:
-        raise ValueError(f"{len(dataset)} samples give no optimizer step of {global_batch * accumulation} samples")
+        raise options.ConfigError(f"{len(dataset)} samples give no optimizer step of {global_batch * accumulation} samples")
     total_steps = args.epochs * steps_per_epoch
     if args.max_steps is not None:
         total_steps = min(total_steps, args.max_steps)
@@ -255,8 +257,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         state, rng_restored = checkpointing.load_checkpoint(engine, output_dir, tag)
         if (state["micro_batch_size"] * state["world_size"], state["gradient_accumulation_steps"],
                 state["steps_per_epoch"]) != (global_batch, accumulation, steps_per_epoch):
-            raise ValueError(f"cannot resume {output_dir}/{tag} exactly: it ran with {state}, this run has "
-                             f"{geometry} (global micro batch, accumulation and dataset size must match)")
+            raise options.ConfigError(f"cannot resume {output_dir}/{tag} exactly: it ran with {state}, this run has "
+                                      f"{geometry} (global micro batch, accumulation and dataset size must match)")
         step = state["global_step"]
         if rank == 0:
             _truncate_metrics(output_dir / METRICS_FILE, step)
@@ -284,6 +286,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         loader = torch.utils.data.DataLoader(
             dataset, batch_sampler=sampler, collate_fn=collator, num_workers=args.num_workers,
             pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(args.seed * 1009 + epoch),
+            worker_init_fn=die_with_parent if args.num_workers else None,
         )
         batches = iter(loader)
         for step_in_epoch in range(first, steps_per_epoch):
@@ -387,7 +390,7 @@ def _log_record(record: dict[str, Any], loss_names: tuple[str, ...], progress, m
 
 # ---------------------------------------------------------------------------------------------------- export
 def export_main(argv: list[str]) -> list[str]:
-    parser = argparse.ArgumentParser(prog="python -m blip_fast.train export",
+    parser = errors.ArgumentParser(prog="python -m blip_fast.train export",
                                      description="Export a training checkpoint as HuggingFace-layout task models.")
     parser.add_argument("--checkpoint", required=True, help="output_dir (uses `latest`) or a global_stepN dir")
     parser.add_argument("--tag", default=None, help="checkpoint tag inside --checkpoint (default: latest)")
@@ -395,6 +398,7 @@ def export_main(argv: list[str]) -> list[str]:
     parser.add_argument("--task", nargs="+", default=None, choices=options.EXPORT_TASKS,
                         help="task models to write (default: the run's first: captioning after pre-training, the "
                              "fine-tuned task's model after fine-tuning)")
+    errors.add_debug_flag(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     output_dir, tag = checkpointing.resolve_checkpoint(args.checkpoint, args.tag)
@@ -409,8 +413,7 @@ def export_main(argv: list[str]) -> list[str]:
     return written
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+def _main(argv: list[str]) -> int:
     if argv and argv[0] == "export":
         export_main(argv[1:])
         return 0
@@ -418,9 +421,19 @@ def main(argv: list[str] | None = None) -> int:
     summary = train(args)
     if os.environ.get("RANK", "0") == "0":
         print(json.dumps({"summary": summary}), flush=True)
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Train (or export); user errors are one line on stderr and exit status 2. Under a launcher only each node's
+    first rank prints them (every rank reads the same options), so the launcher shows the line once per node, with
+    no ``[rankN]:`` tracebacks."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        return errors.run_main(_main, argv, "blip_fast.train", quiet=os.environ.get("LOCAL_RANK", "0") != "0")
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

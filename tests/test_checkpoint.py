@@ -178,6 +178,12 @@ def test_hf_dir_position_mismatch_is_an_error(tmp_path):
 
 def test_task_components_missing_from_the_dir_are_errors(tmp_path):
     hf_dir(tmp_path, "BlipForConditionalGeneration", "safetensors")
+    with pytest.raises(CheckpointError, match="is a captioning model .config.json names BlipForConditionalGeneration., "
+                                              "not a vqa model"):
+        load_pretrained(blip.BlipForQuestionAnswering, tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    del config["architectures"]  # nothing names the task: the missing keys do
+    (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError) as error:
         load_pretrained(blip.BlipForQuestionAnswering, tmp_path)
     assert "missing: text_encoder.embeddings.word_embeddings.weight" in str(error.value)
@@ -245,17 +251,21 @@ def test_original_pth_loads_and_drops_training_state(tmp_path, caplog, task, wra
 
 
 def test_original_pth_infers_config(tmp_path):
+    """Sizes come from the shapes; heads only from BLIP's known widths or the caller: 64 wide is refused, not
+    guessed as one 64-d head."""
     config = BlipConfig(
-        vision=VisionConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=1,
+        vision=VisionConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=2,
                             image_size=48, patch_size=8),
         text=TextConfig(vocab_size=110, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                        num_attention_heads=1, max_position_embeddings=24, bos_token_id=108, enc_token_id=109),
+                        num_attention_heads=4, max_position_embeddings=24, bos_token_id=108, enc_token_id=109),
         image_text_hidden_size=24,
     )
     source = randomize(blip.BlipForImageTextRetrieval(config), seed=4)
     state = {to_original_key(k): v for k, v in source.state_dict().items()}
     torch.save({"model": state}, tmp_path / "model.pth")
-    model = load_pretrained(blip.BlipForImageTextRetrieval, tmp_path / "model.pth")
+    with pytest.raises(CheckpointError, match="vision transformer is 64 wide; its number of attention heads"):
+        load_pretrained(blip.BlipForImageTextRetrieval, tmp_path / "model.pth")
+    model = load_pretrained(blip.BlipForImageTextRetrieval, tmp_path / "model.pth", heads=(2, 4))
     assert model.config == config
     assert_state_equal(model.state_dict(), source.state_dict())
 
@@ -282,7 +292,8 @@ def test_original_pos_embed_is_resized_bicubically(tmp_path, caplog):
 def test_convert_original(tmp_path, task):
     state = pretraining_state(seed=7)
     path = original_file(tmp_path / "model_base.pth", state)
-    out = convert_original(path, tmp_path / "hf", task=task, config=TINY)
+    out, written = convert_original(path, tmp_path / "hf", task=task, config=TINY)
+    assert written == task
     hf = getattr(transformers, TASK_NAMES[task]).from_pretrained(out)
     assert_state_equal(hf.state_dict(), expected_for(TASK_NAMES[task], state))
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["architectures"] == [TASK_NAMES[task]]

@@ -318,6 +318,6 @@ def test_cli_bad_input_names_the_file(cli_setup, tmp_path, capsys, task, problem
     annotations = tmp_path / "test.json"
     annotations.write_text(json.dumps(records))
     model = paths["retrieval_model" if task == "retrieval" else "caption_model"]
-    assert main(_evaluate_args(task, model, annotations, paths["root"], "--max-length", "6")) == 1
+    assert main(_evaluate_args(task, model, annotations, paths["root"], "--max-length", "6")) == 2
     error = capsys.readouterr().err
     assert (f"{annotations}[2]" if problem == "bad_record" else str(bad)) in error

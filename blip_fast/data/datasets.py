@@ -272,7 +272,9 @@ class WebDatasetShards(_MapDataset):
     """img2dataset-layout tar shards as a map-style dataset (see the module docstring for the indexing design).
 
     Per key: the image is the first of `key.jpg`, `.jpeg`, `.png`, `.webp`; the caption is `key.txt`, else the
-    "caption" field of `key.json`. `image_id` = the sample's position in the index (one image per sample).
+    "caption" field of `key.json`; a `key.json` with a "captions" list (CapFilt's output: every kept caption, web
+    and synthetic) gives one sample per listed caption, as BLIP trains on both. `image_id` = the image's position
+    in the index (shared by the samples of one image).
     `urls` is a shard list, a brace pattern and/or a glob (`expand_urls`); no shard at all is an error.
     """
 
@@ -288,10 +290,9 @@ class WebDatasetShards(_MapDataset):
         self.shards = expand_urls(urls)
         if not self.shards:
             raise FileNotFoundError(f"no webdataset shards match {urls!r}")
-        # One row per sample: shard number, image byte offset and size, key, caption.
-        self._shard_ids: list[int] = []
-        self._offsets: list[int] = []
-        self._sizes: list[int] = []
+        # One row per image: (shard number, byte offset, size); one row per sample: image id, key, caption.
+        self._image_offsets: list[tuple[int, int, int]] = []
+        self._image_ids: list[int] = []
         self.keys: list[str] = []
         self.captions: list[str] = []
         for shard_id, shard in enumerate(self.shards):
@@ -330,42 +331,53 @@ class WebDatasetShards(_MapDataset):
         if image is None:
             self._skip("truncated_sample" if cut else "missing_image", where, f"members: {sorted(parts)}")
             return
-        caption = None
-        if "txt" in parts:
-            caption = read_member(handle, *parts["txt"]).decode("utf-8", errors="replace")
-        elif "json" in parts:
+        metadata: Any = None
+        if "json" in parts:
             try:
-                caption = json.loads(read_member(handle, *parts["json"])).get("caption")
-            except (ValueError, AttributeError) as error:
-                self._skip("bad_record", where, f"unreadable {key}.json ({error})")
-                return
-            if caption is not None and not isinstance(caption, str):
-                self._skip("bad_record", where, f"caption is {type(caption).__name__}, not text")
-                return
-        caption = pre_caption(caption or "", self.max_words)
-        if not caption:
+                metadata = json.loads(read_member(handle, *parts["json"]))
+            except ValueError as error:
+                if "txt" not in parts:
+                    self._skip("bad_record", where, f"unreadable {key}.json ({error})")
+                    return
+        kept = metadata.get("captions") if isinstance(metadata, dict) else None
+        if isinstance(kept, list) and kept and all(isinstance(entry, dict) for entry in kept):
+            captions = [entry.get("caption") for entry in kept]  # CapFilt output: every kept caption
+        elif "txt" in parts:
+            captions = [read_member(handle, *parts["txt"]).decode("utf-8", errors="replace")]
+        elif metadata is not None and not isinstance(metadata, dict):
+            self._skip("bad_record", where, f"{key}.json holds a {type(metadata).__name__}, not an object")
+            return
+        else:
+            captions = [None if metadata is None else metadata.get("caption")]
+        if any(caption is not None and not isinstance(caption, str) for caption in captions):
+            self._skip("bad_record", where, "a caption is not text")
+            return
+        cleaned = [pre_caption(caption or "", self.max_words) for caption in captions]
+        if not any(cleaned):
             self._skip("truncated_sample" if cut and "txt" not in parts and "json" not in parts else "empty_caption",
                        where)
             return
-        self._shard_ids.append(shard_id)
-        self._offsets.append(image[0])
-        self._sizes.append(image[1])
-        self.keys.append(key)
-        self.captions.append(caption)
+        image_id = len(self._image_offsets)
+        self._image_offsets.append((shard_id, *image))
+        for caption in filter(None, cleaned):
+            self._image_ids.append(image_id)
+            self.keys.append(key)
+            self.captions.append(caption)
 
     def _load(self, index: int) -> tuple[PIL.Image.Image, str, int]:
-        shard = self.shards[self._shard_ids[index]]
+        image_id = self._image_ids[index]
+        shard_id, offset, size = self._image_offsets[image_id]
         try:
-            with open(shard, "rb") as handle:
-                data = read_member(handle, self._offsets[index], self._sizes[index])
+            with open(self.shards[shard_id], "rb") as handle:
+                data = read_member(handle, offset, size)
         except OSError as error:
             raise ImageLoadError(f"cannot read {self._name(index)}: {error}") from error
-        if len(data) != self._sizes[index]:
+        if len(data) != size:
             raise ImageLoadError(f"cannot load image {self._name(index)!r}: shard ends inside it (changed on disk?)")
-        return load_image_bytes(data, self._name(index)), self.captions[index], index
+        return load_image_bytes(data, self._name(index)), self.captions[index], image_id
 
     def _name(self, index: int) -> str:
-        return f"{self.shards[self._shard_ids[index]]}:{self.keys[index]}"
+        return f"{self.shards[self._image_offsets[self._image_ids[index]][0]]}:{self.keys[index]}"
 
 
 def split_member_name(name: str) -> tuple[str, str] | None:

@@ -28,6 +28,7 @@ import numpy as np
 import PIL.Image
 import torch
 
+from blip_fast.errors import InvalidInputError
 from blip_fast.tokenizer import BatchFeature
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -41,7 +42,7 @@ _CONFIG_KEYS = (
 ImageInput = PIL.Image.Image | np.ndarray | torch.Tensor
 
 
-class ImageLoadError(ValueError):
+class ImageLoadError(InvalidInputError):
     """An image file could not be opened or fully decoded; the message names the path and the reason."""
 
 

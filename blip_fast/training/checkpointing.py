@@ -120,11 +120,31 @@ def _remove_old_checkpoints(output_dir: Path, keep: int, current: str) -> None:
             shutil.rmtree(output_dir / name, ignore_errors=True)
 
 
+_ZERO_PARTITION = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_\d+_optim_states\.pt$")
+
+
+def check_world_size(output_dir: str | os.PathLike, tag: str, world_size: int) -> None:
+    """Refuse, before DeepSpeed tries, to resume ZeRO optimizer partitions written by another number of ranks
+    (DeepSpeed cannot repartition them; without ZeRO a resume on another world size only reseeds the RNG)."""
+    tag_dir = Path(output_dir) / tag
+    saved = {int(match.group(1)) for path in tag_dir.iterdir() if (match := _ZERO_PARTITION.match(path.name))} \
+        if tag_dir.is_dir() else set()
+    if saved and len(saved) != world_size:
+        from blip_fast.training.options import ConfigError
+
+        raise ConfigError(
+            f"{tag_dir} holds ZeRO optimizer partitions of {len(saved)} ranks, and this run has {world_size}: resume "
+            f"with the launcher and rank count that wrote it (e.g. the same `deepspeed --num_gpus {len(saved)} ...` "
+            "command plus --resume); DeepSpeed cannot load ZeRO partitions into another world size"
+        )
+
+
 def load_checkpoint(engine, output_dir: str | os.PathLike, tag: str) -> tuple[dict[str, Any], bool]:
     """Load ``tag`` into ``engine`` and this rank's RNG streams. Returns the training client state and whether the
     RNG streams were restored (not when the checkpoint was written by another number of ranks)."""
     import deepspeed.comm as dist
 
+    check_world_size(output_dir, tag, dist.get_world_size())
     load_path, client_state = engine.load_checkpoint(
         str(output_dir), tag=tag, load_module_strict=True, load_optimizer_states=True, load_lr_scheduler_states=False
     )

@@ -21,6 +21,8 @@ from typing import Any
 import yaml
 
 from blip_fast.checkpoint import atomic_write_text
+from blip_fast.data.workers import default_workers
+from blip_fast.errors import ArgumentParser, InvalidInputError, MissingFileError, add_debug_flag
 
 #: The keys of :data:`blip_fast.training.tasks.TASKS` (kept here so that parsing imports no model code).
 TRAINING_TASKS = ("pretrain", "retrieval", "captioning")
@@ -31,7 +33,11 @@ EXPORT_TASKS = ("captioning", "retrieval", "vqa")
 #: Written next to the outputs: the resolved options, the ds_config actually used, and the model config.
 RESOLVED_CONFIG_FILE, RESOLVED_DS_CONFIG_FILE = "config.yaml", "ds_config.json"
 #: Options that describe how a process was started, not the run: never written to the resolved config.
-_LAUNCH_ONLY = frozenset({"config", "local_rank", "deepspeed", "deepscale", "deepscale_config", "resume"})
+_LAUNCH_ONLY = frozenset({"config", "local_rank", "deepspeed", "deepscale", "deepscale_config", "resume", "debug"})
+
+
+class ConfigError(InvalidInputError):
+    """A training option, YAML file or ds_config that cannot be used; the message names the option or file."""
 
 
 def _add_options(parser: argparse.ArgumentParser) -> None:
@@ -89,7 +95,8 @@ def _add_options(parser: argparse.ArgumentParser) -> None:
                       help="RandomResizedCrop area range (BLIP pre-training 0.2 1.0, fine-tuning 0.5 1.0)")
     data.add_argument("--flip_prob", type=float, default=0.5,
                       help="horizontal flip probability (0 where captions name sides, as the synthetic set does)")
-    data.add_argument("--num_workers", type=int, default=4, help="DataLoader worker processes per rank")
+    data.add_argument("--num_workers", type=int, default=default_workers(),
+                      help="DataLoader worker processes per rank (default: up to 4, at most the usable CPUs)")
 
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--epochs", type=int, default=20, help="passes over the data (the LR decays per epoch)")
@@ -130,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The full training parser: options, DeepSpeed's config flags and the launchers' ``--local_rank``."""
     import deepspeed
 
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m blip_fast.train",
         description="BLIP pre-training (ITC + ITM + LM) and retrieval/caption fine-tuning with DeepSpeed. "
                     "Also: `python -m blip_fast.train export ...`.",
@@ -139,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     # The deepspeed launcher passes --local_rank=N; torch.distributed.launch spells it --local-rank.
     parser.add_argument("--local_rank", "--local-rank", type=int, default=-1, help=argparse.SUPPRESS)
     _add_options(parser)
+    add_debug_flag(parser)
     deepspeed.add_config_arguments(parser)
     return parser
 
@@ -149,16 +157,16 @@ def _coerce(action: argparse.Action, value: Any, key: str, source: str) -> Any:
         return None
     if action.nargs == 0:  # flags (BooleanOptionalAction, store_true)
         if not isinstance(value, bool):
-            raise ValueError(f"{source}: {key} must be true or false, got {value!r}")
+            raise ConfigError(f"{source}: {key} must be true or false, got {value!r}")
         return value
     many = action.nargs in ("+", "*") or isinstance(action.nargs, int)
     if many:
         values = value if isinstance(value, list) else [value]
         if isinstance(action.nargs, int) and len(values) != action.nargs:
-            raise ValueError(f"{source}: {key} takes {action.nargs} values, got {value!r}")
+            raise ConfigError(f"{source}: {key} takes {action.nargs} values, got {value!r}")
         return [_coerce_one(action, item, key, source) for item in values]
     if isinstance(value, list):
-        raise ValueError(f"{source}: {key} takes one value, got the list {value!r}")
+        raise ConfigError(f"{source}: {key} takes one value, got the list {value!r}")
     return _coerce_one(action, value, key, source)
 
 
@@ -170,19 +178,24 @@ def _coerce_one(action: argparse.Action, value: Any, key: str, source: str) -> A
                 raise TypeError
             value = action.type(value)
         except (TypeError, ValueError):
-            raise ValueError(f"{source}: {key}={value!r} is not a valid {action.type.__name__}") from None
+            raise ConfigError(f"{source}: {key}={value!r} is not a valid {action.type.__name__}") from None
     if action.choices is not None and value not in action.choices:
-        raise ValueError(f"{source}: {key}={value!r} is not one of {list(action.choices)}")
+        raise ConfigError(f"{source}: {key}={value!r} is not one of {list(action.choices)}")
     return value
 
 
 def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
-    with open(path, encoding="utf-8") as handle:
-        loaded = yaml.safe_load(handle)
+    try:
+        with open(path, encoding="utf-8") as handle:
+            loaded = yaml.safe_load(handle)
+    except FileNotFoundError:
+        raise MissingFileError(f"--config {path}: no such file") from None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path} is not valid YAML: {error}") from None
     if loaded is None:
         return {}
     if not isinstance(loaded, dict):
-        raise ValueError(f"{path}: expected a mapping of option names to values, got {type(loaded).__name__}")
+        raise ConfigError(f"{path}: expected a mapping of option names to values, got {type(loaded).__name__}")
     return loaded
 
 
@@ -201,7 +214,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         actions = {action.dest: action for action in parser._actions}
         unknown = sorted(set(values) - set(actions) - {"help"})
         if unknown:
-            raise ValueError(f"{known.config}: unknown option(s) {unknown}; see `python -m blip_fast.train --help`")
+            raise ConfigError(f"{known.config}: unknown option(s) {unknown}; see `python -m blip_fast.train --help`")
         defaults = {key: _coerce(actions[key], value, key, known.config) for key, value in values.items()}
         ds_path = defaults.get("deepspeed_config")
         if ds_path and not os.path.exists(ds_path):
@@ -211,6 +224,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         parser.set_defaults(**defaults)
     args = parser.parse_args(argv)
     check_args(args)
+    if not os.path.isfile(args.deepspeed_config):
+        where = f"the working directory {os.getcwd()}"
+        if known.config is not None and args.deepspeed_config == parser.get_default("deepspeed_config"):
+            where += f" and next to {known.config} ({Path(known.config).parent.resolve()})"
+        raise MissingFileError(f"ds_config {args.deepspeed_config} does not exist (looked in {where})")
     return args
 
 
@@ -219,32 +237,32 @@ def check_args(args: argparse.Namespace) -> None:
     positive = ("epochs", "save_every_steps", "log_every_steps", "queue_size", "max_text_length", "vocab_size")
     for name in positive:
         if getattr(args, name) <= 0:
-            raise ValueError(f"{name} must be > 0, got {getattr(args, name)}")
+            raise ConfigError(f"{name} must be > 0, got {getattr(args, name)}")
     if args.max_steps is not None and args.max_steps <= 0:
-        raise ValueError(f"max_steps must be > 0 when given, got {args.max_steps}")
+        raise ConfigError(f"max_steps must be > 0 when given, got {args.max_steps}")
     if args.warmup_steps < 0:
-        raise ValueError(f"warmup_steps must be >= 0, got {args.warmup_steps}")
+        raise ConfigError(f"warmup_steps must be >= 0, got {args.warmup_steps}")
     if not 0.0 <= args.momentum < 1.0:
-        raise ValueError(f"momentum must lie in [0, 1), got {args.momentum}")
+        raise ConfigError(f"momentum must lie in [0, 1), got {args.momentum}")
     if args.data == "blip_json" and not args.annotations:
-        raise ValueError("data=blip_json needs annotations (json files) and image_root")
+        raise ConfigError("data=blip_json needs annotations (json files) and image_root")
     if args.data == "webdataset" and not args.shards:
-        raise ValueError("data=webdataset needs shards")
+        raise ConfigError("data=webdataset needs shards")
     if args.task == "pretrain" and args.init_from is not None and not os.path.isfile(args.init_from):
-        raise ValueError("init_from is for fine-tuning (task retrieval or captioning); pre-training starts from "
-                         "random weights or continues an original BLIP .pth")
+        raise ConfigError("init_from is for fine-tuning (task retrieval or captioning); pre-training starts from "
+                          "random weights or continues an original BLIP .pth")
     if args.task != "pretrain" and args.init_from is None:
-        raise ValueError(f"task {args.task} fine-tunes a model: pass --init_from (a pre-training output dir or an "
-                         "HF-layout task dir)")
+        raise ConfigError(f"task {args.task} fine-tunes a model: pass --init_from (a pre-training output dir or an "
+                          "HF-layout task dir)")
     if args.init_from is not None and args.tokenizer_dir is not None and not os.path.isfile(args.init_from):
-        raise ValueError("tokenizer_dir and init_from exclude each other unless init_from is an original .pth: "
-                         "fine-tuning keeps the tokenizer of init_from")
+        raise ConfigError("tokenizer_dir and init_from exclude each other unless init_from is an original .pth: "
+                          "fine-tuning keeps the tokenizer of init_from")
     if args.task == "pretrain" and args.model is None and args.init_from is None:
         args.model = "tiny"
     if args.output_dir is None:
         args.output_dir = f"output/{args.task}"
     if not args.deepspeed_config:
-        raise ValueError("no ds_config: pass --deepspeed_config FILE.json or set deepspeed_config in the YAML")
+        raise ConfigError("no ds_config: pass --deepspeed_config FILE.json or set deepspeed_config in the YAML")
 
 
 def resolved_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -285,9 +303,9 @@ def load_ds_config(path: str | os.PathLike, micro_batch_size: int | None = None,
         with open(path, encoding="utf-8") as handle:
             config = json.load(handle)
     except FileNotFoundError:
-        raise FileNotFoundError(f"ds_config {path} does not exist") from None
+        raise MissingFileError(f"ds_config {path} does not exist") from None
     except json.JSONDecodeError as error:
-        raise ValueError(f"ds_config {path} is not valid JSON: {error}") from None
+        raise ConfigError(f"ds_config {path} is not valid JSON: {error}") from None
     return resolve_ds_config(config, path, micro_batch_size, gradient_accumulation_steps)
 
 
@@ -302,15 +320,15 @@ def resolve_ds_config(config: dict[str, Any], source: str = "ds_config", micro_b
         config.pop("train_batch_size", None)
     auto = find_auto(config)
     if auto:
-        raise ValueError(
-            f"{source}: {', '.join(repr(key) for key in auto)} {'is' if len(auto) == 1 else 'are'} \"auto\"; "
+        raise ConfigError(
+                          f"{source}: {', '.join(repr(key) for key in auto)} {'is' if len(auto) == 1 else 'are'} \"auto\"; "
             "deepspeed.initialize does not resolve \"auto\" (only the HuggingFace Trainer does): give concrete values"
         )
     if "train_micro_batch_size_per_gpu" not in config and "train_batch_size" not in config:
-        raise ValueError(f"{source}: set train_micro_batch_size_per_gpu (or micro_batch_size in the training config)")
+        raise ConfigError(f"{source}: set train_micro_batch_size_per_gpu (or micro_batch_size in the training config)")
     if "optimizer" in config or "scheduler" in config:
-        raise ValueError(
-            f"{source}: remove the 'optimizer'/'scheduler' sections: the training script builds AdamW and sets BLIP's "
+        raise ConfigError(
+                          f"{source}: remove the 'optimizer'/'scheduler' sections: the training script builds AdamW and sets BLIP's "
             "learning-rate schedule itself (init_lr, warmup_lr, warmup_steps, lr_decay_rate, weight_decay options)"
         )
     return config

@@ -1,0 +1,238 @@
+"""User errors: the exception type, the argparse types that catch bad values at parse time, and the top-level handler.
+
+A mistake in what the user asked for (a path that is not there, an option out of range, a model of the wrong kind,
+an output folder that would overwrite data) is reported as one line ``PROG: error: ...`` on stderr with exit
+status 2, before any work where possible. Bugs keep their traceback. ``--debug`` or ``BLIP_FAST_DEBUG=1`` shows the
+traceback of a user error too.
+
+Library code raises :class:`UserError` (or an exception class deriving from it) for such mistakes; the command
+lines build their parsers with :class:`ArgumentParser` and run through :func:`run_main`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+#: Exit status of a user error (argparse's own).
+EXIT_USER_ERROR = 2
+#: Exit status of a run that finished but failed its own checks (e.g. CapFilt's ``--max-error-rate``).
+EXIT_FAILED = 1
+DEBUG_ENV = "BLIP_FAST_DEBUG"
+
+
+class UserError(Exception):
+    """A mistake in the user's input: printed as one line, exit status 2, no traceback."""
+
+
+class MissingFileError(UserError, FileNotFoundError):
+    """A file or folder the user named (directly, or as part of a model folder) is not there."""
+
+
+class InvalidInputError(UserError, ValueError):
+    """A value or a file's content that cannot be used as given."""
+
+
+# ---------------------------------------------------------------------------------------------------- argparse types
+def _type(name: str, convert: Callable[[str], object]) -> Callable[[str], object]:
+    """A parse-time type: ``convert`` raises ``UserError``/``ValueError`` with the reason; argparse prints it after
+    ``argument --x:``. ``name`` is what ``--help`` and messages call the expected value."""
+
+    def parse(text: str) -> object:
+        try:
+            return convert(text)
+        except (UserError, ValueError) as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+
+    parse.__name__ = name
+    return parse
+
+
+def int_at_least(minimum: int) -> Callable[[str], int]:
+    """An integer ``>= minimum``: ``int_at_least(1)`` for counts and sizes."""
+
+    def convert(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise ValueError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise ValueError(f"must be >= {minimum}, got {value}")
+        return value
+
+    return _type(f"integer >= {minimum}", convert)
+
+
+positive_int = int_at_least(1)
+non_negative_int = int_at_least(0)
+
+
+def float_in(low: float, high: float, low_open: bool = False, high_open: bool = False) -> Callable[[str], float]:
+    """A finite float in the interval from ``low`` to ``high`` (each end closed unless ``*_open``)."""
+    interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+
+    def convert(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise ValueError(f"expected a number, got {text!r}") from None
+        below = value <= low if low_open else value < low
+        above = value >= high if high_open else value > high
+        if not math.isfinite(value) or below or above:
+            raise ValueError(f"must lie in {interval}, got {text}")
+        return value
+
+    return _type(f"number in {interval}", convert)
+
+
+def _existing_dir(text: str) -> Path:
+    path = Path(text)
+    if not path.exists():
+        raise UserError(f"{text}: no such directory")
+    if not path.is_dir():
+        raise UserError(f"{text} is a file, not a directory")
+    return path
+
+
+def _existing_file(text: str) -> Path:
+    path = Path(text)
+    if not path.exists():
+        raise UserError(f"{text}: no such file")
+    if path.is_dir():
+        raise UserError(f"{text} is a directory, not a file")
+    return path
+
+
+def _blocking_file(path: Path) -> Path | None:
+    """The first existing non-directory among ``path``'s parents (a file where a folder would have to be)."""
+    for parent in path.absolute().parents:
+        if parent.exists():
+            return None if parent.is_dir() else parent
+    return None
+
+
+def _output_dir(text: str) -> Path:
+    path = Path(text)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{text} is a file; give a folder (new or empty) for the output")
+    if (blocking := _blocking_file(path)) is not None:
+        raise UserError(f"cannot create folder {text}: {blocking} is a file")
+    return path
+
+
+def _output_file(text: str) -> Path:
+    path = Path(text)
+    if path.is_dir():
+        raise UserError(f"{text} is a directory; give a file name for the output")
+    if (blocking := _blocking_file(path)) is not None:
+        raise UserError(f"cannot write {text}: {blocking} is a file, not a directory")
+    return path
+
+
+existing_dir = _type("existing directory", _existing_dir)
+existing_file = _type("existing file", _existing_file)
+output_dir = _type("output folder", _output_dir)
+output_file = _type("output file", _output_file)
+
+
+# ---------------------------------------------------------------------------------------------------- devices
+def check_device(spec: str) -> str:
+    """``spec`` if torch can run on it here ("auto" passes through); else a UserError saying why."""
+    import torch
+
+    if spec == "auto":
+        return spec
+    try:
+        device = torch.device(spec)
+    except (RuntimeError, ValueError):
+        raise UserError(f"{spec!r} is not a device (expected auto, cpu, cuda, cuda:N, mps, ...)") from None
+    if device.type == "cpu":
+        return spec
+    if device.type == "meta":
+        raise UserError("the meta device holds no data; choose cpu or an accelerator")
+    backend = getattr(torch, device.type, None)
+    if device.type == "mps":
+        backend = getattr(torch.backends, "mps", None)
+    if backend is None or not backend.is_available():
+        build = f" (torch {torch.__version__} is a CPU build)" if device.type == "cuda" and not torch.version.cuda else ""
+        raise UserError(f"device {spec!r} is not available here{build}; use --device cpu or auto")
+    count = getattr(backend, "device_count", lambda: 1)()
+    if device.index is not None and device.index >= count:
+        raise UserError(f"device {spec!r} does not exist: this machine has {count} {device.type} device(s)")
+    return spec
+
+
+def resolve_device(spec: str, local_rank: int | None = None):
+    """A ``torch.device`` for ``spec``: "auto" is cuda (cuda:``local_rank`` under a launcher) when available,
+    else cpu."""
+    import torch
+
+    check_device(spec)
+    if spec != "auto":
+        return torch.device(spec)
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", local_rank) if local_rank is not None else torch.device("cuda")
+
+
+device_spec = _type("device", check_device)
+
+
+# ---------------------------------------------------------------------------------------------------- parser, handler
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with defaults in ``--help`` and one-line errors (``PROG: error: argument --x: ...``, exit 2).
+
+    Subcommand parsers made with ``add_subparsers().add_parser`` are of this class too."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> None:
+        sys.stderr.write(f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        sys.exit(EXIT_USER_ERROR)
+
+
+def add_debug_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--debug", action="store_true", default=False,
+                        help=f"show the traceback of user errors too (or set {DEBUG_ENV}=1)")
+
+
+def debug_enabled(argv: Sequence[str]) -> bool:
+    return "--debug" in argv or os.environ.get(DEBUG_ENV, "").strip() not in ("", "0")
+
+
+def report(prog: str, error: BaseException) -> None:
+    """Print ``error`` as a user error of ``prog``."""
+    message = str(error) or type(error).__name__
+    print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
+
+
+def run_main(main: Callable[[Sequence[str]], int], argv: Sequence[str], prog: str,
+             quiet: bool = False) -> int:
+    """``main(argv)``'s exit status, with user errors as one line and status 2 (``quiet``: no line, e.g. on ranks
+    other than the one that reports). OS errors (permissions, a full disk) are one line too, status 1."""
+    debug = debug_enabled(argv)
+    try:
+        return main(argv)
+    except UserError as error:
+        if debug:
+            raise
+        if not quiet:
+            report(prog, error)
+        return EXIT_USER_ERROR
+    except OSError as error:
+        if debug:
+            raise
+        if not quiet:
+            report(prog, error)
+            print(f"{prog}: (set {DEBUG_ENV}=1 for the traceback)", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        if not quiet:
+            print(f"{prog}: interrupted", file=sys.stderr)
+        return 130

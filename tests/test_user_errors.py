@@ -1,0 +1,255 @@
+"""Ordinary mistakes as a user makes them: each is one line on stderr (``blip-fast: error: ...``), exit status 2,
+no traceback, and found before any work. Also: a model of the wrong task is refused naming the task it is, and
+``convert`` refuses what it would otherwise guess or mix (issue 11, items 6, 7, 9)."""
+
+import argparse
+import json
+import os
+
+import pytest
+import torch
+
+from blip_fast import errors
+from blip_fast.cli import build_parser, main
+from blip_fast.config import BlipConfig
+from blip_fast.data.synthetic import SyntheticNoisyDataset
+from blip_fast.data.transforms import BlipImageProcessor
+from blip_fast.modeling.blip import BlipForConditionalGeneration, BlipForImageTextRetrieval, BlipForQuestionAnswering
+from blip_fast.tokenizer import BlipTokenizer
+from tests.tiny_models import save_tiny_captioner, to_original_key
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """A tiny captioner, filter (retrieval) and VQA model sharing one tokenizer; three images and a test json."""
+    root = tmp_path_factory.mktemp("user_errors")
+    synthetic = SyntheticNoisyDataset(3, noise_fraction=0.0, seed=0)
+    annotations = synthetic.write_images(root / "data")
+    records = json.loads(annotations.read_text())
+    captioner = save_tiny_captioner(root, [record["caption"] for record in records])
+    tokenizer = BlipTokenizer.from_pretrained(captioner)
+    config = BlipConfig.tiny(image_size=64).for_tokenizer(tokenizer)
+    dirs = {"captioner": captioner}
+    for name, model_cls in [("filter", BlipForImageTextRetrieval), ("vqa", BlipForQuestionAnswering)]:
+        model_cls(config).save_pretrained(root / name)
+        tokenizer.save_pretrained(root / name)
+        BlipImageProcessor(size=64).save_pretrained(root / name)
+        dirs[name] = root / name
+    return {**dirs, "root": root, "annotations": annotations, "image_root": root / "data",
+            "image": root / "data" / records[0]["image"]}
+
+
+def run(argv, capsys):
+    """``blip-fast ARGV`` in this process: (exit status, stderr)."""
+    try:
+        code = main([str(arg) for arg in argv])
+    except SystemExit as exit_:
+        code = exit_.code
+    return code, capsys.readouterr().err
+
+
+def assert_user_error(code, stderr, *fragments):
+    lines = stderr.strip().splitlines()
+    assert code == 2, stderr
+    assert len(lines) == 1 and lines[0].startswith("blip-fast"), stderr
+    assert ": error: " in lines[0] and "Traceback" not in stderr
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+
+
+def _bad_arguments(models):
+    caption = ["caption", models["image"], "--model", models["captioner"]]
+    evaluate = ["evaluate", "--task", "retrieval", "--model", models["filter"], "--annotations", models["annotations"],
+                "--image-root", models["image_root"]]
+    capfilt = ["capfilt", "--captioner", models["captioner"], "--filter", models["filter"], "--input",
+               models["annotations"], "--image-root", models["image_root"]]
+    return {
+        "beams 0": ([*caption, "--beams", "0"], "--beams: must be >= 1, got 0"),
+        "batch size 0": ([*caption, "--batch-size", "0"], "--batch-size: must be >= 1"),
+        "top-p 1.5": ([*caption, "--sample", "--top-p", "1.5"], "--top-p: must lie in (0, 1]"),
+        "max length 0": ([*caption, "--max-length", "0"], "--max-length: must be >= 1"),
+        "max length past the positions": ([*caption, "--max-length", "1000"], "exceeds the 64 text positions"),
+        "device banana": ([*caption, "--device", "banana"], "'banana' is not a device"),
+        "missing model": (["caption", models["image"], "--model", models["root"] / "nope"], "nope: no such directory"),
+        "model is a file": (["caption", models["image"], "--model", models["image"]], "is a file, not a directory"),
+        "capfilt output is a file": ([*capfilt, "--output", models["image"]], "is a file; give a folder"),
+        "capfilt workers -1": ([*capfilt, "--output", models["root"] / "o", "--workers", "-1"], "--workers"),
+        "capfilt threshold 1": ([*capfilt, "--output", models["root"] / "o", "--threshold", "1"], "--threshold"),
+        "k-test 0": ([*evaluate, "--k-test", "0"], "--k-test: must be >= 1, got 0"),
+        "k-test -5": ([*evaluate, "--k-test", "-5"], "--k-test: must be >= 1, got -5"),
+        "evaluate out is a folder": ([*evaluate, "--out", models["root"]], "is a directory; give a file name"),
+        "missing annotations": ([*evaluate[:6], models["root"] / "none.json", *evaluate[7:]], "none.json: no such file"),
+        "demo out-dir is a file": (["demo", "--out-dir", models["image"]], "is a file"),
+    }
+
+
+CASES = [
+    "beams 0", "batch size 0", "top-p 1.5", "max length 0", "max length past the positions", "device banana",
+    "missing model", "model is a file", "capfilt output is a file", "capfilt workers -1", "capfilt threshold 1",
+    "k-test 0", "k-test -5", "evaluate out is a folder", "missing annotations", "demo out-dir is a file",
+]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_argument_is_one_line_and_exit_2(models, case, capsys, monkeypatch):
+    from blip_fast.captioning import Captioner
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("work started before the argument was checked")
+
+    monkeypatch.setattr(Captioner, "caption", no_work)
+    argv, fragment = _bad_arguments(models)[case]
+    assert_user_error(*run(argv, capsys), fragment)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_device_on_a_cpu_torch(models, capsys):
+    code, stderr = run(["caption", models["image"], "--model", models["captioner"], "--device", "cuda"], capsys)
+    assert_user_error(code, stderr, "device 'cuda' is not available here")
+
+
+def test_corrupt_checkpoint(models, tmp_path, capsys):
+    corrupt = tmp_path / "model.pth"
+    corrupt.write_bytes(b"PK\x03\x04 not a checkpoint")
+    assert_user_error(*run(["convert", corrupt, tmp_path / "out"], capsys), f"cannot read {corrupt}")
+
+
+def test_debug_shows_the_traceback(models, capsys, monkeypatch):
+    argv = ["caption", models["image"], "--model", models["captioner"], "--max-length", "1000"]
+    with pytest.raises(errors.UserError, match="exceeds the 64 text positions"):
+        main([str(arg) for arg in [*argv, "--debug"]])
+    monkeypatch.setenv(errors.DEBUG_ENV, "1")
+    with pytest.raises(errors.UserError):
+        main([str(arg) for arg in argv])
+
+
+def test_evaluation_results_are_written_before_they_are_printed(models, tmp_path, capsys):
+    out = tmp_path / "new" / "metrics.json"
+    argv = ["evaluate", "--task", "retrieval", "--model", models["filter"], "--annotations", models["annotations"],
+            "--image-root", models["image_root"], "--k-test", "2", "--out", out]
+    assert run(argv, capsys)[0] == 0
+    assert json.loads(out.read_text())["k_test"] == 2
+
+
+def test_training_config_error_is_one_line(tmp_path, capsys):
+    from blip_fast.train import main as train_main
+
+    config = tmp_path / "run.yaml"
+    config.write_text("deepspeed_config: nowhere.json\nqueue_size: 8\n")
+    code = train_main(["--config", str(config)])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(lines) == 1, lines
+    assert lines[0].startswith("blip_fast.train: error: ds_config nowhere.json does not exist (looked in the working "
+                               f"directory {os.getcwd()} and next to {config}")
+    code = train_main(["--config", str(config), "--queue_size", "0"])
+    assert code == 2 and capsys.readouterr().err.strip() == "blip_fast.train: error: queue_size must be > 0, got 0"
+
+
+# ---------------------------------------------------------------------------------------------------- item 9: --help
+@pytest.mark.parametrize("command", ["caption", "capfilt", "evaluate", "convert", "demo"])
+def test_help_shows_the_defaults(command, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        build_parser().parse_args([command, "--help"])
+    assert exit_.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    expected = {"caption": "(default: 3)", "capfilt": "(default: 0.05)", "evaluate": "(default: 256)",
+                "convert": "(default: auto)", "demo": "about 8 minutes"}[command]
+    assert expected in text
+
+
+def test_default_workers_fit_the_machine():
+    from blip_fast.data.workers import default_workers, usable_cpus
+
+    assert 1 <= default_workers() <= min(4, usable_cpus())
+    assert build_parser().parse_args(["capfilt", "--captioner", ".", "--filter", ".", "--input", "x", "--output",
+                                      "o"]).workers == default_workers()
+
+
+# ---------------------------------------------------------------------------------------------------- argparse types
+@pytest.mark.parametrize("kind,text,ok", [
+    (errors.positive_int, "1", True), (errors.positive_int, "0", False), (errors.positive_int, "2.5", False),
+    (errors.non_negative_int, "0", True), (errors.non_negative_int, "-1", False),
+    (errors.float_in(0, 1, low_open=True), "1", True), (errors.float_in(0, 1, low_open=True), "0", False),
+    (errors.float_in(0, 1, high_open=True), "1", False), (errors.float_in(0, 1), "nan", False),
+    (errors.float_in(0, 1), "inf", False), (errors.float_in(0, 1), "x", False),
+    (errors.device_spec, "cpu", True), (errors.device_spec, "auto", True), (errors.device_spec, "meta", False),
+    (errors.device_spec, "cuda:x", False),
+])
+def test_argument_types(kind, text, ok):
+    if ok:
+        kind(text)
+    else:
+        with pytest.raises(argparse.ArgumentTypeError):
+            kind(text)
+
+
+# ---------------------------------------------------------------------------------------------------- item 7
+def test_vqa_model_is_refused_as_captioner(models, capsys):
+    code, stderr = run(["caption", models["image"], "--model", models["vqa"]], capsys)
+    assert_user_error(code, stderr, "is a vqa model (config.json names BlipForQuestionAnswering), not a captioning")
+
+
+def test_vqa_model_is_refused_as_capfilt_captioner(models, tmp_path, capsys):
+    argv = ["capfilt", "--captioner", models["vqa"], "--filter", models["filter"], "--input", models["annotations"],
+            "--image-root", models["image_root"], "--output", tmp_path / "out", "--workers", "0", "--no-progress"]
+    assert_user_error(*run(argv, capsys), "is a vqa model")
+    argv[2] = argv[4] = models["captioner"]  # a captioner as the filter
+    assert_user_error(*run(argv, capsys), "is a captioning model", "not a retrieval model")
+
+
+def _original_pth(path, model):
+    torch.save({"model": {to_original_key(key): value for key, value in model.state_dict().items()}}, path)
+    return path
+
+
+def test_convert_detects_and_names_the_task(models, tmp_path, capsys):
+    """An ITM checkpoint converts as retrieval without --task, and --task captioning is refused naming it."""
+    pth = _original_pth(tmp_path / "itm.pth", BlipForImageTextRetrieval.from_pretrained(models["filter"]))
+    code, stderr = run(["convert", pth, tmp_path / "out", "--task", "captioning", "--config", models["filter"]], capsys)
+    assert_user_error(code, stderr, "is a retrieval checkpoint, not a captioning one: pass --task retrieval")
+    code = run(["convert", pth, tmp_path / "out", "--config", models["filter"], "--tokenizer", models["filter"]],
+               capsys)[0]
+    assert code == 0
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["architectures"] == ["BlipForImageTextRetrieval"]
+
+
+def test_convert_refuses_to_guess_heads(models, tmp_path, capsys):
+    """The tiny model is 128 wide with 4 heads; the weights cannot tell 4 from 2 (BLIP's 64-d guess)."""
+    source = BlipForConditionalGeneration.from_pretrained(models["captioner"])
+    pth = _original_pth(tmp_path / "cap.pth", source)
+    code, stderr = run(["convert", pth, tmp_path / "guessed"], capsys)
+    assert_user_error(code, stderr, "is 128 wide; its number of attention heads is not in the weights")
+    assert not (tmp_path / "guessed").exists()
+
+    assert run(["convert", pth, tmp_path / "heads", "--heads", "4", "--tokenizer", models["captioner"]], capsys)[0] == 0
+    converted = json.loads((tmp_path / "heads" / "config.json").read_text())
+    assert converted["vision_config"]["num_attention_heads"] == converted["text_config"]["num_attention_heads"] == 4
+
+    med_config = tmp_path / "med_config.json"  # the original repository's BERT config for the text model
+    med_config.write_text(json.dumps({"architectures": ["BertModel"], "model_type": "bert", "hidden_size": 128,
+                                      "num_attention_heads": 4, "num_hidden_layers": 4, "encoder_width": 128,
+                                      "add_cross_attention": True}))
+    assert_user_error(*run(["convert", pth, tmp_path / "med", "--config", med_config], capsys),
+                      "vision transformer is 128 wide")
+    assert run(["convert", pth, tmp_path / "med", "--config", med_config, "--heads", "4"], capsys)[0] == 0
+    assert json.loads((tmp_path / "med" / "config.json").read_text())["text_config"]["num_attention_heads"] == 4
+
+
+def test_convert_refuses_a_folder_with_files(models, tmp_path, capsys):
+    pth = _original_pth(tmp_path / "cap.pth", BlipForConditionalGeneration.from_pretrained(models["captioner"]))
+    out = tmp_path / "old_model"
+    out.mkdir()
+    (out / "vocab.txt").write_text("[PAD]\nold\n")
+    code, stderr = run(["convert", pth, out, "--config", models["captioner"]], capsys)
+    assert_user_error(code, stderr, f"{out} is not empty")
+    assert sorted(path.name for path in out.iterdir()) == ["vocab.txt"]
+
+
+def test_convert_of_a_pretraining_checkpoint_needs_a_task(models, tmp_path, capsys):
+    state = {**BlipForQuestionAnswering.from_pretrained(models["vqa"]).state_dict(),
+             **BlipForImageTextRetrieval.from_pretrained(models["filter"]).state_dict()}
+    pth = tmp_path / "model_base.pth"
+    torch.save({"model": {to_original_key(key): value for key, value in state.items()}}, pth)
+    assert_user_error(*run(["convert", pth, tmp_path / "out", "--config", models["vqa"]], capsys),
+                      "is a pre-training checkpoint", "--task")
+    assert run(["convert", pth, tmp_path / "out", "--config", models["vqa"], "--task", "vqa"], capsys)[0] == 0
