@@ -286,9 +286,10 @@ def _run(argv: Sequence[str]) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run one command; user errors are one line on stderr and exit status 2."""
+    """Run one command; user errors are one line on stderr and exit status 2 (under a launcher, from each node's
+    first rank only: every rank was given the same arguments)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    return errors.run_main(_run, argv, PROG)
+    return errors.run_main(_run, argv, PROG, quiet=os.environ.get("LOCAL_RANK", "0") != "0")
 
 
 if __name__ == "__main__":

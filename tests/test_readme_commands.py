@@ -6,6 +6,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -47,7 +48,16 @@ def _run(argv: list[str], cwd: Path, timeout: int = 900) -> subprocess.Completed
     elif argv[0] == "deepspeed":
         argv = [shutil.which("deepspeed") or "deepspeed", *argv[1:]]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    # Its own session: on a timeout the launcher's rank processes are killed with it, never left behind.
+    process = subprocess.Popen(argv, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+        raise
+    return subprocess.CompletedProcess(argv, process.returncode, stdout, stderr)
 
 
 @pytest.mark.slow
