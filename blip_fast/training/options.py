@@ -15,6 +15,7 @@ import argparse
 import copy
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -184,14 +185,20 @@ def _coerce_one(action: argparse.Action, value: Any, key: str, source: str) -> A
     return value
 
 
-def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
+def _read_file(path: str | os.PathLike, what: str, language: str, load: Callable[[Any], Any],
+               syntax_errors: tuple) -> Any:
+    """``load(handle)`` of ``path``; a missing or unparsable file is a user error naming ``what`` it is."""
     try:
         with open(path, encoding="utf-8") as handle:
-            loaded = yaml.safe_load(handle)
+            return load(handle)
     except FileNotFoundError:
-        raise MissingFileError(f"--config {path}: no such file") from None
-    except yaml.YAMLError as error:
-        raise ConfigError(f"{path} is not valid YAML: {error}") from None
+        raise MissingFileError(f"{what} {path} does not exist") from None
+    except syntax_errors as error:
+        raise ConfigError(f"{what} {path} is not valid {language}: {error}") from None
+
+
+def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    loaded = _read_file(path, "config", "YAML", yaml.safe_load, (yaml.YAMLError,))
     if loaded is None:
         return {}
     if not isinstance(loaded, dict):
@@ -299,13 +306,7 @@ def load_ds_config(path: str | os.PathLike, micro_batch_size: int | None = None,
                    gradient_accumulation_steps: int | None = None) -> dict[str, Any]:
     """Read a ds_config JSON, apply the batch overrides, and reject ``"auto"`` values by key."""
     path = os.fspath(path)
-    try:
-        with open(path, encoding="utf-8") as handle:
-            config = json.load(handle)
-    except FileNotFoundError:
-        raise MissingFileError(f"ds_config {path} does not exist") from None
-    except json.JSONDecodeError as error:
-        raise ConfigError(f"ds_config {path} is not valid JSON: {error}") from None
+    config = _read_file(path, "ds_config", "JSON", json.load, (json.JSONDecodeError,))
     return resolve_ds_config(config, path, micro_batch_size, gradient_accumulation_steps)
 
 
