@@ -460,7 +460,8 @@ def load_pretrained(
     floating tensors, ``device`` moves the model. The decoding settings of ``generation_config.json`` land in
     ``model.generation_defaults``. ``tokenizer`` supplies the special-token ids when inferring a ``.pth`` config
     whose vocabulary is not BLIP's bert-base-uncased one; ``heads`` (vision, text) its attention heads, which only
-    BLIP's 768/1024 widths imply (other widths are refused, not guessed). A checkpoint of another task than
+    BLIP's 768/1024 widths imply (see :func:`infer_config`; ``convert`` refuses to guess). A checkpoint of another
+    task than
     ``model_cls``'s (``config.json``'s architectures, or a ``.pth``'s components) is refused: a VQA model's weights
     would load into a captioner.
     """
@@ -475,7 +476,7 @@ def load_pretrained(
     elif os.path.isfile(path):
         state = _rename_original(_read_file(path))
         _check_task(path, model_cls, detect_task(state), "by its weights")
-        config = config or infer_config(state, path, tokenizer, heads, guess_heads=False)
+        config = config or infer_config(state, path, tokenizer, heads)
     else:
         raise MissingFileError(f"no checkpoint at {path}")
     if hf_compat is not None:
