@@ -131,6 +131,8 @@ if __name__ == "__main__":  # setuptools' PEP 517 backend runs this file as __ma
             "pillow",
             "numpy",
             "tqdm",
+            # hub ids in from_pretrained and the CLI, resolved like transformers resolves them
+            "huggingface_hub",
         ],
         extras_require={
             # Triton (~1 GB) runs only on CUDA devices, and Linux CUDA torch wheels already depend on it: a CPU-only

@@ -17,6 +17,7 @@ _LAZY = {
     "BlipImageProcessor": "blip_fast.data.transforms",
     "load_image": "blip_fast.data.transforms",
     "BlipTokenizer": "blip_fast.tokenizer",
+    "BlipProcessor": "blip_fast.processing",
 }
 
 
@@ -35,6 +36,7 @@ __all__ = [
     "BlipForNLVR",
     "BlipForQuestionAnswering",
     "BlipImageProcessor",
+    "BlipProcessor",
     "BlipTokenizer",
     "BlipVisionModel",
     "TextConfig",

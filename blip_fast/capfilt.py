@@ -81,6 +81,7 @@ from blip_fast.captioning import Captioner
 from blip_fast.data.datasets import read_member
 from blip_fast.data.transforms import BlipImageProcessor, ImageLoadError, load_image, load_image_bytes
 from blip_fast.data.workers import die_with_parent
+from blip_fast.hub import resolve
 from blip_fast.modeling.blip import BlipForImageTextRetrieval
 from blip_fast.tokenizer import BlipTokenizer, pre_caption
 
@@ -206,10 +207,10 @@ class CapFiltModels:
         dtype = getattr(torch, options.dtype)
         captioner = Captioner.from_pretrained(options.captioner, options.device, dtype, options.prompt)
         captioner.check_lengths(options.max_length, options.min_length)
-        filter_model = BlipForImageTextRetrieval.from_pretrained(options.filter, torch_dtype=dtype,
-                                                                 device=options.device)
-        processor = BlipImageProcessor.for_model_dir(options.filter, filter_model.config.vision.image_size)
-        return cls(captioner, filter_model, BlipTokenizer.from_pretrained(options.filter), processor, options)
+        filter_dir = resolve(options.filter)  # a directory or a hub id
+        filter_model = BlipForImageTextRetrieval.from_pretrained(filter_dir, torch_dtype=dtype, device=options.device)
+        processor = BlipImageProcessor.for_model_dir(filter_dir, filter_model.config.vision.image_size)
+        return cls(captioner, filter_model, BlipTokenizer.from_pretrained(filter_dir), processor, options)
 
     def decoding(self) -> dict[str, Any]:
         """The captioner's ``generate`` arguments (BLIP's nucleus sampling)."""

@@ -34,9 +34,13 @@ class Captioner:
     @classmethod
     def from_pretrained(
         cls, directory: str | os.PathLike, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-        prompt: str = "a picture of ",
+        prompt: str = "a picture of ", **hub_kwargs: Any,
     ) -> Captioner:
-        """Model, tokenizer and (if saved) ``preprocessor_config.json`` from one HuggingFace-layout directory."""
+        """Model, tokenizer and image processor from one HuggingFace-layout directory or hub id (``hub_kwargs``:
+        ``cache_dir``, ``revision``, ``local_files_only``, ``token``)."""
+        from blip_fast.hub import HubOptions, resolve
+
+        directory = resolve(directory, HubOptions(**hub_kwargs), files="model")
         model = BlipForConditionalGeneration.from_pretrained(directory, torch_dtype=dtype, device=device)
         tokenizer = BlipTokenizer.from_pretrained(directory)
         processor = BlipImageProcessor.for_model_dir(directory, model.config.vision.image_size)
@@ -57,12 +61,7 @@ class Captioner:
 
     def caption(self, images: Sequence[PIL.Image.Image], **generate_kwargs: Any) -> list[str]:
         """One caption per image (the first of ``num_return_sequences``, if more are asked for, per image)."""
-        model = self.model
-        pixel_values = self.processor(list(images)).pixel_values.to(model.device, model.dtype)
-        prompt = self.prompt_ids.to(model.device).expand(len(images), -1)
-        generated = model.generate(pixel_values, input_ids=prompt, **generate_kwargs)  # [B*R, L]
-        continuation = generated[:, prompt.shape[1] - 1 :]  # drop [DEC] + prompt (its [SEP] is not fed)
-        return self.tokenizer.batch_decode(continuation, skip_special_tokens=True)
+        return self.caption_pixels(self.processor(list(images), return_tensors="pt").pixel_values, **generate_kwargs)
 
     def caption_files(
         self, paths: Sequence[str | os.PathLike], batch_size: int = 16, seed: int = 0, **generate_kwargs: Any
@@ -84,3 +83,41 @@ class Captioner:
                     for path, caption in zip(batch, self.caption(images, **generate_kwargs)):
                         yield path, caption, None
                 progress.update(len(paths[start : start + batch_size]))
+
+    @torch.no_grad()
+    def caption_pixels(
+        self, pixel_values: torch.Tensor, with_scores: bool = False, **generate_kwargs: Any
+    ) -> list[str] | list[tuple[str, float]]:
+        """Captions of preprocessed images ``[B, 3, H, W]`` (the prompt stripped; the first of
+        ``num_return_sequences`` per image). With ``with_scores``, ``(caption, score)`` pairs: the caption's mean
+        log-probability per generated token, ``[SEP]`` included (beam search: its ``sequences_scores``)."""
+        model = self.model
+        pixel_values = pixel_values.to(model.device, model.dtype)
+        prompt = self.prompt_ids.to(model.device).expand(len(pixel_values), -1)
+        if not generate_kwargs.get("do_sample"):
+            generate_kwargs.pop("generator", None)
+        output = model.generate(pixel_values, input_ids=prompt, return_dict_in_generate=True,
+                                output_scores=with_scores, **generate_kwargs)
+        per_image = output.sequences.shape[0] // len(pixel_values)
+        fed = prompt.shape[1] - 1  # [DEC] + prompt (its [SEP] is not fed)
+        captions = self.tokenizer.batch_decode(output.sequences[::per_image, fed:], skip_special_tokens=True)
+        if not with_scores:
+            return captions
+        scores = output.sequences_scores
+        if scores is None:
+            scores = mean_token_log_prob(output.sequences, output.scores, fed, self.model.config.text.sep_token_id)
+        return list(zip(captions, scores[::per_image].tolist()))
+
+
+def mean_token_log_prob(
+    sequences: torch.Tensor, step_scores: tuple[torch.Tensor, ...], prompt_length: int, eos_token_id: int
+) -> torch.Tensor:
+    """Per row of ``sequences [R, P + T]``: the mean log-probability of its generated tokens up to and including
+    the first ``eos_token_id`` under the per-step (processed) scores ``T x [R, V]``, i.e. beam search's
+    ``sequences_scores`` (length penalty 1) for greedy and sampled rows."""
+    generated = sequences[:, prompt_length:]  # [R, T]
+    log_probs = torch.stack([step.float().log_softmax(dim=-1) for step in step_scores], dim=1)  # [R, T, V]
+    chosen = log_probs.gather(2, generated[:, :, None]).squeeze(2)  # [R, T]
+    ended_before = (generated == eos_token_id).int().cumsum(dim=1) - (generated == eos_token_id).int()
+    counted = ended_before == 0  # tokens up to and including the first eos
+    return (chosen * counted).sum(dim=1) / counted.sum(dim=1)

@@ -108,9 +108,13 @@ def _read_file(path: str) -> dict[str, torch.Tensor]:
     return dict(obj)
 
 
-def _read_dir(directory: str) -> dict[str, torch.Tensor]:
-    """An HF directory's weights: single file or sharded index, safetensors preferred (transformers' order)."""
-    for single, index in ((SAFE_WEIGHTS, SAFE_INDEX), (BIN_WEIGHTS, BIN_INDEX)):
+def _read_dir(directory: str, use_safetensors: bool | None = None) -> dict[str, torch.Tensor]:
+    """An HF directory's weights: single file or sharded index, safetensors preferred (transformers' order);
+    ``use_safetensors`` True/False reads only that format."""
+    formats = ((SAFE_WEIGHTS, SAFE_INDEX), (BIN_WEIGHTS, BIN_INDEX))
+    if use_safetensors is not None:
+        formats = formats[:1] if use_safetensors else formats[1:]
+    for single, index in formats:
         if os.path.isfile(os.path.join(directory, single)):
             return _read_file(os.path.join(directory, single))
         index_path = os.path.join(directory, index)
@@ -124,9 +128,7 @@ def _read_dir(directory: str) -> dict[str, torch.Tensor]:
             for shard in shards:
                 state.update(_read_file(os.path.join(directory, shard)))
             return state
-    raise CheckpointError(
-        f"no weights in {directory}: looked for {SAFE_WEIGHTS}, {SAFE_INDEX}, {BIN_WEIGHTS} and {BIN_INDEX}"
-    )
+    raise CheckpointError(f"no weights in {directory}: looked for {', '.join(name for pair in formats for name in pair)}")
 
 
 def _rename_vision(key: str) -> str:
@@ -443,13 +445,14 @@ def _read_generation_defaults(path: str) -> dict[str, Any]:
 def load_pretrained(
     model_cls: type[ModelT],
     path: str | os.PathLike,
-    torch_dtype: torch.dtype | None = None,
+    torch_dtype: torch.dtype | str | None = None,
     device: torch.device | str | None = None,
     strict: bool = True,
     hf_compat: bool | None = None,
     config: BlipConfig | None = None,
     tokenizer: Any = None,
     heads: tuple[int | None, int | None] = (None, None),
+    use_safetensors: bool | None = None,
 ) -> ModelT:
     """Build ``model_cls(config)`` and load an HF model directory or an original BLIP ``.pth`` into it, in eval mode.
 
@@ -457,7 +460,8 @@ def load_pretrained(
     ``.pth`` (``hf_compat=False``), unless ``config`` is given; ``hf_compat`` overrides either. A ``.pth`` position
     table of another resolution is resized bicubically; in an HF directory that is an error, like any missing,
     unexpected or mis-shaped tensor (``strict=False`` only logs missing and unexpected keys). ``torch_dtype`` casts
-    floating tensors, ``device`` moves the model. The decoding settings of ``generation_config.json`` land in
+    floating tensors (``"auto"``: to the checkpoint's dtype, as transformers), ``device`` moves the model;
+    ``use_safetensors`` picks a directory's weight format. The decoding settings of ``generation_config.json`` land in
     ``model.generation_defaults``. ``tokenizer`` supplies the special-token ids when inferring a ``.pth`` config
     whose vocabulary is not BLIP's bert-base-uncased one; ``heads`` (vision, text) its attention heads, which only
     BLIP's 768/1024 widths imply (see :func:`infer_config`; ``convert`` refuses to guess). A checkpoint of another
@@ -471,7 +475,7 @@ def load_pretrained(
         config = config or BlipConfig.from_hf(path)
         if os.path.isfile(os.path.join(path, CONFIG_NAME)):
             _check_architecture(path, _read_json(os.path.join(path, CONFIG_NAME)), model_cls)
-        state = _read_dir(path)
+        state = _read_dir(path, use_safetensors)
         generation_defaults = _read_generation_defaults(os.path.join(path, GENERATION_CONFIG_NAME))
     elif os.path.isfile(path):
         state = _rename_original(_read_file(path))
@@ -486,6 +490,10 @@ def load_pretrained(
         model_cls, state, config, source=path, strict=strict, resize_pos_embed=not os.path.isdir(path)
     )
     model.generation_defaults = generation_defaults
+    if torch_dtype == "auto":
+        from blip_fast.loading import checkpoint_dtype
+
+        torch_dtype = checkpoint_dtype(path if os.path.isdir(path) else None, state)
     if torch_dtype is not None:
         model.to(dtype=torch_dtype)
     if device is not None:

@@ -469,7 +469,11 @@ def clean_captions(captions: Sequence[Sequence[str]], where: str = "annotations"
 def load_retrieval_model(
     directory: str | os.PathLike, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
 ) -> tuple[BlipForImageTextRetrieval, BlipTokenizer, BlipImageProcessor]:
-    """Retrieval model, tokenizer and image processor (saved, else the model's resolution) from one directory."""
+    """Retrieval model, tokenizer and image processor (saved, else the model's resolution) from one directory or
+    hub id."""
+    from blip_fast.hub import resolve
+
+    directory = resolve(directory)
     model = BlipForImageTextRetrieval.from_pretrained(directory, torch_dtype=dtype, device=device)
     tokenizer = BlipTokenizer.from_pretrained(directory)
     processor = BlipImageProcessor.for_model_dir(directory, model.config.vision.image_size)

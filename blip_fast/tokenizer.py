@@ -167,13 +167,21 @@ class BlipTokenizer:
                    model_max_length)
 
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike) -> BlipTokenizer:
-        """Load offline from a checkpoint directory (HF hub layout, original BLIP's bert dir, or our saves).
+    def from_pretrained(cls, directory: str | os.PathLike, **kwargs: Any) -> BlipTokenizer:
+        """Load from a checkpoint directory (HF hub layout, original BLIP's bert dir, or our saves) or a hub id
+        (with transformers' download keywords: `cache_dir`, `revision`, `local_files_only`, `token`, ...).
 
         Reads `tokenizer.json` when present, else `vocab.txt` with `do_lower_case`/`strip_accents`/
         `tokenize_chinese_chars` from `tokenizer_config.json` and extra tokens from `added_tokens.json`.
         `[DEC]`/`[ENC]` are added when the files lack them (HF's BLIP checkpoints ship plain bert files).
         """
+        from blip_fast import hub
+
+        options = hub.HubOptions.pop_from(kwargs)
+        if kwargs:
+            raise TypeError(f"BlipTokenizer.from_pretrained got unsupported arguments {sorted(kwargs)}")
+        if not hub.is_local(directory) and hub.looks_like_repo_id(os.fspath(directory)):
+            directory = hub.resolve(directory, options, files="tokenizer")
         directory = Path(directory)
         config = _read_json(directory / TOKENIZER_CONFIG_FILE)
         max_length = int(config.get("model_max_length") or DEFAULT_MODEL_MAX_LENGTH)

@@ -135,10 +135,13 @@ def test_output_container_and_formats(default_pair):
     pt = ours([image, image])
     assert pt.pixel_values is pt["pixel_values"]
     assert pt.pixel_values.shape == (2, 3, 384, 384)
-    assert pt.to(dtype=torch.float16).pixel_values.dtype == torch.float16
     np_values = ours(image, return_tensors="np")["pixel_values"]
     assert isinstance(np_values, np.ndarray)
     np.testing.assert_array_equal(np_values, pt.pixel_values[:1].numpy())
+    listed = ours([image, image], return_tensors=None)["pixel_values"]  # transformers' form without return_tensors
+    assert isinstance(listed, list) and len(listed) == 2 and listed[0].shape == (3, 384, 384)
+    np.testing.assert_array_equal(listed[1], pt.pixel_values[1].numpy())
+    assert pt.to(dtype=torch.float16).pixel_values.dtype == torch.float16
 
 
 @pytest.mark.parametrize(

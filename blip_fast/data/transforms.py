@@ -13,8 +13,10 @@ all randomness drawn from the caller's `rng` so augmentation is reproducible per
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
+import logging
 import math
 import os
 import random
@@ -22,7 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import PIL.Image
@@ -31,9 +33,13 @@ import torch
 from blip_fast.errors import InvalidInputError
 from blip_fast.tokenizer import BatchFeature
 
+logger = logging.getLogger("blip_fast")
+
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 PREPROCESSOR_CONFIG_FILE = "preprocessor_config.json"
+#: transformers 5 saves a processor's image settings here, under "image_processor" (no preprocessor_config.json).
+PROCESSOR_CONFIG_FILE = "processor_config.json"
 # preprocessor_config.json keys that map one-to-one onto BlipImageProcessor fields (size is converted).
 _CONFIG_KEYS = (
     "image_mean", "image_std", "resample", "do_resize", "do_rescale", "rescale_factor", "do_normalize", "do_convert_rgb"
@@ -138,6 +144,34 @@ def _pil_resize(hwc: np.ndarray, size: tuple[int, int], resample: int) -> np.nda
     return (resized.astype(np.float64) * (1 / 255)).astype(np.float32) if scaled else resized
 
 
+def saved_config(directory: Path) -> tuple[dict[str, Any] | None, Path | None]:
+    """The image-processor settings saved in `directory` and their file: `preprocessor_config.json` first (what
+    transformers 4 and the hub repos hold, and what transformers 5 also reads first), else `processor_config.json`'s
+    "image_processor" entry; (None, None) when neither holds them."""
+    for name, key in ((PREPROCESSOR_CONFIG_FILE, None), (PROCESSOR_CONFIG_FILE, "image_processor")):
+        path = directory / name
+        if not path.is_file():
+            continue
+        try:
+            config = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as error:
+            raise ValueError(f"cannot read {path}: {type(error).__name__}: {error}") from None
+        if key is not None:
+            config = config.get(key) if isinstance(config, dict) else None
+        if isinstance(config, dict):
+            return config, path
+    return None, None
+
+
+def _size_setting(size: Any, where: str) -> int | tuple[int, int]:
+    """transformers' `size` (`{height, width}` or an int) as a BlipImageProcessor size."""
+    if isinstance(size, dict):
+        if {key for key, value in size.items() if value is not None} != {"height", "width"}:
+            raise ValueError(f"{where}: size must be {{height, width}} or an int, got {size}")
+        return (size["height"], size["width"])
+    return size
+
+
 def _size_pair(size: int | Sequence[int]) -> tuple[int, int]:
     if isinstance(size, int):
         return (size, size)
@@ -178,29 +212,51 @@ class BlipImageProcessor:
 
     # ---------------------------------------------------------------- config files
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike) -> BlipImageProcessor:
-        """Read transformers' `preprocessor_config.json`; missing (or null) keys take transformers' defaults."""
-        path = Path(directory) / PREPROCESSOR_CONFIG_FILE
-        if not path.is_file():
-            raise FileNotFoundError(f"no {PREPROCESSOR_CONFIG_FILE} in {os.fspath(directory)!r}")
-        config = json.loads(path.read_text(encoding="utf-8"))
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any) -> BlipImageProcessor:
+        """Read the settings a transformers version saved: `preprocessor_config.json` (transformers 4, the hub's
+        BLIP repos, our saves) or the `image_processor` entry of `processor_config.json` (transformers 5).
+
+        Takes a directory or a hub id with transformers' download keywords (`cache_dir`, `revision`,
+        `local_files_only`, `token`, `force_download`); missing (or null) keys take transformers' defaults.
+        """
+        from blip_fast.hub import HubOptions, resolve
+
+        options = HubOptions.pop_from(kwargs)
+        if kwargs:
+            raise TypeError(f"BlipImageProcessor.from_pretrained got unsupported arguments {sorted(kwargs)}")
+        directory = Path(resolve(pretrained_model_name_or_path, options, files="image_processor"))
+        config, path = saved_config(directory)
+        if config is None:
+            raise FileNotFoundError(f"no {PREPROCESSOR_CONFIG_FILE} or {PROCESSOR_CONFIG_FILE} in "
+                                    f"{os.fspath(directory)!r}")
+        return cls.from_dict(config, where=str(path))
+
+    @classmethod
+    def from_dict(cls, config: dict[str, Any], where: str = "image processor config") -> BlipImageProcessor:
+        """The settings of a transformers image-processor config dict; `where` names it in errors."""
         config = {key: value for key, value in config.items() if value is not None}
         for unsupported in ("do_center_crop", "do_pad"):
             if config.get(unsupported):
-                raise ValueError(f"{path}: {unsupported}=true is not part of BLIP's preprocessing and not supported")
-        size = config.get("size", 384)
-        if isinstance(size, dict):
-            if set(size) != {"height", "width"}:
-                raise ValueError(f"{path}: size must be {{height, width}} or an int, got {size}")
-            size = (size["height"], size["width"])
-        return cls(size=size, **{name: config[name] for name in _CONFIG_KEYS if name in config})
+                raise ValueError(f"{where}: {unsupported}=true is not part of BLIP's preprocessing and not supported")
+        return cls(size=_size_setting(config.get("size", 384), where),
+                   **{name: config[name] for name in _CONFIG_KEYS if name in config})
+
+    def with_settings(self, **settings: Any) -> BlipImageProcessor:
+        """A copy with some settings replaced (transformers' per-call keywords; `size` may be `{height, width}`)."""
+        if "size" in settings:
+            settings["size"] = _size_setting(settings["size"], "size")
+        return dataclasses.replace(self, **settings) if settings else self
 
     @classmethod
     def for_model_dir(cls, directory: str | os.PathLike, image_size: int) -> BlipImageProcessor:
-        """The directory's saved processor, else BLIP's preprocessing at the model's `image_size` (original
-        checkpoints and bare weight dirs carry no `preprocessor_config.json`)."""
-        if (Path(directory) / PREPROCESSOR_CONFIG_FILE).is_file():
-            return cls.from_pretrained(directory)
+        """The one loader of a model directory's image processor: its saved settings (either transformers
+        layout), else BLIP's preprocessing at the model's `image_size` (original checkpoints and bare weight dirs
+        carry none), which is logged: a model trained with other settings would be fed wrong pixels."""
+        config, path = saved_config(Path(directory))
+        if config is not None:
+            return cls.from_dict(config, where=str(path))
+        logger.warning("%s has no %s or %s: using BLIP's preprocessing (%dx%d bicubic, CLIP mean/std)",
+                       os.fspath(directory), PREPROCESSOR_CONFIG_FILE, PROCESSOR_CONFIG_FILE, image_size, image_size)
         return cls(size=image_size)
 
     def save_pretrained(self, directory: str | os.PathLike) -> str:
@@ -227,13 +283,17 @@ class BlipImageProcessor:
     def __call__(
         self,
         images: ImageInput | Sequence[ImageInput],
-        return_tensors: Literal["pt", "np"] = "pt",
+        return_tensors: Literal["pt", "np"] | None = "pt",
     ) -> BatchFeature:
         """PIL images, [C, H, W]/[H, W, C] arrays or tensors, [B, ...] batches, or a list of them ->
-        `{"pixel_values": [B, 3, H, W] float32}` (torch tensor for "pt", numpy array for "np")."""
-        if return_tensors not in ("pt", "np"):
-            raise ValueError(f"return_tensors must be 'pt' or 'np', got {return_tensors!r}")
-        pixel_values = np.stack([self._process_one(image) for image in _flatten(images)])  # [B, 3, H, W]
+        `{"pixel_values": [B, 3, H, W] float32}`: a torch tensor for "pt" (the default here; transformers' default
+        is None), a numpy array for "np", a list of [3, H, W] numpy arrays for None (as transformers returns)."""
+        if return_tensors not in ("pt", "np", None):
+            raise ValueError(f"return_tensors must be 'pt', 'np' or None, got {return_tensors!r}")
+        arrays = [self._process_one(image) for image in _flatten(images)]  # each [3, H, W]
+        if return_tensors is None:
+            return BatchFeature(pixel_values=arrays)
+        pixel_values = np.stack(arrays)  # [B, 3, H, W]
         if return_tensors == "pt":
             pixel_values = torch.from_numpy(pixel_values)
         return BatchFeature(pixel_values=pixel_values)

@@ -54,17 +54,28 @@ class BlipPreTrainedModel(nn.Module):
                 module.tie_weights()
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, **kwargs: Any):
-        """Load an HuggingFace directory or an original BLIP ``.pth`` (see :func:`blip_fast.checkpoint.load_pretrained`)."""
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any):
+        """Load a HuggingFace directory, a hub id or an original BLIP ``.pth``, with transformers' keywords.
+
+        ``dtype``/``torch_dtype`` (default ``"auto"``: the checkpoint's), ``device_map`` (one device),
+        ``cache_dir``/``revision``/``local_files_only``/``token``/``force_download`` for hub ids,
+        ``use_safetensors``; ``attn_implementation`` and ``low_cpu_mem_usage`` are accepted (see
+        :mod:`blip_fast.loading`), anything else is a ``TypeError``. blip_fast's own: ``device``, ``strict``,
+        ``hf_compat``, ``config``, ``tokenizer`` (:func:`blip_fast.checkpoint.load_pretrained`).
+        """
+        from blip_fast import checkpoint, hub, loading
+
+        options, load = loading.split_kwargs(cls.__name__, kwargs)
+        path = hub.resolve(pretrained_model_name_or_path, options, files="model",
+                           use_safetensors=load["use_safetensors"])
+        return checkpoint.load_pretrained(cls, path, **load)
+
+    def save_pretrained(self, out_dir: str | os.PathLike, safe_serialization: bool = True) -> None:
+        """Write an HuggingFace-layout directory (config.json + model.safetensors, or pytorch_model.bin without
+        ``safe_serialization``) that transformers loads."""
         from blip_fast import checkpoint
 
-        return checkpoint.load_pretrained(cls, path, **kwargs)
-
-    def save_pretrained(self, out_dir: str | os.PathLike) -> None:
-        """Write an HuggingFace-layout directory (config.json + model.safetensors) that transformers loads."""
-        from blip_fast import checkpoint
-
-        checkpoint.save_pretrained(self, out_dir)
+        checkpoint.save_pretrained(self, out_dir, safe_serialization=safe_serialization)
 
     @classmethod
     def from_hf_model(cls, hf_model: nn.Module):

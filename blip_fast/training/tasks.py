@@ -37,7 +37,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from blip_fast import checkpoint
+from blip_fast import checkpoint, hub
 from blip_fast.config import BlipConfig
 from blip_fast.data import BlipCollator
 from blip_fast.tokenizer import TOKENIZER_FILE, VOCAB_FILE, BlipTokenizer
@@ -60,9 +60,12 @@ class InitSource:
     """Where a run starts: a ``blip_fast.train`` output dir (its ``latest``), one of its ``global_stepN`` dirs, an
     HuggingFace-layout task dir (``config.json`` + weights + tokenizer files), or an original Salesforce BLIP
     ``.pth`` (``model_base.pth``, ``model_base_retrieval_coco.pth``, ...; it holds no tokenizer, so ``tokenizer_dir``
-    names one: bert-base-uncased's ``vocab.txt``, to which ``[DEC]``/``[ENC]`` are added as the original does)."""
+    names one: bert-base-uncased's ``vocab.txt``, to which ``[DEC]``/``[ENC]`` are added as the original does).
+    A HuggingFace hub id stands for its snapshot directory."""
 
     def __init__(self, path: str | os.PathLike, tokenizer_dir: str | os.PathLike | None = None) -> None:
+        if not hub.is_local(path) and hub.looks_like_repo_id(os.fspath(path)):
+            path = hub.resolve(path)  # a HuggingFace hub id: its cached (or downloaded) snapshot
         self.path = Path(path)
         #: (output_dir, tag) of a training checkpoint; None for an HF-layout dir.
         self.checkpoint: tuple[Path, str] | None = None
