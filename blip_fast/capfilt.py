@@ -207,10 +207,10 @@ class CapFiltModels:
         dtype = getattr(torch, options.dtype)
         captioner = Captioner.from_pretrained(options.captioner, options.device, dtype, options.prompt)
         captioner.check_lengths(options.max_length, options.min_length)
-        filter_dir = resolve(options.filter)  # a directory or a hub id
-        filter_model = BlipForImageTextRetrieval.from_pretrained(filter_dir, torch_dtype=dtype, device=options.device)
-        processor = BlipImageProcessor.for_model_dir(filter_dir, filter_model.config.vision.image_size)
-        return cls(captioner, filter_model, BlipTokenizer.from_pretrained(filter_dir), processor, options)
+        filter_model = BlipForImageTextRetrieval.from_pretrained(options.filter, torch_dtype=dtype,
+                                                                 device=options.device)
+        processor = BlipImageProcessor.for_model_dir(options.filter, filter_model.config.vision.image_size)
+        return cls(captioner, filter_model, BlipTokenizer.from_pretrained(options.filter), processor, options)
 
     def decoding(self) -> dict[str, Any]:
         """The captioner's ``generate`` arguments (BLIP's nucleus sampling)."""
@@ -330,6 +330,8 @@ def run_capfilt(options: CapFiltOptions) -> dict[str, Any]:
     rank, world = _rank_and_world(options)
     source = CapFiltInput(options.input, options.image_root, options.images_per_part)
     output = prepare_output(options.output, source.files)
+    # Hub ids become their cached (or downloaded) snapshot folders: the pinned options name the models' commits.
+    options = dataclasses.replace(options, captioner=resolve(options.captioner), filter=resolve(options.filter))
     check_options(output, options.fingerprint())
     mine = [unit for unit in range(len(source)) if unit % world == rank]
     pending = [unit for unit in mine if not manifest_path(output, unit).is_file()]

@@ -44,8 +44,8 @@ def _add_device_arguments(parser: argparse.ArgumentParser, device_help: str = "a
 
 def _add_caption_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("images", nargs="+", type=Path, help="image files")
-    parser.add_argument("--model", required=True, type=errors.existing_dir,
-                        help="HuggingFace-layout BLIP captioning directory")
+    parser.add_argument("--model", required=True, type=errors.model_dir,
+                        help="BLIP captioning model: HuggingFace-layout directory or hub id")
     decoding = parser.add_mutually_exclusive_group()
     decoding.add_argument("--beams", type=errors.positive_int, default=3, help="beam search width (BLIP: 3)")
     decoding.add_argument("--sample", action="store_true", help="nucleus sampling instead of beam search")
@@ -154,10 +154,10 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _add_capfilt_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--captioner", required=True, type=errors.existing_dir,
-                        help="HuggingFace-layout BLIP captioning directory")
-    parser.add_argument("--filter", required=True, type=errors.existing_dir,
-                        help="HuggingFace-layout BLIP retrieval (ITM) directory")
+    parser.add_argument("--captioner", required=True, type=errors.model_dir,
+                        help="BLIP captioning model: HuggingFace-layout directory or hub id")
+    parser.add_argument("--filter", required=True, type=errors.model_dir,
+                        help="BLIP retrieval (ITM) model: HuggingFace-layout directory or hub id")
     parser.add_argument("--input", required=True, help="folder or brace/glob pattern of .tar shards, or BLIP .json")
     parser.add_argument("--image-root", type=errors.existing_dir, help="folder the json's image paths are relative to")
     parser.add_argument("--output", required=True, type=errors.output_dir,
@@ -207,8 +207,8 @@ def _capfilt(args: argparse.Namespace) -> int:
 
 def _add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--task", choices=["retrieval", "caption"], required=True, help="what to evaluate")
-    parser.add_argument("--model", required=True, type=errors.existing_dir,
-                        help="HuggingFace-layout BLIP directory of that task")
+    parser.add_argument("--model", required=True, type=errors.model_dir,
+                        help="BLIP model of that task: HuggingFace-layout directory or hub id")
     parser.add_argument("--annotations", required=True, type=errors.existing_file,
                         help='test json: [{"image", "caption"}, ...]')
     parser.add_argument("--image-root", required=True, type=errors.existing_dir,

@@ -133,7 +133,17 @@ def _output_file(text: str) -> Path:
     return path
 
 
+def _model_dir(text: str) -> str:
+    """An existing model folder, or a name that can be a Hugging Face Hub id (resolved when the model loads)."""
+    from blip_fast.hub import looks_like_repo_id
+
+    if os.path.exists(text) or not looks_like_repo_id(text):
+        return str(_existing_dir(text))
+    return text
+
+
 existing_dir = _type("existing directory", _existing_dir)
+model_dir = _type("model folder or hub id", _model_dir)
 existing_file = _type("existing file", _existing_file)
 output_dir = _type("output folder", _output_dir)
 output_file = _type("output file", _output_file)

@@ -17,6 +17,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from blip_fast.errors import MissingFileError
+
 CONFIG_FILE = "config.json"
 WEIGHT_FILES = {  # transformers' order: single file, then sharded index; safetensors first
     True: ("model.safetensors", "model.safetensors.index.json"),
@@ -31,8 +33,9 @@ PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
 
 
-class HubError(OSError):
-    """A hub id that cannot be resolved: not cached while offline, unknown repo or revision, a missing file."""
+class HubError(MissingFileError):
+    """A hub id that cannot be resolved: not cached while offline, unknown repo or revision, a missing file (a
+    user error: the CLI prints it as one line)."""
 
 
 @dataclass(frozen=True)
@@ -103,7 +106,7 @@ def resolve(
     if is_local(path):
         return path
     if not looks_like_repo_id(path):
-        raise FileNotFoundError(f"no such file or directory: {path!r} (and it is not a Hugging Face Hub id)")
+        raise MissingFileError(f"no such file or directory: {path!r} (and it is not a Hugging Face Hub id)")
     fetch = _Fetcher(path, options)
     if files == "model":
         fetch.required(CONFIG_FILE)

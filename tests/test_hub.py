@@ -157,3 +157,34 @@ def test_outputs_equal_transformers_from_the_same_cached_id(cache, offline):
     ids = torch.tensor([[101, 1037, 3899, 102]])
     with torch.no_grad():
         assert_close(model(_pixels(1), ids).logits, hf_model(pixel_values=_pixels(1), input_ids=ids).logits)
+
+
+def test_cli_takes_hub_ids(cache, offline, monkeypatch, tmp_path, capsys):
+    from huggingface_hub import constants
+
+    from blip_fast import cli
+    from tests.test_transforms import random_image
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    random_image("RGB", (40, 30)).save(tmp_path / "a.png")
+    assert cli.main(["caption", str(tmp_path / "a.png"), "--model", REPO, "--max-length", "8", "--device", "cpu"]) == 0
+    assert capsys.readouterr().out.startswith(str(tmp_path / "a.png") + "\t")
+
+
+def test_cli_offline_absent_id_is_one_line(tmp_path):
+    """The acceptance check: offline and not cached -> one line naming the id and the cache, exit 2, no traceback."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.test_transforms import random_image
+
+    random_image("RGB", (8, 8)).save(tmp_path / "a.png")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-m", "blip_fast.cli", "caption", str(tmp_path / "a.png"), "--model",
+                             "Salesforce/blip-image-captioning-large"], capture_output=True, text=True, env=env,
+                            timeout=300)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr and result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith("blip-fast: error: 'Salesforce/blip-image-captioning-large'")
+    assert str(tmp_path / "cache") in result.stderr and "HF_HUB_OFFLINE=1" in result.stderr
