@@ -42,6 +42,7 @@ class BlipRetrievalTrainer(MomentumContrastiveModel):
         """Momentum copies = the online weights: the start when fine-tuning a model saved without them (HF dirs)."""
         for online, momentum_model in self._momentum_pairs():
             momentum_model.load_state_dict(online.state_dict())
+        self.ema.reset()
 
     def forward(
         self,

@@ -20,6 +20,7 @@ from torch import nn
 from blip_fast import distributed, ops
 from blip_fast.config import BlipConfig
 from blip_fast.modeling.common import init_weights
+from blip_fast.modeling.momentum import MomentumEMA
 from blip_fast.modeling.outputs import ModelOutput
 from blip_fast.modeling.text import BlipTextLMHeadModel, BlipTextModel, decoder_inputs_and_targets
 from blip_fast.modeling.vit import BlipVisionModel
@@ -93,6 +94,13 @@ class MomentumContrastiveModel(nn.Module):
         self.register_buffer("text_queue", F.normalize(torch.randn(embed_dim, queue_size), dim=0))
         self.register_buffer("idx_queue", torch.full((queue_size,), -100, dtype=torch.long))
         self.register_buffer("ptr_queue", torch.zeros(1, dtype=torch.long))
+        self.ema = MomentumEMA(momentum)
+        # The EMA runs before the forward, ahead of any hook DeepSpeed registers later (ZeRO-3 fetches weights in
+        # its own pre-hooks; the partitions must be updated before that). Equivalent to BLIP's order (EMA after the
+        # online forward, before the momentum forward): the online forward neither reads nor changes either side.
+        self.register_forward_pre_hook(_momentum_update_hook)
+        # Weights loaded from elsewhere make the fp32 masters stale: they are rebuilt from the loaded weights.
+        self.register_load_state_dict_post_hook(_reset_ema_hook)
 
     def _momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
         return [
@@ -102,27 +110,23 @@ class MomentumContrastiveModel(nn.Module):
             (self.text_proj, self.text_proj_m),
         ]
 
-    @torch.no_grad()
-    def momentum_update(self) -> None:
-        """EMA of the online weights into the momentum copies: ``m = momentum * m + (1 - momentum) * online``."""
-        pairs = [
-            (parameter, parameter_m)
+    def momentum_parameters(self) -> list[tuple[str, nn.Parameter, nn.Parameter]]:
+        """``(momentum weight name, online weight, momentum weight)`` for every momentum-encoder weight."""
+        return [
+            (f"{self._module_name(momentum_model)}.{name}", parameter, parameter_m)
             for online, momentum_model in self._momentum_pairs()
-            for parameter, parameter_m in zip(online.parameters(), momentum_model.parameters(), strict=True)
+            for (name, parameter), parameter_m in zip(online.named_parameters(), momentum_model.parameters(),
+                                                      strict=True)
         ]
-        if hasattr(pairs[0][0], "ds_tensor"):
-            # ZeRO-3: a rank's shard is not the whole story (persistent or prefetched parameters keep full copies),
-            # so gather, update everywhere, and let DeepSpeed re-partition what rank 0 wrote.
-            import deepspeed
 
-            with deepspeed.zero.GatheredParameters([p for pair in pairs for p in pair], modifier_rank=0):
-                self._ema([p.data for p, _ in pairs], [p.data for _, p in pairs])
-        else:
-            self._ema([p.data for p, _ in pairs], [p.data for _, p in pairs])
+    def _module_name(self, module: nn.Module) -> str:
+        return next(name for name, child in self.named_children() if child is module)
 
-    def _ema(self, sources: list[torch.Tensor], targets: list[torch.Tensor]) -> None:
-        torch._foreach_mul_(targets, self.momentum)
-        torch._foreach_add_(targets, sources, alpha=1 - self.momentum)
+    def momentum_update(self) -> None:
+        """EMA of the online weights into the momentum copies, ``m = momentum * m + (1 - momentum) * online``,
+        accumulated in fp32 whatever the weights' precision (:mod:`blip_fast.modeling.momentum`)."""
+        self.ema.momentum = self.momentum
+        self.ema.step(self.momentum_parameters)
 
     @torch.no_grad()
     def enqueue(self, image_feat_m: torch.Tensor, text_feat_m: torch.Tensor, image_ids: torch.Tensor | None) -> None:
@@ -157,8 +161,7 @@ class MomentumContrastiveModel(nn.Module):
         image_embeds = self.vision_model(pixel_values).last_hidden_state
         image_feat = _normalized_cls(self.vision_proj, image_embeds)
         text_feat = _normalized_cls(self.text_proj, self.text_encoder(input_ids, attention_mask).last_hidden_state)
-        with torch.no_grad():
-            self.momentum_update()  # before the momentum forward, as in BLIP
+        with torch.no_grad():  # the momentum encoders were updated by the forward pre-hook
             image_feat_m = _normalized_cls(self.vision_proj_m, self.visual_encoder_m(pixel_values).last_hidden_state)
             text_states_m = self.text_encoder_m(input_ids, attention_mask).last_hidden_state
             text_feat_m = _normalized_cls(self.text_proj_m, text_states_m)
@@ -256,6 +259,14 @@ class BlipPretrainer(MomentumContrastiveModel):
 
     def export(self, out_dir: str | os.PathLike, task: str = "captioning") -> str:
         return super().export(out_dir, task)
+
+
+def _momentum_update_hook(module: MomentumContrastiveModel, args: tuple) -> None:
+    module.momentum_update()
+
+
+def _reset_ema_hook(module: MomentumContrastiveModel, incompatible_keys) -> None:
+    module.ema.reset()
 
 
 def export_state_dict(

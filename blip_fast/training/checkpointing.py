@@ -6,6 +6,7 @@ Layout of ``output_dir`` (DeepSpeed's, with three additions marked +)::
     zero_to_fp32.py               DeepSpeed's offline consolidation script
     global_step1000/              model/optimizer shards (module state holds the queues: they are buffers)
         rng_rank{r}.pt          + rank r's RNG streams (python, numpy, torch CPU, CUDA)
+        ema_rank{r}.pt          + rank r's fp32 masters of the momentum encoders (bf16/fp16 training, ZeRO-3)
     config.yaml, ds_config.json + the resolved options and ds_config of the run
     blip_config.json, tokenizer/ + the model config and the tokenizer (trained, or copied from --tokenizer_dir or
                                   --init_from), what export and fine-tuning from this dir need
@@ -20,6 +21,9 @@ What is saved where, for exact resume:
   (world size, micro batch, gradient accumulation) a resume must match.
 - ``rng_rank{r}.pt``, one per rank, written by that rank: the RNG streams differ per rank (dropout masks, ITM
   negative sampling), and DeepSpeed keeps one ``client_state`` only.
+- ``ema_rank{r}.pt``, one per rank, when the momentum encoders' EMA keeps fp32 masters (bf16/fp16 weights, or
+  ZeRO-3's persistent weights; :mod:`blip_fast.modeling.momentum`): DeepSpeed saves the rounded momentum weights
+  only, and under ZeRO-3 each rank holds the masters of its own partitions.
 - Nothing for the LR or alpha: both are pure functions of (epoch, step) (:mod:`blip_fast.training.schedule`).
   Data augmentation draws from (seed, epoch, index) inside the dataset, so it needs no state either.
 
@@ -52,6 +56,7 @@ LATEST_FILE = "latest"
 BLIP_CONFIG_FILE = "blip_config.json"
 TOKENIZER_DIR = "tokenizer"
 RNG_FILE = "rng_rank{rank}.pt"
+EMA_FILE = "ema_rank{rank}.pt"
 CLIENT_STATE_KEY = "blip_fast"
 _TAG = re.compile(r"^global_step(\d+)$")
 
@@ -101,6 +106,9 @@ def save_checkpoint(engine, output_dir: str | os.PathLike, step: int, client_sta
     tag_dir = output_dir / tag
     tag_dir.mkdir(parents=True, exist_ok=True)
     atomic_write(tag_dir / RNG_FILE.format(rank=dist.get_rank()), lambda tmp: torch.save(capture_rng(), tmp))
+    ema = getattr(engine.module, "ema", None)
+    if ema is not None and ema.state_dict()["masters"]:
+        atomic_write(tag_dir / EMA_FILE.format(rank=dist.get_rank()), lambda tmp: torch.save(ema.state_dict(), tmp))
     engine.save_checkpoint(str(output_dir), tag=tag, client_state={CLIENT_STATE_KEY: client_state},
                            save_latest=False)
     dist.barrier()  # every rank's files are closed before `latest` names them
@@ -153,14 +161,27 @@ def load_checkpoint(engine, output_dir: str | os.PathLike, tag: str) -> tuple[di
     if not client_state or CLIENT_STATE_KEY not in client_state:
         raise RuntimeError(f"{output_dir}/{tag} was not written by blip_fast.train (no {CLIENT_STATE_KEY!r} state)")
     state = client_state[CLIENT_STATE_KEY]
+    same_ranks = state.get("world_size") == dist.get_world_size()
+    _load_ema(engine.module, Path(output_dir) / tag / EMA_FILE.format(rank=dist.get_rank()), same_ranks)
     rng_path = Path(output_dir) / tag / RNG_FILE.format(rank=dist.get_rank())
-    if state.get("world_size") == dist.get_world_size() and rng_path.is_file():
+    if same_ranks and rng_path.is_file():
         restore_rng(torch.load(rng_path, map_location="cpu", weights_only=False))
         return state, True
     logger.warning("%s: no RNG state for rank %d of %d (checkpoint written by %s ranks): dropout and ITM-negative "
                    "streams are reseeded; the run continues, but not bit-exactly", rng_path, dist.get_rank(),
                    dist.get_world_size(), state.get("world_size"))
     return state, False
+
+
+def _load_ema(model, path: Path, same_ranks: bool) -> None:
+    """Restore the momentum EMA's fp32 masters; without a fitting file they are rebuilt from the loaded weights."""
+    ema = getattr(model, "ema", None)
+    if ema is None:
+        return
+    state = torch.load(path, map_location="cpu", weights_only=True) if same_ranks and path.is_file() else {}
+    if not ema.load_state_dict(state, model.momentum_parameters):
+        logger.warning("%s: no fitting fp32 masters of the momentum encoders for this rank; they restart from the "
+                       "checkpoint's rounded momentum weights (the run continues, but not bit-exactly)", path)
 
 
 # ---------------------------------------------------------------------------------------------------- run files
