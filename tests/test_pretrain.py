@@ -289,3 +289,56 @@ def test_fused_step_matches_the_reference_step_on_cuda(monkeypatch):
         assert_close(fused[name].detach(), reference[name].detach(), rtol=1e-4)
     assert_close(fused_proj, ref_proj, rtol=1e-4)
     assert_close(fused_temp, ref_temp, rtol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------------ shared cross K/V
+def _losses_and_gradients(model, inputs, negatives, monkeypatch):
+    monkeypatch.setattr(pretrain.ops, "sample_hard_negatives", lambda *args, **kwargs: negatives)
+    losses = model(*inputs, alpha=0.4)
+    losses.loss.backward()
+    gradients = {name: parameter.grad.clone() for name, parameter in model.named_parameters()
+                 if parameter.grad is not None}
+    return {name: losses[name].detach() for name in ("loss_itc", "loss_itm", "loss_lm")}, gradients
+
+
+def test_shared_cross_kv_step_equals_the_reference_step(monkeypatch):
+    """Each image's cross-attention K/V projected once (ITM pairs and decoder gather it) gives the reference step's
+    losses and every gradient (fp32). 5 pairs, one padded caption, an image drawn as negative by two texts."""
+    inputs = _batch(5, seed=3)
+    negatives = torch.tensor([1, 2, 3, 4, 0]), torch.tensor([2, 2, 0, 1, 3])
+    runs = []
+    for share in (False, True):
+        torch.manual_seed(0)
+        model = BlipPretrainer(CONFIG, queue_size=10, share_cross_kv=share).eval()
+        runs.append(_losses_and_gradients(model, inputs, negatives, monkeypatch))
+    (reference_losses, reference_grads), (shared_losses, shared_grads) = runs
+    for name, value in reference_losses.items():
+        assert_close(shared_losses[name], value, rtol=1e-5, atol=1e-6)
+    assert shared_grads.keys() == reference_grads.keys()
+    crossattention = [name for name in reference_grads if ".crossattention.self.key." in name]
+    assert crossattention, "the cross-attention K/V projections must receive gradients"
+    for name, gradient in reference_grads.items():
+        assert_close(shared_grads[name], gradient, rtol=1e-4, atol=1e-6)
+
+
+def test_shared_cross_kv_with_negatives_from_other_ranks():
+    """ITM with candidates gathered across ranks (retrieval's negative_all_rank): local images and the drawn
+    negatives are projected once each; loss and gradients (parameters, local and gathered image states) match."""
+    torch.manual_seed(1)
+    _, input_ids, attention_mask = _batch(3, seed=4)
+    image_states = torch.randn(3, 17, CONFIG.vision.hidden_size)
+    pool_states = torch.randn(6, 17, CONFIG.vision.hidden_size)
+    pool_ids, pool_mask = torch.cat([input_ids, input_ids.flip(0)]), torch.cat([attention_mask, attention_mask])
+    negative_texts, negative_images = torch.tensor([4, 0, 5]), torch.tensor([5, 5, 1])
+    results = []
+    for share in (False, True):
+        torch.manual_seed(0)
+        model = BlipPretrainer(CONFIG, queue_size=12, share_cross_kv=share).eval()
+        local, pool = image_states.clone().requires_grad_(), pool_states.clone().requires_grad_()
+        loss = model.matching(local, input_ids, attention_mask, negative_texts, negative_images,
+                              candidates=(pool, pool_ids, pool_mask))
+        loss.backward()
+        results.append((loss.detach(), local.grad, pool.grad, model.text_encoder.encoder.layer[0].crossattention
+                        .self.value.weight.grad))
+    for reference, shared in zip(*results):
+        assert_close(shared, reference, rtol=1e-4, atol=1e-6)

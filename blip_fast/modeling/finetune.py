@@ -32,9 +32,10 @@ class BlipRetrievalTrainer(MomentumContrastiveModel):
     """Retrieval fine-tuning (COCO/Flickr): ``loss = ITC(multi-positive by image id) + ITM``."""
 
     def __init__(
-        self, config: BlipConfig, queue_size: int = 57600, momentum: float = 0.995, negative_all_rank: bool = False
+        self, config: BlipConfig, queue_size: int = 57600, momentum: float = 0.995, negative_all_rank: bool = False,
+        share_cross_kv: bool = True,
     ) -> None:
-        super().__init__(config, queue_size, momentum)
+        super().__init__(config, queue_size, momentum, share_cross_kv)
         self.negative_all_rank = negative_all_rank
 
     @torch.no_grad()

@@ -22,7 +22,7 @@ from blip_fast.config import BlipConfig
 from blip_fast.modeling.common import init_weights
 from blip_fast.modeling.momentum import MomentumEMA
 from blip_fast.modeling.outputs import ModelOutput
-from blip_fast.modeling.text import BlipTextLMHeadModel, BlipTextModel, decoder_inputs_and_targets
+from blip_fast.modeling.text import BlipTextLMHeadModel, BlipTextModel, CrossContext, decoder_inputs_and_targets
 from blip_fast.modeling.vit import BlipVisionModel
 
 
@@ -64,11 +64,14 @@ class MomentumContrastiveModel(nn.Module):
     """What pre-training and retrieval fine-tuning share: ViT, text encoder, ITC projections, ITM head, learnable
     temperature, momentum copies (EMA) and feature queues, plus the ITC and ITM computations."""
 
-    def __init__(self, config: BlipConfig, queue_size: int, momentum: float) -> None:
+    def __init__(self, config: BlipConfig, queue_size: int, momentum: float, share_cross_kv: bool = True) -> None:
         super().__init__()
         self.config = config
         self.queue_size = queue_size
         self.momentum = momentum
+        #: Project each image's cross-attention K/V once per step for all its ITM pairs (and the decoder) instead of
+        #: once per pair; False is the reference computation (same losses and gradients, more FLOPs).
+        self.share_cross_kv = share_cross_kv
         vision_width, text_width = config.vision.hidden_size, config.text.hidden_size
         embed_dim = config.image_text_hidden_size
 
@@ -181,21 +184,46 @@ class MomentumContrastiveModel(nn.Module):
         negative_texts: torch.Tensor,
         negative_images: torch.Tensor,
         candidates: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+        context: CrossContext | None = None,
     ) -> torch.Tensor:
         """ITM cross-entropy over 3B pairs: matched, (negative image, text), (image, negative text).
 
         Negative indices point into ``candidates = (image_embeds, input_ids, attention_mask)`` gathered across
-        ranks, or into the local batch when None. ``[ENC]`` replaces ``[CLS]`` at position 0.
+        ranks, or into the local batch when None. ``[ENC]`` replaces ``[CLS]`` at position 0. ``context``: the local
+        images' projected cross-attention K/V when the caller already has it (pre-training shares it with the
+        decoder); with ``share_cross_kv`` it is projected here otherwise.
         """
         pool_images, pool_ids, pool_mask = candidates or (image_embeds, input_ids, attention_mask)
         pair_ids = torch.cat([input_ids, input_ids, pool_ids[negative_texts]])
         pair_ids[:, 0] = self.config.text.enc_token_id
         pair_mask = torch.cat([attention_mask, attention_mask, pool_mask[negative_texts]])
-        pair_images = torch.cat([image_embeds, pool_images[negative_images], image_embeds])
+        if self.share_cross_kv:
+            pair_images = self._pair_context(image_embeds, negative_images, candidates, context)
+        else:
+            pair_images = torch.cat([image_embeds, pool_images[negative_images], image_embeds])
         pair_states = self.text_encoder(pair_ids, pair_mask, pair_images).last_hidden_state
         labels = torch.zeros(len(pair_ids), dtype=torch.long, device=pair_ids.device)
         labels[: len(input_ids)] = 1
         return F.cross_entropy(self.itm_head(pair_states[:, 0]), labels)
+
+    def _pair_context(
+        self,
+        image_embeds: torch.Tensor,
+        negative_images: torch.Tensor,
+        candidates: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
+        context: CrossContext | None,
+    ) -> CrossContext:
+        """The ITM pairs' cross-attention context with each image projected once: the local batch's images, plus,
+        when negatives come from other ranks, the drawn negative images (projecting every rank's batch would cost
+        more than the B negatives it serves)."""
+        local = torch.arange(image_embeds.shape[0], device=image_embeds.device)
+        if candidates is not None:
+            negatives = candidates[0][negative_images]
+            context = self.text_encoder.project_context(torch.cat([image_embeds, negatives]))
+            return context.for_rows(torch.cat([local, local + len(local), local]))
+        if context is None:
+            context = self.text_encoder.project_context(image_embeds)
+        return context.for_rows(torch.cat([local, negative_images, local]))
 
     def export(self, out_dir: str | os.PathLike, task: str = "retrieval") -> str:
         """Write the ``task`` model ("captioning", "retrieval", "vqa") as an HuggingFace-layout directory."""
@@ -220,8 +248,9 @@ class BlipPretrainer(MomentumContrastiveModel):
         negative_smoothing: float = 1e-4,
         label_smoothing: float = 0.1,
         negatives_by_image_id: bool = False,
+        share_cross_kv: bool = True,
     ) -> None:
-        super().__init__(config, queue_size, momentum)
+        super().__init__(config, queue_size, momentum, share_cross_kv)
         self.negative_smoothing = negative_smoothing
         self.negatives_by_image_id = negatives_by_image_id
         self.label_smoothing = label_smoothing
@@ -248,12 +277,16 @@ class BlipPretrainer(MomentumContrastiveModel):
             image_columns=step.image_feat_m, text_columns=step.text_feat_m, column_ids=ids,
         )
         image_embeds, loss_itc = step.image_embeds, step.loss_itc
-        loss_itm = self.matching(image_embeds, input_ids, attention_mask, negative_texts, negative_images)
+        # The decoder's cross-attention is the encoder's (shared): one projection of the images serves both.
+        context = self.text_encoder.project_context(image_embeds) if self.share_cross_kv else None
+        loss_itm = self.matching(image_embeds, input_ids, attention_mask, negative_texts, negative_images,
+                                 context=context)
 
         # LM: [DEC] replaces [CLS]; padding is not predicted.
         decoder_ids, targets = decoder_inputs_and_targets(input_ids, attention_mask, self.config.text.bos_token_id)
         loss_lm = self.text_decoder(
-            decoder_ids, attention_mask, image_embeds, labels=targets, label_smoothing=self.label_smoothing
+            decoder_ids, attention_mask, image_embeds if context is None else context, labels=targets,
+            label_smoothing=self.label_smoothing,
         ).loss
         return PretrainOutput(loss=loss_itc + loss_itm + loss_lm, loss_itc=loss_itc, loss_itm=loss_itm, loss_lm=loss_lm)
 

@@ -99,6 +99,35 @@ class DecoderCache:
         filled.copy_(gathered)
 
 
+@dataclass
+class CrossContext:
+    """Every layer's cross-attention K/V of a set of contexts (images), projected once and shared by many rows.
+
+    ``keys[i]``/``values[i]``: layer ``i``'s ``[C, H, N_ctx, Dh]``. ``rows`` (LongTensor ``[R]``): the context each
+    fed row attends to (ITM's matched and negative pairs index one image's K/V several times); None: row ``r``
+    attends to context ``r``. Training passes one wherever it would pass ``encoder_hidden_states``: the gathers are
+    differentiable, so each image's K/V gradient is the sum over its rows, as if it had been projected per row.
+    """
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    rows: torch.Tensor | None = None
+
+    def for_rows(self, rows: torch.Tensor | None) -> CrossContext:
+        return CrossContext(self.keys, self.values, rows)
+
+    def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer ``index``'s key and value, one per fed row: ``[R, H, N_ctx, Dh]``."""
+        key, value = self.keys[index], self.values[index]
+        if self.rows is None:
+            return key, value
+        return key.index_select(0, self.rows), value.index_select(0, self.rows)
+
+    @property
+    def num_rows(self) -> int:
+        return self.keys[0].shape[0] if self.rows is None else self.rows.shape[0]
+
+
 class BlipTextEmbeddings(nn.Module):
     """Word + absolute position embeddings, LayerNorm, dropout (BLIP has no token-type embeddings)."""
 
@@ -258,7 +287,7 @@ class BlipTextLayer(nn.Module):
         self,
         hidden_states: torch.Tensor,
         self_mask: torch.Tensor | None,
-        encoder_hidden_states: torch.Tensor | None,
+        encoder_hidden_states: torch.Tensor | CrossContext | None,
         cross_mask: torch.Tensor | None,
         cache: DecoderCache | None,
         layer_index: int,
@@ -281,7 +310,10 @@ class BlipTextLayer(nn.Module):
         elif isinstance(self.crossattention, BlipTextTwinCrossAttention):
             hidden_states = self.crossattention(hidden_states, encoder_hidden_states, cross_mask)
         elif encoder_hidden_states is not None:
-            key, value = self.crossattention.self.project_kv(encoder_hidden_states)
+            if isinstance(encoder_hidden_states, CrossContext):
+                key, value = encoder_hidden_states.layer(layer_index)
+            else:
+                key, value = self.crossattention.self.project_kv(encoder_hidden_states)
             context = self.crossattention.self(hidden_states, key, value, cross_mask)
             hidden_states = self.crossattention.output(context, hidden_states)
 
@@ -335,7 +367,8 @@ class BlipTextModel(nn.Module):
     """The MED stack: ``input_ids [B, L]`` -> ``last_hidden_state [B, L, D]``.
 
     ``encoder_hidden_states [B, N_ctx, D_ctx]`` switches on cross-attention; ``is_decoder`` makes self-attention
-    causal. With a ``cache`` (decoding), cross-attention reads the cached per-image K/V instead.
+    causal. With a ``cache`` (decoding), cross-attention reads the cached per-image K/V instead; with a
+    :class:`CrossContext` (training, from :meth:`project_context`), K/V projected once and gathered per row.
     ``twin_merge_from`` (NLVR2) gives every layer a twin cross-attention over a pair of images, passed as a pair of
     ``encoder_hidden_states`` (and masks); layers from that index on merge the pair with a linear layer.
     """
@@ -352,7 +385,7 @@ class BlipTextModel(nn.Module):
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
-        encoder_hidden_states: torch.Tensor | None = None,
+        encoder_hidden_states: torch.Tensor | CrossContext | None = None,
         encoder_attention_mask: torch.Tensor | None = None,
         is_decoder: bool = False,
         cache: DecoderCache | None = None,
@@ -368,6 +401,10 @@ class BlipTextModel(nn.Module):
         if isinstance(encoder_hidden_states, (tuple, list)):  # NLVR2's image pair
             masks = encoder_attention_mask or (None, None)
             cross_mask = tuple(context_attention_mask(mask, dtype) for mask in masks)
+        elif isinstance(encoder_hidden_states, CrossContext):
+            # No mask means every context position is attended (a ones mask adds zeros; SDPA's fastest kernels
+            # take no mask).
+            cross_mask = context_attention_mask(encoder_attention_mask, dtype)
         elif encoder_hidden_states is not None and cache is None:
             if encoder_attention_mask is None:
                 encoder_attention_mask = torch.ones(encoder_hidden_states.shape[:2], device=device)
@@ -400,6 +437,12 @@ class BlipTextModel(nn.Module):
         heads = self.config.num_attention_heads
         shape = (2, len(self.encoder.layer), rows, heads, max_length, self.config.hidden_size // heads)
         return torch.zeros(shape, dtype=dtype, device=device)
+
+    def project_context(self, encoder_hidden_states: torch.Tensor) -> CrossContext:
+        """Every layer's cross-attention K/V of ``[C, N_ctx, D_ctx]`` context states, once, for many rows (training:
+        ITM's pairs and the decoder share them; see :class:`CrossContext`). Keeps the autograd graph."""
+        keys, values = zip(*self._cross_kv(encoder_hidden_states))
+        return CrossContext(list(keys), list(values))
 
     def _cross_kv(self, encoder_hidden_states: torch.Tensor):
         """Each layer's cross-attention (key, value) ``[images, H, N_ctx, Dh]`` of ``[images, N_ctx, D_ctx]``."""
@@ -528,7 +571,7 @@ class BlipTextLMHeadModel(nn.Module):
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
-        encoder_hidden_states: torch.Tensor | None = None,
+        encoder_hidden_states: torch.Tensor | CrossContext | None = None,
         encoder_attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         reduction: str = "mean",
