@@ -110,6 +110,9 @@ def read_readme() -> str:
 # webdataset 1.x changed tar_file_expander defaults (DESIGN.md §2b): the tested 0.2 line is pinned.
 TRAIN_REQUIRES = ["deepspeed>=0.19,<0.20", "webdataset>=0.2.100,<0.3", "pyyaml"]
 TRITON = 'triton; platform_system == "Linux"'
+# Liger-Kernel's fused linear cross-entropy is the LM loss's CUDA kernel (pure Python on Triton; verified against our
+# reference in tests/test_lm_head_loss.py); without it a chunked pure-torch function runs.
+LIGER = 'liger-kernel>=0.8.5,<0.9; platform_system == "Linux"'
 
 # "blip_fast" is listed explicitly so an editable install maps it even before its __init__.py exists.
 PACKAGES = ["blip_fast", *find_packages(include=["blip_fast.*"], exclude=["blip_fast.kernels"]), "blip_fast.kernels"]
@@ -137,12 +140,12 @@ if __name__ == "__main__":  # setuptools' PEP 517 backend runs this file as __ma
         extras_require={
             # Triton (~1 GB) runs only on CUDA devices, and Linux CUDA torch wheels already depend on it: a CPU-only
             # install does without it. The tests need it (its CPU interpreter runs the kernels).
-            "triton": [TRITON],
+            "triton": [TRITON, LIGER],
             "train": TRAIN_REQUIRES,
             # blip-fast demo: trains (subprocesses of blip_fast.train) and plots its results.
             "demo": [*TRAIN_REQUIRES, "matplotlib"],
             # The venv's tested transformers range; CI also runs the parity suites under 4.57 and 5.17.
-            "test": ["pytest", "pytest-benchmark", "transformers>=5.17,<5.25", "ruff", TRITON],
+            "test": ["pytest", "pytest-benchmark", "transformers>=5.17,<5.25", "ruff", TRITON, LIGER],
         },
         entry_points={"console_scripts": ["blip-fast = blip_fast.cli:main"]},
         zip_safe=False,

@@ -1,8 +1,9 @@
 """The functional API the models call; the single place that picks an implementation.
 
 Every op has a pure-torch *reference* — the oracle for tests and the CPU path. Fast backends (Triton kernels
-from ``blip_fast.kernels``, CUDA ops from ``blip_fast._C``) register themselves per op as later issues add them;
-``BLIP_FAST_BACKEND=reference|triton|cuda|auto`` forces a choice (``auto``: the fastest available for the device).
+from ``blip_fast.kernels``, CUDA ops from ``blip_fast._C``, pure-torch algorithms that beat the reference on any
+device, e.g. chunked to save memory) register themselves per op; ``BLIP_FAST_BACKEND=reference|torch|triton|cuda|
+auto`` forces a choice (``auto``: the fastest available for the device, in the order cuda, triton, torch).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-BACKENDS = ("reference", "triton", "cuda")
+BACKENDS = ("reference", "torch", "triton", "cuda")
 
 # op name -> backend name -> (implementation, predicate telling whether it can run on a device)
 _REGISTRY: dict[str, dict[str, tuple[Callable, Callable[[torch.device], bool]]]] = {}
@@ -51,7 +52,7 @@ def resolve(op: str, device: torch.device) -> Callable:
         if not available(device):
             raise RuntimeError(f"BLIP_FAST_BACKEND={backend}: op {op!r} cannot run on {device}")
         return fn
-    for name in ("cuda", "triton", "reference"):
+    for name in ("cuda", "triton", "torch", "reference"):
         if name in implementations and implementations[name][1](device):
             return implementations[name][0]
     raise RuntimeError(f"no implementation of op {op!r} can run on {device}")
@@ -305,3 +306,62 @@ def lm_loss(
     ``reduction="none"`` returns the per-sequence sum ``[B]`` (answer ranking, answer-weighted VQA loss).
     """
     return resolve("lm_loss", logits.device)(logits, labels, label_smoothing, reduction)
+
+
+def _next_token_rows(hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Position ``l`` predicts label ``l + 1``: ``hidden [B, L, D]``, ``labels [B, L]`` -> ``[B(L-1), D]``, ``[B(L-1)]``."""
+    return hidden[:, :-1].reshape(-1, hidden.shape[-1]), labels[:, 1:].reshape(-1)
+
+
+@register("lm_head_loss", "reference")
+def _lm_head_loss_reference(hidden, weight, bias, labels, label_smoothing):
+    return _lm_loss_reference(F.linear(hidden, weight, bias), labels, label_smoothing, "mean")
+
+
+@register("lm_head_loss", "torch")
+def _lm_head_loss_chunked(hidden, weight, bias, labels, label_smoothing):
+    from blip_fast.chunked_lm_loss import chunked_lm_head_loss
+
+    rows, targets = _next_token_rows(hidden, labels)
+    return chunked_lm_head_loss(rows, weight, bias, targets, label_smoothing)
+
+
+@functools.cache
+def liger_available() -> bool:
+    """Whether Liger-Kernel (optional: ``pip install liger-kernel``) is importable for its fused linear CE."""
+    import importlib.util
+
+    return importlib.util.find_spec("liger_kernel") is not None
+
+
+@register("lm_head_loss", "triton", available=lambda device: device.type == "cuda" and liger_available())
+def _lm_head_loss_liger(hidden, weight, bias, labels, label_smoothing):
+    # Liger-Kernel's fused linear cross-entropy: the same chunking with one Triton kernel per chunk for loss and
+    # logits gradient (tests/test_lm_head_loss.py checks it against the reference, label smoothing and bias included).
+    from liger_kernel.ops.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyFunction
+
+    rows, targets = _next_token_rows(hidden, labels)
+    loss = LigerFusedLinearCrossEntropyFunction.apply(rows.contiguous(), weight, targets, bias, None, -100, 0.0,
+                                                      float(label_smoothing), "mean")
+    return loss[0] if isinstance(loss, tuple) else loss
+
+
+def lm_head_loss(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
+    label_smoothing: float = 0.0,
+) -> torch.Tensor:
+    """The LM head's projection and :func:`lm_loss` (mean) in one op: ``hidden [B, L, D]`` projected by
+    ``weight [V, D]`` and ``bias [V]`` predicts ``labels [B, L]`` shifted by one (-100 ignored), label-smoothed.
+
+    The fast backends never store the ``[B, L, V]`` logits: a chunked pure-torch function (any device,
+    :mod:`blip_fast.chunked_lm_loss`) and, on CUDA with Liger-Kernel installed, its fused Triton kernel. Under
+    ``torch.autocast`` the inputs are cast to the autocast dtype, as ``F.linear`` would be. Returns fp32.
+    """
+    device_type = hidden.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        hidden, weight = hidden.to(dtype), weight.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
+        with torch.autocast(device_type, enabled=False):
+            return resolve("lm_head_loss", hidden.device)(hidden, weight, bias, labels, label_smoothing)
+    return resolve("lm_head_loss", hidden.device)(hidden, weight, bias, labels, label_smoothing)

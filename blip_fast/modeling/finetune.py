@@ -101,7 +101,8 @@ class BlipCaptionTrainer(torch.nn.Module):
                                                           self.model.config.text.bos_token_id)
         targets[:, : self.prompt_length] = -100
         decoded = self.model.text_decoder(
-            decoder_ids, attention_mask, image_embeds, labels=targets, label_smoothing=self.label_smoothing
+            decoder_ids, attention_mask, image_embeds, labels=targets, label_smoothing=self.label_smoothing,
+            return_logits=False,
         )
         return LMOutput(loss=decoded.loss)
 

@@ -286,7 +286,7 @@ class BlipPretrainer(MomentumContrastiveModel):
         decoder_ids, targets = decoder_inputs_and_targets(input_ids, attention_mask, self.config.text.bos_token_id)
         loss_lm = self.text_decoder(
             decoder_ids, attention_mask, image_embeds if context is None else context, labels=targets,
-            label_smoothing=self.label_smoothing,
+            label_smoothing=self.label_smoothing, return_logits=False,
         ).loss
         return PretrainOutput(loss=loss_itc + loss_itm + loss_lm, loss_itc=loss_itc, loss_itm=loss_itm, loss_lm=loss_lm)
 

@@ -578,20 +578,25 @@ class BlipTextLMHeadModel(nn.Module):
         is_decoder: bool = True,
         cache: DecoderCache | None = None,
         label_smoothing: float | None = None,
+        return_logits: bool = True,
     ) -> CausalLMOutput:
         """Logits ``[B, L, V]``; with ``labels [B, L]`` (-100 ignored) also the next-token loss.
 
         ``reduction="none"`` returns the per-sequence summed loss ``[B]`` (used to rank VQA answers).
-        ``label_smoothing`` defaults to the config's.
+        ``label_smoothing`` defaults to the config's. ``return_logits=False`` (training, mean loss): the loss only,
+        through :func:`blip_fast.ops.lm_head_loss`, whose fast backends never store the logits.
         """
         hidden_states = self.bert(
             input_ids, attention_mask, encoder_hidden_states, encoder_attention_mask, is_decoder, cache
         ).last_hidden_state
-        logits = self.cls.predictions(hidden_states)
-        loss = None
-        if labels is not None:
-            smoothing = self.config.label_smoothing if label_smoothing is None else label_smoothing
-            loss = ops.lm_loss(logits, labels, smoothing, reduction)
+        smoothing = self.config.label_smoothing if label_smoothing is None else label_smoothing
+        predictions = self.cls.predictions
+        if not return_logits and labels is not None and reduction == "mean":
+            loss = ops.lm_head_loss(predictions.transform(hidden_states), predictions.decoder.weight,
+                                    predictions.decoder.bias, labels, smoothing)
+            return CausalLMOutput(loss=loss, logits=None)
+        logits = predictions(hidden_states)
+        loss = None if labels is None else ops.lm_loss(logits, labels, smoothing, reduction)
         return CausalLMOutput(loss=loss, logits=logits)
 
     def decode_step(
