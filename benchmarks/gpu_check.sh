@@ -45,8 +45,9 @@ checks() {
         --out "$WORK" --name decode_attention
     step itm_negatives 20 0 "$PY" -m benchmarks.bench_itm_negatives "${DEV[@]}" --out "$WORK" --name itm_negatives
     step capfilt 35 0 "$PY" -m benchmarks.bench_capfilt "${MODEL[@]}" --cases k1_bs64 --out "$WORK" --name capfilt
-    step pretrain_bf16 25 0 "$PY" -m benchmarks.bench_pretrain "${PRETRAIN[@]}" --dtype "$LOW" --out "$WORK" \
-        --name pretrain_bf16
+    # Issue 15: the fast path (fused kernels, shared cross K/V, fused LM loss) against the reference, eager both.
+    step pretrain_bf16 30 0 "$PY" -m benchmarks.bench_pretrain "${PRETRAIN[@]}" --paths "reference:$LOW,fast:$LOW" \
+        --no-compile --out "$WORK" --name pretrain_bf16
     step tests_sweep 20 0 "$PY" -m pytest "${PYTEST[@]}" "${XDIST[@]}" -m gpu -k test_matches_reference \
         tests/test_decode_attention_cuda.py --junitxml="$WORK/tests_sweep.xml"
     # The rest: past the 480 s of budgets, run on the time the steps above left unused.
@@ -61,8 +62,11 @@ checks() {
     step vit_rest 20 0 "$PY" -m benchmarks.bench_vit "${MODEL[@]}" --batches 1,64 --out "$WORK" --name vit_rest
     step capfilt_rest 40 0 "$PY" -m benchmarks.bench_capfilt "${MODEL[@]}" --cases k3_bs64,k5_bs32 --out "$WORK" \
         --name capfilt_rest
-    step pretrain_fp32 30 0 "$PY" -m benchmarks.bench_pretrain "${PRETRAIN[@]}" --dtype fp32 --out "$WORK" \
-        --name pretrain_fp32
+    step pretrain_fp32 30 0 "$PY" -m benchmarks.bench_pretrain "${PRETRAIN[@]}" --paths reference:fp32 \
+        --out "$WORK" --name pretrain_fp32
+    # The compiled layers (compile time in first_call_ms).
+    step pretrain_compiled 90 0 "$PY" -m benchmarks.bench_pretrain "${PRETRAIN[@]}" --paths "fast:$LOW" "${COMPILE[@]}" \
+        --out "$WORK" --name pretrain_compiled
 }
 
 # Sizes: base shapes in fp16 on the GPU; tiny ones on a CPU for the dry run.
@@ -73,12 +77,13 @@ configure() {
         MODEL=(--config tiny --dtype fp32 --device cpu --batch-scale 0.02 --warmup 0 --repeats 1)
         DEV=(--device cpu --warmup 0 --repeats 1) GENERATE=(--new-tokens 6 --copy-mb 8)
         PRETRAIN=(--config tiny --batch 4 --device cpu --warmup 0 --repeats 1)
+        COMPILE=(--no-compile)  # inductor on a CPU compiles for minutes
         CAPFILT_CLI=(--config tiny --device cpu --shards 2 --per-shard 4 --batch-size 4 --source-size 64)
         ITC_HEADLINE=33 ITC_REST=8 DECODE_HEADLINE=4 DECODE_REST=2,1 LOW=fp32
         BUILD=("$PY" setup.py --version)  # the build decision only: never reinstall the developer's environment
     else
         MODEL=(--config base --dtype fp16 --device cuda --repeats 5) DEV=(--device cuda) GENERATE=()
-        PRETRAIN=(--config base --batch 32 --device cuda)
+        PRETRAIN=(--config base --batch 32 --device cuda) COMPILE=(--compile)
         CAPFILT_CLI=(--config tiny --device cuda --shards 4 --per-shard 32 --batch-size 32)
         ITC_HEADLINE=4096 ITC_REST=1024,32768 DECODE_HEADLINE=256 DECODE_REST=64,1 LOW=bf16
         BUILD=("$PY" -m pip install -v --no-index --no-deps --no-build-isolation -e .)

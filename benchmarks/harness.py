@@ -259,6 +259,45 @@ def time_engines(
     return rows, outputs, failures
 
 
+# ---------------------------------------------------------------------------------------------- FLOPs
+def _raw_formula(formula: Callable) -> Callable:
+    """A flop_counter formula that takes the op's arguments as they come (shapes are read inside)."""
+
+    def counted(*args, out_val=None, **kwargs):
+        return formula(*args, out_val=out_val, **kwargs)
+
+    counted._get_raw = True
+    return counted
+
+
+def count_flops(fn: Callable[[], Any]) -> int:
+    """FLOPs of one call of ``fn`` (matmuls, convolutions, attention; ``torch.utils.flop_counter``), device-independent:
+    the CPU's fused SDPA kernels are counted like the CUDA ones (flop_counter knows only the latter)."""
+    from torch.utils import flop_counter
+
+    aten = torch.ops.aten
+    cpu_attention = {
+        aten._scaled_dot_product_flash_attention_for_cpu: _raw_formula(flop_counter.sdpa_flop),
+        aten._scaled_dot_product_flash_attention_for_cpu_backward: _raw_formula(flop_counter.sdpa_backward_flop),
+    }
+    with flop_counter.FlopCounterMode(display=False, custom_mapping=cpu_attention) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+#: Dense peak TFLOP/s per (card name fragment, dtype) for MFU: bf16/fp16 tensor cores; fp32 without TF32 (torch's
+#: default matmul precision). SXM parts; a card not listed reports no MFU unless --peak-tflops is given.
+PEAK_TFLOPS = {
+    ("H200", "bf16"): 989.4, ("H200", "fp16"): 989.4, ("H200", "fp32"): 66.9,
+    ("H100", "bf16"): 989.4, ("H100", "fp16"): 989.4, ("H100", "fp32"): 66.9,
+    ("A100", "bf16"): 312.0, ("A100", "fp16"): 312.0, ("A100", "fp32"): 19.5,
+}
+
+
+def peak_tflops(device_name: str, dtype: str) -> float | None:
+    return next((peak for (card, kind), peak in PEAK_TFLOPS.items() if card in device_name and kind == dtype), None)
+
+
 # ---------------------------------------------------------------------------------------------- helpers
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 

@@ -36,6 +36,7 @@ import random
 import socket
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +72,32 @@ def _seed_all(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def check_shared_output_dir(output_dir: Path) -> None:
+    """Fail early and clearly unless every rank sees what rank 0 writes in ``output_dir``.
+
+    Rank 0 writes the run files, the tokenizer and ``latest``, every rank its shards and RNG/EMA files, and every rank
+    reads them back (the tokenizer now, the checkpoint on ``--resume``): on several machines, ``output_dir`` must be on
+    a filesystem they share (as DeepSpeed's own checkpointing assumes).
+    """
+    import torch.distributed as dist
+
+    rank = dist.get_rank()
+    token = [uuid.uuid4().hex if rank == 0 else None]
+    dist.broadcast_object_list(token, src=0)
+    marker = output_dir / f".rank0-{token[0]}"
+    if rank == 0:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        marker.write_text(socket.gethostname(), encoding="utf-8")
+    dist.barrier()
+    blind = torch.tensor([0.0 if marker.is_file() else 1.0])
+    dist.all_reduce(blind)
+    if rank == 0:
+        marker.unlink()
+    if blind.item():
+        raise RuntimeError(f"{int(blind.item())} rank(s) cannot see {output_dir} as rank 0 ({socket.gethostname()}) "
+                           "writes it: on several nodes, output_dir must be on a filesystem every node shares")
 
 
 def _configure_logging(rank: int) -> None:
@@ -213,6 +240,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_ranks))
     ds_config = options.load_ds_config(args.deepspeed_config, args.micro_batch_size, args.gradient_accumulation_steps)
     output_dir = Path(args.output_dir)
+    check_shared_output_dir(output_dir)
     tag = checkpointing.latest_tag(output_dir)
     if tag is not None and not args.resume:
         raise options.ConfigError(f"{output_dir} already holds checkpoint {tag}: pass --resume to continue it, "
@@ -230,6 +258,13 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     if rank == 0:
         checkpointing.write_model_config(output_dir, config)
     model = task.build_model(config, args, source, tokenizer)
+    if args.compile:
+        if ds_config.get("zero_optimization", {}).get("stage", 0) == 3:
+            raise ValueError("--compile works with ZeRO stages 0-2: ZeRO-3 gathers each layer's weights in hooks "
+                             "that a compiled layer would trace; pass --no-compile")
+        from blip_fast.modeling.compile import compile_layers
+
+        logger.info("compiled %d layers (torch.compile, regional)", compile_layers(model))
     # BLIP: AdamW with weight decay on every trainable parameter (the momentum encoders are frozen).
     parameters = [parameter for parameter in model.parameters() if parameter.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=args.init_lr, weight_decay=args.weight_decay, betas=tuple(args.betas))

@@ -294,29 +294,47 @@ class BlipTextLayer(nn.Module):
         position: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """``position`` (0-d device tensor) selects the static decode step's cache write (:meth:`DecoderCache.append`)."""
+        if cache is None:
+            if isinstance(self.crossattention, BlipTextTwinCrossAttention):
+                return self.block(hidden_states, self_mask, None, cross_mask, image_pair=encoder_hidden_states)
+            cross_kv = None
+            if isinstance(encoder_hidden_states, CrossContext):
+                cross_kv = encoder_hidden_states.layer(layer_index)
+            elif encoder_hidden_states is not None:
+                cross_kv = self.crossattention.self.project_kv(encoder_hidden_states)
+            return self.block(hidden_states, self_mask, cross_kv, cross_mask)
+
         attention = self.attention.self
-        key, value = attention.project_kv(hidden_states)
-        if cache is not None:
-            key, value = cache.append(layer_index, key, value, position)
+        key, value = cache.append(layer_index, *attention.project_kv(hidden_states), position)
         context = attention(hidden_states, key, value, self_mask)
         hidden_states = self.attention.output(context, hidden_states)
+        key, value, cached_mask = cache.cross_context(layer_index, hidden_states.shape[0])
+        context = self.crossattention.self(
+            hidden_states, key, value, cached_mask, cache.rows_per_image, cached_context=True
+        )
+        hidden_states = self.crossattention.output(context, hidden_states)
+        return self.output(self.intermediate(hidden_states), hidden_states)
 
-        if cache is not None:
-            key, value, cached_mask = cache.cross_context(layer_index, hidden_states.shape[0])
-            context = self.crossattention.self(
-                hidden_states, key, value, cached_mask, cache.rows_per_image, cached_context=True
-            )
+    def block(
+        self,
+        hidden_states: torch.Tensor,
+        self_mask: torch.Tensor | None,
+        cross_kv: tuple[torch.Tensor, torch.Tensor] | None,
+        cross_mask: torch.Tensor | tuple | None,
+        image_pair: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """The layer without a decoding cache: self-attention, cross-attention over ``cross_kv`` (key, value
+        ``[B, H, N_ctx, Dh]``) when given, FFN. Tensors in, tensor out: the region :func:`compile_layers` compiles
+        (one graph serves every layer). ``image_pair`` (NLVR2): the twin cross-attention reads the two images'
+        states instead."""
+        attention = self.attention.self
+        context = attention(hidden_states, *attention.project_kv(hidden_states), self_mask)
+        hidden_states = self.attention.output(context, hidden_states)
+        if image_pair is not None:
+            hidden_states = self.crossattention(hidden_states, image_pair, cross_mask)
+        elif cross_kv is not None:
+            context = self.crossattention.self(hidden_states, *cross_kv, cross_mask)
             hidden_states = self.crossattention.output(context, hidden_states)
-        elif isinstance(self.crossattention, BlipTextTwinCrossAttention):
-            hidden_states = self.crossattention(hidden_states, encoder_hidden_states, cross_mask)
-        elif encoder_hidden_states is not None:
-            if isinstance(encoder_hidden_states, CrossContext):
-                key, value = encoder_hidden_states.layer(layer_index)
-            else:
-                key, value = self.crossattention.self.project_kv(encoder_hidden_states)
-            context = self.crossattention.self(hidden_states, key, value, cross_mask)
-            hidden_states = self.crossattention.output(context, hidden_states)
-
         return self.output(self.intermediate(hidden_states), hidden_states)
 
 

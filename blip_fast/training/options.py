@@ -72,6 +72,9 @@ def _add_options(parser: argparse.ArgumentParser) -> None:
                             "a WordPiece vocab on the training captions (fine-tuning takes --init_from's)")
     model.add_argument("--vocab_size", type=int, default=4096, help="size of a trained WordPiece vocab")
     model.add_argument("--max_text_length", type=int, default=30, help="caption tokens incl. [CLS]/[SEP] (BLIP: 30)")
+    model.add_argument("--compile", action=bool_flag, default=None,
+                       help="regional torch.compile of the ViT blocks and text layers, text padded to max_text_length "
+                            "(default: on with CUDA; off on CPU, where inductor compiles for minutes); ZeRO stage 0-2")
 
     pretrain = parser.add_argument_group("pre-training objectives")
     pretrain.add_argument("--queue_size", type=int, default=57600,
@@ -268,6 +271,10 @@ def check_args(args: argparse.Namespace) -> None:
         args.model = "tiny"
     if args.output_dir is None:
         args.output_dir = f"output/{args.task}"
+    if args.compile is None:
+        import torch
+
+        args.compile = torch.cuda.is_available()
     if not args.deepspeed_config:
         raise ConfigError("no ds_config: pass --deepspeed_config FILE.json or set deepspeed_config in the YAML")
 

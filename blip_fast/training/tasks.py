@@ -32,7 +32,7 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -228,8 +228,9 @@ def _caption_inputs(batch: Batch, alpha: float | None) -> dict[str, Any]:
 class PromptCollator(BlipCollator):
     """BLIP's caption fine-tuning text: ``prompt + caption`` (the trainer masks the prompt out of the loss)."""
 
-    def __init__(self, tokenizer: BlipTokenizer, max_length: int, prompt: str) -> None:
-        super().__init__(tokenizer, max_length=max_length)
+    def __init__(self, tokenizer: BlipTokenizer, max_length: int, prompt: str,
+                 padding: Literal["longest", "max_length"] = "longest") -> None:
+        super().__init__(tokenizer, max_length=max_length, padding=padding)
         self.prompt = prompt
 
     def __call__(self, records: Sequence[dict[str, Any] | None]) -> dict[str, torch.Tensor] | None:
@@ -238,8 +239,13 @@ class PromptCollator(BlipCollator):
         return super().__call__(prompted)
 
 
+def _padding(args: argparse.Namespace) -> Literal["longest", "max_length"]:
+    # Compiled layers need static shapes: every batch padded to max_text_length (masked positions change no loss).
+    return "max_length" if args.compile else "longest"
+
+
 def _plain_collator(tokenizer: BlipTokenizer, args: argparse.Namespace) -> BlipCollator:
-    return BlipCollator(tokenizer, max_length=args.max_text_length)
+    return BlipCollator(tokenizer, max_length=args.max_text_length, padding=_padding(args))
 
 
 def _fixed_length_collator(tokenizer: BlipTokenizer, args: argparse.Namespace) -> BlipCollator:
@@ -248,7 +254,7 @@ def _fixed_length_collator(tokenizer: BlipTokenizer, args: argparse.Namespace) -
 
 
 def _prompt_collator(tokenizer: BlipTokenizer, args: argparse.Namespace) -> BlipCollator:
-    return PromptCollator(tokenizer, args.max_text_length, args.prompt)
+    return PromptCollator(tokenizer, args.max_text_length, args.prompt, _padding(args))
 
 
 # ---------------------------------------------------------------------------------------------------- the table

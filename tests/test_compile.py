@@ -1,0 +1,71 @@
+"""Regional torch.compile (``compile_layers``) against the eager step: same losses and gradients (fp32), graphs reused
+across layers and steps. Inductor compiles for the CPU here (gcc), so the model is tiny and the test slow-marked."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from blip_fast.config import BlipConfig, TextConfig, VisionConfig
+from blip_fast.modeling import pretrain
+from blip_fast.modeling.compile import compile_layers
+from blip_fast.modeling.pretrain import BlipPretrainer
+from tests.tiny_models import assert_close
+
+CONFIG = BlipConfig(
+    vision=VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                        image_size=16, patch_size=8),
+    text=TextConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                    max_position_embeddings=16, bos_token_id=126, enc_token_id=127),
+    image_text_hidden_size=16,
+)
+
+
+def _batch(seed):
+    generator = torch.Generator().manual_seed(seed)
+    pixel_values = torch.randn(4, 3, 16, 16, generator=generator)
+    input_ids = torch.randint(5, 120, (4, 9), generator=generator)
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[2, 6:] = 0  # padded to a fixed length, as the collators do when compiling
+    return pixel_values, input_ids, attention_mask
+
+
+def _step(model, seed):
+    losses = model(*_batch(seed), alpha=0.4, image_ids=torch.arange(4))
+    losses.loss.backward()
+    gradients = {name: parameter.grad.clone() for name, parameter in model.named_parameters()
+                 if parameter.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return [losses[name].detach() for name in ("loss_itc", "loss_itm", "loss_lm")], gradients
+
+
+@pytest.mark.slow
+def test_compiled_layers_equal_eager(monkeypatch):
+    negatives = torch.tensor([1, 2, 3, 0]), torch.tensor([3, 0, 0, 2])
+    monkeypatch.setattr(pretrain.ops, "sample_hard_negatives", lambda *args, **kwargs: negatives)
+    torch.manual_seed(0)
+    eager = BlipPretrainer(CONFIG, queue_size=8).eval()  # eval: no dropout, whose random stream compile changes
+    compiled = copy.deepcopy(eager)
+    assert compile_layers(compiled) == 2 * 5  # two layers each: ViT, momentum ViT, text encoder, its momentum, decoder
+    assert compiled.state_dict().keys() == eager.state_dict().keys()
+
+    torch._dynamo.reset()
+    monkeypatch.setattr(torch._inductor.config, "compile_threads", 1)  # no worker pool on a 2-core machine
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    for seed in (0, 1):  # the second step reuses the graphs (same shapes): no recompilation
+        expected_losses, expected_grads = _step(eager, seed)
+        losses, grads = _step(compiled, seed)
+        for value, oracle in zip(losses, expected_losses):
+            assert_close(value, oracle, rtol=1e-5, atol=1e-6)
+        assert grads.keys() == expected_grads.keys()
+        for name, gradient in expected_grads.items():
+            assert_close(grads[name], gradient, rtol=1e-4, atol=1e-6, name=name)
+        if seed == 0:
+            graphs = counters["stats"]["unique_graphs"]
+    # One graph per distinct call signature, not per layer: ViT (grad, no grad), text (ITC with grad and without,
+    # ITM, decoder).
+    assert 0 < graphs <= 6, dict(counters["stats"])
+    assert counters["stats"]["unique_graphs"] == graphs, "the second step recompiled"
