@@ -65,6 +65,8 @@ checks() {
     step pretrain_fp32 30 0 "$PY" -m benchmarks.bench_pretrain "${PRETRAIN[@]}" --paths reference:fp32 \
         --out "$WORK" --name pretrain_fp32
     # The compiled layers (compile time in first_call_ms).
+    # Issue 15: input pipeline, PIL in workers vs nvJPEG + augmentation on the GPU.
+    step input 40 0 "$PY" -m benchmarks.bench_input "${INPUT[@]}" --out "$WORK" --name input
     step pretrain_compiled 90 0 "$PY" -m benchmarks.bench_pretrain "${PRETRAIN[@]}" --paths "fast:$LOW" "${COMPILE[@]}" \
         --out "$WORK" --name pretrain_compiled
 }
@@ -78,12 +80,14 @@ configure() {
         DEV=(--device cpu --warmup 0 --repeats 1) GENERATE=(--new-tokens 6 --copy-mb 8)
         PRETRAIN=(--config tiny --batch 4 --device cpu --warmup 0 --repeats 1)
         COMPILE=(--no-compile)  # inductor on a CPU compiles for minutes
+        INPUT=(--device cpu --workers 0 --images 8 --batch 4 --batches 2)
         CAPFILT_CLI=(--config tiny --device cpu --shards 2 --per-shard 4 --batch-size 4 --source-size 64)
         ITC_HEADLINE=33 ITC_REST=8 DECODE_HEADLINE=4 DECODE_REST=2,1 LOW=fp32
         BUILD=("$PY" setup.py --version)  # the build decision only: never reinstall the developer's environment
     else
         MODEL=(--config base --dtype fp16 --device cuda --repeats 5) DEV=(--device cuda) GENERATE=()
         PRETRAIN=(--config base --batch 32 --device cuda) COMPILE=(--compile)
+        INPUT=(--device cuda --workers 4,8 --images 256 --batch 96 --batches 6)
         CAPFILT_CLI=(--config tiny --device cuda --shards 4 --per-shard 32 --batch-size 32)
         ITC_HEADLINE=4096 ITC_REST=1024,32768 DECODE_HEADLINE=256 DECODE_REST=64,1 LOW=bf16
         BUILD=("$PY" -m pip install -v --no-index --no-deps --no-build-isolation -e .)

@@ -111,16 +111,21 @@ def build_dataset(args: argparse.Namespace, image_size: int):
     """The map-style training dataset of ``args.data`` (items: image tensor, caption, image_id, index)."""
     from blip_fast import data
 
-    transform = data.BlipTrainTransform(image_size=image_size, scale=tuple(args.crop_scale), flip_prob=args.flip_prob)
+    transform = data.BlipTrainTransform(image_size=image_size, scale=tuple(args.crop_scale), flip_prob=args.flip_prob,
+                                        random_augment=args.random_augment)
     if args.data == "synthetic":
         synthetic = data.SyntheticNoisyDataset(args.num_samples, args.noise_fraction, seed=args.seed,
                                                image_size=image_size)
-        return data.SyntheticDataset(synthetic, transform, seed=args.seed)
+        dataset = data.SyntheticDataset(synthetic, transform, seed=args.seed)
     # "replace": an unreadable image is swapped for the next readable one, so every rank keeps its full micro
     # batch (the queues all-gather fixed-size batches).
-    if args.data == "blip_json":
-        return data.BlipJsonDataset(args.annotations, args.image_root, transform, seed=args.seed, on_error="replace")
-    return data.WebDatasetShards(args.shards, transform, seed=args.seed, on_error="replace")
+    elif args.data == "blip_json":
+        dataset = data.BlipJsonDataset(args.annotations, args.image_root, transform, seed=args.seed,
+                                       on_error="replace")
+    else:
+        dataset = data.WebDatasetShards(args.shards, transform, seed=args.seed, on_error="replace")
+    dataset.encoded_images = args.gpu_decode
+    return dataset
 
 
 def _training_captions(dataset) -> list[str]:
@@ -306,6 +311,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
 
     collator = task.collator(tokenizer, args)
     dtype, device = _compute_dtype(engine), engine.device
+    # The GPU input path: batches carry encoded images and their drawn augmentation; pixels are made on the device.
+    pixels_on_device = dataset.transform.tensor_transform() if args.gpu_decode else None
     meter, metrics_path = _Meter(task.loss_names), output_dir / METRICS_FILE
     progress = tqdm(total=total_steps, initial=step, disable=rank != 0 or not args.progress_bar,
                     desc=task.name, dynamic_ncols=True)
@@ -337,6 +344,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                 batch = next(batches)
                 if batch is None or len(batch["input_ids"]) != micro_batch:
                     raise RuntimeError("a micro batch lost samples: training datasets must use on_error='replace'")
+                if pixels_on_device is not None:
+                    batch["pixel_values"] = pixels_on_device.encoded_batch(batch.pop("images"), device, dtype)
                 output = engine(**task.forward_inputs(_on_device(batch, device, dtype), alpha))
                 engine.backward(output["loss"])
                 engine.step()

@@ -234,7 +234,7 @@ def test_pretrain_rows_name_the_backends_that_ran(monkeypatch):
     from blip_fast import ops
 
     assert bench_pretrain.backends("cpu") == ("itc_loss=reference, sample_hard_negatives=reference, "
-                                              "lm_loss=reference, attention=reference")
+                                              "lm_head_loss=torch, attention=reference")
     # As on a GPU: the Triton backends are available there, the CUDA extension is not built.
     for op in ("itc_loss", "sample_hard_negatives"):
         function, _ = ops._REGISTRY[op]["triton"]

@@ -7,6 +7,7 @@ after one node is killed with SIGKILL mid-run and the job is restarted with ``--
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -54,10 +55,30 @@ def _log(output_dir: Path, stem: str, node: int) -> str:
     return (output_dir.parent / f"{stem}-node{node}.log").read_text()
 
 
+def _kill_node(process: subprocess.Popen) -> None:
+    """SIGKILL a node: its torchrun agent and every process under it (torchrun starts its workers in their own
+    sessions, so the agent's process group alone would leave them running)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # the process ended meanwhile
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    doomed, queue = [], [process.pid]
+    while queue:
+        pid = queue.pop()
+        doomed.append(pid)
+        queue.extend(children.get(pid, []))
+    for pid in doomed:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
 def _stop(nodes: list[subprocess.Popen]) -> None:
     for process in nodes:
         if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
+            _kill_node(process)
         process.wait()
 
 
@@ -78,7 +99,7 @@ def test_two_nodes_train_like_one_and_resume_after_a_node_is_killed(tmp_path):
             assert all(node.poll() is None for node in nodes), _log(multi, "killed", 0)[-4000:]
             assert time.monotonic() < deadline, "no checkpoint in time"
             time.sleep(0.05)
-        os.killpg(nodes[1].pid, signal.SIGKILL)  # node 1 dies; node 0's collectives fail and it exits on its own
+        _kill_node(nodes[1])  # node 1 dies; node 0's collectives fail and it exits on its own
         try:
             assert nodes[0].wait(timeout=180) != 0
         except subprocess.TimeoutExpired:

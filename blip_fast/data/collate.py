@@ -8,6 +8,7 @@ from typing import Any, Literal
 
 import torch
 
+from blip_fast.data.tensor_transforms import EncodedImage
 from blip_fast.tokenizer import BlipTokenizer
 
 logger = logging.getLogger("blip_fast")
@@ -21,6 +22,9 @@ class BlipCollator:
     `[CLS] tokens [SEP]`, truncated to `max_length` tokens (BLIP: 30 in pre-training, 35 for retrieval, 40 for
     captioning) and right-padded with `[PAD]` to the longest row (`padding="longest"`) or to `max_length`
     (`"max_length"`: static shapes). The training loop puts `[ENC]`/`[DEC]` at position 0 itself.
+
+    Records of the GPU input path (``dataset.encoded_images``: an `EncodedImage` per record) give `"images"`, the list
+    of them, instead of `"pixel_values"`; `TensorTrainTransform.encoded_batch` turns it into pixels on the device.
 
     `None` records (samples a dataset skipped at load time) are dropped, so B may be smaller than the sampler's
     batch; `dropped` counts them (in the process that collates: a DataLoader worker when num_workers > 0).
@@ -44,8 +48,11 @@ class BlipCollator:
             return None
         text = self.tokenizer([record["caption"] for record in kept], padding=self.padding, truncation=True,
                               max_length=self.max_length, return_tensors="pt")
+        images = [record["image"] for record in kept]
+        pixels = {"images": images} if isinstance(images[0], EncodedImage) else {
+            "pixel_values": torch.stack(images)}  # [B, 3, H, W]
         return {
-            "pixel_values": torch.stack([record["image"] for record in kept]),  # [B, 3, H, W]
+            **pixels,
             "input_ids": text["input_ids"],  # [B, L]
             "attention_mask": text["attention_mask"],  # [B, L]
             "image_ids": torch.tensor([record["image_id"] for record in kept], dtype=torch.long),  # [B]

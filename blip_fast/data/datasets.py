@@ -76,6 +76,9 @@ class _MapDataset(torch.utils.data.Dataset, abc.ABC):
         if on_error not in ("skip", "replace"):
             raise ValueError(f"on_error must be 'skip' or 'replace', got {on_error!r}")
         self.transform, self.seed, self.max_words, self.on_error = transform, seed, max_words, on_error
+        #: The GPU input path: items carry the transform's ``encode`` output (the encoded file and the augmentation
+        #: parameters this sample's rng draws) instead of pixels; see ``blip_fast.data.tensor_transforms``.
+        self.encoded_images = False
         self.epoch = 0
         self.skipped: Counter[str] = Counter()
         self._logged_runtime: set[str] = set()
@@ -102,6 +105,10 @@ class _MapDataset(torch.utils.data.Dataset, abc.ABC):
     def _load(self, index: int) -> tuple[PIL.Image.Image, str, int]:
         """The decoded image (raises ImageLoadError), the clean caption, and the image id of sample ``index``."""
 
+    def _load_encoded(self, index: int) -> tuple[bytes | PIL.Image.Image, str, int]:
+        """Like ``_load``, with the image's encoded file bytes where the dataset reads files (default: decoded)."""
+        return self._load(index)
+
     @abc.abstractmethod
     def _name(self, index: int) -> str:
         """How logs name sample ``index`` (a path, or ``shard:key``)."""
@@ -114,8 +121,13 @@ class _MapDataset(torch.utils.data.Dataset, abc.ABC):
         tries = _REPLACE_TRIES if self.on_error == "replace" else 1
         for offset in range(min(tries, length)):
             candidate = (index + offset) % length
+            rng = sample_rng(self.seed, self.epoch, candidate)
             try:
-                image, caption, image_id = self._load(candidate)
+                if self.encoded_images:
+                    image, caption, image_id = self._load_encoded(candidate)
+                    pixels = self.transform.encode(image, rng, self._name(candidate))
+                else:
+                    image, caption, image_id = self._load(candidate)
             except ImageLoadError as error:
                 self.skipped["unreadable_image"] += 1
                 name = self._name(candidate)
@@ -125,8 +137,8 @@ class _MapDataset(torch.utils.data.Dataset, abc.ABC):
                 logger.log(level, "%s: skipped %s (unreadable_image, %d so far in this process): %s",
                            type(self).__name__, name, self.skipped["unreadable_image"], error)
                 continue
-            rng = sample_rng(self.seed, self.epoch, candidate)
-            pixels = image if self.transform is None else self.transform(image, rng)
+            if not self.encoded_images:
+                pixels = image if self.transform is None else self.transform(image, rng)
             return {"image": pixels, "caption": caption, "image_id": image_id, "index": index}
         return None
 
@@ -229,6 +241,15 @@ class BlipJsonDataset(_MapDataset):
     def _load(self, index: int) -> tuple[PIL.Image.Image, str, int]:
         image_id = self.image_ids[index]
         return load_image(self.image_paths[image_id]), self.captions[index], image_id
+
+    def _load_encoded(self, index: int) -> tuple[bytes, str, int]:
+        image_id = self.image_ids[index]
+        path = self.image_paths[image_id]
+        try:
+            data = Path(path).read_bytes()
+        except OSError as error:
+            raise ImageLoadError(f"cannot load image {path!r}: {error.strerror or error}") from error
+        return data, self.captions[index], image_id
 
     def _name(self, index: int) -> str:
         return self.image_paths[self.image_ids[index]]
@@ -365,6 +386,10 @@ class WebDatasetShards(_MapDataset):
             self.captions.append(caption)
 
     def _load(self, index: int) -> tuple[PIL.Image.Image, str, int]:
+        data, caption, image_id = self._load_encoded(index)
+        return load_image_bytes(data, self._name(index)), caption, image_id
+
+    def _load_encoded(self, index: int) -> tuple[bytes, str, int]:
         image_id = self._image_ids[index]
         shard_id, offset, size = self._image_offsets[image_id]
         try:
@@ -374,7 +399,7 @@ class WebDatasetShards(_MapDataset):
             raise ImageLoadError(f"cannot read {self._name(index)}: {error}") from error
         if len(data) != size:
             raise ImageLoadError(f"cannot load image {self._name(index)!r}: shard ends inside it (changed on disk?)")
-        return load_image_bytes(data, self._name(index)), self.captions[index], image_id
+        return data, self.captions[index], image_id
 
     def _name(self, index: int) -> str:
         return f"{self.shards[self._image_offsets[self._image_ids[index]][0]]}:{self.keys[index]}"

@@ -30,6 +30,14 @@ import numpy as np
 import PIL.Image
 import torch
 
+from blip_fast.data.randaugment import RandomAugment, apply_numpy
+from blip_fast.data.tensor_transforms import (
+    AugmentParams,
+    EncodedImage,
+    TensorTrainTransform,
+    is_gpu_decodable,
+    validate_encoded,
+)
 from blip_fast.errors import InvalidInputError
 from blip_fast.tokenizer import BatchFeature
 
@@ -84,6 +92,20 @@ def _decode(source: str | os.PathLike | io.BytesIO, name: str) -> PIL.Image.Imag
         reason = f"{type(error).__name__}: {error}"
         raise ImageLoadError(f"cannot load image {name!r}: corrupt or truncated data ({reason})") from error
     return image
+
+
+def read_image_header(data: bytes, name: str) -> tuple[int, int, bool]:
+    """``(width, height, gpu_decodable)`` of encoded image bytes. A JPEG is also decoded at 1/8 scale, so that a
+    truncated or corrupt file raises `ImageLoadError` now (the GPU decodes it in full later)."""
+    try:
+        with PIL.Image.open(io.BytesIO(data)) as image:
+            width, height, decodable = image.width, image.height, is_gpu_decodable(image)
+            if image.format == "JPEG":
+                validate_encoded(image)
+    except Exception as error:
+        raise ImageLoadError(f"cannot load image {name!r}: corrupt or truncated data ({type(error).__name__}: "
+                             f"{error})") from error
+    return width, height, decodable
 
 
 def _pil_to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
@@ -387,8 +409,10 @@ class BlipTrainTransform:
     (transparency composited on white, as the eval processor does).
 
     `scale` defaults to BLIP's pre-training (0.2, 1.0) (`configs/pretrain.yaml: min_scale 0.2`); BLIP's fine-tuning
-    configs (captioning, retrieval, VQA) use (0.5, 1.0). Not reproduced: BLIP also applies `RandomAugment(2, 5)`
-    (autocontrast, equalize, shear, rotate, ...) after the flip. Horizontal flips swap "left" and "right" in
+    configs (captioning, retrieval, VQA) use (0.5, 1.0). `random_augment=True` adds BLIP's `RandomAugment(2, 5)`
+    (autocontrast, equalize, shear, translate, rotate, ...; `blip_fast.data.randaugment`) after the flip, as BLIP's
+    pre-training and fine-tuning transforms do. `encode` is the GPU path's worker half (the same draws; decoding and
+    pixels on the GPU, `blip_fast.data.tensor_transforms`). Horizontal flips swap "left" and "right" in
     the scene without touching the caption; set `flip_prob=0` where captions name sides (the synthetic set).
     """
 
@@ -398,6 +422,7 @@ class BlipTrainTransform:
     flip_prob: float = 0.5
     mean: tuple[float, ...] = OPENAI_CLIP_MEAN
     std: tuple[float, ...] = OPENAI_CLIP_STD
+    random_augment: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "image_size", _size_pair(self.image_size))
@@ -433,25 +458,52 @@ class BlipTrainTransform:
             crop_width, crop_height = width, height
         return (height - crop_height) // 2, (width - crop_width) // 2, crop_height, crop_width
 
+    def draw_params(self, width: int, height: int, rng: Rng) -> AugmentParams:
+        """The augmentation of one `width` x `height` image, drawn from `rng`: crop box, then flip (torchvision draws
+        it after the crop, `torch.rand(1) < p`), then the RandomAugment ops. Both paths draw through here."""
+        crop = self.crop_params(width, height, rng)
+        flip = _uniform(rng, 0.0, 1.0) < self.flip_prob
+        return AugmentParams(crop, flip, RandomAugment().draw(rng) if self.random_augment else ())
+
     def __call__(self, image: PIL.Image.Image, rng: Rng | None = None) -> torch.Tensor:
         """PIL image -> normalised FloatTensor [3, H, W] (H, W = `image_size`)."""
         if not isinstance(image, PIL.Image.Image):
             raise TypeError(f"BlipTrainTransform takes PIL images, got {type(image).__name__}")
         rng = random.Random() if rng is None else rng
         image = _pil_to_rgb(image)
-        top, left, crop_height, crop_width = self.crop_params(image.width, image.height, rng)
+        params = self.draw_params(image.width, image.height, rng)
+        top, left, crop_height, crop_width = params.crop
         height, width = self.image_size
         image = image.crop((left, top, left + crop_width, top + crop_height))
         image = image.resize((width, height), resample=PIL.Image.Resampling.BICUBIC)
-        # torchvision draws the flip after the crop (`torch.rand(1) < p`); so do we, from the same rng.
-        if _uniform(rng, 0.0, 1.0) < self.flip_prob:
+        if params.flip:
             image = image.transpose(PIL.Image.Transpose.FLIP_LEFT_RIGHT)
-        chw = np.asarray(image).transpose(2, 0, 1)  # [3, H, W] uint8
+        chw = apply_numpy(np.asarray(image), params.ops).transpose(2, 0, 1)  # [3, H, W] uint8
         return torch.from_numpy(np.stack([self._lut[channel][chw[channel]] for channel in range(3)]))
+
+    def encode(self, source: bytes | PIL.Image.Image, rng: Rng, name: str = "image") -> EncodedImage:
+        """The GPU path's worker half: the encoded bytes (or, for what the GPU cannot decode, the decoded uint8
+        pixels) and the parameters `__call__` would draw. Corrupt data raises `ImageLoadError` here, as `load_image`."""
+        encoded = False
+        if isinstance(source, PIL.Image.Image):
+            image = _pil_to_rgb(source)
+        else:
+            width, height, encoded = read_image_header(source, name)
+            if not encoded:
+                image = _pil_to_rgb(_decode(io.BytesIO(source), name))
+        if encoded:
+            params = self.draw_params(width, height, rng)
+            return EncodedImage(torch.frombuffer(bytearray(source), dtype=torch.uint8), True, params)
+        params = self.draw_params(image.width, image.height, rng)
+        return EncodedImage(torch.from_numpy(np.asarray(image)).permute(2, 0, 1).contiguous(), False, params)
 
     @cached_property
     def _lut(self) -> np.ndarray:
         return _uint8_normalize_lut(self.mean, self.std)
+
+    def tensor_transform(self) -> TensorTrainTransform:
+        """The GPU half of the `encode` path: decoded images + drawn parameters -> the pixels `__call__` gives."""
+        return TensorTrainTransform(self.image_size, self._lut)
 
 
 @dataclass(frozen=True)

@@ -101,6 +101,11 @@ def _add_options(parser: argparse.ArgumentParser) -> None:
                       help="horizontal flip probability (0 where captions name sides, as the synthetic set does)")
     data.add_argument("--num_workers", type=int, default=default_workers(),
                       help="DataLoader worker processes per rank (default: up to 4, at most the usable CPUs)")
+    data.add_argument("--random_augment", action=bool_flag, default=False,
+                      help="BLIP's RandomAugment(2, 5) after the crop and flip (BLIP's pre-training and fine-tuning)")
+    data.add_argument("--gpu_decode", action=bool_flag, default=None,
+                      help="workers read encoded images and draw the augmentation; decoding (nvJPEG) and the pixel "
+                           "work run on the GPU (default: on with CUDA and torchvision; the PIL path otherwise)")
 
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--epochs", type=int, default=20, help="passes over the data (the LR decays per epoch)")
@@ -275,6 +280,10 @@ def check_args(args: argparse.Namespace) -> None:
         import torch
 
         args.compile = torch.cuda.is_available()
+    if args.gpu_decode is None:
+        from blip_fast.data.tensor_transforms import nvjpeg_available
+
+        args.gpu_decode = nvjpeg_available()
     if not args.deepspeed_config:
         raise ConfigError("no ds_config: pass --deepspeed_config FILE.json or set deepspeed_config in the YAML")
 
