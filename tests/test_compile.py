@@ -8,19 +8,12 @@ import copy
 import pytest
 import torch
 
-from blip_fast.config import BlipConfig, TextConfig, VisionConfig
 from blip_fast.modeling import pretrain
 from blip_fast.modeling.compile import compile_layers
 from blip_fast.modeling.pretrain import BlipPretrainer
-from tests.tiny_models import assert_close
+from tests.tiny_models import assert_close, micro_config
 
-CONFIG = BlipConfig(
-    vision=VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                        image_size=16, patch_size=8),
-    text=TextConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                    max_position_embeddings=16, bos_token_id=126, enc_token_id=127),
-    image_text_hidden_size=16,
-)
+CONFIG = micro_config(layers=2)
 
 
 def _batch(seed):

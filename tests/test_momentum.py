@@ -15,18 +15,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from blip_fast.config import BlipConfig, TextConfig, VisionConfig
 from blip_fast.modeling.pretrain import BlipPretrainer
+from tests.tiny_models import micro_config
 
 ROOT = Path(__file__).resolve().parents[1]
 # Small enough that 1,000 EMA steps take a second or two on a loaded 2-core CPU.
-CONFIG = BlipConfig(
-    vision=VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                        image_size=16, patch_size=8),
-    text=TextConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                    max_position_embeddings=16, bos_token_id=126, enc_token_id=127),
-    image_text_hidden_size=16,
-)
+CONFIG = micro_config(layers=1)
 
 
 def _model() -> BlipPretrainer:

@@ -142,3 +142,16 @@ def additive(keep, dtype):
 def sdpa(query, key, value, mask):
     """The decode-attention oracle: SDPA with beams as query rows."""
     return torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask)
+
+
+def micro_config(layers: int = 1):
+    """A blip_fast BlipConfig of width 32 and ``layers`` layers per stack: pre-training steps in milliseconds."""
+    from blip_fast.config import BlipConfig, TextConfig, VisionConfig
+
+    return BlipConfig(
+        vision=VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=2,
+                            image_size=16, patch_size=8),
+        text=TextConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                        num_attention_heads=2, max_position_embeddings=16, bos_token_id=126, enc_token_id=127),
+        image_text_hidden_size=16,
+    )
