@@ -144,6 +144,8 @@ if __name__ == "__main__":  # setuptools' PEP 517 backend runs this file as __ma
             "train": TRAIN_REQUIRES,
             # blip-fast demo: trains (subprocesses of blip_fast.train) and plots its results.
             "demo": [*TRAIN_REQUIRES, "matplotlib"],
+            # blip-fast caption --output captions.parquet
+            "parquet": ["pyarrow"],
             # The venv's tested transformers range; CI also runs the parity suites under 4.57 and 5.17.
             "test": ["pytest", "pytest-benchmark", "transformers>=5.17,<5.25", "ruff", TRITON, LIGER],
         },

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import PIL.Image
 import torch
-from tqdm.auto import tqdm
 
-from blip_fast.data.transforms import BlipImageProcessor, ImageLoadError, load_image
+from blip_fast.data.transforms import BlipImageProcessor
 from blip_fast.errors import UserError
 from blip_fast.modeling.blip import BlipForConditionalGeneration
 from blip_fast.tokenizer import BlipTokenizer
@@ -62,27 +61,6 @@ class Captioner:
     def caption(self, images: Sequence[PIL.Image.Image], **generate_kwargs: Any) -> list[str]:
         """One caption per image (the first of ``num_return_sequences``, if more are asked for, per image)."""
         return self.caption_pixels(self.processor(list(images), return_tensors="pt").pixel_values, **generate_kwargs)
-
-    def caption_files(
-        self, paths: Sequence[str | os.PathLike], batch_size: int = 16, seed: int = 0, **generate_kwargs: Any
-    ) -> Iterator[tuple[str, str | None, str | None]]:
-        """Yield ``(path, caption, None)`` per readable image and ``(path, None, reason)`` per unreadable one."""
-        generator = torch.Generator(device=self.model.device).manual_seed(seed)
-        if generate_kwargs.get("do_sample"):
-            generate_kwargs = {**generate_kwargs, "generator": generator}
-        with tqdm(total=len(paths), unit="img", disable=len(paths) <= batch_size) as progress:
-            for start in range(0, len(paths), batch_size):
-                batch, images = [], []
-                for path in paths[start : start + batch_size]:
-                    try:
-                        images.append(load_image(path))
-                        batch.append(os.fspath(path))
-                    except ImageLoadError as error:
-                        yield os.fspath(path), None, str(error)
-                if images:
-                    for path, caption in zip(batch, self.caption(images, **generate_kwargs)):
-                        yield path, caption, None
-                progress.update(len(paths[start : start + batch_size]))
 
     @torch.no_grad()
     def caption_pixels(

@@ -43,9 +43,17 @@ def _add_device_arguments(parser: argparse.ArgumentParser, device_help: str = "a
 
 
 def _add_caption_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("images", nargs="+", type=Path, help="image files")
+    parser.add_argument("images", nargs="+", metavar="INPUT",
+                        help="image files, folders (searched recursively), glob patterns, .txt lists of paths")
     parser.add_argument("--model", required=True, type=errors.model_dir,
                         help="BLIP captioning model: HuggingFace-layout directory or hub id")
+    parser.add_argument("--output", type=errors.output_file,
+                        help="captions.jsonl, .csv or .parquet, one record per image; rerun to resume "
+                             "(default: path<TAB>caption lines on stdout)")
+    parser.add_argument("--errors", type=errors.output_file,
+                        help="where unusable images go with the reason (default: OUTPUT's name + .errors.jsonl)")
+    parser.add_argument("--score", action="store_true",
+                        help="add each caption's mean log-probability per generated token")
     decoding = parser.add_mutually_exclusive_group()
     decoding.add_argument("--beams", type=errors.positive_int, default=3, help="beam search width (BLIP: 3)")
     decoding.add_argument("--sample", action="store_true", help="nucleus sampling instead of beam search")
@@ -53,15 +61,25 @@ def _add_caption_arguments(parser: argparse.ArgumentParser) -> None:
                         help="nucleus mass with --sample (BLIP: 0.9)")
     parser.add_argument("--prompt", default="a picture of ", help="text the caption continues; stripped from output")
     _add_decoding_lengths(parser)
-    parser.add_argument("--batch-size", type=errors.positive_int, default=16, help="images per forward")
+    parser.add_argument("--batch-size", type=errors.positive_int, default=None,
+                        help="images per forward (default: 128 on a GPU, 8 on a CPU)")
+    parser.add_argument("--workers", type=errors.non_negative_int, default=default_workers(),
+                        help="processes decoding images ahead of the model")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_device_arguments(parser)
 
 
 def _caption(args: argparse.Namespace) -> int:
+    from blip_fast.caption_files import CaptionJob, caption_files, default_batch_size
     from blip_fast.captioning import Captioner
 
     device, dtype = _device_and_dtype(args.device, args.dtype)
+    job = CaptionJob(
+        inputs=tuple(args.images), output=args.output, errors=args.errors, score=args.score, seed=args.seed,
+        batch_size=args.batch_size or default_batch_size(device), workers=args.workers,
+        progress=not args.no_progress and args.output is not None,
+    )
     captioner = Captioner.from_pretrained(args.model, device=device, dtype=dtype, prompt=args.prompt)
     decoding = dict(max_length=args.max_length, min_length=args.min_length)
     captioner.check_lengths(**decoding)
@@ -69,16 +87,13 @@ def _caption(args: argparse.Namespace) -> int:
         decoding.update(do_sample=True, top_p=args.top_p, repetition_penalty=1.1)
     else:
         decoding.update(num_beams=args.beams)
-    failures = 0
-    for path, caption, error in captioner.caption_files(args.images, args.batch_size, args.seed, **decoding):
-        if error is None:
-            print(f"{path}\t{caption}", flush=True)
-        else:
-            failures += 1
-            print(f"error: {error}", file=sys.stderr, flush=True)
-    if failures:
-        print(f"{failures} of {len(args.images)} images could not be captioned", file=sys.stderr)
-    return errors.EXIT_FAILED if failures else 0
+    counts = caption_files(captioner, job, **decoding)
+    if args.output is None:
+        if counts["failed"]:
+            print(f"{counts['failed']} of {counts['images']} images could not be captioned", file=sys.stderr)
+        return errors.EXIT_FAILED if counts["failed"] else 0
+    print(json.dumps({"output": str(args.output), **counts}), file=sys.stderr)
+    return 0
 
 
 def _add_convert_arguments(parser: argparse.ArgumentParser) -> None:
