@@ -40,11 +40,11 @@ rerunning with every unit done only merges. Launch one process per GPU, on one o
     torchrun --nnodes N --nproc_per_node 8 -m blip_fast.cli capfilt --captioner C --filter F --input I --output O
     deepspeed --num_gpus 8 --module blip_fast.cli capfilt ...     (``--device auto`` picks cuda:LOCAL_RANK)
 
-Once the run starts, bad records never stop it and are never silently lost: each input record ends up in ``scored.jsonl`` or in
-``errors.jsonl`` (``{"unit", "key", "reason", "detail"}``). Reasons: ``unreadable_image`` (missing, corrupt or
-truncated file; images over twice PIL's ``MAX_IMAGE_PIXELS``, ~179 megapixels, are refused as possible
-decompression bombs before decoding, smaller huge images are decoded and resized), ``empty_caption`` (the web
-caption is missing or empty after cleaning; the image is still captioned), ``missing_image``, ``bad_record``,
+Once the run starts, bad records never stop it and are never silently lost: each input record ends up in
+``scored.jsonl`` or in ``errors.jsonl`` (``{"unit", "key", "reason", "detail"}``). Reasons: ``unreadable_image``
+(missing, corrupt or truncated file; images over twice PIL's ``MAX_IMAGE_PIXELS``, ~179 megapixels, are refused as
+possible decompression bombs before decoding, smaller huge images are decoded and resized), ``empty_caption`` (the
+web caption is missing or empty after cleaning; the image is still captioned), ``missing_image``, ``bad_record``,
 ``missing_shard`` and ``truncated_shard`` (its complete samples are kept). Grayscale, palette and CMYK images are
 valid: the image processors convert them to RGB. The summary's ``error_rate`` is the fraction of input records that
 could not be used at all (every reason but ``empty_caption``; 1.0 when no image was usable); ``blip-fast capfilt``

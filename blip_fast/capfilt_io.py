@@ -32,6 +32,7 @@ from blip_fast.data.datasets import (
     expand_urls,
     read_annotation_file,
     read_member,
+    refuse_streams,
     scan_tar,
     split_member_name,
 )
@@ -93,12 +94,6 @@ class Unit:
         self.errors.append({"unit": self.index, "key": key, "reason": reason, "detail": detail})
 
 
-def _refuse_streams(source: str) -> None:
-    if source.startswith("pipe:") or "://" in source:
-        raise CapFiltError(f"--input {source!r}: pipe: and URL shard specs are not supported (CapFilt indexes shards "
-                           "and reads images by byte offset); download the shards and pass their local paths")
-
-
 def _shard_names(source: str) -> list[str]:
     """The shards of a folder, brace pattern or glob, normalised; every one must exist and have its own name."""
     if os.path.isdir(source):
@@ -129,7 +124,7 @@ class CapFiltInput:
 
     def __init__(self, source: str | os.PathLike, image_root: str | os.PathLike | None, images_per_part: int) -> None:
         source = os.fspath(source)
-        _refuse_streams(source)
+        refuse_streams(source)
         self.source = normalised(source)
         self.is_json = source.endswith((".json", ".jsonl"))
         self.image_root = "" if image_root is None else os.fspath(image_root)
@@ -327,8 +322,8 @@ class UnitWriter:
         """The sample with every input member: the image as read, ``key.txt`` = the best kept caption, ``key.json`` =
         the input's fields plus the kept captions; other members copied unchanged."""
         best = max(kept, key=lambda record: record["itm_score"])
-        metadata = {**(item.metadata or {}), "key": item.sample_key, "caption": best["caption"],
-                    "captions": [{name: record[name] for name in ("caption", "source", "itm_score")} for record in kept]}
+        captions = [{name: record[name] for name in ("caption", "source", "itm_score")} for record in kept]
+        metadata = {**(item.metadata or {}), "key": item.sample_key, "caption": best["caption"], "captions": captions}
         if item.web_captions[0]:
             metadata["web_caption"] = item.web_captions[0]
         written = {"txt": best["caption"].encode(), "json": json.dumps(metadata, sort_keys=True).encode()}

@@ -329,6 +329,13 @@ def test_shard_lists_braces_and_globs_agree(shards):
         WebDatasetShards(str(directory / "nothing*.tar"), None)
 
 
+@pytest.mark.parametrize("spec", ["pipe:cat a.tar", "https://example.com/{00000..00002}.tar", "s3://bucket/a.tar"])
+def test_streaming_shard_specs_are_refused_by_name(spec):
+    """Shards are indexed by byte offset; webdataset's streaming openers cannot be (issue 11, item 2)."""
+    with pytest.raises(ValueError, match="pipe: and URL shard specs are not supported"):
+        WebDatasetShards(spec, None)
+
+
 def test_shards_agree_with_the_pinned_webdataset_package(shards):
     wds = pytest.importorskip("webdataset")
     assert wds.__version__.startswith("0.2.")

@@ -48,6 +48,7 @@ import torch
 
 from blip_fast.data.synthetic import SyntheticNoisyDataset
 from blip_fast.data.transforms import ImageLoadError, load_image, load_image_bytes
+from blip_fast.errors import InvalidInputError
 from blip_fast.tokenizer import pre_caption
 
 logger = logging.getLogger("blip_fast")
@@ -260,15 +261,24 @@ _KEY_EXT = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # webdataset's base_plus_
 _BRACES = re.compile(r"\{([^{}]*)\}")
 
 
+def refuse_streams(spec: str) -> None:
+    """Shards here are indexed and read by byte offset, which webdataset's ``pipe:`` and URL openers cannot do."""
+    if spec.startswith("pipe:") or "://" in spec:
+        raise InvalidInputError(f"{spec!r}: pipe: and URL shard specs are not supported (shards are indexed and read "
+                                "by byte offset); download the shards and pass their local paths")
+
+
 def expand_urls(urls: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
     """Shard paths from a list, a brace pattern (`shards/{00000..00041}.tar`, `{a,b}`) and/or a glob, in order.
 
     Brace ranges keep the zero padding of their first bound, like webdataset's braceexpand. A pattern with glob
     characters lists the matching files, sorted; other paths are returned as given, whether they exist or not.
+    ``pipe:`` and URL specs are refused (:func:`refuse_streams`).
     """
     items = [urls] if isinstance(urls, (str, os.PathLike)) else list(urls)
     expanded: list[str] = []
     for item in map(os.fspath, items):
+        refuse_streams(item)
         for path in _expand_braces(item):
             expanded.extend(sorted(glob.glob(path)) if glob.has_magic(path) else [path])
     return expanded
