@@ -18,6 +18,7 @@ _LAZY = {
     "load_image": "blip_fast.data.transforms",
     "BlipTokenizer": "blip_fast.tokenizer",
     "BlipProcessor": "blip_fast.processing",
+    "pipeline": "blip_fast.pipelines",
 }
 
 
@@ -43,4 +44,5 @@ __all__ = [
     "VisionConfig",
     "load_image",
     "optimize",
+    "pipeline",
 ]

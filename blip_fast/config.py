@@ -11,7 +11,7 @@ import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from blip_fast.errors import InvalidInputError, MissingFileError
 
@@ -111,6 +111,8 @@ class BlipConfig:
     #: VQA questions, captioning ``forward`` without ``[DEC]``, answers fed as given. Checkpoints loaded from a
     #: HuggingFace directory default to True so that swapping the import changes no output.
     hf_compat: bool = False
+    #: HuggingFace's name for the architecture (``config.json``'s ``model_type``; transformers pipelines read it).
+    model_type: ClassVar[str] = "blip"
 
     # ------------------------------------------------------------------ presets
     @classmethod
@@ -174,7 +176,7 @@ class BlipConfig:
         """
         if not isinstance(hf_config, dict):
             hf_config = _read_config_json(hf_config)
-        if hf_config.get("model_type", "blip") != "blip":
+        if hf_config.get("model_type", cls.model_type) != cls.model_type:
             raise ValueError(f"config.json has model_type {hf_config.get('model_type')!r}, expected 'blip'")
         vision_src = {**_HF_VISION_DEFAULTS, **(hf_config.get("vision_config") or {})}
         text_src = {**_HF_TEXT_DEFAULTS, **(hf_config.get("text_config") or {})}
@@ -204,7 +206,7 @@ class BlipConfig:
         )
         vision["model_type"] = "blip_vision_model"
         config: dict[str, Any] = {
-            "model_type": "blip",
+            "model_type": self.model_type,
             "image_text_hidden_size": self.image_text_hidden_size,
             "blip_fast_hf_compat": self.hf_compat,
             "tie_word_embeddings": True,

@@ -35,7 +35,7 @@ NEUTRAL_VALUES: dict[str, Any] = {
     "forced_bos_token_id": None, "forced_eos_token_id": None, "suppress_tokens": None,
     "begin_suppress_tokens": None, "exponential_decay_length_penalty": None, "num_assistant_tokens": 20,
     "num_assistant_tokens_schedule": "constant", "assistant_confidence_threshold": 0.4, "assistant_lookbehind": 10,
-    "target_lookbehind": 10,
+    "target_lookbehind": 10, "token_healing": False, "is_assistant": False, "disable_compile": False,
 }
 
 SETTINGS = frozenset(field.name for field in dataclasses.fields(GenerationSettings))

@@ -1,19 +1,33 @@
-"""Drop-in acceleration of an existing HuggingFace BLIP instance: same parameters, blip_fast's engine."""
+"""Drop-in acceleration of an existing HuggingFace BLIP instance or pipeline: same parameters, blip_fast's engine."""
 
 from __future__ import annotations
 
 import re
+from typing import Any
 
 import torch
 from torch import nn
 
+from blip_fast import pipelines
 from blip_fast.config import BlipConfig
 from blip_fast.modeling import blip
 
 _TASKS = ("BlipForConditionalGeneration", "BlipForImageTextRetrieval", "BlipForQuestionAnswering")
 
 
-def optimize(hf_model: nn.Module) -> blip.BlipPreTrainedModel:
+def optimize(model_or_pipeline: Any) -> Any:
+    """blip_fast's engine for a transformers BLIP model (:func:`optimize_model`) or pipeline.
+
+    A pipeline (``pipeline("image-to-text" | "image-text-to-text" | "visual-question-answering", ...)`` on a BLIP
+    captioning or VQA model) comes back as a copy whose model is the optimized one: same preprocessing, same
+    outputs, blip_fast's decoding (:func:`blip_fast.pipelines.optimize_pipeline`).
+    """
+    if pipelines.is_pipeline(model_or_pipeline):
+        return pipelines.optimize_pipeline(model_or_pipeline, optimize_model)
+    return optimize_model(model_or_pipeline)
+
+
+def optimize_model(hf_model: nn.Module) -> blip.BlipPreTrainedModel:
     """The blip_fast model of ``hf_model``'s task, holding *the same* parameter tensors (nothing is copied).
 
     ``hf_model`` is a ``transformers`` ``BlipForConditionalGeneration``, ``BlipForImageTextRetrieval`` or
@@ -22,7 +36,7 @@ def optimize(hf_model: nn.Module) -> blip.BlipPreTrainedModel:
     """
     name = type(hf_model).__name__
     if name not in _TASKS:
-        raise TypeError(f"optimize() takes a transformers model of {_TASKS}, got {name}")
+        raise TypeError(f"optimize() takes a transformers model of {_TASKS} or a BLIP pipeline, got {name}")
     config = BlipConfig.from_hf(hf_model.config.to_dict()).replace(hf_compat=True)
     with torch.device("meta"):
         model = getattr(blip, name)(config)

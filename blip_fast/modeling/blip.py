@@ -47,6 +47,11 @@ class BlipPreTrainedModel(nn.Module):
     def dtype(self) -> torch.dtype:
         return next(self.parameters()).dtype
 
+    @classmethod
+    def can_generate(cls) -> bool:
+        """Whether the model has ``generate`` (HuggingFace's question; transformers pipelines ask it)."""
+        return hasattr(cls, "generate")
+
     def tie_weights(self) -> None:
         """Re-share tied parameters (after ``to_empty`` or anything else that replaces Parameter objects)."""
         for module in self.modules():
