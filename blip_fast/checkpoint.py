@@ -23,6 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from blip_fast import model_card
 from blip_fast.config import BlipConfig, TextConfig, VisionConfig
 from blip_fast.errors import MissingFileError, UserError
 
@@ -608,8 +609,9 @@ def state_dict_to_save(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_pretrained(model: nn.Module, out_dir: str | os.PathLike, safe_serialization: bool = True) -> str:
-    """Write an HF-layout directory (``config.json``, ``model.safetensors`` or ``pytorch_model.bin``, and
-    ``generation_config.json`` when ``model.generation_defaults`` is set) that ``transformers`` loads unchanged.
+    """Write an HF-layout directory (``config.json``, ``model.safetensors`` or ``pytorch_model.bin``,
+    ``generation_config.json`` when ``model.generation_defaults`` is set, and for a model whose outputs transformers
+    would not reproduce as is, a README.md model card saying how) that ``transformers`` loads unchanged.
 
     Each file is written to a temp file and renamed; weight files an earlier save left (other format, shards) are
     removed afterwards so no loader picks them up. Returns ``out_dir``.
@@ -633,7 +635,25 @@ def save_pretrained(model: nn.Module, out_dir: str | os.PathLike, safe_serializa
     for name in os.listdir(out_dir):
         if name != weights_name and _STALE_WEIGHTS.match(name):
             os.unlink(os.path.join(out_dir, name))
+    _write_model_card(out_dir, type(model).__name__, model.config)
     return out_dir
+
+
+def _write_model_card(out_dir: str, architecture: str, config: BlipConfig) -> None:
+    """README.md's section on using the model in transformers, and a warning when transformers alone would give
+    other outputs (:mod:`blip_fast.model_card`)."""
+    path = os.path.join(out_dir, "README.md")
+    existing = None
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as handle:
+            existing = handle.read()
+    card = model_card.merged(existing, architecture, config)
+    if card is not None and card != existing:
+        atomic_write_text(path, card)
+    if (deviation := model_card.deviation(architecture, config)) is not None:
+        logger.warning("%s: this %s keeps BLIP's original [ENC]/[DEC] semantics, and transformers loading it as is %s; "
+                       "%s shows the transformers call that gives blip_fast's outputs", out_dir, architecture,
+                       deviation, path)
 
 
 def task_class(task: str) -> type[nn.Module]:

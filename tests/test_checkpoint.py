@@ -215,7 +215,8 @@ def test_save_is_atomic_and_removes_stale_weights(tmp_path, monkeypatch):
     model = randomize(blip.BlipForImageTextRetrieval(TINY), seed=1)
     save_pretrained(model, tmp_path, safe_serialization=False)
     save_pretrained(model, tmp_path)
-    assert sorted(os.listdir(tmp_path)) == ["config.json", "model.safetensors"]  # the stale .bin is gone
+    # the stale .bin is gone; README.md is the model card of a model with BLIP's original semantics
+    assert sorted(os.listdir(tmp_path)) == ["README.md", "config.json", "model.safetensors"]
     before = (tmp_path / "model.safetensors").read_bytes()
 
     def crash(state, filename, metadata=None):
@@ -225,7 +226,7 @@ def test_save_is_atomic_and_removes_stale_weights(tmp_path, monkeypatch):
     monkeypatch.setattr(checkpoint, "save_file", crash)
     with pytest.raises(KeyboardInterrupt):
         save_pretrained(randomize(model, seed=2), tmp_path)
-    assert sorted(os.listdir(tmp_path)) == ["config.json", "model.safetensors"]  # no temp file left either
+    assert sorted(os.listdir(tmp_path)) == ["README.md", "config.json", "model.safetensors"]  # no temp file left
     assert (tmp_path / "model.safetensors").read_bytes() == before
 
 

@@ -38,7 +38,7 @@ FINETUNE_TASKS = ("captioning", "retrieval")
 PRETRAIN_STEPS, STEPS = 2, 8  # fine-tuning: 4 epochs of 2 steps
 QUEUE_SIZE = 16
 #: What an exported task dir holds: weights and config, tokenizer files, the image processor's config.
-EXPORT_FILES = {"config.json", "model.safetensors", "tokenizer.json", "vocab.txt", "tokenizer_config.json",
+EXPORT_FILES = {"README.md", "config.json", "model.safetensors", "tokenizer.json", "vocab.txt", "tokenizer_config.json",
                 "special_tokens_map.json", "preprocessor_config.json"}
 
 
