@@ -188,3 +188,19 @@ def test_cli_offline_absent_id_is_one_line(tmp_path):
     assert "Traceback" not in result.stderr and result.stderr.count("\n") == 1, result.stderr
     assert result.stderr.startswith("blip-fast: error: 'Salesforce/blip-image-captioning-large'")
     assert str(tmp_path / "cache") in result.stderr and "HF_HUB_OFFLINE=1" in result.stderr
+
+
+def test_training_init_from_takes_a_hub_id(cache, offline, monkeypatch):
+    """``--init_from Salesforce/...`` fine-tunes from the cached snapshot: its config and its tokenizer."""
+    from huggingface_hub import constants
+
+    from blip_fast.config import BlipConfig
+    from blip_fast.training.tasks import InitSource
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    source = InitSource(REPO)
+    snapshot = cache / f"models--{REPO.replace('/', '--')}" / "snapshots" / commit_of(REPO)
+    assert source.path == snapshot and source.tokenizer_dir == snapshot and source.checkpoint is None
+    assert source.config == BlipConfig.from_hf(snapshot)
+    with pytest.raises(HubError, match="Salesforce/blip-itm-large-coco"):
+        InitSource("Salesforce/blip-itm-large-coco")

@@ -14,6 +14,7 @@ import blip_fast
 from blip_fast import generation
 from tests.hub_fixtures import tiny_hf_repo
 from tests.test_transforms import random_image
+from tests.tiny_models import tiny_hf_model
 
 transformers = pytest.importorskip("transformers")
 from transformers.pipelines import SUPPORTED_TASKS  # noqa: E402
@@ -33,7 +34,7 @@ def repos(tmp_path_factory, bert_vocab_dir):
     root = tmp_path_factory.mktemp("pipeline_models")
     vocab = bert_vocab_dir / "vocab.txt"
     return {task: tiny_hf_repo(task, root / task, vocab)
-            for task in ("BlipForConditionalGeneration", "BlipForQuestionAnswering", "BlipForImageTextRetrieval")}
+            for task in ("BlipForConditionalGeneration", "BlipForQuestionAnswering")}
 
 
 def _without_token_type_ids(pipe):
@@ -162,9 +163,9 @@ def test_pipeline_of_another_model_is_refused(build):
               image_processor=transformers.ViTImageProcessor(size={"height": 16, "width": 16}))
 
 
-def test_retrieval_pipeline_points_to_the_model(repos):
+def test_retrieval_pipeline_points_to_the_model():
     # No transformers pipeline generates with an ITM model; the error says what to optimize instead.
-    hf_model = transformers.BlipForImageTextRetrieval.from_pretrained(repos["BlipForImageTextRetrieval"])
+    hf_model = tiny_hf_model("BlipForImageTextRetrieval")
     pipe = transformers.pipeline("image-feature-extraction", model=hf_model,
                                  image_processor=transformers.BlipImageProcessor())
     with pytest.raises(TypeError, match=r"BlipForImageTextRetrieval: pass the model itself"):
