@@ -341,9 +341,9 @@ def read_original(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return _rename_original(_read_file(os.fspath(path)))
 
 
-def _resize_vision_positions(state: dict[str, torch.Tensor], expected: Mapping[str, torch.Tensor],
-                             source: str) -> list[str]:
-    """``interpolate_pos_embed`` of the original, for the online and the momentum ViT; returns what was resized."""
+def resize_vision_positions(state: dict[str, torch.Tensor], expected: Mapping[str, torch.Tensor]) -> list[str]:
+    """``interpolate_pos_embed`` of the original, in place in ``state`` for the online and the momentum ViT's
+    position tables whose grid differs from ``expected``'s; returns what was resized."""
     from blip_fast.modeling.vit import resize_position_embedding
 
     resized = []
@@ -372,7 +372,7 @@ def load_training_state(model: nn.Module, state: Mapping[str, torch.Tensor], sou
     expected = {k: v for k, v in model.state_dict().items() if not _is_position_ids(k)}
     state = {k: v for k, v in state.items() if not _is_position_ids(k)}
     report: dict[str, list[str]] = {name: [] for name in ("loaded", "copied", "fresh", "dropped", "resized")}
-    report["resized"] = _resize_vision_positions(state, expected, source)
+    report["resized"] = resize_vision_positions(state, expected)
 
     def group_of(key: str) -> str:
         return key.split(".")[0]

@@ -164,7 +164,13 @@ def _convert(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from blip_fast.demo import run_demo
 
-    run_demo(args.out_dir, scale=args.scale)
+    if "bootstrap" in args.tasks:
+        run_demo(args.out_dir, scale=args.scale)
+    downstream = [task for task in args.tasks if task != "bootstrap"]
+    if downstream:
+        from blip_fast.demo_tasks import run_task_demo
+
+        run_task_demo(args.out_dir, downstream, scale=args.scale)
     return 0
 
 
@@ -221,48 +227,83 @@ def _capfilt(args: argparse.Namespace) -> int:
 
 
 def _add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--task", choices=["retrieval", "caption"], required=True, help="what to evaluate")
+    parser.add_argument("--task", choices=["retrieval", "caption", "vqa", "nlvr"], required=True,
+                        help="what to evaluate")
     parser.add_argument("--model", required=True, type=errors.model_dir,
                         help="BLIP model of that task: HuggingFace-layout directory or hub id")
-    parser.add_argument("--annotations", required=True, type=errors.existing_file,
-                        help='test json: [{"image", "caption"}, ...]')
+    parser.add_argument("--annotations", required=True, type=errors.existing_file, nargs="+",
+                        help='test json: [{"image", "caption"}, ...]; vqa: BLIP\'s vqa json, or VQA v2\'s questions '
+                             "file (+ its annotations file to score); nlvr: BLIP's nlvr json")
     parser.add_argument("--image-root", required=True, type=errors.existing_dir,
                         help="directory the json's image paths are under")
     parser.add_argument("--k-test", type=errors.positive_int, default=256,
                         help="retrieval: ITC candidates reranked by ITM (BLIP: 256)")
     parser.add_argument("--batch-size", type=errors.positive_int, default=64,
-                        help="images (and retrieval texts) per forward")
+                        help="images (and retrieval texts; VQA questions, NLVR2 pairs) per forward")
     parser.add_argument("--itm-batch-size", type=errors.positive_int, default=128,
                         help="retrieval: image-text pairs per ITM forward")
     parser.add_argument("--beams", type=errors.positive_int, default=3, help="caption: beam search width (BLIP: 3)")
     _add_decoding_lengths(parser, "caption: ")
     parser.add_argument("--prompt", default="a picture of ", help="caption: text the caption continues")
+    parser.add_argument("--mode", choices=["rank", "generate"], default="rank",
+                        help="vqa: rank the --answer-list candidates (BLIP's reported mode) or generate answers "
+                             "(3 beams, at most 10 tokens)")
+    parser.add_argument("--answer-list", type=errors.existing_file,
+                        help="vqa rank: BLIP's answer_list.json (a json list of answers)")
+    parser.add_argument("--rank-k", type=errors.positive_int, default=128,
+                        help="vqa rank: candidates (most likely first tokens) rescored by the whole answer's loss "
+                             "(BLIP's k_test: 128)")
+    parser.add_argument("--results", type=errors.output_file,
+                        help='vqa: write the answers as the official result file [{"question_id", "answer"}]')
     _add_device_arguments(parser)
-    parser.add_argument("--out", type=errors.output_file, help="write the metrics (and captions) as JSON here")
+    parser.add_argument("--out", type=errors.output_file, help="write the metrics (and predictions) as JSON here")
+
+
+def _run_evaluation(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> dict:
+    from blip_fast import evaluate
+
+    if args.task in ("retrieval", "caption") and len(args.annotations) != 1:
+        raise errors.UserError(f"--task {args.task} reads one --annotations file, got {len(args.annotations)}")
+    if args.task != "vqa" and (args.answer_list or args.results):
+        raise errors.UserError("--answer-list and --results are for --task vqa")
+    inputs = dict(model_dir=args.model, image_root=args.image_root, device=device, dtype=dtype,
+                  batch_size=args.batch_size)
+    if args.task == "retrieval":
+        return evaluate.run_retrieval_evaluation(**inputs, annotations=args.annotations[0], k_test=args.k_test,
+                                                 itm_batch_size=args.itm_batch_size)
+    if args.task == "caption":
+        return evaluate.run_caption_evaluation(
+            **inputs, annotations=args.annotations[0], prompt=args.prompt, num_beams=args.beams,
+            max_length=args.max_length, min_length=args.min_length,
+        )
+    if args.task == "vqa":
+        from blip_fast.evaluate_vqa import run_vqa_evaluation
+
+        return run_vqa_evaluation(**inputs, annotations=args.annotations, mode=args.mode,
+                                  answer_list=args.answer_list, k_test=args.rank_k, results=args.results)
+    from blip_fast.evaluate_nlvr import run_nlvr_evaluation
+
+    return run_nlvr_evaluation(**inputs, annotations=args.annotations)
 
 
 def _evaluate(args: argparse.Namespace) -> int:
     from blip_fast import evaluate
 
-    if args.out is not None:  # before the evaluation: a folder that cannot be made must not lose its results
-        args.out.parent.mkdir(parents=True, exist_ok=True)
+    for path in (args.out, args.results):  # before the evaluation: a folder that cannot be made must not lose it
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
     device, dtype = _device_and_dtype(args.device, args.dtype)
-    inputs = dict(model_dir=args.model, annotations=args.annotations, image_root=args.image_root, device=device,
-                  dtype=dtype)
-    if args.task == "retrieval":
-        report = evaluate.run_retrieval_evaluation(
-            **inputs, k_test=args.k_test, batch_size=args.batch_size, itm_batch_size=args.itm_batch_size
-        )
-    else:
-        report = evaluate.run_caption_evaluation(
-            **inputs, batch_size=args.batch_size, prompt=args.prompt, num_beams=args.beams,
-            max_length=args.max_length, min_length=args.min_length,
-        )
+    report = _run_evaluation(args, device, dtype)
     if args.out is not None:
         from blip_fast.checkpoint import atomic_write_text
 
         atomic_write_text(args.out, json.dumps(report, indent=2, default=str) + "\n")
-    print(evaluate.format_table(report["metrics"]))
+    if "metrics" in report:
+        print(evaluate.format_table(report["metrics"]))
+    else:
+        print(f"{report['num_questions']} questions answered (no human answers to score them)")
+    if report.get("results"):
+        print(f"results: {report['results']}")
     return 0
 
 
@@ -280,11 +321,11 @@ def build_parser() -> argparse.ArgumentParser:
     command("caption", "caption images, one line per image", _add_caption_arguments, _caption)
     command("convert", "original Salesforce BLIP .pth -> HuggingFace-layout directory", _add_convert_arguments,
             _convert)
-    command("demo", "BLIP's bootstrapping loop on built-in synthetic noisy data: pre-train, CapFilt, pre-train again",
-            _add_demo_arguments, _demo)
+    command("demo", "BLIP's bootstrapping loop on built-in synthetic noisy data: pre-train, CapFilt, pre-train again"
+            " (--tasks vqa nlvr: BLIP's VQA and NLVR2 fine-tuning)", _add_demo_arguments, _demo)
     command("capfilt", "caption and filter an image-text dataset (BLIP's CapFilt)", _add_capfilt_arguments, _capfilt)
-    command("evaluate", "retrieval recall@K or caption BLEU-4/CIDEr on a test json", _add_evaluate_arguments,
-            _evaluate)
+    command("evaluate", "retrieval recall@K, caption BLEU-4/CIDEr, VQA accuracy or NLVR2 accuracy on a test json",
+            _add_evaluate_arguments, _evaluate)
     return parser
 
 
@@ -293,6 +334,9 @@ def _add_demo_arguments(parser: argparse.ArgumentParser) -> None:
                         help="rerun the same command to resume")
     parser.add_argument("--scale", choices=["full", "small"], default="full",
                         help="full: about 8 minutes on a 2-core CPU; small: the CI-sized run")
+    parser.add_argument("--tasks", nargs="+", choices=["bootstrap", "vqa", "nlvr"], default=["bootstrap"],
+                        help="bootstrap: pre-train, CapFilt, pre-train again; vqa, nlvr: pre-train on captions, then "
+                             "fine-tune and score BLIP's VQA and NLVR2 models (in <out-dir>/tasks)")
 
 
 def _run(argv: Sequence[str]) -> int:

@@ -25,7 +25,7 @@ from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import PIL.Image
 import torch
@@ -47,6 +47,7 @@ NOT_RERANKED = -100.0
 RECALL_KS = (1, 5, 10)
 
 ImageSource = PIL.Image.Image | str | os.PathLike
+Model = TypeVar("Model", bound=torch.nn.Module)
 
 
 class EvaluationInputError(InvalidInputError):
@@ -466,18 +467,26 @@ def clean_captions(captions: Sequence[Sequence[str]], where: str = "annotations"
     return cleaned
 
 
-def load_retrieval_model(
-    directory: str | os.PathLike, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
-) -> tuple[BlipForImageTextRetrieval, BlipTokenizer, BlipImageProcessor]:
-    """Retrieval model, tokenizer and image processor (saved, else the model's resolution) from one directory or
-    hub id."""
+def load_task_model(
+    model_class: type[Model], directory: str | os.PathLike, device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> tuple[Model, BlipTokenizer, BlipImageProcessor]:
+    """A task model of ``model_class``, its tokenizer and image processor (saved, else the model's resolution) from
+    one directory or hub id."""
     from blip_fast.hub import resolve
 
     directory = resolve(directory)
-    model = BlipForImageTextRetrieval.from_pretrained(directory, torch_dtype=dtype, device=device)
+    model = model_class.from_pretrained(directory, torch_dtype=dtype, device=device)
     tokenizer = BlipTokenizer.from_pretrained(directory)
     processor = BlipImageProcessor.for_model_dir(directory, model.config.vision.image_size)
     return model, tokenizer, processor
+
+
+def load_retrieval_model(
+    directory: str | os.PathLike, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+) -> tuple[BlipForImageTextRetrieval, BlipTokenizer, BlipImageProcessor]:
+    """Retrieval model, tokenizer and image processor from one directory or hub id."""
+    return load_task_model(BlipForImageTextRetrieval, directory, device, dtype)
 
 
 def format_table(metrics: Mapping[str, float]) -> str:

@@ -91,6 +91,16 @@ def pre_caption(caption: str, max_words: int = 30) -> str:
     return caption
 
 
+def pre_question(question: str, max_words: int = 50) -> str:
+    """Normalise a VQA question exactly like BLIP's `data/utils.py:pre_question`: lower-cases, *deletes*
+    `.!"()*#:;~` (where `pre_caption` puts spaces), strips trailing spaces and keeps at most `max_words` words."""
+    question = re.sub(r"([.!\"()*#:;~])", "", question.lower()).rstrip(" ")
+    words = question.split(" ")
+    if len(words) > max_words:
+        question = " ".join(words[:max_words])
+    return question
+
+
 def _special(token: str) -> AddedToken:
     # normalized=False: matched on the raw text, like HF registers BERT's special tokens.
     return AddedToken(token, special=True, normalized=False)

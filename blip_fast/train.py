@@ -1,5 +1,6 @@
 """BLIP pre-training (ITC + ITM + LM) and fine-tuning of CapFilt's filter (retrieval: ITC + ITM) and captioner
-(captioning: LM), with DeepSpeed ZeRO 1/2/3, exact resume, and export to HF-layout dirs.
+(captioning: LM), and of BLIP's VQA (vqa) and NLVR2 (nlvr) models, with DeepSpeed ZeRO 1/2/3, exact resume, and
+export to HF-layout dirs.
 
 Launch it any of three ways (options: ``--help``; configs: ``configs/``)::
 
@@ -111,8 +112,7 @@ def build_dataset(args: argparse.Namespace, image_size: int):
     """The map-style training dataset of ``args.data`` (items: image tensor, caption, image_id, index)."""
     from blip_fast import data
 
-    transform = data.BlipTrainTransform(image_size=image_size, scale=tuple(args.crop_scale), flip_prob=args.flip_prob,
-                                        random_augment=args.random_augment)
+    transform = tasks.train_transform(args, image_size)
     if args.data == "synthetic":
         synthetic = data.SyntheticNoisyDataset(args.num_samples, args.noise_fraction, seed=args.seed,
                                                image_size=image_size)
@@ -158,14 +158,15 @@ def build_tokenizer(args: argparse.Namespace, dataset, output_dir: Path, rank: i
 
 
 def _image_size(args: argparse.Namespace, source: tasks.InitSource | None) -> int:
-    """The training resolution: the ``--init_from`` model's, else ``image_size`` or the preset's."""
+    """The training resolution: ``image_size`` (an ``--init_from`` model's position tables are resized to it),
+    else the ``--init_from`` model's or the preset's."""
     from blip_fast.config import BlipConfig
 
+    if args.image_size is not None:
+        return args.image_size
     if source is not None:
-        if source.original is not None and args.image_size is not None:
-            return args.image_size  # an original .pth's position tables are resized to it
         return source.config.vision.image_size
-    return args.image_size or BlipConfig.from_name(args.model).vision.image_size
+    return BlipConfig.from_name(args.model).vision.image_size
 
 
 def build_model_config(args: argparse.Namespace, tokenizer, source: tasks.InitSource | None):
@@ -221,8 +222,8 @@ class _Meter:
 
 # ---------------------------------------------------------------------------------------------------- training
 def _on_device(batch: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Images in the compute dtype, token and id tensors as they are."""
-    return {name: tensor.to(device, dtype if tensor.is_floating_point() else None, non_blocking=True)
+    """Images in the compute dtype; token ids, labels and loss weights (VQA's, float32) as they are."""
+    return {name: tensor.to(device, dtype if name == "pixel_values" else None, non_blocking=True)
             for name, tensor in batch.items()}
 
 
@@ -258,7 +259,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     _seed_all(args.seed)  # the same on every rank: identical initial weights and queues
     source = None if args.init_from is None else tasks.InitSource(
         args.init_from, args.tokenizer_dir if os.path.isfile(args.init_from) else None)
-    dataset = build_dataset(args, _image_size(args, source))
+    dataset = (task.dataset or build_dataset)(args, _image_size(args, source))
     tokenizer = build_tokenizer(args, dataset, output_dir, rank,
                                 args.tokenizer_dir if source is None else source.tokenizer_dir)
     config = build_model_config(args, tokenizer, source)
@@ -344,7 +345,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                 alpha = alpha_ramp(args.alpha, epoch, step_in_epoch, steps_per_epoch, task.alpha_ramp_epochs)
             for _ in range(accumulation):
                 batch = next(batches)
-                if batch is None or len(batch["input_ids"]) != micro_batch:
+                if batch is None or len(batch["pixel_values"]) != micro_batch:
                     raise RuntimeError("a micro batch lost samples: training datasets must use on_error='replace'")
                 if pixels_on_device is not None:
                     batch["pixel_values"] = pixels_on_device.encoded_batch(batch.pop("images"), device, dtype)

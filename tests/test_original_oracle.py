@@ -194,8 +194,11 @@ def _build_from_original(task: str, pth: str, *flags: str):
     from blip_fast.training import options, tasks
 
     # The fine-tuning YAMLs leave the architecture to init_from (tiny-cpu.yaml's model preset would clash with it).
-    config_file = Path(__file__).parents[1] / "configs" / ("tiny-cpu-retrieval.yaml" if task == "pretrain"
-                                                          else f"tiny-cpu-{task}.yaml")
+    configs = Path(__file__).parents[1] / "configs"
+    config_file = {"pretrain": configs / "tiny-cpu-retrieval.yaml", "vqa": configs / "base-vqa.yaml",
+                   "nlvr": configs / "base-nlvr.yaml"}.get(task, configs / f"tiny-cpu-{task}.yaml")
+    if task in ("vqa", "nlvr"):
+        flags = (*flags, "--annotations", "unread.json")
     args = options.parse_args(["--config", str(config_file), "--task", task, "--init_from", str(FIXTURES / pth),
                                "--tokenizer_dir", str(FIXTURES), "--queue_size", "8", *flags])
     source = tasks.InitSource(args.init_from, args.tokenizer_dir)
@@ -204,21 +207,43 @@ def _build_from_original(task: str, pth: str, *flags: str):
 
 
 @pytest.mark.parametrize("task, pth", [("pretrain", "pretrain.pth"), ("retrieval", "pretrain.pth"),
-                                       ("retrieval", "retrieval.pth"), ("captioning", "pretrain.pth")])
+                                       ("retrieval", "retrieval.pth"), ("captioning", "pretrain.pth"),
+                                       ("vqa", "pretrain.pth"), ("vqa", "vqa.pth"), ("nlvr", "nlvr.pth")])
 def test_init_from_an_original_pth_for_every_task(task, pth, caplog):
     with caplog.at_level("INFO", logger="blip_fast"):
         trainer = _build_from_original(task, pth, "--image_size", "48")
     original = checkpoint.read_original(FIXTURES / pth)
     state = trainer.state_dict()
-    prefix = "model." if task == "captioning" else ""
+    prefix = "model." if task in ("captioning", "vqa") else ""
     checked = [key for key in original if prefix + key in state and "position_embedding" not in key
                and key not in ("idx_queue", "ptr_queue", "image_queue", "text_queue")]
     assert len(checked) > 50
     for key in checked:
         assert torch.equal(state[prefix + key], original[key]), key
     assert state[prefix + "vision_model.embeddings.position_embedding"].shape[1] == 37  # resized 32 -> 48 px
-    if task != "captioning":
+    if task in ("pretrain", "retrieval"):
         assert "loaded: " in caplog.text and "visual_encoder_m" in caplog.text
+    if task == "vqa":  # question encoder and answer decoder both come from the file
+        assert {key.split(".")[0] for key in checked} == {"vision_model", "text_encoder", "text_decoder"}
+
+
+def test_init_nlvr_from_an_original_pretraining_pth(caplog):
+    """NLVR2 from ``model_base.pth``, as the original fine-tunes it: each twin from the one cross-attention, the
+    head and merge layers fresh (the fixture's 2 text layers are all averaging ones)."""
+    with caplog.at_level("INFO", logger="blip_fast"):
+        model = _build_from_original("nlvr", "pretrain.pth", "--image_size", "48")
+    original = checkpoint.read_original(FIXTURES / "pretrain.pth")
+    state, checked = model.state_dict(), 0
+    for key, value in original.items():
+        if key.startswith("text_encoder.") and ".crossattention.self." in key:
+            for twin in ("self0", "self1"):
+                assert torch.equal(state[key.replace(".self.", f".{twin}.")], value), key
+        elif key.startswith("text_encoder.") and key in state and ".crossattention.output.dense." not in key:
+            assert torch.equal(state[key], value), key
+        checked += key.startswith("text_encoder.")
+    assert checked > 30
+    assert state["vision_model.embeddings.position_embedding"].shape[1] == 37
+    assert "freshly initialised: cls_head" in caplog.text
 
 
 def _nlvr_model(pth: str = "nlvr.pth"):

@@ -103,8 +103,9 @@ class _MapDataset(torch.utils.data.Dataset, abc.ABC):
             logger.info("%s: %d samples indexed from %s", type(self).__name__, len(self), source)
 
     @abc.abstractmethod
-    def _load(self, index: int) -> tuple[PIL.Image.Image, str, int]:
-        """The decoded image (raises ImageLoadError), the clean caption, and the image id of sample ``index``."""
+    def _load(self, index: int) -> tuple[Any, ...]:
+        """What :meth:`_item` makes sample ``index`` from (raises ImageLoadError for an unreadable image): here the
+        decoded image, the clean caption and the image id."""
 
     def _load_encoded(self, index: int) -> tuple[bytes | PIL.Image.Image, str, int]:
         """Like ``_load``, with the image's encoded file bytes where the dataset reads files (default: decoded)."""
@@ -124,11 +125,8 @@ class _MapDataset(torch.utils.data.Dataset, abc.ABC):
             candidate = (index + offset) % length
             rng = sample_rng(self.seed, self.epoch, candidate)
             try:
-                if self.encoded_images:
-                    image, caption, image_id = self._load_encoded(candidate)
-                    pixels = self.transform.encode(image, rng, self._name(candidate))
-                else:
-                    image, caption, image_id = self._load(candidate)
+                loaded = self._load_encoded(candidate) if self.encoded_images else self._load(candidate)
+                item = self._item(loaded, rng, index, candidate)
             except ImageLoadError as error:
                 self.skipped["unreadable_image"] += 1
                 name = self._name(candidate)
@@ -138,10 +136,19 @@ class _MapDataset(torch.utils.data.Dataset, abc.ABC):
                 logger.log(level, "%s: skipped %s (unreadable_image, %d so far in this process): %s",
                            type(self).__name__, name, self.skipped["unreadable_image"], error)
                 continue
-            if not self.encoded_images:
-                pixels = image if self.transform is None else self.transform(image, rng)
-            return {"image": pixels, "caption": caption, "image_id": image_id, "index": index}
+            return item
         return None
+
+    def _item(self, loaded: tuple[Any, ...], rng: random.Random, index: int, candidate: int) -> dict[str, Any]:
+        """The sample of what :meth:`_load` (or :meth:`_load_encoded`) returned for ``candidate``, augmented with
+        ``rng`` (a pure function of seed, epoch and ``candidate``); ``index`` is the one asked for. Raises
+        ImageLoadError for an encoded image whose header is unusable."""
+        image, caption, image_id = loaded
+        if self.encoded_images:
+            pixels = self.transform.encode(image, rng, self._name(candidate))
+        else:
+            pixels = image if self.transform is None else self.transform(image, rng)
+        return {"image": pixels, "caption": caption, "image_id": image_id, "index": index}
 
 
 class SyntheticDataset(_MapDataset):

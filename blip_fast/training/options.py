@@ -26,11 +26,13 @@ from blip_fast.data.workers import default_workers
 from blip_fast.errors import ArgumentParser, InvalidInputError, MissingFileError, add_debug_flag
 
 #: The keys of :data:`blip_fast.training.tasks.TASKS` (kept here so that parsing imports no model code).
-TRAINING_TASKS = ("pretrain", "retrieval", "captioning")
+TRAINING_TASKS = ("pretrain", "retrieval", "captioning", "vqa", "nlvr")
 PRESETS = ("tiny", "base", "large")
 DATA_SOURCES = ("synthetic", "blip_json", "webdataset")
 LR_SCHEDULES = ("step", "cosine")
-EXPORT_TASKS = ("captioning", "retrieval", "vqa")
+EXPORT_TASKS = ("captioning", "retrieval", "vqa", "nlvr")
+#: Tasks that read their own annotation format (``--data blip_json --annotations``), not image-text pairs.
+ANNOTATION_TASKS = ("vqa", "nlvr")
 #: Written next to the outputs: the resolved options, the ds_config actually used, and the model config.
 RESOLVED_CONFIG_FILE, RESOLVED_DS_CONFIG_FILE = "config.yaml", "ds_config.json"
 #: Options that describe how a process was started, not the run: never written to the resolved config.
@@ -47,7 +49,9 @@ def _add_options(parser: argparse.ArgumentParser) -> None:
     task = parser.add_argument_group("task")
     task.add_argument("--task", default="pretrain", choices=TRAINING_TASKS,
                       help="pretrain: ITC + ITM + LM; retrieval: ITC (multi-positive by image id) + ITM, CapFilt's "
-                           "filter; captioning: LM on prompt + caption, CapFilt's captioner")
+                           "filter; captioning: LM on prompt + caption, CapFilt's captioner; vqa: answer decoder over "
+                           "question states, answers weighted by human agreement; nlvr: true/false of a statement "
+                           "about an image pair")
     task.add_argument("--init_from", default=None,
                       help="fine-tuning: a blip_fast.train output dir (pre-training or the same task; its `latest` or "
                            "a global_stepN dir) or an HF-layout dir of the task's model; model config and tokenizer "
@@ -148,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = ArgumentParser(
         prog="python -m blip_fast.train",
-        description="BLIP pre-training (ITC + ITM + LM) and retrieval/caption fine-tuning with DeepSpeed. "
+        description="BLIP pre-training (ITC + ITM + LM) and retrieval/caption/VQA/NLVR2 fine-tuning with DeepSpeed. "
                     "Also: `python -m blip_fast.train export ...`.",
     )
     parser.add_argument("--config", default=None, help="YAML file of option defaults (flags override it)")
@@ -263,9 +267,13 @@ def check_args(args: argparse.Namespace) -> None:
         raise ConfigError("data=blip_json needs annotations (json files) and image_root")
     if args.data == "webdataset" and not args.shards:
         raise ConfigError("data=webdataset needs shards")
+    if args.task in ANNOTATION_TASKS and args.data != "blip_json":
+        raise ConfigError(f"task {args.task} trains on its own annotation files: pass --data blip_json --annotations "
+                          "FILE... (vqa: BLIP's vqa json or VQA v2 questions + annotations; nlvr: BLIP's nlvr json) "
+                          "and --image_root")
     if args.task == "pretrain" and args.init_from is not None and not os.path.isfile(args.init_from):
-        raise ConfigError("init_from is for fine-tuning (task retrieval or captioning); pre-training starts from "
-                          "random weights or continues an original BLIP .pth")
+        raise ConfigError("init_from is for fine-tuning (tasks retrieval, captioning, vqa, nlvr); pre-training "
+                          "starts from random weights or continues an original BLIP .pth")
     if args.task != "pretrain" and args.init_from is None:
         raise ConfigError(f"task {args.task} fine-tunes a model: pass --init_from (a pre-training output dir or an "
                           "HF-layout task dir)")
@@ -280,10 +288,13 @@ def check_args(args: argparse.Namespace) -> None:
         import torch
 
         args.compile = torch.cuda.is_available()
+    if args.gpu_decode and args.task in ANNOTATION_TASKS:
+        raise ConfigError(f"gpu_decode is for the image-text tasks; task {args.task} decodes its images in the "
+                          "DataLoader workers")
     if args.gpu_decode is None:
         from blip_fast.data.tensor_transforms import nvjpeg_available
 
-        args.gpu_decode = nvjpeg_available()
+        args.gpu_decode = args.task not in ANNOTATION_TASKS and nvjpeg_available()
     if not args.deepspeed_config:
         raise ConfigError("no ds_config: pass --deepspeed_config FILE.json or set deepspeed_config in the YAML")
 

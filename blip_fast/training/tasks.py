@@ -8,7 +8,12 @@ task        training module       forward inputs                          export
 pretrain    BlipPretrainer        images, captions, alpha, image ids      captioning, retrieval (default), vqa
 retrieval   BlipRetrievalTrainer  images, captions, alpha, image ids      retrieval: CapFilt's filter
 captioning  BlipCaptionTrainer    images, ``prompt + caption``            captioning: CapFilt's captioner
+vqa         BlipVQATrainer        images, questions, weighted answers     vqa
+nlvr        BlipForNLVR           image pairs, statements, labels         nlvr
 ==========  ====================  ======================================  ===================================
+
+VQA and NLVR2 read their own annotations (``--data blip_json --annotations``: BLIP's ``vqa_*.json`` or VQA v2's
+questions + annotations files, BLIP's ``nlvr_*.json``); the other tasks read image-text pairs.
 
 Fine-tuning starts from ``--init_from`` (:class:`InitSource`): a ``blip_fast.train`` output dir (pre-training, or a
 run of the same task) or an HuggingFace-layout dir of the task's model. The model config and the tokenizer come
@@ -19,6 +24,9 @@ from it, so a fine-tuned model keeps the vocabulary its embeddings were trained 
   ones. The queues always start fresh: queued features of other data would be wrong negatives (and wrong ids).
 - captioning: ViT + text decoder (pre-training's decoder shares embeddings, cross-attention and FFN with the
   encoder; the exported captioner holds them as its own).
+- vqa: ViT + text encoder (the question encoder) + text decoder (the answer decoder), as BLIP's ``blip_vqa``.
+- nlvr: ViT + text encoder, each twin cross-attention from the one of pre-training; the two-layer head and the merge
+  layers start fresh (from an NLVR2 run or an exported NLVR2 dir: everything).
 """
 
 from __future__ import annotations
@@ -102,14 +110,12 @@ class InitSource:
         return str(self.path) if self.checkpoint is None else "/".join(map(str, self.checkpoint))
 
     def run_config(self, args: argparse.Namespace, tokenizer: BlipTokenizer) -> BlipConfig:
-        """The source's model config; the run's ``model``/``image_size``, when given, must agree with it (an
-        original ``.pth`` may change the image size: its position tables are resized, as the original does)."""
+        """The source's model config at the run's ``image_size`` when given (BLIP fine-tunes at a higher resolution
+        than it pre-trains: the position tables are resized, as the original's ``interpolate_pos_embed``); the
+        run's ``model``, when given, must agree with the source's architecture."""
         config = self.config
-        if self.original is not None and args.image_size is not None:
+        if args.image_size is not None:
             config = config.replace(vision=dataclasses.replace(config.vision, image_size=args.image_size))
-        if args.image_size is not None and args.image_size != config.vision.image_size:
-            raise ValueError(f"image_size {args.image_size} differs from the {config.vision.image_size} of "
-                             f"--init_from {self}: fine-tuning keeps the source's architecture (leave image_size unset)")
         if args.model is not None:
             preset, source = _architecture(BlipConfig.from_name(args.model)), _architecture(config)
             changed = {key: (preset[key], source[key]) for key in preset if preset[key] != source[key]}
@@ -130,8 +136,9 @@ class InitSource:
         return {key.removeprefix(prefix): value for key, value in state.items() if key.startswith(prefix)}
 
     def task_model(self, task: str, config: BlipConfig) -> nn.Module:
-        """The source's model of ``task`` (``captioning``/``retrieval``: the fine-tuning task is also the exported
-        model's) built with ``config``; errors say what the source lacks."""
+        """The source's model of ``task`` (the fine-tuning task is also the exported model's) built with ``config``;
+        errors say what the source lacks. An NLVR2 model from a checkpoint with one cross-attention per layer starts
+        both halves of each twin from it and its head fresh (:func:`checkpoint.model_from_state_dict`)."""
         model_cls = checkpoint.task_class(task)
         if self.original is not None:
             return checkpoint.model_from_state_dict(model_cls, self.original, config, source=str(self),
@@ -142,14 +149,22 @@ class InitSource:
             if architectures and architectures[0] != model_cls.__name__:
                 raise ValueError(f"--init_from {self} holds a {architectures[0]}; task {task} starts from a "
                                  f"{model_cls.__name__} dir or a pre-training output dir")
-            return checkpoint.load_pretrained(model_cls, self.path, config=config)
+            saved = config.replace(vision=dataclasses.replace(config.vision, image_size=self.config.vision.image_size))
+            model = checkpoint.load_pretrained(model_cls, self.path, config=saved)
+            if saved == config:
+                return model
+            return checkpoint.model_from_state_dict(model_cls, model.state_dict(), config, source=str(self),
+                                                    resize_pos_embed=True)
         with torch.device("meta"):
             needed = {key.split(".")[0] for key in model_cls(config).state_dict()}
+        if task == "nlvr":
+            needed.discard("cls_head")  # NLVR2 starts from pre-training with a fresh head, as the original does
         held = {key.split(".")[0] for key in self._training_state}
         if needed - held:
             raise ValueError(f"--init_from {self} lacks {sorted(needed - held)}, which task {task} needs "
                              f"(a {model_cls.__name__}); it holds {sorted(held)}")
-        return checkpoint.model_from_state_dict(model_cls, self._training_state, config, source=str(self))
+        return checkpoint.model_from_state_dict(model_cls, self._training_state, config, source=str(self),
+                                                resize_pos_embed=True)
 
     def load_training_state(self, trainer: nn.Module) -> None:
         """Load an original ``.pth`` into a pre-training/retrieval trainer: momentum encoders and queues included
@@ -193,6 +208,9 @@ def _build_retrieval(config: BlipConfig, args: argparse.Namespace, source: InitS
     extras = [key for key in missing if key not in buffers]
     state = source.training_state(extras)
     if len(state) == len(extras):
+        resized = checkpoint.resize_vision_positions(state, trainer.state_dict())  # the momentum ViT's
+        if resized:
+            logger.info("%s: resized %s (bicubic, class token kept)", source, ", ".join(resized))
         trainer.load_state_dict(state, strict=False)
     else:
         logger.info("%s holds no momentum encoders: they start as copies of the online encoders", source)
@@ -212,6 +230,42 @@ def _build_captioner(config: BlipConfig, args: argparse.Namespace, source: InitS
     return BlipCaptionTrainer(source.task_model("captioning", config), prompt_length(tokenizer, args.prompt))
 
 
+def _build_vqa(config: BlipConfig, args: argparse.Namespace, source: InitSource,
+               tokenizer: BlipTokenizer) -> nn.Module:
+    from blip_fast.modeling.finetune import BlipVQATrainer
+
+    return BlipVQATrainer(source.task_model("vqa", config))
+
+
+def _build_nlvr(config: BlipConfig, args: argparse.Namespace, source: InitSource,
+                tokenizer: BlipTokenizer) -> nn.Module:
+    return source.task_model("nlvr", config)  # BlipForNLVR returns its cross-entropy itself
+
+
+# ---------------------------------------------------------------------------------------------------- datasets
+def train_transform(args: argparse.Namespace, image_size: int):
+    """BLIP's training augmentation of every task (random resized crop, flip, ``--random_augment``)."""
+    from blip_fast.data import BlipTrainTransform
+
+    return BlipTrainTransform(image_size=image_size, scale=tuple(args.crop_scale), flip_prob=args.flip_prob,
+                              random_augment=args.random_augment)
+
+
+# "replace": an unreadable image is swapped for the next readable one, so every rank keeps its full micro batch.
+def _vqa_dataset(args: argparse.Namespace, image_size: int) -> torch.utils.data.Dataset:
+    from blip_fast.data.vqa import VQADataset, read_vqa
+
+    return VQADataset(read_vqa(args.annotations, args.image_root), train_transform(args, image_size),
+                      seed=args.seed, on_error="replace")
+
+
+def _nlvr_dataset(args: argparse.Namespace, image_size: int) -> torch.utils.data.Dataset:
+    from blip_fast.data.nlvr import NLVRDataset, read_nlvr
+
+    return NLVRDataset(read_nlvr(args.annotations, args.image_root), train_transform(args, image_size),
+                       seed=args.seed, on_error="replace")
+
+
 # ---------------------------------------------------------------------------------------------------- batches
 def _contrastive_inputs(batch: Batch, alpha: float | None) -> dict[str, Any]:
     return dict(pixel_values=batch["pixel_values"], input_ids=batch["input_ids"],
@@ -223,6 +277,17 @@ def _contrastive_inputs(batch: Batch, alpha: float | None) -> dict[str, Any]:
 def _caption_inputs(batch: Batch, alpha: float | None) -> dict[str, Any]:
     return dict(pixel_values=batch["pixel_values"], input_ids=batch["input_ids"],
                 attention_mask=batch["attention_mask"])
+
+
+def _vqa_inputs(batch: Batch, alpha: float | None) -> dict[str, Any]:
+    names = ("pixel_values", "question_ids", "question_mask", "answer_ids", "answer_mask", "answer_weights",
+             "answers_per_question")
+    return {name: batch[name] for name in names}
+
+
+def _nlvr_inputs(batch: Batch, alpha: float | None) -> dict[str, Any]:
+    return dict(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"],
+                attention_mask=batch["attention_mask"], labels=batch["labels"])
 
 
 class PromptCollator(BlipCollator):
@@ -257,6 +322,18 @@ def _prompt_collator(tokenizer: BlipTokenizer, args: argparse.Namespace) -> Blip
     return PromptCollator(tokenizer, args.max_text_length, args.prompt, _padding(args))
 
 
+def _vqa_collator(tokenizer: BlipTokenizer, args: argparse.Namespace) -> Callable:
+    from blip_fast.data.vqa import VQACollator
+
+    return VQACollator(tokenizer, max_length=args.max_text_length)  # questions; answers are never cut
+
+
+def _nlvr_collator(tokenizer: BlipTokenizer, args: argparse.Namespace) -> Callable:
+    from blip_fast.data.nlvr import NLVRCollator
+
+    return NLVRCollator(tokenizer, max_length=args.max_text_length)
+
+
 # ---------------------------------------------------------------------------------------------------- the table
 @dataclass(frozen=True)
 class TrainingTask:
@@ -270,7 +347,7 @@ class TrainingTask:
     #: ``(batch on device, alpha) -> forward keyword arguments``.
     forward_inputs: Callable[[Batch, float | None], dict[str, Any]]
     #: ``(tokenizer, args) -> collate_fn``.
-    collator: Callable[[BlipTokenizer, argparse.Namespace], BlipCollator]
+    collator: Callable[[BlipTokenizer, argparse.Namespace], Callable]
     #: ITC with momentum distillation and queues: alpha ramps over this many epochs (BLIP: 2 in pre-training, 1 in
     #: retrieval fine-tuning). None: no ITC, no alpha.
     alpha_ramp_epochs: int | None
@@ -279,6 +356,9 @@ class TrainingTask:
     default_exports: int = 1
     #: Where the task model's weights sit in the training module's state dict.
     state_prefix: str = ""
+    #: ``(args, image size) -> training dataset`` of the task's own annotations; None: the image-text data of
+    #: ``--data`` (synthetic, BLIP json captions or webdataset shards).
+    dataset: Callable[[argparse.Namespace, int], torch.utils.data.Dataset] | None = None
 
     def exports(self, requested: Sequence[str] | None) -> list[str]:
         """The ``export_tasks`` option resolved: None -> this task's defaults; others must be exportable."""
@@ -298,6 +378,10 @@ TASKS: dict[str, TrainingTask] = {
                               _fixed_length_collator, alpha_ramp_epochs=1, export_tasks=("retrieval",)),
     "captioning": TrainingTask("captioning", ("loss",), _build_captioner, _caption_inputs, _prompt_collator,
                                alpha_ramp_epochs=None, export_tasks=("captioning",), state_prefix="model."),
+    "vqa": TrainingTask("vqa", ("loss",), _build_vqa, _vqa_inputs, _vqa_collator, alpha_ramp_epochs=None,
+                        export_tasks=("vqa",), state_prefix="model.", dataset=_vqa_dataset),
+    "nlvr": TrainingTask("nlvr", ("loss",), _build_nlvr, _nlvr_inputs, _nlvr_collator, alpha_ramp_epochs=None,
+                         export_tasks=("nlvr",), dataset=_nlvr_dataset),
 }
 
 
