@@ -197,6 +197,12 @@ def _check_task(path: str, model_cls: type, found: str, how: str) -> None:
                           f"use a {wanted} checkpoint here")
 
 
+def check_task(source: str, model_cls: type, state: Mapping[str, torch.Tensor]) -> None:
+    """Refuse an original checkpoint's ``state`` (our key names) when its components are another task's than
+    ``model_cls``'s (:func:`detect_task`)."""
+    _check_task(source, model_cls, detect_task(state), "by its weights")
+
+
 def _check_architecture(directory: str, config_json: Mapping[str, Any], model_cls: type) -> None:
     architectures = config_json.get("architectures") or []
     found = next((task for name in architectures if (task := _task_of_class(name))), None)
@@ -480,7 +486,7 @@ def load_pretrained(
         generation_defaults = _read_generation_defaults(os.path.join(path, GENERATION_CONFIG_NAME))
     elif os.path.isfile(path):
         state = _rename_original(_read_file(path))
-        _check_task(path, model_cls, detect_task(state), "by its weights")
+        check_task(path, model_cls, state)
         config = config or infer_config(state, path, tokenizer, heads)
     else:
         raise MissingFileError(f"no checkpoint at {path}")

@@ -141,3 +141,22 @@ def test_bad_inputs_are_one_clear_error(task_dir, tmp_path, capsys):
          "--image-root", str(tmp_path)])
     answers = synthetic.write_json(tmp_path / "answers.json", ["yes", "yes"])
     assert "answer list repeats answers" in error_of(_vqa_command(task_dir, "--answer-list", str(answers)))
+
+
+@pytest.mark.parametrize("task, model, found", [("vqa", "nlvr_model", "nlvr"), ("nlvr", "vqa_model", "vqa")])
+def test_a_model_of_another_task_is_refused(task_dir, capsys, task, model, found):
+    annotations = task_dir["vqa" if task == "vqa" else "nlvr"]
+    assert main(["evaluate", "--task", task, "--model", str(task_dir["root"] / model), "--annotations",
+                 str(annotations), "--image-root", str(task_dir["root"]), "--mode", "generate"]) == 2
+    line, = capsys.readouterr().err.strip().splitlines()
+    assert f"{model} is a {found} model (config.json names" in line and f"not a {task} model" in line
+
+
+def test_malformed_vqa_json_names_the_file_and_line(task_dir, tmp_path, capsys):
+    broken = tmp_path / "vqa_broken.json"
+    broken.write_text('[{"question": "what colour is the cube?", "image": "a.png",\n  "answer": ["red"]\n')
+    command = _vqa_command(task_dir, "--mode", "generate")
+    command[command.index(str(task_dir["vqa"]))] = str(broken)
+    assert main(command) == 2
+    line, = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"blip-fast: error: cannot read annotations '{broken}'") and "line 3 column 1" in line

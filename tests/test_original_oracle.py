@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from blip_fast import checkpoint, ops
+from blip_fast.errors import UserError
 from blip_fast.modeling import pretrain
 from blip_fast.modeling.blip import BlipForQuestionAnswering
 from blip_fast.modeling.finetune import BlipRetrievalTrainer, BlipVQATrainer
@@ -225,6 +226,15 @@ def test_init_from_an_original_pth_for_every_task(task, pth, caplog):
         assert "loaded: " in caplog.text and "visual_encoder_m" in caplog.text
     if task == "vqa":  # question encoder and answer decoder both come from the file
         assert {key.split(".")[0] for key in checked} == {"vision_model", "text_encoder", "text_decoder"}
+
+
+@pytest.mark.parametrize("task, pth, found", [("captioning", "vqa.pth", "vqa"), ("vqa", "nlvr.pth", "nlvr"),
+                                              ("nlvr", "vqa.pth", "vqa"), ("vqa", "retrieval.pth", "retrieval")])
+def test_init_from_an_original_pth_of_another_task_is_refused(task, pth, found):
+    """A VQA model's weights would fit a captioner (which would then write answers as captions): a .pth of another
+    task is a user error naming what it is, before any tensor is loaded."""
+    with pytest.raises(UserError, match=rf"{pth} is a {found} model \(by its weights\), not a {task} model"):
+        _build_from_original(task, pth)
 
 
 def test_init_nlvr_from_an_original_pretraining_pth(caplog):

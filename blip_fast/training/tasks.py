@@ -48,8 +48,10 @@ from torch import nn
 from blip_fast import checkpoint, hub
 from blip_fast.config import BlipConfig
 from blip_fast.data import BlipCollator
+from blip_fast.errors import MissingFileError
 from blip_fast.tokenizer import TOKENIZER_FILE, VOCAB_FILE, BlipTokenizer
 from blip_fast.training import checkpointing, options
+from blip_fast.training.options import ConfigError
 
 logger = logging.getLogger("blip_fast")
 
@@ -81,15 +83,15 @@ class InitSource:
         self.original: dict[str, torch.Tensor] | None = None
         if self.path.is_file():
             if tokenizer_dir is None:
-                raise ValueError(f"--init_from {self.path} is an original BLIP checkpoint, which holds no tokenizer: "
-                                 "pass --tokenizer_dir (a dir with bert-base-uncased's vocab.txt)")
+                raise ConfigError(f"--init_from {self.path} is an original BLIP checkpoint, which holds no "
+                                  "tokenizer: pass --tokenizer_dir (a dir with bert-base-uncased's vocab.txt)")
             self.tokenizer_dir = Path(tokenizer_dir)
             self.original = checkpoint.read_original(self.path)
             self.config = checkpoint.infer_config(self.original, str(self.path),
                                                   BlipTokenizer.from_pretrained(self.tokenizer_dir))
         elif tokenizer_dir is not None:
-            raise ValueError("tokenizer_dir and init_from exclude each other unless init_from is an original .pth: "
-                             "fine-tuning keeps the tokenizer of init_from")
+            raise ConfigError("tokenizer_dir and init_from exclude each other unless init_from is an "
+                              "original .pth: fine-tuning keeps the tokenizer of init_from")
         elif (self.path / checkpoint.CONFIG_NAME).is_file():
             self.config = BlipConfig.from_hf(self.path)
             self.tokenizer_dir = self.path
@@ -97,14 +99,14 @@ class InitSource:
             try:
                 self.checkpoint = checkpointing.resolve_checkpoint(self.path)
             except FileNotFoundError as error:
-                raise FileNotFoundError(f"--init_from {self.path}: neither an HF-layout model dir (no config.json) "
-                                        f"nor a blip_fast.train output dir ({error})") from None
+                raise MissingFileError(f"--init_from {self.path}: neither an HF-layout model dir (no config.json) "
+                                       f"nor a blip_fast.train output dir ({error})") from None
             output_dir = self.checkpoint[0]
             self.config = checkpointing.read_model_config(output_dir)
             self.tokenizer_dir = output_dir / checkpointing.TOKENIZER_DIR
         if not any((self.tokenizer_dir / name).is_file() for name in (TOKENIZER_FILE, VOCAB_FILE)):
-            raise FileNotFoundError(f"--init_from {self.path}: no tokenizer in {self.tokenizer_dir} ({TOKENIZER_FILE} "
-                                    f"or {VOCAB_FILE}); fine-tuning keeps the vocabulary the model was trained with")
+            raise MissingFileError(f"--init_from {self.path}: no tokenizer in {self.tokenizer_dir} ({TOKENIZER_FILE} "
+                                   f"or {VOCAB_FILE}); fine-tuning keeps the vocabulary the model was trained with")
 
     def __str__(self) -> str:
         return str(self.path) if self.checkpoint is None else "/".join(map(str, self.checkpoint))
@@ -120,11 +122,11 @@ class InitSource:
             preset, source = _architecture(BlipConfig.from_name(args.model)), _architecture(config)
             changed = {key: (preset[key], source[key]) for key in preset if preset[key] != source[key]}
             if changed:
-                raise ValueError(f"model {args.model!r} differs from --init_from {self} in {changed} (preset, source): "
-                                 "fine-tuning keeps the source's architecture (leave model unset)")
+                raise ConfigError(f"model {args.model!r} differs from --init_from {self} in {changed} (preset, source): "
+                                  "fine-tuning keeps the source's architecture (leave model unset)")
         if config.for_tokenizer(tokenizer).text != config.text:
-            raise ValueError(f"the tokenizer in {self.tokenizer_dir} ({len(tokenizer)} tokens) does not match the "
-                             f"model of --init_from {self} (vocab_size {config.text.vocab_size}, special-token ids)")
+            raise ConfigError(f"the tokenizer in {self.tokenizer_dir} ({len(tokenizer)} tokens) does not match the "
+                              f"model of --init_from {self} (vocab_size {config.text.vocab_size}, special-token ids)")
         return config
 
     @functools.cached_property
@@ -141,14 +143,15 @@ class InitSource:
         both halves of each twin from it and its head fresh (:func:`checkpoint.model_from_state_dict`)."""
         model_cls = checkpoint.task_class(task)
         if self.original is not None:
+            checkpoint.check_task(str(self), model_cls, self.original)
             return checkpoint.model_from_state_dict(model_cls, self.original, config, source=str(self),
                                                     resize_pos_embed=True)
         if self.checkpoint is None:
             config_text = (self.path / checkpoint.CONFIG_NAME).read_text(encoding="utf-8")
             architectures = json.loads(config_text).get("architectures")
             if architectures and architectures[0] != model_cls.__name__:
-                raise ValueError(f"--init_from {self} holds a {architectures[0]}; task {task} starts from a "
-                                 f"{model_cls.__name__} dir or a pre-training output dir")
+                raise ConfigError(f"--init_from {self} holds a {architectures[0]}; task {task} starts from a "
+                                  f"{model_cls.__name__} dir or a pre-training output dir")
             saved = config.replace(vision=dataclasses.replace(config.vision, image_size=self.config.vision.image_size))
             model = checkpoint.load_pretrained(model_cls, self.path, config=saved)
             if saved == config:
@@ -161,8 +164,8 @@ class InitSource:
             needed.discard("cls_head")  # NLVR2 starts from pre-training with a fresh head, as the original does
         held = {key.split(".")[0] for key in self._training_state}
         if needed - held:
-            raise ValueError(f"--init_from {self} lacks {sorted(needed - held)}, which task {task} needs "
-                             f"(a {model_cls.__name__}); it holds {sorted(held)}")
+            raise ConfigError(f"--init_from {self} lacks {sorted(needed - held)}, which task {task} needs "
+                              f"(a {model_cls.__name__}); it holds {sorted(held)}")
         return checkpoint.model_from_state_dict(model_cls, self._training_state, config, source=str(self),
                                                 resize_pos_embed=True)
 
