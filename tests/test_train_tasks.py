@@ -1,11 +1,12 @@
 """VQA and NLVR2 fine-tuning: the task table's pieces in process (dataset -> collator -> inputs -> model, from the
-oracle fixtures' tiny Salesforce checkpoints at 32 px), and one end-to-end run: ``deepspeed --module
+oracle fixtures' tiny Salesforce checkpoints at 32 px), and one end-to-end test: ``deepspeed --module
 blip_fast.train --task vqa --init_from ORIGINAL.pth``, its export scored by ``blip-fast evaluate --task vqa`` from
 VQA v2's question + annotation files, in both modes, with the official result file checked against the official
-accuracy. (Exact resume is the training loop's, the same for every task: tests/test_train*.py.)
+accuracy; then ``--task nlvr`` the same way. (Exact resume is the training loop's, the same for every task:
+tests/test_train*.py.)
 
 The data: 12 synthetic scenes at 32 px; VQA questions (3 per image) and NLVR2 statements about the first 8, the
-test questions about the last 4.
+test questions and statements about the last 4.
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ def data(tmp_path_factory) -> dict:
     train, test = range(TRAIN_IMAGES), range(TRAIN_IMAGES, TRAIN_IMAGES + TEST_IMAGES)
     files = {"vqa_train": synthetic.write_json(root / "vqa_train.json", synthetic.vqa_records(scenes, train)),
              "answers": synthetic.write_json(root / "answer_list.json", synthetic.answer_list()),
-             "nlvr_train": synthetic.write_json(root / "nlvr_train.json", synthetic.nlvr_records(scenes, train, 16))}
+             "nlvr_train": synthetic.write_json(root / "nlvr_train.json", synthetic.nlvr_records(scenes, train, 16)),
+             "nlvr_test": synthetic.write_json(root / "nlvr_test.json", synthetic.nlvr_records(scenes, test, 8, 1))}
     # The test questions as VQA v2's official pair, over COCO-named copies of the images.
     (root / "val2014").mkdir()
     questions, annotations = [], []
@@ -95,10 +97,12 @@ def test_the_task_table_trains_its_model_on_its_own_data(task, data):
 
 
 @pytest.mark.slow
-def test_vqa_under_the_deepspeed_launcher_from_an_original_pth_then_evaluate(data, tmp_path):
-    """2 ranks x 4 questions, 24 questions: 3 steps from model_base.pth's layout; the export is the trained weights,
-    and ``blip-fast evaluate`` writes the official result file, scored as the official VQA accuracy scores it."""
-    from blip_fast import BlipForQuestionAnswering
+def test_vqa_and_nlvr_from_original_pths_then_evaluate(data, tmp_path):
+    """VQA under the deepspeed launcher, 2 ranks x 4 questions, 24 questions: 3 steps from model_base.pth's layout;
+    the export is the trained weights, and ``blip-fast evaluate`` writes the official result file, scored as the
+    official VQA accuracy scores it. NLVR2 (one rank, 2 steps from model_base_nlvr.pth's layout): its export's
+    accuracy is the share of its own predictions that match the labels."""
+    from blip_fast import BlipForNLVR, BlipForQuestionAnswering
     from blip_fast.cli import main
 
     output_dir = tmp_path / "vqa"
@@ -131,3 +135,20 @@ def test_vqa_under_the_deepspeed_launcher_from_an_original_pth_then_evaluate(dat
         assert metrics["accuracy_number"] == pytest.approx(official["per_answer_type"]["number"])
         if mode == "rank":
             assert {record["answer"] for record in answered} <= set(synthetic.answer_list())
+
+    output_dir = tmp_path / "nlvr"
+    _train("python", output_dir, *_flags("nlvr", data), "--deepspeed_config", str(CONFIGS / "ds_zero2.json"),
+           "--micro_batch_size", "8", "--num_workers", "0", "--max_steps", "2", "--log_every_steps", "1",
+           "--save_every_steps", "100", config=CONFIGS / "base-nlvr.yaml")
+    assert len(_metrics(output_dir)) == 2
+    export = output_dir / "export" / "nlvr"
+    assert torch.equal(BlipForNLVR.from_pretrained(export).state_dict()["cls_head.2.weight"],
+                       _consolidated(output_dir, 2)["cls_head.2.weight"])
+    report = tmp_path / "nlvr-report.json"
+    assert main(["evaluate", "--task", "nlvr", "--model", str(export), "--annotations", str(data["nlvr_test"]),
+                 "--image-root", str(data["root"]), "--device", "cpu", "--out", str(report)]) == 0
+    written = json.loads(report.read_text())
+    labels = [int(record["label"] == "True") for record in json.loads(Path(data["nlvr_test"]).read_text())]
+    predictions = [record["prediction"] for record in written["predictions"]]
+    assert written["num_statements"] == 8 == len(predictions)
+    assert written["metrics"]["accuracy"] == pytest.approx(100 * np.mean(np.equal(predictions, labels)))
