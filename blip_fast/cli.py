@@ -289,6 +289,8 @@ def _run_evaluation(args: argparse.Namespace, device: torch.device, dtype: torch
 def _evaluate(args: argparse.Namespace) -> int:
     from blip_fast import evaluate
 
+    inputs = [*args.annotations, *([args.answer_list] if args.answer_list else [])]
+    errors.check_outputs_spare_inputs({"--out": args.out, "--results": args.results}, inputs)
     for path in (args.out, args.results):  # before the evaluation: a folder that cannot be made must not lose it
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)

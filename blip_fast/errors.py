@@ -142,6 +142,15 @@ def _model_dir(text: str) -> str:
     return text
 
 
+def check_outputs_spare_inputs(outputs: dict[str, Path | None], inputs: Sequence[str | os.PathLike]) -> None:
+    """Refuse an output file (``{flag: path}``) that is one of the run's input files: writing it would destroy the
+    input (an evaluation's ``--results`` over its annotations, say)."""
+    given = {os.path.realpath(path) for path in inputs}
+    for flag, path in outputs.items():
+        if path is not None and os.path.realpath(path) in given:
+            raise UserError(f"{flag} {path} is one of the input files; writing it would destroy it: give another name")
+
+
 existing_dir = _type("existing directory", _existing_dir)
 model_dir = _type("model folder or hub id", _model_dir)
 existing_file = _type("existing file", _existing_file)

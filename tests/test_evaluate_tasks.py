@@ -143,6 +143,15 @@ def test_bad_inputs_are_one_clear_error(task_dir, tmp_path, capsys):
     assert "answer list repeats answers" in error_of(_vqa_command(task_dir, "--answer-list", str(answers)))
 
 
+@pytest.mark.parametrize("flag", ["--results", "--out"])
+def test_an_output_over_an_input_is_refused_before_any_work(task_dir, capsys, flag):
+    before = task_dir["vqa"].read_bytes()
+    assert main(_vqa_command(task_dir, "--mode", "generate", flag, str(task_dir["vqa"]))) == 2
+    line, = capsys.readouterr().err.strip().splitlines()
+    assert f"{flag} {task_dir['vqa']} is one of the input files" in line
+    assert task_dir["vqa"].read_bytes() == before
+
+
 @pytest.mark.parametrize("task, model, found", [("vqa", "nlvr_model", "nlvr"), ("nlvr", "vqa_model", "vqa")])
 def test_a_model_of_another_task_is_refused(task_dir, capsys, task, model, found):
     annotations = task_dir["vqa" if task == "vqa" else "nlvr"]
