@@ -96,6 +96,20 @@ def test_the_task_table_trains_its_model_on_its_own_data(task, data):
     assert np.isfinite(losses).all() and losses[-1] < losses[0], losses
 
 
+@pytest.mark.parametrize("task", ["vqa", "nlvr"])
+def test_gpu_decode_is_refused_for_tasks_with_their_own_datasets(task, data, monkeypatch):
+    """Their datasets hand the DataLoader decoded pixels, never the encoded images the GPU input path needs; the
+    default stays off for them even where nvJPEG is there."""
+    import blip_fast.data.tensor_transforms as tensor_transforms
+
+    monkeypatch.setattr(tensor_transforms, "nvjpeg_available", lambda: True)
+    argv = ["--config", str(CONFIGS / f"base-{task}.yaml"), "--task", task, *_flags(task, data),
+            "--deepspeed_config", str(CONFIGS / "ds_zero2.json")]
+    assert options.parse_args(argv).gpu_decode is False
+    with pytest.raises(options.ConfigError, match=f"gpu_decode is for the image-text tasks; task {task}"):
+        options.parse_args([*argv, "--gpu_decode"])
+
+
 @pytest.mark.slow
 def test_vqa_and_nlvr_from_original_pths_then_evaluate(data, tmp_path):
     """VQA under the deepspeed launcher, 2 ranks x 4 questions, 24 questions: 3 steps from model_base.pth's layout;
