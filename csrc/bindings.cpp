@@ -26,7 +26,8 @@ TORCH_LIBRARY(blip_fast, m) {
   // softmax(query @ key^T * scale + mask) @ value per image; query [C, H, M, Dh], key/value [C, H, N, Dh],
   // mask additive (or bool, True keeps) broadcastable to [C, 1, 1, N]. Returns [C, H, M, Dh] in the query's dtype.
   m.def("decode_attention(Tensor query, Tensor key, Tensor value, Tensor? mask, float scale) -> Tensor");
-  // The same into a caller's contiguous `out`; splits > 0 forces the number of key splits (tests), 0 = heuristic.
+  // The same into a caller's `out` (any strides, unit last one); splits > 0 forces the number of key splits
+  // (tests), 0 = heuristic.
   m.def(
       "decode_attention_out(Tensor query, Tensor key, Tensor value, Tensor? mask, float scale, int splits, "
       "Tensor(a!) out) -> ()");

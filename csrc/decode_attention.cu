@@ -47,13 +47,13 @@ struct Params {
   const void* key;
   const void* value;
   const void* mask;  // additive, query dtype, [C, N] through its strides; nullptr when absent
-  void* out;         // [C, H, M, Dh], contiguous
+  void* out;         // [C, H, M, Dh] through o_stride (unit last stride): callers pick the layout they read next
   float* part_acc;   // [C * H, splits, M, Dh]
   float* part_max;   // [C * H, splits, M]
   float* part_sum;   // [C * H, splits, M]
   int pairs, heads, rows, keys, head_dim, tiles_per_split, splits;  // pairs = C * H
   float scale_log2;  // scale * log2(e)
-  int64_t q_stride[3], k_stride[3], v_stride[3];
+  int64_t q_stride[3], k_stride[3], v_stride[3], o_stride[3];
   int64_t mask_stride_c, mask_stride_n;
   bool vector_loads;  // key/value rows are 16-byte aligned and Dh fills whole vectors
 };
@@ -244,7 +244,8 @@ __global__ void __launch_bounds__(kThreads) decode_attention_kernel(const Params
     if (m >= rows_here) continue;
     const int row = row_begin + m;
     if (p.splits == 1) {
-      scalar_t* out = static_cast<scalar_t*>(p.out) + (static_cast<int64_t>(bh) * p.rows + row) * p.head_dim;
+      scalar_t* out = static_cast<scalar_t*>(p.out) + (bh / p.heads) * p.o_stride[0] +
+                      (bh % p.heads) * p.o_stride[1] + row * p.o_stride[2];
       out[dim] = static_cast<scalar_t>(acc[i] / row_sum[m]);
     } else {
       const int64_t partial_row = (static_cast<int64_t>(bh) * p.splits + split) * p.rows + row;
@@ -276,7 +277,9 @@ __global__ void __launch_bounds__(kThreads) merge_splits_kernel(const Params p) 
     total_sum += weight * p.part_sum[partial_row];
     total_acc += weight * p.part_acc[partial_row * p.head_dim + dim];
   }
-  static_cast<scalar_t*>(p.out)[index] = static_cast<scalar_t>(total_acc / total_sum);
+  const int64_t out_index = (bh / p.heads) * p.o_stride[0] + (bh % p.heads) * p.o_stride[1] +
+                            (row % p.rows) * p.o_stride[2] + dim;
+  static_cast<scalar_t*>(p.out)[out_index] = static_cast<scalar_t>(total_acc / total_sum);
 }
 
 // ------------------------------------------------------------------------------------------------ host side
@@ -333,9 +336,9 @@ void check_inputs(const at::Tensor& query, const at::Tensor& key, const at::Tens
               key.scalar_type(), ", ", value.scalar_type());
   TORCH_CHECK(query.is_cuda() && key.device() == query.device() && value.device() == query.device(),
               "blip_fast::decode_attention: query/key/value must be on one CUDA device");
-  TORCH_CHECK(out.sizes() == query.sizes() && out.scalar_type() == query.scalar_type() && out.is_contiguous() &&
+  TORCH_CHECK(out.sizes() == query.sizes() && out.scalar_type() == query.scalar_type() && out.stride(3) == 1 &&
                   out.device() == query.device(),
-              "blip_fast::decode_attention: out must be a contiguous tensor like query ", query.sizes());
+              "blip_fast::decode_attention: out must be a tensor like query ", query.sizes(), " with unit last stride");
   if (mask.has_value()) {
     TORCH_CHECK(mask->device() == query.device(), "blip_fast::decode_attention: mask must be on the query's device");
   }
@@ -375,7 +378,8 @@ void launch_for_head_dim(const Params& p, dim3 grid, cudaStream_t stream) {
 
 }  // namespace
 
-// Writes attention into `out` (contiguous, like query). `splits` > 0 forces the number of key splits (tests).
+// Writes attention into `out` (query's shape, any strides with a unit last one: e.g. a [C, M, H, Dh] buffer viewed
+// as [C, H, M, Dh], the layout the output projection reads). `splits` > 0 forces the number of key splits (tests).
 void decode_attention_out_cuda(const at::Tensor& query_in, const at::Tensor& key_in, const at::Tensor& value_in,
                                const std::optional<at::Tensor>& mask, double scale, int64_t splits,
                                const at::Tensor& out) {
@@ -407,6 +411,7 @@ void decode_attention_out_cuda(const at::Tensor& query_in, const at::Tensor& key
     p.q_stride[i] = query.stride(i);
     p.k_stride[i] = key.stride(i);
     p.v_stride[i] = value.stride(i);
+    p.o_stride[i] = out.stride(i);
   }
   p.vector_loads = aligned16(key) && aligned16(value) && (p.head_dim * key.element_size()) % 16 == 0;
 

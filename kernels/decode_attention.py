@@ -205,12 +205,14 @@ def _precision(dtype: torch.dtype) -> str:
 
 
 def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None = None,
-                     splits: int | None = None) -> torch.Tensor:
+                     splits: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """Attention of each image's query rows over its cached context, reading K/V once for all rows (forward only).
 
     query ``[C, H, Mq, Dh]``, key/value ``[C, H, N, Dh]`` (same dtype: fp16, bf16 or fp32), mask additive and
     broadcastable to ``[C, 1, 1, N]`` (boolean: True keeps) or None. Returns ``[C, H, Mq, Dh]`` in the query's dtype,
     scaled by ``Dh ** -0.5``. ``splits`` forces the number of key splits (tests); by default a heuristic picks it.
+    ``out`` (query's shape and dtype, any strides with a unit last one) receives the result, e.g. a ``[C, Mq, H,
+    Dh]`` buffer viewed as ``[C, H, Mq, Dh]``: the layout the output projection reads, with no transposing copy.
     """
     if query.dim() != 4 or key.shape != value.shape or key.dim() != 4:
         raise ValueError(f"expected query [C, H, Mq, Dh] and key/value [C, H, N, Dh]; got {tuple(query.shape)}, "
@@ -225,7 +227,11 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
                          f"{value.dtype}")
     # The kernels address the last dim with unit stride and everything else by stride (no copy of the cached K/V).
     query, key, value = (t if t.stride(-1) == 1 else t.contiguous() for t in (query, key, value))
-    out = _output_buffer((images, heads, rows, head_dim), query.dtype, query.device)
+    if out is None:
+        out = _output_buffer((images, heads, rows, head_dim), query.dtype, query.device)
+    elif out.shape != query.shape or out.dtype != query.dtype or out.stride(-1) != 1:
+        raise ValueError(f"out {tuple(out.shape)} {out.dtype} must match query {tuple(query.shape)} {query.dtype} "
+                         "with a unit last stride")
     if rows == 0:
         return out
     has_mask = mask is not None
