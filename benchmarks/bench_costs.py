@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import dataclasses
 import json
 import os
 import subprocess
@@ -181,16 +182,26 @@ def bert_like_tokenizer(directory: Path) -> Any:
 
 
 def _decoding_modes() -> dict[str, dict[str, Any]]:
+    from blip_fast import generation
+
+    nucleus = {"do_sample": True, "top_p": 0.9, "top_k": 50}
+    if "sampler" in {field.name for field in dataclasses.fields(generation.GenerationSettings)}:
+        nucleus["sampler"] = "gumbel"  # the draw CUDA graphs capture (a revision without it has one sampler)
     return {
         "greedy": {},
         "beam3": {"num_beams": 3},
         # CapFilt's captioner setting: nucleus top_p 0.9 with HuggingFace's default top_k 50.
-        "nucleus": {"do_sample": True, "top_p": 0.9, "top_k": 50},
+        "nucleus": nucleus,
     }
 
 
 def _generator(kwargs: dict[str, Any], device: str) -> torch.Generator | None:
     return torch.Generator(device=device).manual_seed(0) if kwargs.get("do_sample") else None
+
+
+def _clear(generation) -> None:
+    """Drop cached static decoding state (the function's name changed with the whole-call engine)."""
+    (getattr(generation, "clear_static_calls", None) or generation.clear_static_steps)()
 
 
 def measure_decoding(captioner: Any, config: Any, device: str, dtype: torch.dtype) -> dict[str, Any]:
@@ -207,7 +218,7 @@ def measure_decoding(captioner: Any, config: Any, device: str, dtype: torch.dtyp
     for mode, kwargs in _decoding_modes().items():
         totals, steps = {}, {}
         for new_tokens in (4, 8):
-            generation.clear_static_steps()
+            _clear(generation)
             counter = OpCounter()
             one_token = lambda self, input_ids, *args, **kw: input_ids.shape[-1] == 1  # noqa: E731
             with counting_sections(counter, BlipTextLMHeadModel, "decode_step", "step", one_token), counter:
@@ -222,7 +233,7 @@ def measure_decoding(captioner: Any, config: Any, device: str, dtype: torch.dtyp
         results[f"{mode}_token_kernels"] = (totals[8] - totals[4]) / 4
         if mode == "greedy":
             results["decode_step_kernels"] = steps[8]
-    generation.clear_static_steps()
+    _clear(generation)
     return results
 
 
@@ -241,7 +252,7 @@ def measure_calls(captioner: Any, config: Any, device: str, dtype: torch.dtype) 
     results: dict[str, Any] = {}
     for mode, kwargs in _decoding_modes().items():
         for setting, lengths in settings.items():
-            generation.clear_static_steps()
+            _clear(generation)
             counter, flops = OpCounter(), FlopCounterMode(display=False)
             with flops, counter, host_reads(counter):
                 captioner.generate(pixel_values, input_ids=prompt, generator=_generator(kwargs, device),
@@ -251,7 +262,7 @@ def measure_calls(captioner: Any, config: Any, device: str, dtype: torch.dtype) 
                 results[f"{mode}_call_kernels"] = counter.kernels
                 if mode != "nucleus":
                     results[f"caption_{mode}_gflop_per_image"] = flops.get_total_flops() / 1e9
-    generation.clear_static_steps()
+    _clear(generation)
     return results
 
 
@@ -311,7 +322,7 @@ def measure_cuda_kernels(captioner: Any, config: Any, device: str, dtype: torch.
             call()  # capture outside the profiled call
             counts[new_tokens] = cuda_kernel_launches(call)
         results[f"cuda_token_kernels_{label}"] = (counts[8] - counts[4]) / 4
-    generation.clear_static_steps()
+    _clear(generation)
     return results
 
 

@@ -150,7 +150,7 @@ def decode_step_rows(
         result.update(median_ms=medians[args.new_tokens], img_per_s=batch / (medians[args.new_tokens] / 1e3),
                       step_ms=step_ms, step_vs_floor=step_ms / floor_ms, **memory.as_dict())
         rows.append(result)
-        generation.clear_static_steps()
+        generation.clear_static_calls()
     graphs = {result.get("cuda_graphs"): result for result in rows if result["engine"] == "ours"}
     if {True, False} <= graphs.keys():
         graphs[True]["graphs_speedup"] = graphs[True]["img_per_s"] / graphs[False]["img_per_s"]
@@ -185,7 +185,7 @@ def run(args: argparse.Namespace, report: harness.Report) -> int:
             case_rows["ours"]["tokens_match"] = token_agreement(outputs["hf"], outputs["ours"])
         report.add(*case_rows.values())
         del outputs  # free the generated ids before the next case allocates
-        generation.clear_static_steps()  # each case's peak memory holds only its own static buffers
+        generation.clear_static_calls()  # each case's peak memory holds only its own static buffers
         if case_name == DECODE_STEP_CASE and args.new_tokens > SHORT_NEW_TOKENS:
             bandwidth = copy_bandwidth_gbps(device, args.copy_mb, args.warmup, args.repeats)
             try:

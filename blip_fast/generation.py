@@ -1,36 +1,38 @@
-"""The decoding engine: greedy, nucleus/top-k sampling and beam search over a :class:`DecoderCache`.
+"""The decoding engine's entry point: greedy, nucleus/top-k sampling and beam search, HuggingFace's semantics.
 
 Semantics are HuggingFace ``generate``'s (same keyword arguments and defaults, same logits processing order, same
 beam bookkeeping), so token ids match ``transformers`` exactly in fp32. What differs is the work: the image's
 cross-attention K/V are projected once and shared by every beam/sample of the image (they attend as extra query
-rows), and the self-attention cache is preallocated to the maximum length.
+rows), caches are preallocated to the maximum length, and the searches (:mod:`blip_fast.search`) run on the device
+with the host reading at most one flag per checked step.
 
-On CUDA each one-token step is a static, fixed-address step (:meth:`BlipTextModel.decode_step`) captured once as a
-CUDA graph per (model, bucket of images, rows per image, max length, context, dtype) and replayed every step; the
-graphs and their buffers are kept per model (:data:`MAX_STATIC_STEPS` most recently used) and reused by later
-calls. ``cuda_graphs=False`` or ``BLIP_FAST_CUDA_GRAPHS=0`` turns this off; ``cuda_graphs=True`` on a CPU runs the
-static step without capture. The host reads one flag per step (the stop check), or one per ``stop_check_interval``
-steps, or none until the end (``stop_check_interval=0``), with identical output.
+Two engines run the same searches. The *static* engine (:mod:`blip_fast.decode_graphs`) runs a whole call on fixed
+buffers through the fused decode step, and on CUDA captures it as CUDA graphs (the image encoder, the K/V
+projection, the prompt and the token loop included); ``cuda_graphs=False`` or ``BLIP_FAST_CUDA_GRAPHS=0`` turns it
+off, ``cuda_graphs=True`` on a CPU runs it without capture. The *dynamic* engine (the CPU default, and the
+oracle) runs the model's ordinary forward with a :class:`~blip_fast.modeling.text.DecoderCache`. The host reads the
+stop flag every ``stop_check_interval`` steps (0: never), with identical output; when the length is fixed
+(``min_new_tokens == max_new_tokens``) it reads nothing at all.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-import weakref
-from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 
+from blip_fast import decode_graphs, sampling, search
+from blip_fast.decode_graphs import bucket, clear_static_calls  # noqa: F401  (public: cache control)
 from blip_fast.modeling.outputs import GenerateBeamDecoderOnlyOutput, GenerateDecoderOnlyOutput
 
 if TYPE_CHECKING:
     from blip_fast.modeling.text import BlipTextLMHeadModel, DecoderCache
 
-#: Static steps (buffers + CUDA graph) kept per model, least recently used dropped first.
-MAX_STATIC_STEPS = 4
+SAMPLERS = ("auto", "multinomial", "gumbel")
 
 
 @dataclass(frozen=True)
@@ -70,6 +72,10 @@ class GenerationSettings:
     #: >= 5.24 does; False keeps them in draw order, as transformers 4.x to 5.23 do (same distribution, other ids
     #: under one seed). ``blip_fast.interop.sorts_sampled_beams(version)`` says which one a transformers does.
     sort_sampled_beams: bool = True
+    #: blip_fast only. How sampling draws: "multinomial" is HuggingFace's ``torch.multinomial`` (same draws under the
+    #: same seed), "gumbel" the graph-safe sampler of :mod:`blip_fast.sampling` (same distribution, Philox draws);
+    #: "auto": gumbel inside CUDA graphs, multinomial elsewhere.
+    sampler: str = "auto"
 
     def __post_init__(self) -> None:
         if self.num_beams < 1 or self.num_return_sequences < 1:
@@ -92,6 +98,8 @@ class GenerationSettings:
             raise ValueError("blip_fast always decodes with a cache (use_cache=False is not supported)")
         if self.stop_check_interval < 0:
             raise ValueError(f"stop_check_interval must be >= 0, got {self.stop_check_interval}")
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {SAMPLERS}, got {self.sampler!r}")
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> GenerationSettings:
@@ -123,18 +131,30 @@ class GenerationSettings:
         """Whether the call returns per-step scores or logits (each step then keeps a copy of ``[R, V]``)."""
         return self.return_dict_in_generate and (self.output_scores or self.output_logits)
 
+    def fixed_length(self, prompt_length: int, max_length: int) -> bool:
+        """Whether every call decodes to ``max_length``: ``[SEP]`` is blocked (min length) at every position whose
+        ``[SEP]`` could end the search early, so the output length is known without reading the device."""
+        last_open = max_length - 2
+        if last_open < prompt_length:
+            return True
+        return self.min_length > last_open or (
+            self.min_new_tokens is not None and prompt_length + self.min_new_tokens > last_open)
+
 
 class LogitsProcessor:
-    """HuggingFace's processors, in HuggingFace's order, for one ``generate`` call."""
+    """HuggingFace's processors, in HuggingFace's order, for one ``generate`` call. ``warp=False`` leaves
+    temperature/top-k/top-p to a sampler that applies them itself (:class:`blip_fast.search.GumbelSampler`)."""
 
     def __init__(
-        self, settings: GenerationSettings, prompt_length: int, eos_token_id: int, ignore_for_penalty: torch.Tensor | None
+        self, settings: GenerationSettings, prompt_length: int, eos_token_id: int,
+        ignore_for_penalty: torch.Tensor | None, warp: bool = True,
     ) -> None:
         self.settings = settings
         self.prompt_length = prompt_length
         self.eos_token_id = eos_token_id
         self.ignore_for_penalty = ignore_for_penalty  # [R, prompt_length] bool: left padding of the prompt
         self.min_tokens_to_keep = 2 if settings.num_beams > 1 else 1
+        self.warp = warp
 
     def __call__(self, scores: torch.Tensor, sequences: torch.Tensor) -> torch.Tensor:
         """scores ``[R, V]`` (logits, or log-probs in beam search) for the next token after ``sequences [R, T]``."""
@@ -147,7 +167,7 @@ class LogitsProcessor:
         if length < s.min_length or (s.min_new_tokens is not None and length - self.prompt_length < s.min_new_tokens):
             scores = scores.clone()
             scores[:, self.eos_token_id] = -float("inf")
-        if s.do_sample:
+        if s.do_sample and self.warp:
             if s.temperature != 1.0:
                 scores = scores / s.temperature
             if s.top_k:
@@ -157,15 +177,15 @@ class LogitsProcessor:
         return scores
 
     def _penalize_repeats(self, scores: torch.Tensor, sequences: torch.Tensor) -> torch.Tensor:
-        vocab = scores.shape[-1]
-        if self.ignore_for_penalty is not None:  # send ignored prompt positions to a spare column
-            sequences = sequences.clone()
-            sequences[:, : self.prompt_length].masked_fill_(self.ignore_for_penalty, vocab)
-        seen = torch.zeros(scores.shape[0], vocab + 1, dtype=torch.bool, device=scores.device)
-        seen = seen.scatter_(1, sequences, True)[:, :vocab]
+        """HuggingFace's gather/scatter over the ids already in each row (O(rows * length), not O(rows * vocab));
+        ignored prompt positions read the row's last token instead, which always counts."""
+        ids = sequences
+        if self.ignore_for_penalty is not None:
+            prompt = torch.where(self.ignore_for_penalty, sequences[:, -1:], sequences[:, : self.prompt_length])
+            ids = torch.cat([prompt, sequences[:, self.prompt_length :]], dim=1)
+        seen = scores.gather(1, ids)
         penalty = self.settings.repetition_penalty
-        penalized = torch.where(scores < 0, scores * penalty, scores / penalty)
-        return torch.where(seen, penalized, scores)
+        return scores.scatter(1, ids, torch.where(seen < 0, seen * penalty, seen / penalty))
 
 
 def _ban_repeated_ngrams(scores: torch.Tensor, sequences: torch.Tensor, size: int) -> torch.Tensor:
@@ -199,160 +219,19 @@ def _top_p(scores: torch.Tensor, top_p: float, min_tokens_to_keep: int) -> torch
     return scores.masked_fill(remove, -float("inf"))
 
 
-class StepRecord:
-    """Per-step copies of the raw logits and processed scores ``[R, V]`` that HuggingFace returns, when asked for.
-
-    Copies, because a static step's logits buffer is overwritten by the next step; recorded steps past HuggingFace's
-    stopping point (a sparse stop check) are trimmed at the end.
-    """
-
-    def __init__(self, settings: GenerationSettings) -> None:
-        self.active = settings.records_steps
-        self._scores: list[torch.Tensor] | None = [] if self.active and settings.output_scores else None
-        self._logits: list[torch.Tensor] | None = [] if self.active and settings.output_logits else None
-
-    def add(self, logits: torch.Tensor, scores: torch.Tensor) -> None:
-        if self._scores is not None:
-            self._scores.append(scores.clone())
-        if self._logits is not None:
-            self._logits.append(logits.clone())
-
-    def scores(self, steps: int) -> tuple[torch.Tensor, ...] | None:
-        return None if self._scores is None else tuple(self._scores[:steps])
-
-    def logits(self, steps: int) -> tuple[torch.Tensor, ...] | None:
-        return None if self._logits is None else tuple(self._logits[:steps])
-
-
-class StaticStep:
-    """Fixed-address inputs, cache and output of the one-token decode step over a bucket of images, optionally
-    captured as a CUDA graph. A call feeds the leading rows; the bucket's other rows are inert (finite, unread)."""
-
-    def __init__(self, cache: DecoderCache) -> None:
-        rows, device = cache.self_kv.shape[2], cache.self_kv.device
-        self.cache = cache
-        self.tokens = torch.zeros(rows, 1, dtype=torch.long, device=device)  # [R_bucket, 1]
-        self.position = torch.zeros((), dtype=torch.long, device=device)
-        self.keep = torch.ones(rows, cache.max_length, dtype=torch.bool, device=device)  # prompt padding -> False
-        self.graph: torch.cuda.CUDAGraph | None = None
-        self.logits: torch.Tensor | None = None  # [R_bucket, V], the captured graph's output
-
-    def capture(self, decoder: BlipTextLMHeadModel) -> None:
-        """Warm up on a side stream (allocator, lazy kernel compilation), then capture one step."""
-        side = torch.cuda.Stream(self.tokens.device)
-        side.wait_stream(torch.cuda.current_stream(self.tokens.device))
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                decoder.decode_step(self.tokens, self.position, self.keep, self.cache)
-        torch.cuda.current_stream(self.tokens.device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        try:
-            # thread_local: a CUDA call from another thread during capture (CapFilt's DataLoader pin-memory thread)
-            # must not invalidate it, as it would under the default "global" mode.
-            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-                self.logits = decoder.decode_step(self.tokens, self.position, self.keep, self.cache)
-        except RuntimeError as error:
-            raise RuntimeError(
-                f"CUDA-graph capture of the decode step failed ({error}); generate with cuda_graphs=False or set "
-                "BLIP_FAST_CUDA_GRAPHS=0"
-            ) from error
-        self.graph = graph
-
-    def load(
-        self,
-        decoder: BlipTextLMHeadModel,
-        encoder_hidden_states: torch.Tensor,
-        encoder_attention_mask: torch.Tensor | None,
-        mask: torch.Tensor,
-    ) -> None:
-        """Bind one call: its images' cross K/V and its rows' padding mask ``[R, max_length]`` (0/1)."""
-        decoder.bert.fill_context(self.cache, encoder_hidden_states, encoder_attention_mask)
-        rows = mask.shape[0]
-        self.keep[:rows].copy_(mask.bool())
-        self.keep[rows:] = True
-
-    def __call__(self, decoder: BlipTextLMHeadModel, tokens: torch.Tensor) -> torch.Tensor:
-        """Feed ``tokens [R]`` at the cache length -> logits ``[R, V]`` (valid until the next call)."""
-        rows = tokens.shape[0]
-        self.tokens[:rows, 0].copy_(tokens)
-        self.position.fill_(self.cache.length)
-        if self.graph is not None:
-            self.graph.replay()
-            logits = self.logits
-        else:
-            logits = decoder.decode_step(self.tokens, self.position, self.keep, self.cache)
-        self.cache.length += 1
-        return logits[:rows]
-
-
-def bucket(count: int) -> int:
-    """Image-count buckets of the static step: powers of two up to 64, then multiples of 64. Its rows are
-    ``bucket(images) * rows_per_image``, so every image keeps its rows together as the shared-K/V layout needs."""
-    if count <= 64:
-        return 1 << max(0, count - 1).bit_length()
-    return -(-count // 64) * 64
-
-
-_STATIC_STEPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # decoder -> OrderedDict[key, StaticStep]
-
-
-def clear_static_steps(decoder: BlipTextLMHeadModel | None = None) -> None:
-    """Free the cached static steps (buffers and CUDA graphs) of ``decoder``, or of every model."""
-    if decoder is None:
-        _STATIC_STEPS.clear()
-    else:
-        _STATIC_STEPS.pop(decoder, None)
-
-
-def static_step(
-    decoder: BlipTextLMHeadModel,
-    encoder_hidden_states: torch.Tensor,
-    encoder_attention_mask: torch.Tensor | None,
-    rows_per_image: int,
-    max_length: int,
-) -> StaticStep:
-    """The cached static step fitting this call (made, and on CUDA captured, on first use).
-
-    The key holds the parameters' addresses: a graph replays whatever lives there, so moving or re-creating the
-    weights (``.half()``, ``.to()``) must not reuse it, while in-place updates are seen.
-    """
-    if max_length > decoder.config.max_position_embeddings:  # the static step cannot check positions on the host
-        raise ValueError(f"max_length {max_length} exceeds max_position_embeddings "
-                         f"{decoder.config.max_position_embeddings}")
-    images, context_length = encoder_hidden_states.shape[:2]
-    dtype, device = encoder_hidden_states.dtype, encoder_hidden_states.device
-    capture = device.type == "cuda"
-    key = (bucket(images), rows_per_image, max_length, context_length, encoder_attention_mask is not None, dtype,
-           device, capture, tuple(parameter.data_ptr() for parameter in decoder.parameters()))
-    steps = _STATIC_STEPS.setdefault(decoder, OrderedDict())
-    if key in steps:
-        steps.move_to_end(key)
-        return steps[key]
-    cache = decoder.bert.static_cache(
-        key[0], rows_per_image, max_length, context_length, encoder_attention_mask is not None, dtype, device
-    )
-    step = StaticStep(cache)
-    if capture:
-        step.capture(decoder)
-    steps[key] = step
-    while len(steps) > MAX_STATIC_STEPS:
-        steps.popitem(last=False)
-    return step
-
-
 class Decoding:
-    """One call's model side for the search loops: the prompt pass, then one token per row per step, and beam
-    reorders. This base runs every step through the model's ordinary (dynamic-shape) forward."""
+    """The dynamic engine's model side: the prompt pass, then one token per row per step through the model's
+    ordinary (dynamic-shape) forward, and beam reorders of the :class:`DecoderCache`. Logits in the model dtype."""
 
     def __init__(self, decoder: BlipTextLMHeadModel, cache: DecoderCache, mask: torch.Tensor) -> None:
         self.decoder, self.cache, self.mask = decoder, cache, mask  # mask [R, max_length] 0/1
 
     def prefill(self, prompts: torch.Tensor) -> torch.Tensor:
-        """Feed ``prompts [R, P]`` -> next-token logits ``[R, V]`` in fp32."""
+        """Feed ``prompts [R, P]`` -> next-token logits ``[R, V]``."""
         return self._forward(prompts)
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Feed one token per row ``tokens [R]`` -> next-token logits ``[R, V]`` in fp32."""
+        """Feed one token per row ``tokens [R]`` -> next-token logits ``[R, V]``."""
         return self._forward(tokens[:, None])
 
     def reorder(self, rows: torch.Tensor) -> None:
@@ -360,31 +239,22 @@ class Decoding:
 
     def _forward(self, tokens: torch.Tensor) -> torch.Tensor:
         visible = self.mask[:, : self.cache.length + tokens.shape[1]]
-        return self.decoder(tokens, visible, cache=self.cache).logits[:, -1].float()
-
-
-class StaticDecoding(Decoding):
-    """Prompt through the dynamic forward, every later token through a :class:`StaticStep` (a graph on CUDA)."""
-
-    def __init__(self, decoder: BlipTextLMHeadModel, static: StaticStep, mask: torch.Tensor) -> None:
-        super().__init__(decoder, static.cache, mask)
-        self.static = static
-
-    def step(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.static(self.decoder, tokens)
+        return self.decoder(tokens, visible, cache=self.cache).logits[:, -1]
 
 
 @torch.no_grad()
 def generate(
     decoder: BlipTextLMHeadModel,
     input_ids: torch.Tensor,
-    encoder_hidden_states: torch.Tensor,
+    encoder_hidden_states: torch.Tensor | None = None,
     encoder_attention_mask: torch.Tensor | None = None,
     attention_mask: torch.Tensor | None = None,
     *,
     eos_token_id: int,
     pad_token_id: int,
     generator: torch.Generator | None = None,
+    encoder: Callable[..., torch.Tensor] | None = None,
+    encoder_inputs: tuple = (),
     **kwargs,
 ) -> torch.Tensor | GenerateDecoderOnlyOutput | GenerateBeamDecoderOnlyOutput:
     """Continue the prompts ``input_ids [B, P]`` conditioned on ``encoder_hidden_states [B, N, D]``.
@@ -392,194 +262,50 @@ def generate(
     Returns ``[B * num_return_sequences, L]`` token ids including the prompt, padded like HuggingFace (greedy and
     sampling pad finished rows with ``pad_token_id``; beam search fills with ``pad_token_id or eos_token_id``), or
     with ``return_dict_in_generate=True`` HuggingFace's output object holding them as ``sequences``.
-    ``kwargs`` are :class:`GenerationSettings` fields; ``generator`` seeds sampling.
+    ``kwargs`` are :class:`GenerationSettings` fields; ``generator`` seeds sampling. Instead of the states, a caller
+    may pass ``encoder`` and ``encoder_inputs`` (tensors batched by image, and constants): the states are then
+    ``encoder(*encoder_inputs)``, computed inside the static engine's CUDA graph.
     """
     settings = GenerationSettings.from_kwargs(**kwargs)
     batch, prompt_length = input_ids.shape
     max_length = settings.total_length(prompt_length, decoder.config.max_position_embeddings)
     if max_length <= prompt_length:
         raise ValueError(f"max_length {max_length} leaves no room after a prompt of {prompt_length} tokens")
+    if (encoder is None) == (encoder_hidden_states is None):
+        raise ValueError("pass either encoder_hidden_states or encoder (with encoder_inputs)")
     rows_per_image = settings.num_beams if settings.num_beams > 1 else settings.num_return_sequences
-    rows = batch * rows_per_image
     device = input_ids.device
+    fixed = settings.fixed_length(prompt_length, max_length)
 
-    mask = torch.ones(rows, max_length, dtype=torch.long, device=device)
+    keep = torch.ones(batch * rows_per_image, max_length, dtype=torch.long, device=device)
     ignore_for_penalty = None
     if attention_mask is not None:
         prompt_mask = attention_mask.to(device).long().repeat_interleave(rows_per_image, dim=0)
-        mask[:, :prompt_length] = prompt_mask
+        keep[:, :prompt_length] = prompt_mask
         first_kept = (prompt_mask != 0).int().argmax(dim=1, keepdim=True)
         ignore_for_penalty = torch.arange(prompt_length, device=device)[None, :] < first_kept
-    processor = LogitsProcessor(settings, prompt_length, eos_token_id, ignore_for_penalty)
-    if settings.uses_static_step(encoder_hidden_states.device):
-        static = static_step(decoder, encoder_hidden_states, encoder_attention_mask, rows_per_image, max_length)
-        static.load(decoder, encoder_hidden_states, encoder_attention_mask, mask)
-        decoding = StaticDecoding(decoder, static, mask)
-    else:
-        cache = decoder.bert.new_cache(encoder_hidden_states, encoder_attention_mask, rows_per_image, max_length)
-        decoding = Decoding(decoder, cache, mask)
+    if settings.repetition_penalty == 1.0:
+        ignore_for_penalty = None
     prompts = input_ids.repeat_interleave(rows_per_image, dim=0)
 
-    search = _beam_search if settings.num_beams > 1 else _sample
-    output = search(decoding, prompts, processor, settings, max_length, eos_token_id, pad_token_id, generator)
+    if settings.uses_static_step(device) and not decoder.training and not settings.records_steps:
+        output = decode_graphs.generate(
+            decoder, settings, prompts, keep.bool(), ignore_for_penalty, rows_per_image, max_length, eos_token_id,
+            pad_token_id, encoder_hidden_states, encoder_attention_mask, encoder, encoder_inputs, generator, fixed,
+        )
+        return output if settings.return_dict_in_generate else output.sequences
+    if encoder is not None:
+        encoder_hidden_states = encoder(*encoder_inputs)
+    sampler = None
+    if settings.do_sample:
+        sampler = search.MultinomialSampler(generator) if settings.sampler != "gumbel" else \
+            search.GumbelSampler(settings, sampling.seed_from(generator, device), 2 if settings.num_beams > 1 else 1)
+    warp = settings.num_beams > 1 or not isinstance(sampler, search.GumbelSampler)
+    processor = LogitsProcessor(settings, prompt_length, eos_token_id, ignore_for_penalty, warp=warp)
+    cache = decoder.bert.new_cache(encoder_hidden_states, encoder_attention_mask, rows_per_image, max_length)
+    program = search.BeamSearch if settings.num_beams > 1 else search.TokenSearch
+    running = program(Decoding(decoder, cache, keep), prompts, processor, settings, max_length, eos_token_id,
+                      pad_token_id, sampler)
+    search.run(running, settings, prompt_length, max_length, fixed)
+    output = running.finish(length=max_length if fixed else None)
     return output if settings.return_dict_in_generate else output.sequences
-
-
-def _sample(
-    decoding: Decoding, prompts, processor, settings, max_length, eos_token_id, pad_token_id, generator
-) -> GenerateDecoderOnlyOutput:
-    """Greedy (argmax) or multinomial sampling, one token per row per step.
-
-    HuggingFace stops once every row has ended; ``steps_taken`` counts the steps it would have run (on device), so
-    decoding past that point (a sparse stop check) is trimmed away: those steps only append padding.
-    """
-    rows, prompt_length = prompts.shape
-    record = StepRecord(settings)
-    sequences = torch.full((rows, max_length), pad_token_id, dtype=torch.long, device=prompts.device)
-    sequences[:, :prompt_length] = prompts
-    unfinished = torch.ones(rows, dtype=torch.bool, device=prompts.device)
-    steps_taken = torch.zeros((), dtype=torch.long, device=prompts.device)
-    logits = decoding.prefill(prompts)
-    for length in range(prompt_length, max_length):
-        steps_taken += unfinished.any()
-        scores = processor(logits, sequences[:, :length])
-        record.add(logits, scores)
-        if settings.do_sample:
-            next_tokens = torch.multinomial(scores.softmax(dim=-1), 1, generator=generator).squeeze(1)
-        else:
-            next_tokens = scores.argmax(dim=-1)
-        next_tokens = torch.where(unfinished, next_tokens, pad_token_id)
-        sequences[:, length] = next_tokens
-        unfinished &= next_tokens != eos_token_id
-        done = length + 1 - prompt_length
-        if length + 1 == max_length or (settings.check_stop(done) and not bool(unfinished.any())):
-            break
-        logits = decoding.step(next_tokens)
-    steps = int(steps_taken)
-    return GenerateDecoderOnlyOutput(
-        sequences=sequences[:, : prompt_length + steps], scores=record.scores(steps), logits=record.logits(steps)
-    )
-
-
-def _beam_search(
-    decoding: Decoding, prompts, processor, settings, max_length, eos_token_id, pad_token_id, generator
-) -> GenerateBeamDecoderOnlyOutput:
-    """HuggingFace's vectorised beam search: keep ``2 * num_beams`` candidates per step so ``num_beams`` stay alive
-    even when the best ones end; finished hypotheses are scored ``sum_logprobs / generated_len ** length_penalty``.
-
-    HuggingFace's three stop conditions are fused into one device flag (one host read per checked step); once it
-    is set the finished set is frozen, so steps decoded past it (a sparse stop check) change nothing and are not
-    counted in ``steps_taken`` (the steps HuggingFace runs, which the per-step records are trimmed to).
-    """
-    num_beams, device = settings.num_beams, prompts.device
-    rows, prompt_length = prompts.shape
-    batch = rows // num_beams
-    candidates = 2 * num_beams
-    fill = pad_token_id or eos_token_id  # HuggingFace's output fill value (pad 0 is falsy there too)
-    generated = max_length - prompt_length
-    record = StepRecord(settings)
-
-    running = torch.full((batch, num_beams, max_length), fill, dtype=torch.long, device=device)
-    running[:, :, :prompt_length] = prompts.view(batch, num_beams, prompt_length)
-    running_scores = torch.zeros(batch, num_beams, device=device)
-    running_scores[:, 1:] = -1e9  # only the first (identical) beam may expand at the first step
-    running_origins = torch.full((batch, num_beams, generated), -1, dtype=torch.long, device=device)
-    finished = running.clone()
-    finished_scores = torch.full((batch, num_beams), -1e9, device=device)
-    finished_origins = running_origins.clone()
-    is_finished = torch.zeros(batch, num_beams, dtype=torch.bool, device=device)
-    can_improve = torch.ones(batch, 1, dtype=torch.bool, device=device)
-    stopped = torch.zeros((), dtype=torch.bool, device=device)
-    steps_taken = torch.zeros((), dtype=torch.long, device=device)
-    is_top_beam = torch.arange(candidates, device=device) < num_beams
-    batch_offset = torch.arange(batch, device=device)[:, None] * num_beams
-
-    logits = decoding.prefill(prompts)
-    for length in range(prompt_length, max_length):
-        steps_taken += ~stopped
-        log_probs = processor(logits.log_softmax(dim=-1), running.view(rows, max_length)[:, :length])
-        record.add(logits, log_probs)
-        vocab = log_probs.shape[-1]
-        total = (log_probs.view(batch, num_beams, vocab) + running_scores[:, :, None]).view(batch, -1)
-        if settings.do_sample:
-            picks = torch.multinomial(total.softmax(dim=-1), candidates, generator=generator)
-            top_scores = total.gather(1, picks)
-            if settings.sort_sampled_beams:
-                top_scores, order = top_scores.sort(dim=-1, descending=True)
-                picks = picks.gather(1, order)
-        else:
-            top_scores, picks = total.topk(candidates, dim=1)
-        source_beam = picks // vocab  # [B, 2K]
-        cand_sequences = _gather_beams(running, source_beam)
-        cand_sequences[:, :, length] = picks % vocab
-        cand_origins = _gather_beams(running_origins, source_beam)
-        cand_origins[:, :, length - prompt_length] = source_beam + batch_offset
-        ended = (cand_sequences[:, :, length] == eos_token_id) | (length + 1 >= max_length)
-
-        # Continue with the best candidates that did not end.
-        alive_scores = top_scores + ended.float() * -1e9
-        keep = alive_scores.topk(num_beams, dim=1).indices
-        running = _gather_beams(cand_sequences, keep)
-        running_scores = _gather_beams(alive_scores, keep)
-        running_origins = _gather_beams(cand_origins, keep)
-
-        # Merge newly ended top candidates into the finished set (unless the search has already stopped).
-        just_ended = ended & is_top_beam
-        ended_scores = top_scores / ((length + 1 - prompt_length) ** settings.length_penalty)
-        batch_full = is_finished.all(dim=-1, keepdim=True) & (settings.early_stopping is True)
-        ended_scores = ended_scores + batch_full.float() * -1e9 + (~can_improve).float() * -1e9
-        ended_scores = ended_scores + (~just_ended).float() * -1e9
-        best = torch.cat([finished_scores, ended_scores], dim=1).topk(num_beams, dim=1).indices
-        finished = _unless(stopped, finished, _gather_beams(torch.cat([finished, cand_sequences], dim=1), best))
-        finished_origins = _unless(
-            stopped, finished_origins, _gather_beams(torch.cat([finished_origins, cand_origins], dim=1), best)
-        )
-        finished_scores = _unless(
-            stopped, finished_scores, _gather_beams(torch.cat([finished_scores, ended_scores], dim=1), best)
-        )
-        is_finished = _unless(stopped, is_finished, _gather_beams(torch.cat([is_finished, just_ended], dim=1), best))
-
-        decoding.reorder(running_origins[:, :, length - prompt_length].flatten())
-        can_improve = can_improve & _may_improve(running_scores, finished_scores, is_finished, length + 1,
-                                                 prompt_length, max_length, settings)
-        all_done = is_finished.all() & (settings.early_stopping is True)
-        stopped = stopped | ~can_improve.any() | all_done | ended.all()
-        if length + 1 == max_length or (settings.check_stop(length + 1 - prompt_length) and bool(stopped)):
-            break
-        logits = decoding.step(running.view(rows, max_length)[:, length])
-
-    returned = settings.num_return_sequences
-    sequences = finished[:, :returned].flatten(0, 1)
-    origins = finished_origins[:, :returned].flatten(0, 1)  # [B * returned, generated], -1 past each end
-    generated_length = int((origins >= 0).sum(dim=1).max())
-    steps = int(steps_taken) if record.active else 0
-    return GenerateBeamDecoderOnlyOutput(
-        sequences=sequences[:, : prompt_length + generated_length],
-        sequences_scores=finished_scores[:, :returned].flatten() if settings.output_scores else None,
-        scores=record.scores(steps),
-        logits=record.logits(steps),
-        beam_indices=origins[:, :generated_length].int(),  # HuggingFace's dtype
-    )
-
-
-def _unless(stopped: torch.Tensor, frozen: torch.Tensor, updated: torch.Tensor) -> torch.Tensor:
-    """``frozen`` once the search has stopped (0-d bool on device), else ``updated``; no host read."""
-    return torch.where(stopped, frozen, updated)
-
-
-def _may_improve(running_scores, finished_scores, is_finished, length, prompt_length, max_length, settings):
-    """HuggingFace's early-stop heuristic: can the best running beam still beat the worst finished one?"""
-    if settings.early_stopping == "never" and settings.length_penalty > 0.0:
-        best_length = max_length - prompt_length
-    else:
-        best_length = length - prompt_length
-    best_running = running_scores[:, :1] / (best_length**settings.length_penalty)
-    worst_finished = torch.where(is_finished, finished_scores.min(dim=1, keepdim=True).values, -1.0e9)
-    return (best_running > worst_finished).any(dim=-1, keepdim=True)
-
-
-def _gather_beams(tensor: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-    """Select beams ``indices [B, K']`` from ``tensor [B, K, ...]``."""
-    while indices.dim() < tensor.dim():
-        indices = indices.unsqueeze(-1)
-    return torch.take_along_dim(tensor, indices, dim=1)

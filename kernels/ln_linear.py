@@ -52,9 +52,14 @@ def _activate(y, ACTIVATION: tl.constexpr):
 
 
 @triton.jit
-def _load_sum(x_ptr, res_ptr, rows, cols, row_valid, col_valid, stride_xm, stride_rm, HAS_RESIDUAL: tl.constexpr):
-    """``x + residual`` of a [rows, cols] tile, added in the input dtype (eager rounding), returned in fp32."""
-    valid = row_valid[:, None] & col_valid[None, :]
+def _load_sum(x_ptr, res_ptr, rows, cols, row_valid, col_valid, stride_xm, stride_rm, HAS_RESIDUAL: tl.constexpr,
+              EVEN_K: tl.constexpr):
+    """``x + residual`` of a [rows, cols] tile, added in the input dtype (eager rounding), returned in fp32.
+    EVEN_K (K a multiple of BLOCK_K, e.g. 768): no mask along the contiguous dim, so loads vectorise."""
+    if EVEN_K:
+        valid = row_valid[:, None]
+    else:
+        valid = row_valid[:, None] & col_valid[None, :]
     x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :], mask=valid, other=0.0)
     if HAS_RESIDUAL:
         x = x + tl.load(res_ptr + rows[:, None] * stride_rm + cols[None, :], mask=valid, other=0.0)
@@ -67,7 +72,7 @@ def _ln_linear_kernel(
     M, N, K, eps,
     stride_xm, stride_rm, stride_wn, stride_nm, stride_om,
     HAS_RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -81,7 +86,7 @@ def _ln_linear_kernel(
     for k0 in range(0, K, BLOCK_K):
         cols = k0 + offs_k
         col_valid = cols < K
-        a = _load_sum(x_ptr, res_ptr, rows, cols, row_valid, col_valid, stride_xm, stride_rm, HAS_RESIDUAL)
+        a = _load_sum(x_ptr, res_ptr, rows, cols, row_valid, col_valid, stride_xm, stride_rm, HAS_RESIDUAL, EVEN_K)
         count = tl.minimum(K - k0, BLOCK_K).to(tl.float32)
         block_mean = tl.sum(a, 1) / count
         centred = tl.where(col_valid[None, :], a - block_mean[:, None], 0.0)
@@ -100,15 +105,19 @@ def _ln_linear_kernel(
     for k0 in range(0, K, BLOCK_K):
         cols = k0 + offs_k
         col_valid = cols < K
-        a = _load_sum(x_ptr, res_ptr, rows, cols, row_valid, col_valid, stride_xm, stride_rm, HAS_RESIDUAL)
+        a = _load_sum(x_ptr, res_ptr, rows, cols, row_valid, col_valid, stride_xm, stride_rm, HAS_RESIDUAL, EVEN_K)
         gamma = tl.load(ln_w_ptr + cols, mask=col_valid, other=0.0).to(tl.float32)
         beta = tl.load(ln_b_ptr + cols, mask=col_valid, other=0.0).to(tl.float32)
         normed = ((a - mean[:, None]) * rstd[:, None] * gamma[None, :] + beta[None, :]).to(normed_ptr.dtype.element_ty)
         if pid_n == 0:
             tl.store(normed_ptr + rows[:, None] * stride_nm + cols[None, :], normed,
                      mask=row_valid[:, None] & col_valid[None, :])
-        w = tl.load(w_ptr + offs_n[None, :].to(tl.int64) * stride_wn + cols[:, None],
-                    mask=col_valid[:, None] & n_valid[None, :], other=0.0)  # [BLOCK_K, BLOCK_N] of weight.T
+        if EVEN_K:
+            w_mask = n_valid[None, :]
+        else:
+            w_mask = col_valid[:, None] & n_valid[None, :]
+        w = tl.load(w_ptr + offs_n[None, :].to(tl.int64) * stride_wn + cols[:, None], mask=w_mask,
+                    other=0.0)  # [BLOCK_K, BLOCK_N] of weight.T
         acc += tl.dot(normed.to(w.dtype), w, input_precision=PRECISION)
 
     if HAS_BIAS:
@@ -167,6 +176,7 @@ def ln_linear(
             rows, out_features, in_features, float(eps),
             x2.stride(0), res2.stride(0), weight.stride(0), normed.stride(0), out.stride(0),
             HAS_RESIDUAL=residual is not None, HAS_BIAS=bias is not None, ACTIVATION=ACTIVATIONS[activation],
-            PRECISION="ieee" if x.dtype == torch.float32 else "tf32", **cfg,
+            PRECISION="ieee" if x.dtype == torch.float32 else "tf32", EVEN_K=in_features % cfg["BLOCK_K"] == 0,
+            **cfg,
         )
     return normed.view(*lead, in_features), out.view(*lead, out_features)

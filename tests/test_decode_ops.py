@@ -271,3 +271,62 @@ def test_custom_ops_are_single_opaque_nodes_with_flops():
     with FlopCounterMode(display=False) as flops:
         decode_ops.ln_linear(x, None, norm, linear)
     assert flops.get_total_flops() == 2 * 8 * 48 * 30
+
+
+# Compile (not run) the decode-step kernels for sm_90 as a real launch specialises them (16-divisible pointers and
+# strides): the interpreter accepts code the compiler rejects and cannot see shared-memory overflows or a lost
+# software pipeline. A fresh process, because under TRITON_INTERPRET=1 @triton.jit yields interpreter objects.
+_COMPILE_SCRIPT = """
+import os
+os.environ.pop("TRITON_INTERPRET", None)
+import torch, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from blip_fast.kernels import decode_embed, decode_self_attention, ln_linear, sampling
+
+def compile_sm90(fn, types, constexprs, options, aligned=()):
+    signature = {arg: "constexpr" if arg in constexprs else types.get(arg, "i32") for arg in fn.arg_names}
+    source = ASTSource(fn=fn, signature=signature,
+                       constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()},
+                       attrs={(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in aligned})
+    kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
+    assert kernel.metadata.shared <= 232448, (fn.fn.__name__, kernel.metadata.shared)
+    return kernel
+
+for dtype in ("fp16", "bf16"):
+    # ln_linear at batch 256 (greedy) and batch 1: K = 768 (EVEN_K), pipelined weight and activation loads.
+    for rows in (256, 3):
+        cfg = ln_linear._config(rows, 2304, 768, torch.device("cuda"))
+        options = dict(num_warps=cfg.pop("num_warps"), num_stages=cfg.pop("num_stages"))
+        fn = ln_linear._ln_linear_kernel
+        types = {a: "*" + dtype for a in fn.arg_names if a.endswith("_ptr")}
+        types["eps"] = "fp32"
+        aligned = [a for a in fn.arg_names if a.endswith("_ptr") or a.startswith("stride")] + ["K"]
+        kernel = compile_sm90(fn, types, dict(HAS_RESIDUAL=True, HAS_BIAS=True, ACTIVATION=1, PRECISION="tf32",
+                                              EVEN_K=True, **cfg), options, aligned)
+        assert "async_copy_global_to_local" in kernel.asm["ttgir"], ("ln_linear not pipelined", dtype, rows)
+    # Self-attention: one new token per step, and an 8-token prompt prefill; Dh = 64.
+    fn = decode_self_attention._decode_self_attention_kernel
+    types = {a: "*" + dtype for a in ("qkv_ptr", "k_cache_ptr", "v_cache_ptr", "out_ptr")}
+    types.update(position_ptr="*i64", keep_ptr="*i1", history_ptr="*i64", qk_scale="fp32")
+    for block_l, block_t in ((1, 128), (8, 16)):
+        compile_sm90(fn, types, dict(HAS_HISTORY=True, BLOCK_L=block_l, BLOCK_T=block_t, BLOCK_D=64),
+                     dict(num_warps=4, num_stages=1), [a for a in fn.arg_names if a.startswith("stride")])
+    fn = decode_embed._decode_embed_kernel
+    compile_sm90(fn, {"ids_ptr": "*i64", "position_ptr": "*i64", "word_ptr": "*" + dtype, "pos_ptr": "*" + dtype,
+                      "out_ptr": "*" + dtype}, dict(BLOCK_D=1024), dict(num_warps=4, num_stages=1))
+fn = sampling._sample_sorted_kernel
+compile_sm90(fn, {"values_ptr": "*fp32", "indices_ptr": "*i64", "out_ptr": "*i64", "seed_ptr": "*i64",
+                  "top_p": "fp32"}, dict(BLOCK_W=128), dict(num_warps=4, num_stages=1))
+fn = sampling._gumbel_noise_kernel
+compile_sm90(fn, {"out_ptr": "*fp32", "seed_ptr": "*i64"}, dict(BLOCK=1024), dict(num_warps=4, num_stages=1))
+"""
+
+
+def test_kernels_compile_for_sm90():
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton.backends.nvidia")
+    result = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]

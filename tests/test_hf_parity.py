@@ -119,12 +119,18 @@ GENERATION_CASES = [
     pytest.param(dict(num_beams=4, num_return_sequences=2, early_stopping=True), id="beam4-ret2-early"),
     pytest.param(dict(num_beams=2, early_stopping="never", max_new_tokens=9), id="beam2-never"),
     pytest.param(dict(repetition_penalty=1.5, min_new_tokens=3, max_new_tokens=11), id="greedy-penalty"),
+    pytest.param(dict(min_new_tokens=8, max_new_tokens=8), id="greedy-fixed-length"),
+    pytest.param(dict(num_beams=3, min_new_tokens=7, max_new_tokens=7), id="beam3-fixed-length"),
 ]
+#: The dynamic engine (model forward + DecoderCache) and the static one (fused step, device-side searches: the
+#: code CUDA graphs capture, run uncaptured on CPU).
+ENGINES = [pytest.param(dict(cuda_graphs=False), id="dynamic"), pytest.param(dict(cuda_graphs=True), id="static")]
 
 
+@pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("case", GENERATION_CASES)
 @pytest.mark.parametrize("prompt", [False, True], ids=["no-prompt", "prompt"])
-def test_caption_generation_matches_hf(case, prompt):
+def test_caption_generation_matches_hf(case, prompt, engine):
     hf_model, model = _pair("BlipForConditionalGeneration", **SHAPES[0].values[0])
     _boost_eos(hf_model, model, 1.0)
     pixel_values = _caption_images()
@@ -132,7 +138,7 @@ def test_caption_generation_matches_hf(case, prompt):
     expected = hf_model.generate(
         pixel_values=pixel_values, input_ids=None if prompt_ids is None else prompt_ids.clone(), **case
     )
-    actual = model.generate(pixel_values, input_ids=prompt_ids, **case)
+    actual = model.generate(pixel_values, input_ids=prompt_ids, **case, **engine)
     assert torch.equal(actual, expected), f"\nours {actual.tolist()}\nhf   {expected.tolist()}"
     if prompt_ids is not None:
         assert prompt_ids[0, 0] == 101, "generate must not overwrite the caller's prompt"
@@ -149,13 +155,14 @@ def test_generation_cases_have_mixed_finish_times():
         assert min(ended_at) <= 2 and max(ended_at) >= 5, ids
 
 
+@pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("case", [dict(), dict(num_beams=3, max_length=8)], ids=["greedy", "beam3"])
-def test_vqa_generation_matches_hf(case):
+def test_vqa_generation_matches_hf(case, engine):
     hf_model, model = _pair("BlipForQuestionAnswering", **SHAPES[1].values[0])
     _boost_eos(hf_model, model, 1.0)
     pixel_values, questions = _inputs(4, 28)
     expected = hf_model.generate(input_ids=questions, pixel_values=pixel_values, **case)
-    actual = model.generate(questions, pixel_values, **case)
+    actual = model.generate(questions, pixel_values, **case, **engine)
     assert torch.equal(actual, expected), f"\nours {actual.tolist()}\nhf   {expected.tolist()}"
 
 

@@ -156,24 +156,28 @@ class BlipForConditionalGeneration(BlipPreTrainedModel):
         at the start; like HuggingFace, position 0 becomes ``[DEC]`` and the trailing ``[SEP]`` is dropped
         (the caller's tensor is not modified). Keyword arguments are HuggingFace's (:func:`generation.generate`).
         """
-        image_embeds = self.vision_model(pixel_values, interpolate_pos_encoding).last_hidden_state
         text = self.config.text
         if input_ids is None:
-            input_ids = torch.tensor([[text.bos_token_id, text.sep_token_id]], device=image_embeds.device)
-            input_ids = input_ids.repeat(image_embeds.shape[0], 1)
-        input_ids = torch.as_tensor(input_ids, device=image_embeds.device).clone()
+            input_ids = torch.tensor([[text.bos_token_id, text.sep_token_id]], device=pixel_values.device)
+            input_ids = input_ids.repeat(pixel_values.shape[0], 1)
+        input_ids = torch.as_tensor(input_ids, device=pixel_values.device).clone()
         input_ids[:, 0] = text.bos_token_id
         if attention_mask is not None:
             attention_mask = attention_mask[:, :-1]
         return generation.generate(
             self.text_decoder,
             input_ids[:, :-1],
-            image_embeds,
             attention_mask=attention_mask,
+            encoder=self.image_states,
+            encoder_inputs=(pixel_values, interpolate_pos_encoding),
             eos_token_id=text.sep_token_id,
             pad_token_id=text.pad_token_id,
             **self._generation_kwargs(generate_kwargs),
         )
+
+    def image_states(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:
+        """ViT states ``[B, N, D]`` the decoder attends to (inside the static engine's CUDA graph on CUDA)."""
+        return self.vision_model(pixel_values, interpolate_pos_encoding).last_hidden_state
 
 
 class BlipForImageTextRetrieval(BlipPreTrainedModel):
@@ -291,22 +295,24 @@ class BlipForQuestionAnswering(BlipPreTrainedModel):
         **generate_kwargs: Any,
     ) -> torch.Tensor:
         """Generate answers ``[B * num_return_sequences, L]`` (starting with ``[DEC]``) to questions ``[B, L_q]``."""
-        _, question = self.encode_question(
-            torch.as_tensor(input_ids, device=pixel_values.device), pixel_values, attention_mask,
-            interpolate_pos_encoding,
-        )
         text = self.config.text
-        bos = torch.full((question.shape[0], 1), text.bos_token_id, dtype=torch.long, device=question.device)
-        # Both BLIP and HuggingFace let the decoder see every question position when generating.
+        input_ids = torch.as_tensor(input_ids, device=pixel_values.device)
+        bos = torch.full((input_ids.shape[0], 1), text.bos_token_id, dtype=torch.long, device=input_ids.device)
+        # Both BLIP and HuggingFace let the decoder see every question position when generating (no context mask).
         return generation.generate(
             self.text_decoder,
             bos,
-            question,
-            encoder_attention_mask=_ones_mask(question),
+            encoder=self.question_states,
+            encoder_inputs=(input_ids, pixel_values, attention_mask, interpolate_pos_encoding),
             eos_token_id=text.sep_token_id,
             pad_token_id=text.pad_token_id,
             **self._generation_kwargs(generate_kwargs),
         )
+
+    def question_states(self, input_ids: torch.Tensor, pixel_values: torch.Tensor, attention_mask: torch.Tensor | None,
+                        interpolate_pos_encoding: bool = False) -> torch.Tensor:
+        """Image-grounded question states ``[B, L_q, D]`` the answer decoder attends to."""
+        return self.encode_question(input_ids, pixel_values, attention_mask, interpolate_pos_encoding)[1]
 
     @torch.no_grad()
     def rank_answers(

@@ -30,7 +30,7 @@ class DecoderCache:
     ``self_kv``: ``[2, layers, rows, H, max_length, Dh]`` (keys, then values), filled up to ``length``; one tensor
     so a beam reorder is one gather. ``cross_keys[i]``/``cross_values[i]``: ``[images, H, N_ctx, Dh]``, one copy
     per image; row ``r`` belongs to image ``r // rows_per_image``. ``cross_mask``: additive ``[images, 1, 1, N_ctx]``
-    or None. A static cache (CUDA graphs) may hold more rows/images than a call feeds: calls use the leading ones.
+    or None.
     """
 
     self_kv: torch.Tensor
@@ -55,25 +55,15 @@ class DecoderCache:
     def max_length(self) -> int:
         return self.self_kv.shape[4]
 
-    def append(
-        self, layer: int, key: torch.Tensor, value: torch.Tensor, position: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store the fed tokens' self-attention K/V ``[R, H, T, Dh]``; return the K/V to attend over.
-
-        Dynamic (``position`` None): written at ``length``, returns the filled prefix ``[R, H, length + T, Dh]``.
-        Static (``position`` a 0-d device tensor, ``T == 1``): ``index_copy_`` at that position, returns the whole
-        ``[R, H, max_length, Dh]`` buffers, whose not-yet-written positions the caller masks.
-        """
+    def append(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store the fed tokens' self-attention K/V ``[R, H, T, Dh]`` at ``length``; return the filled prefix
+        ``[R, H, length + T, Dh]`` to attend over."""
         rows = key.shape[0]
         keys, values = self.self_kv[0, layer, :rows], self.self_kv[1, layer, :rows]
-        if position is None:
-            end = self.length + key.shape[2]
-            keys[:, :, self.length : end] = key
-            values[:, :, self.length : end] = value
-            return keys[:, :, :end], values[:, :, :end]
-        keys.index_copy_(2, position.view(1), key)
-        values.index_copy_(2, position.view(1), value)
-        return keys, values
+        end = self.length + key.shape[2]
+        keys[:, :, self.length : end] = key
+        values[:, :, self.length : end] = value
+        return keys[:, :, :end], values[:, :, :end]
 
     def cross_context(
         self, layer: int, rows: int
@@ -138,11 +128,9 @@ class BlipTextEmbeddings(nn.Module):
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
-    def forward(self, input_ids: torch.Tensor, past_length: int | torch.Tensor = 0) -> torch.Tensor:
-        """``past_length``: an int, or a 0-d device tensor in the static decode step (not checked against the table
-        there, which would need a host read; the caller sizes its cache within it)."""
+    def forward(self, input_ids: torch.Tensor, past_length: int = 0) -> torch.Tensor:
         length = input_ids.shape[1]
-        if isinstance(past_length, int) and past_length + length > self.position_embeddings.num_embeddings:
+        if past_length + length > self.position_embeddings.num_embeddings:
             raise ValueError(
                 f"text of {past_length + length} tokens exceeds max_position_embeddings "
                 f"{self.position_embeddings.num_embeddings}"
@@ -291,9 +279,7 @@ class BlipTextLayer(nn.Module):
         cross_mask: torch.Tensor | None,
         cache: DecoderCache | None,
         layer_index: int,
-        position: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """``position`` (0-d device tensor) selects the static decode step's cache write (:meth:`DecoderCache.append`)."""
         if cache is None:
             if isinstance(self.crossattention, BlipTextTwinCrossAttention):
                 return self.block(hidden_states, self_mask, None, cross_mask, image_pair=encoder_hidden_states)
@@ -305,7 +291,7 @@ class BlipTextLayer(nn.Module):
             return self.block(hidden_states, self_mask, cross_kv, cross_mask)
 
         attention = self.attention.self
-        key, value = cache.append(layer_index, *attention.project_kv(hidden_states), position)
+        key, value = cache.append(layer_index, *attention.project_kv(hidden_states))
         context = attention(hidden_states, key, value, self_mask)
         hidden_states = self.attention.output(context, hidden_states)
         key, value, cached_mask = cache.cross_context(layer_index, hidden_states.shape[0])
@@ -434,23 +420,6 @@ class BlipTextModel(nn.Module):
         pooled = self.pooler(hidden_states) if self.pooler is not None else None
         return TextModelOutput(last_hidden_state=hidden_states, pooler_output=pooled)
 
-    def decode_step(
-        self, input_ids: torch.Tensor, position: torch.Tensor, keep: torch.Tensor, cache: DecoderCache
-    ) -> torch.Tensor:
-        """One token per row with shapes and addresses fixed across steps, so the step can be a CUDA graph.
-
-        input_ids ``[R, 1]`` sit at ``position`` (0-d long device tensor, the cache length); their K/V are written
-        there with ``index_copy_`` and attention spans the whole ``max_length`` cache under an additive mask built
-        on device from ``position`` and ``keep [R, max_length]`` (bool, False at prompt padding). Returns
-        ``[R, 1, D]``; ``cache.length`` is left to the caller (Python state is not replayed by a graph).
-        """
-        hidden_states = self.embeddings(input_ids, position)
-        causal = torch.arange(cache.max_length, device=input_ids.device) <= position  # [max_length]
-        self_mask = ops.additive_mask((keep & causal)[:, None, None, :], hidden_states.dtype)  # [R, 1, 1, max_length]
-        for index, layer in enumerate(self.encoder.layer):
-            hidden_states = layer(hidden_states, self_mask, None, None, cache, index, position)
-        return hidden_states
-
     def _self_kv_buffer(self, rows: int, max_length: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         heads = self.config.num_attention_heads
         shape = (2, len(self.encoder.layer), rows, heads, max_length, self.config.hidden_size // heads)
@@ -487,47 +456,6 @@ class BlipTextModel(nn.Module):
             cross_mask=context_attention_mask(encoder_attention_mask, dtype),
             rows_per_image=rows_per_image,
         )
-
-    def static_cache(
-        self,
-        images: int,
-        rows_per_image: int,
-        max_length: int,
-        context_length: int,
-        masked_context: bool,
-        dtype: torch.dtype,
-        device: torch.device,
-    ) -> DecoderCache:
-        """A zeroed cache for up to ``images`` images whose buffers keep their addresses for its lifetime (CUDA
-        graphs read them); :meth:`fill_context` loads each call's images into its leading slots."""
-        heads = [layer.crossattention.self for layer in self.encoder.layer]
-        shape = (images, context_length, self.config.hidden_size)
-        cross = [(attention.split_heads(torch.zeros(shape, dtype=dtype, device=device)),
-                  attention.split_heads(torch.zeros(shape, dtype=dtype, device=device))) for attention in heads]
-        mask = torch.zeros(images, 1, 1, context_length, dtype=dtype, device=device) if masked_context else None
-        return DecoderCache(
-            self_kv=self._self_kv_buffer(images * rows_per_image, max_length, dtype, device),
-            cross_keys=[key for key, _ in cross],
-            cross_values=[value for _, value in cross],
-            cross_mask=mask,
-            rows_per_image=rows_per_image,
-        )
-
-    @torch.no_grad()
-    def fill_context(
-        self, cache: DecoderCache, encoder_hidden_states: torch.Tensor, encoder_attention_mask: torch.Tensor | None
-    ) -> None:
-        """Write the cross-attention K/V (and mask) of ``[images, N_ctx, D_ctx]`` into a static cache's first
-        ``images`` slots, one layer at a time (a layer's K/V is the only transient copy), and rewind it."""
-        images = encoder_hidden_states.shape[0]
-        for (key, value), key_slot, value_slot in zip(
-            self._cross_kv(encoder_hidden_states), cache.cross_keys, cache.cross_values
-        ):
-            key_slot[:images].copy_(key)
-            value_slot[:images].copy_(value)
-        if cache.cross_mask is not None:
-            cache.cross_mask[:images].copy_(context_attention_mask(encoder_attention_mask, cache.cross_mask.dtype))
-        cache.length = 0
 
 
 def decoder_inputs_and_targets(
@@ -617,9 +545,10 @@ class BlipTextLMHeadModel(nn.Module):
         loss = None if labels is None else ops.lm_loss(logits, labels, smoothing, reduction)
         return CausalLMOutput(loss=loss, logits=logits)
 
-    def decode_step(
-        self, input_ids: torch.Tensor, position: torch.Tensor, keep: torch.Tensor, cache: DecoderCache
-    ) -> torch.Tensor:
-        """Next-token logits ``[R, V]`` in fp32 of the static step (:meth:`BlipTextModel.decode_step`)."""
-        hidden_states = self.bert.decode_step(input_ids, position, keep, cache)
-        return self.cls.predictions(hidden_states)[:, -1].float()
+    def decode_step(self, input_ids: torch.Tensor, position: torch.Tensor, keep: torch.Tensor, cache, weights,
+                    history: torch.Tensor | None = None) -> torch.Tensor:
+        """Next-token logits ``[R, V]`` (model dtype) of the static step: :func:`blip_fast.modeling.decode_step.
+        decode_step` (fixed shapes and addresses, the code CUDA graphs capture)."""
+        from blip_fast.modeling import decode_step
+
+        return decode_step.decode_step(self, input_ids, position, keep, cache, weights, history)
