@@ -273,60 +273,56 @@ def test_custom_ops_are_single_opaque_nodes_with_flops():
     assert flops.get_total_flops() == 2 * 8 * 48 * 30
 
 
-# Compile (not run) the decode-step kernels for sm_90 as a real launch specialises them (16-divisible pointers and
-# strides): the interpreter accepts code the compiler rejects and cannot see shared-memory overflows or a lost
-# software pipeline. A fresh process, because under TRITON_INTERPRET=1 @triton.jit yields interpreter objects.
+# Compile (not run) the decode-step kernels for sm_90 as a real launch specialises them (tests/triton_compile.py): the
+# interpreter accepts code the compiler rejects and cannot see shared-memory overflows, spills or a lost pipeline.
 _COMPILE_SCRIPT = """
-import os
-os.environ.pop("TRITON_INTERPRET", None)
-import torch, triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+import torch
 from blip_fast.kernels import decode_embed, decode_self_attention, ln_linear, sampling
+from tests.triton_compile import compile_like_launch, is_pipelined, resource_usage
 
-def compile_sm90(fn, types, constexprs, options, aligned=()):
-    signature = {arg: "constexpr" if arg in constexprs else types.get(arg, "i32") for arg in fn.arg_names}
-    source = ASTSource(fn=fn, signature=signature,
-                       constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()},
-                       attrs={(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in aligned})
-    kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
-    assert kernel.metadata.shared <= 232448, (fn.fn.__name__, kernel.metadata.shared)
+def compile_sm90(fn, args, constexprs, options):
+    kernel = compile_like_launch(fn, 90, args, constexprs, options)
+    usage = resource_usage(kernel)
+    assert usage["stack"] == 0, (fn.fn.__name__, constexprs, usage)  # no spills
     return kernel
 
 for dtype in ("fp16", "bf16"):
-    # ln_linear at batch 256 (greedy) and batch 1: K = 768 (EVEN_K), pipelined weight and activation loads.
+    # ln_linear at batch 256 (greedy) and batch 3: K = 768 (EVEN_K), the weight/activation loads pipelined.
     for rows in (256, 3):
         cfg = ln_linear._config(rows, 2304, 768, torch.device("cuda"))
         options = dict(num_warps=cfg.pop("num_warps"), num_stages=cfg.pop("num_stages"))
         fn = ln_linear._ln_linear_kernel
-        types = {a: "*" + dtype for a in fn.arg_names if a.endswith("_ptr")}
-        types["eps"] = "fp32"
-        aligned = [a for a in fn.arg_names if a.endswith("_ptr") or a.startswith("stride")] + ["K"]
-        kernel = compile_sm90(fn, types, dict(HAS_RESIDUAL=True, HAS_BIAS=True, ACTIVATION=1, PRECISION="tf32",
-                                              EVEN_K=True, **cfg), options, aligned)
-        assert "async_copy_global_to_local" in kernel.asm["ttgir"], ("ln_linear not pipelined", dtype, rows)
-    # Self-attention: one new token per step, and an 8-token prompt prefill; Dh = 64.
+        args = {a: "*" + dtype for a in fn.arg_names if a.endswith("_ptr")}
+        args.update(M=rows, N=2304, K=768, eps="fp32", stride_xm=768, stride_rm=768, stride_wn=768, stride_nm=768,
+                    stride_om=2304)
+        kernel = compile_sm90(fn, args, dict(HAS_RESIDUAL=True, HAS_BIAS=True, ACTIVATION=1, PRECISION="tf32",
+                                             EVEN_K=True, **cfg), options)
+        assert is_pipelined(kernel), ("ln_linear not pipelined", dtype, rows)
+    # Self-attention: one new token per step, and an 8-token prompt prefill; Dh = 64, 12 heads, 40 positions.
     fn = decode_self_attention._decode_self_attention_kernel
-    types = {a: "*" + dtype for a in ("qkv_ptr", "k_cache_ptr", "v_cache_ptr", "out_ptr")}
-    types.update(position_ptr="*i64", keep_ptr="*i1", history_ptr="*i64", qk_scale="fp32")
-    for block_l, block_t in ((1, 128), (8, 16)):
-        compile_sm90(fn, types, dict(HAS_HISTORY=True, BLOCK_L=block_l, BLOCK_T=block_t, BLOCK_D=64),
-                     dict(num_warps=4, num_stages=1), [a for a in fn.arg_names if a.startswith("stride")])
-    fn = decode_embed._decode_embed_kernel
-    compile_sm90(fn, {"ids_ptr": "*i64", "position_ptr": "*i64", "word_ptr": "*" + dtype, "pos_ptr": "*" + dtype,
-                      "out_ptr": "*" + dtype}, dict(BLOCK_D=1024), dict(num_warps=4, num_stages=1))
-fn = sampling._sample_sorted_kernel
-compile_sm90(fn, {"values_ptr": "*fp32", "indices_ptr": "*i64", "out_ptr": "*i64", "seed_ptr": "*i64",
-                  "top_p": "fp32"}, dict(BLOCK_W=128), dict(num_warps=4, num_stages=1))
-fn = sampling._gumbel_noise_kernel
-compile_sm90(fn, {"out_ptr": "*fp32", "seed_ptr": "*i64"}, dict(BLOCK=1024), dict(num_warps=4, num_stages=1))
+    args = {a: "*" + dtype for a in ("qkv_ptr", "k_cache_ptr", "v_cache_ptr", "out_ptr")}
+    args.update(position_ptr="*i64", keep_ptr="*i1", history_ptr="*i64", qk_scale="fp32", L=1, H=12, Dh=64, D=768,
+                stride_qr=2304, stride_ql=2304, stride_cr=12 * 40 * 64, stride_ch=40 * 64, stride_ct=64,
+                stride_keep_r=40, stride_hist_r=40, stride_or=768, stride_ol=768)
+    for length in (1, 8):
+        cfg = decode_self_attention._config(length, 64)
+        options = dict(num_warps=cfg.pop("num_warps"), num_stages=1)
+        compile_sm90(fn, {**args, "L": length}, dict(HAS_HISTORY=True, **cfg), options)
+    compile_sm90(decode_embed._decode_embed_kernel,
+                 dict(ids_ptr="*i64", position_ptr="*i64", word_ptr="*" + dtype, pos_ptr="*" + dtype,
+                      out_ptr="*" + dtype, L=1, D=768, stride_ids_r=1, stride_word=768, stride_pos=768),
+                 dict(BLOCK_D=1024), dict(num_warps=4, num_stages=1))
+compile_sm90(sampling._sample_sorted_kernel,
+             dict(values_ptr="*fp32", indices_ptr="*i64", out_ptr="*i64", seed_ptr="*i64", W=66, top_k=50,
+                  top_p="fp32", min_keep=1, step=5, stride_vr=66, stride_ir=66),
+             dict(BLOCK_W=128), dict(num_warps=4, num_stages=1))
+compile_sm90(sampling._gumbel_noise_kernel, dict(out_ptr="*fp32", seed_ptr="*i64", R=64, C=3 * 30524, step=5,
+                                                  stream=1), dict(BLOCK=1024), dict(num_warps=4, num_stages=1))
 """
 
 
 def test_kernels_compile_for_sm90():
-    import subprocess
-    import sys
-
     pytest.importorskip("triton.backends.nvidia")
-    result = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    from tests.triton_compile import run_offline
+
+    run_offline(_COMPILE_SCRIPT)
