@@ -19,6 +19,7 @@ inside the graph at every call).
 
 from __future__ import annotations
 
+import inspect
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable
@@ -60,7 +61,7 @@ class StaticDecoding:
 
     def __init__(self, decoder, cache: static_step.StaticCache, weights: static_step.FusedWeights, keep: Tensor,
                  beams: bool) -> None:
-        self.decoder, self.cache, self.weights, self.keep = decoder, cache, weights, keep
+        self.decoder, self.cache, self.weights, self.keep = _weak(decoder), cache, weights, keep
         rows, max_length, device = cache.rows, cache.max_length, keep.device
         self.positions = torch.arange(max_length, device=device)  # position p is the 0-d view positions[p]
         self.identity = torch.arange(rows, device=device)[:, None].expand(rows, max_length)
@@ -87,6 +88,15 @@ class StaticDecoding:
         torch.where(self.earlier[self.length], self.history.index_select(0, rows), self.identity, out=self.history)
 
 
+def _weak(obj):
+    """A proxy for a model (or a bound method of one) held by a cached call: the cache is keyed weakly by the
+    decoder, so its values must not keep the model alive."""
+    if inspect.ismethod(obj):
+        method = weakref.WeakMethod(obj)
+        return lambda *args: method()(*args)
+    return weakref.proxy(obj)
+
+
 def _parameter_addresses(module) -> tuple:
     return tuple(parameter.data_ptr() for parameter in module.parameters()) if module is not None else ()
 
@@ -95,7 +105,8 @@ class StaticCall:
     """Buffers, search program and (on CUDA) graphs of one call shape; :meth:`__call__` runs one call."""
 
     def __init__(self, decoder, settings, shape: dict[str, Any], encoder: Callable | None, capture: bool) -> None:
-        self.decoder, self.settings, self.encoder, self.capture = decoder, settings, encoder, capture
+        self.settings, self.capture = settings, capture
+        self.encoder = _weak(encoder) if encoder is not None else None
         images, rows_per_image = shape["images"], shape["rows_per_image"]
         prompt_length, max_length, device = shape["prompt_length"], shape["max_length"], shape["device"]
         rows = images * rows_per_image
@@ -122,7 +133,7 @@ class StaticCall:
         self.live = torch.zeros(images if beams else rows, dtype=torch.bool, device=device)
         self.cache = static_step.new_static_cache(decoder.bert, images, rows_per_image, max_length, context[0],
                                                   shape["masked_context"], dtype, device)
-        self.weights = static_step.FusedWeights(decoder.bert)
+        self.weights = static_step.FusedWeights(_weak(decoder.bert))
         self.decoding = StaticDecoding(decoder, self.cache, self.weights, self.keep, beams)
         from blip_fast.generation import LogitsProcessor
 

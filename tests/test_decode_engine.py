@@ -158,6 +158,20 @@ def test_static_calls_are_reused_per_bucket_and_bounded(captioner):
     assert first not in decode_graphs._STATIC_CALLS[captioner.text_decoder].values(), "least recently used evicted"
 
 
+def test_cached_calls_do_not_keep_the_model_alive(captioner):
+    """The cache is keyed weakly by the decoder: a model that goes away takes its buffers with it."""
+    import gc
+    import weakref
+
+    model = copy.deepcopy(captioner)
+    model.generate(torch.randn(2, 3, 40, 40), max_length=6, cuda_graphs=True)
+    assert _cached_calls(model.text_decoder) == 1
+    alive = weakref.ref(model)
+    del model
+    gc.collect()
+    assert alive() is None and len(decode_graphs._STATIC_CALLS) == 0
+
+
 @pytest.mark.parametrize("switch, kwargs, static", [
     (None, {}, False), ("1", {}, True), ("0", dict(cuda_graphs=True), True), ("1", dict(cuda_graphs=False), False),
 ])

@@ -58,3 +58,45 @@ def test_activation_checkpointing_gives_identical_gradients():
         model(pixel_values).last_hidden_state.square().mean().backward()
     for (name, p_plain), p_ckpt in zip(plain.named_parameters(), checkpointed.parameters()):
         assert_close(p_ckpt.grad, p_plain.grad, rtol=1e-6), name
+
+
+@pytest.mark.slow
+def test_compiled_inference_vit_equals_eager(monkeypatch):
+    """The fast path (torch.compile, static shapes, one graph per batch size) gives the eager ViT's states; here
+    Inductor's CPU backend stands in for the GPU one, which gpu_check.sh times."""
+    from blip_fast.modeling import vit
+
+    monkeypatch.setenv("BLIP_FAST_COMPILE", "1")
+    model = _tiny_vit().eval()
+    with torch.no_grad():
+        for batch in (2, 3):
+            pixel_values = torch.randn(batch, 3, 32, 32)
+            assert_close(vit.vision_states(model, pixel_values), model(pixel_values).last_hidden_state)
+    assert not vit._compile_failed
+
+
+def test_vision_states_is_eager_when_off_or_training(monkeypatch):
+    from blip_fast.modeling import vit
+
+    monkeypatch.setenv("BLIP_FAST_COMPILE", "0")
+    model = _tiny_vit().eval()
+    pixel_values = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(vit.vision_states(model, pixel_values), model(pixel_values).last_hidden_state)
+    assert not vit.compile_enabled(torch.device("cuda"))
+    monkeypatch.delenv("BLIP_FAST_COMPILE")
+    assert vit.compile_enabled(torch.device("cuda")) and not vit.compile_enabled(torch.device("cpu"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_layer_norm_keeps_fp32_statistics(dtype):
+    """The ViT's LayerNorms in fp16/bf16 normalise with fp32 statistics: the result is the fp32 LayerNorm of the
+    same inputs, rounded once (a half-precision mean/variance would be off by many rounding steps on wide rows)."""
+    model = _tiny_vit()
+    norm = model.encoder.layers[0].layer_norm1
+    x = (torch.randn(4, 9, 32) * 3 + 20).to(dtype)  # a large mean: half-precision statistics would cancel badly
+    with torch.no_grad():
+        exact = torch.nn.functional.layer_norm(x.float(), (32,), norm.weight, norm.bias, norm.eps).to(dtype)
+        actual = norm.to(dtype)(x)
+    step = torch.finfo(dtype).eps * exact.float().abs().max()
+    assert (actual.float() - exact.float()).abs().max() <= step

@@ -24,7 +24,7 @@ from blip_fast.modeling.outputs import (
     BlipTextVisionModelOutput,
 )
 from blip_fast.modeling.text import BlipTextLMHeadModel, BlipTextModel
-from blip_fast.modeling.vit import BlipVisionModel
+from blip_fast.modeling.vit import BlipVisionModel, vision_states
 
 
 class BlipPreTrainedModel(nn.Module):
@@ -176,8 +176,8 @@ class BlipForConditionalGeneration(BlipPreTrainedModel):
         )
 
     def image_states(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:
-        """ViT states ``[B, N, D]`` the decoder attends to (inside the static engine's CUDA graph on CUDA)."""
-        return self.vision_model(pixel_values, interpolate_pos_encoding).last_hidden_state
+        """ViT states ``[B, N, D]`` the decoder attends to (compiled on CUDA, inside the static engine's graph)."""
+        return vision_states(self.vision_model, pixel_values, interpolate_pos_encoding)
 
 
 class BlipForImageTextRetrieval(BlipPreTrainedModel):

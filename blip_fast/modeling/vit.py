@@ -1,10 +1,16 @@
 """BLIP's ViT image encoder, with HuggingFace's module names (``vision_model.*`` state-dict keys).
 
-Pre-norm blocks with a fused qkv projection, SDPA attention through :mod:`blip_fast.ops`, stochastic depth and
-activation checkpointing for training, and bicubic position-embedding resizing for other resolutions.
+Pre-norm blocks with a fused qkv projection, SDPA attention through :mod:`blip_fast.ops` (FlashAttention-2/cuDNN
+kernels on CUDA), stochastic depth and activation checkpointing for training, and bicubic position-embedding
+resizing for other resolutions. Inference can run it through ``torch.compile`` (:func:`vision_states`): static
+shapes, one graph per batch size (the decoding engine's buckets), LayerNorm statistics in fp32 under fp16/bf16
+as in eager torch, and the result captured inside the decoding engine's CUDA graph.
 """
 
 from __future__ import annotations
+
+import logging
+import os
 
 import torch
 import torch.nn.functional as F
@@ -136,3 +142,36 @@ class BlipVisionModel(nn.Module):
         # HuggingFace's pooler applies post_layernorm a second time to the class token; kept for output parity.
         pooled = self.post_layernorm(last_hidden_state[:, 0])
         return VisionModelOutput(last_hidden_state=last_hidden_state, pooler_output=pooled)
+
+
+def compile_enabled(device: torch.device) -> bool:
+    """``torch.compile`` of the inference ViT: ``BLIP_FAST_COMPILE`` (0/1) if set, else on for CUDA only."""
+    switch = os.environ.get("BLIP_FAST_COMPILE")
+    return device.type == "cuda" if switch is None else switch.strip() != "0"
+
+
+def _states(vision_model: BlipVisionModel, pixel_values: torch.Tensor, interpolate_pos_encoding: bool) -> torch.Tensor:
+    return vision_model(pixel_values, interpolate_pos_encoding).last_hidden_state
+
+
+_compiled_states = None  # the torch.compile of _states, made on first use (dynamo guards it per model and shape)
+_compile_failed = False
+
+
+def vision_states(vision_model: BlipVisionModel, pixel_values: torch.Tensor,
+                  interpolate_pos_encoding: bool = False) -> torch.Tensor:
+    """ViT states ``[B, N, D]`` for inference: compiled where :func:`compile_enabled` (falling back to eager, with
+    one log line, if compilation fails), eager when training, with gradients, or compile is off."""
+    global _compiled_states, _compile_failed
+    if vision_model.training or torch.is_grad_enabled() or _compile_failed or not compile_enabled(pixel_values.device):
+        return _states(vision_model, pixel_values, interpolate_pos_encoding)
+    if _compiled_states is None:
+        # One graph per (model, batch size, resolution): the engine's buckets need more than dynamo's default 8.
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        _compiled_states = torch.compile(_states, dynamic=False, fullgraph=True)
+    try:
+        return _compiled_states(vision_model, pixel_values, interpolate_pos_encoding)
+    except Exception as error:  # a missing compiler or an unsupported backend must not stop inference
+        logging.getLogger(__name__).warning("torch.compile of the ViT failed (%s); running it eagerly", error)
+        _compile_failed = True
+        return _states(vision_model, pixel_values, interpolate_pos_encoding)
