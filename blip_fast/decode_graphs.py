@@ -97,6 +97,16 @@ def _weak(obj):
     return weakref.proxy(obj)
 
 
+def _output_shape(encoder: Callable, inputs: list) -> tuple[tuple[int, ...], torch.dtype]:
+    """The per-image shape and dtype of ``encoder(*inputs)``, traced with fake tensors (no compute). Gradient mode
+    keeps compiled paths (:func:`blip_fast.modeling.vit.vision_states`) out of the trace."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode(allow_non_fake_inputs=True), torch.enable_grad():
+        example = encoder(*inputs)
+    return tuple(example.shape[1:]), example.dtype
+
+
 def _parameter_addresses(module) -> tuple:
     return tuple(parameter.data_ptr() for parameter in module.parameters()) if module is not None else ()
 
@@ -120,9 +130,7 @@ class StaticCall:
         self.encoder_inputs = [torch.zeros(images, *spec[1], dtype=spec[2], device=device) if spec[0] == "tensor"
                                else spec[1] for spec in shape["encoder_inputs"]]
         if encoder is not None:
-            with torch.no_grad():  # its output shape and dtype, once per entry
-                example = encoder(*self.encoder_inputs)
-            context, dtype = tuple(example.shape[1:]), example.dtype
+            context, dtype = _output_shape(encoder, self.encoder_inputs)
             self.states = None
         else:
             context, dtype = shape["context"], shape["dtype"]

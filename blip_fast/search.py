@@ -190,7 +190,8 @@ class BeamSearch:
         s, num_beams = self.settings, self.settings.num_beams
         rows, prompt_length = self.prompts.shape
         batch, candidates = rows // num_beams, 2 * num_beams
-        self.steps_taken += ~self.stop_flag
+        if self.record.active:
+            self.steps_taken += ~self.stop_flag
         log_probs = self.processor(self.logits.log_softmax(dim=-1, dtype=torch.float32),
                                    self.running.view(rows, self.max_length)[:, :length])
         self.record.add(self.logits, log_probs)
@@ -214,7 +215,7 @@ class BeamSearch:
             ended = torch.ones_like(ended)
 
         # Continue with the best candidates that did not end.
-        alive_scores = top_scores + ended.float() * -1e9
+        alive_scores = torch.add(top_scores, ended, alpha=-1e9)  # one kernel for HuggingFace's x + mask * -1e9
         keep = alive_scores.topk(num_beams, dim=1).indices
         self.running = _gather_beams(cand_sequences, keep)
         self.running_scores = _gather_beams(alive_scores, keep)
@@ -223,9 +224,10 @@ class BeamSearch:
         # Merge newly ended top candidates into the finished set (unless the search has already stopped).
         just_ended = ended & self.is_top_beam
         ended_scores = top_scores / self.length_scale[length + 1]
-        batch_full = self.is_finished.all(dim=-1, keepdim=True) & (s.early_stopping is True)
-        ended_scores = ended_scores + batch_full.float() * -1e9 + (~self.can_improve).float() * -1e9
-        ended_scores = ended_scores + (~just_ended).float() * -1e9
+        if s.early_stopping is True:  # else HuggingFace adds -0.0 here, which changes nothing
+            ended_scores = torch.add(ended_scores, self.is_finished.all(dim=-1, keepdim=True), alpha=-1e9)
+        ended_scores = torch.add(ended_scores, ~self.can_improve, alpha=-1e9)
+        ended_scores = torch.add(ended_scores, ~just_ended, alpha=-1e9)
         best = torch.cat([self.finished_scores, ended_scores], dim=1).topk(num_beams, dim=1).indices
         stopped = self.stop_flag
         self.finished = _unless(stopped, self.finished,
@@ -243,8 +245,9 @@ class BeamSearch:
         done_finished, done_ended = self.is_finished, ended
         if self.padding is not None:
             done_finished, done_ended = done_finished | self.padding, done_ended | self.padding
-        all_done = done_finished.all() & (s.early_stopping is True)
-        self.stop_flag = stopped | ~self.can_improve.any() | all_done | done_ended.all()
+        self.stop_flag = stopped | ~self.can_improve.any() | done_ended.all()
+        if s.early_stopping is True:
+            self.stop_flag = self.stop_flag | done_finished.all()
         if length + 1 < self.max_length:
             self.logits = self.decoding.step(self.running.view(rows, self.max_length)[:, length])
 
@@ -293,10 +296,10 @@ def _unless(stopped: Tensor, frozen: Tensor, updated: Tensor) -> Tensor:
 
 
 def _gather_beams(tensor: Tensor, indices: Tensor) -> Tensor:
-    """Select beams ``indices [B, K']`` from ``tensor [B, K, ...]``."""
+    """Select beams ``indices [B, K']`` from ``tensor [B, K, ...]``: one gather (an expanded index is a view)."""
     while indices.dim() < tensor.dim():
         indices = indices.unsqueeze(-1)
-    return torch.take_along_dim(tensor, indices, dim=1)
+    return tensor.gather(1, indices.expand(-1, -1, *tensor.shape[2:]))
 
 
 def run(search, settings, prompt_length: int, max_length: int, fixed_length: bool) -> None:

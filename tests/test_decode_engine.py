@@ -456,3 +456,15 @@ def test_capture_survives_a_pin_memory_thread(captioner):
         stop.set()
         worker.join()
     assert torch.equal(graphed, model.generate(pixel_values, cuda_graphs=False, max_new_tokens=10))
+
+
+@pytest.mark.parametrize("case", [dict(), dict(num_beams=3, num_return_sequences=2)], ids=["greedy", "beam3"])
+def test_static_engine_returns_huggingface_output_objects(captioner, case):
+    """``return_dict_in_generate`` on the static engine: the dynamic engine's sequences and beam indices (per-step
+    score records route to the dynamic engine)."""
+    pixel_values = torch.randn(3, 3, 40, 40)
+    expected = captioner.generate(pixel_values, return_dict_in_generate=True, cuda_graphs=False, **case)
+    actual = captioner.generate(pixel_values, return_dict_in_generate=True, cuda_graphs=True, **case)
+    assert type(actual) is type(expected) and torch.equal(actual.sequences, expected.sequences)
+    if "num_beams" in case:
+        assert torch.equal(actual.beam_indices, expected.beam_indices)
