@@ -253,17 +253,42 @@ def measure_calls(captioner: Any, config: Any, device: str, dtype: torch.dtype) 
     for mode, kwargs in _decoding_modes().items():
         for setting, lengths in settings.items():
             _clear(generation)
-            counter, flops = OpCounter(), FlopCounterMode(display=False)
-            with flops, counter, host_reads(counter):
+
+            def call(kwargs=kwargs, setting=setting, lengths=lengths):
                 captioner.generate(pixel_values, input_ids=prompt, generator=_generator(kwargs, device),
                                    cuda_graphs=True if setting == "fixed" else None, **lengths, **kwargs)
-            results[f"{mode}_{setting}_call_syncs"] = counter.syncs
+
+            call()  # steady state: the static buffers (and CUDA graphs) of this call shape exist
+            counter, flops = OpCounter(), FlopCounterMode(display=False)
+            with flops, counter, host_reads(counter), _cuda_sync_warnings(device) as cuda_syncs:
+                call()
+            results[f"{mode}_{setting}_call_syncs"] = counter.syncs + len(cuda_syncs)
             if setting == "fixed":
                 results[f"{mode}_call_kernels"] = counter.kernels
                 if mode != "nucleus":
                     results[f"caption_{mode}_gflop_per_image"] = flops.get_total_flops() / 1e9
+                if device.startswith("cuda"):
+                    results[f"{mode}_call_cuda_kernels"] = cuda_kernel_launches(call)
     _clear(generation)
     return results
+
+
+@contextlib.contextmanager
+def _cuda_sync_warnings(device: str):
+    """On CUDA, torch's sync debug mode reports every synchronising call (device-to-host copies, syncs inside
+    operators that a CPU run cannot show); yields the list of such warnings."""
+    import warnings
+
+    if not device.startswith("cuda"):
+        yield []
+        return
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            yield caught
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
 
 
 def measure_capfilt(captioner: Any, filter_model: Any, config: Any, device: str, dtype: torch.dtype,
@@ -304,14 +329,15 @@ def measure_capfilt(captioner: Any, filter_model: Any, config: Any, device: str,
 
 
 def measure_cuda_kernels(captioner: Any, config: Any, device: str, dtype: torch.dtype) -> dict[str, Any]:
-    """CUDA kernels per generated token of greedy decoding (eager static step, and the default engine)."""
+    """CUDA kernels per generated token of greedy decoding: the dynamic engine (eager) and the default one (the
+    static engine's CUDA graphs on CUDA)."""
     from blip_fast import generation
 
     text = config.text
     image_embeds = torch.randn(2, config.vision.num_positions, config.vision.hidden_size, device=device, dtype=dtype)
     prompt = torch.tensor([[text.bos_token_id, *PROMPT_IDS]] * 2, device=device)
     results = {}
-    for label, graphs in (("eager_static", False), ("default", None)):
+    for label, graphs in (("dynamic", False), ("default", None)):
         counts = {}
         for new_tokens in (4, 8):
             def call(new_tokens=new_tokens, graphs=graphs):
@@ -408,8 +434,11 @@ METRICS = [
     ("capfilt_filter_gflop_per_image", "GFLOP per image, CapFilt filter (web + 1 synthetic)", None),
     ("capfilt_gflop_per_image", "GFLOP per image, CapFilt total", None),
     ("filter_gflop_per_extra_caption", "GFLOP per additional caption in the filter", None),
-    ("cuda_token_kernels_eager_static", "CUDA kernels per greedy token, static step without graphs", None),
-    ("cuda_token_kernels_default", "CUDA kernels per greedy token, default engine", None),
+    ("greedy_call_cuda_kernels", "CUDA kernels per generate call, greedy (profiler)", None),
+    ("beam3_call_cuda_kernels", "CUDA kernels per generate call, beam 3 (profiler)", None),
+    ("nucleus_call_cuda_kernels", "CUDA kernels per generate call, nucleus (profiler)", None),
+    ("cuda_token_kernels_dynamic", "CUDA kernels per greedy token, dynamic engine (cuda_graphs=False)", None),
+    ("cuda_token_kernels_default", "CUDA kernels per greedy token, default engine (CUDA graphs)", None),
 ]
 
 

@@ -51,6 +51,9 @@ checks() {
     step tests_sweep 20 0 "$PY" -m pytest "${PYTEST[@]}" "${XDIST[@]}" -m gpu -k test_matches_reference \
         tests/test_decode_attention_cuda.py --junitxml="$WORK/tests_sweep.xml"
     # The rest: past the 480 s of budgets, run on the time the steps above left unused.
+    # Issue 12's cost metrics on the GPU: CUDA kernels per generated token (profiler), host syncs per call.
+    step costs 40 0 env BLIP_FAST_COMPILE=0 "$PY" -m benchmarks.bench_costs "${COSTS[@]}" --baseline none \
+        --sections decoding,calls --out "$WORK" --name costs
     step generate_rest 60 0 "$PY" -m benchmarks.bench_generate "${MODEL[@]}" "${GENERATE[@]}" \
         --cases greedy_bs1,greedy_bs64,beam3,nucleus --check-tokens --out "$WORK" --name generate_rest
     step generate_fp32_parity 40 0 "$PY" -m benchmarks.bench_generate "${MODEL[@]}" --dtype fp32 \
@@ -82,7 +85,7 @@ configure() {
         COMPILE=(--no-compile)  # inductor on a CPU compiles for minutes
         INPUT=(--device cpu --workers 0 --images 8 --batch 4 --batches 2)
         CAPFILT_CLI=(--config tiny --device cpu --shards 2 --per-shard 4 --batch-size 4 --source-size 64)
-        ITC_HEADLINE=33 ITC_REST=8 DECODE_HEADLINE=4 DECODE_REST=2,1 LOW=fp32
+        ITC_HEADLINE=33 ITC_REST=8 DECODE_HEADLINE=4 DECODE_REST=2,1 LOW=fp32 COSTS=(--config tiny --device cpu)
         BUILD=("$PY" setup.py --version)  # the build decision only: never reinstall the developer's environment
     else
         MODEL=(--config base --dtype fp16 --device cuda --repeats 5) DEV=(--device cuda) GENERATE=()
@@ -90,6 +93,7 @@ configure() {
         INPUT=(--device cuda --workers 4,8 --images 256 --batch 96 --batches 6)
         CAPFILT_CLI=(--config tiny --device cuda --shards 4 --per-shard 32 --batch-size 32)
         ITC_HEADLINE=4096 ITC_REST=1024,32768 DECODE_HEADLINE=256 DECODE_REST=64,1 LOW=bf16
+        COSTS=(--config base --device cuda)
         BUILD=("$PY" -m pip install -v --no-index --no-deps --no-build-isolation -e .)
     fi
     # -v: a step killed at its budget still shows in its log which test was running; durations size the next budgets.
