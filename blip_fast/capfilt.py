@@ -53,6 +53,7 @@ exits with status 1 when it passes ``--max-error-rate``.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import hashlib
 import os
@@ -83,6 +84,7 @@ from blip_fast.data.transforms import BlipImageProcessor, ImageLoadError, load_i
 from blip_fast.data.workers import die_with_parent
 from blip_fast.hub import resolve
 from blip_fast.modeling.blip import BlipForImageTextRetrieval
+from blip_fast.modeling.vit import vision_states
 from blip_fast.tokenizer import BlipTokenizer, pre_caption
 
 #: BLIP tokenises ITM texts to at most 35 tokens (``blip_retrieval.py``: ``max_length=35``).
@@ -145,6 +147,12 @@ class CapFiltOptions:
                 for name, value in values.items() if name not in _RUNTIME_OPTIONS}
 
 
+def default_batch_size(device: torch.device | str) -> int:
+    """Images per batch when none is given: 256 on a GPU (the decoder's K/V reads dominate there and amortise over
+    the batch), 32 on a CPU."""
+    return 256 if torch.device(device).type == "cuda" else 32
+
+
 def unit_seed(seed: int, unit: int) -> int:
     """The sampling seed of work unit ``unit``: a pure function of (seed, unit), the same in every process."""
     digest = hashlib.sha256(f"blip_fast.capfilt/{seed}/{unit}".encode()).digest()
@@ -190,7 +198,11 @@ def _as_list(batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 # ==================================================================== the two models
 class CapFiltModels:
-    """The captioner and the filter (each with its tokenizer and image processor) on one device."""
+    """The captioner and the filter (each with its tokenizer and image processor) on one device.
+
+    The filter's ViT runs once per image (compiled on CUDA, on a side stream that overlaps the captioner's decoding),
+    or not at all when the captioner has the same vision tower and preprocessing (its states are shared); each
+    image's cross-attention K/V are projected once for all its captions."""
 
     def __init__(
         self, captioner: Captioner, filter_model: BlipForImageTextRetrieval, filter_tokenizer: BlipTokenizer,
@@ -201,6 +213,9 @@ class CapFiltModels:
         self.processors = {"captioner": captioner.processor}
         if filter_processor != captioner.processor:  # equal settings: preprocess once for both models
             self.processors["filter"] = filter_processor
+        self.shared_vision = "filter" not in self.processors and _same_weights(
+            captioner.model.vision_model, filter_model.vision_model)
+        self._side_stream = torch.cuda.Stream(filter_model.device) if filter_model.device.type == "cuda" else None
 
     @classmethod
     def from_options(cls, options: CapFiltOptions) -> CapFiltModels:
@@ -220,37 +235,109 @@ class CapFiltModels:
                     min_length=options.min_length)
 
     @torch.no_grad()
-    def synthetic_captions(self, pixel_values: torch.Tensor, generator: torch.Generator | None) -> list[list[str]]:
-        """``num_captions`` cleaned captions per image of ``pixel_values [B, 3, H, W]`` (the prompt stripped)."""
+    def filter_states(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The filter's ViT states ``[B, N, D]``, launched on a side stream on CUDA (the captioner decodes on the
+        main stream meanwhile); :meth:`match_logits` waits for them."""
+        model = self.filter
+        pixels = pixel_values.to(model.device, model.dtype, non_blocking=True)
+        if self._side_stream is None:
+            return vision_states(model.vision_model, pixels)
+        main = torch.cuda.current_stream(model.device)
+        self._side_stream.wait_stream(main)
+        with torch.cuda.stream(self._side_stream):
+            states = vision_states(model.vision_model, pixels)
+        pixels.record_stream(self._side_stream)
+        states.record_stream(main)
+        return states
+
+    @torch.no_grad()
+    def synthetic_captions(self, pixel_values: torch.Tensor, generator: torch.Generator | None,
+                           image_embeds: torch.Tensor | None = None) -> list[list[str]]:
+        """``num_captions`` cleaned captions per image of ``pixel_values [B, 3, H, W]`` (the prompt stripped).
+        ``image_embeds``: the filter's states, when :attr:`shared_vision` (the captioner then runs no ViT)."""
         model = self.captioner.model
         prompt = self.captioner.prompt_ids.to(model.device).expand(pixel_values.shape[0], -1)
+        if image_embeds is not None:
+            self._wait_for_side_stream()
         ids = model.generate(pixel_values.to(model.device, model.dtype), input_ids=prompt, generator=generator,
-                             **self.decoding())  # [B * K, L]
+                             image_embeds=image_embeds, **self.decoding())  # [B * K, L]
         texts = self.captioner.tokenizer.batch_decode(ids[:, prompt.shape[1] - 1 :])
         cleaned = [pre_caption(text, self.options.max_words) for text in texts]
         per_image = self.options.num_captions
         return [cleaned[start : start + per_image] for start in range(0, len(cleaned), per_image)]
 
     @torch.no_grad()
-    def match_logits(self, pixel_values: torch.Tensor, captions: Sequence[Sequence[str]]) -> list[torch.Tensor]:
-        """ITM logits ``[n_b, 2]`` (fp32, index 1 = matched) of each image's captions; one ViT pass per image."""
+    def match_logits(self, pixel_values: torch.Tensor, captions: Sequence[Sequence[str]],
+                     image_embeds: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """ITM logits ``[n_b, 2]`` (fp32, index 1 = matched) of each image's captions.
+
+        One ViT pass per image (or ``image_embeds`` from :meth:`filter_states`), and one cross-attention K/V
+        projection per image: its captions attend as extra query rows (``texts_per_image``), an image with fewer
+        captions than the widest repeating its last one (scores dropped)."""
         model = self.filter
-        image_embeds = model.vision_model(pixel_values.to(model.device, model.dtype)).last_hidden_state  # [B, N, D]
-        counts = torch.tensor([len(texts) for texts in captions], device=model.device)
-        flat = [text for texts in captions for text in texts]
-        if not flat:
+        counts = [len(texts) for texts in captions]
+        scored = [image for image, count in enumerate(counts) if count]
+        if not scored:
             return [torch.empty(0, 2) for _ in captions]
+        if image_embeds is None:
+            image_embeds = vision_states(model.vision_model, pixel_values.to(model.device, model.dtype))
+        flat = [text for texts in captions for text in texts]
         tokens = self.filter_tokenizer(flat, padding=True, truncation=True, max_length=ITM_MAX_TOKENS,
                                        return_tensors="pt").to(model.device)
-        pair_embeds = image_embeds.repeat_interleave(counts, dim=0)  # [sum n_b, N, D]
-        logits = model.itm_logits(pair_embeds, tokens.input_ids, tokens.attention_mask).float().cpu()
-        return list(logits.split(counts.tolist()))
+        width, starts = max(counts), [sum(counts[:image]) for image in range(len(counts))]
+        slots = torch.tensor([starts[image] + min(row, counts[image] - 1) for image in scored for row in range(width)],
+                             device=model.device)
+        if len(scored) < len(counts):
+            image_embeds = image_embeds[torch.tensor(scored, device=model.device)]
+        self._wait_for_side_stream()
+        logits = model.itm_logits(image_embeds, tokens.input_ids[slots], tokens.attention_mask[slots],
+                                  texts_per_image=width).float().cpu().view(len(scored), width, 2)
+        per_image = [torch.empty(0, 2) for _ in captions]
+        for position, image in enumerate(scored):
+            per_image[image] = logits[position, : counts[image]]
+        return per_image
+
+    def _wait_for_side_stream(self) -> None:
+        if self._side_stream is not None:
+            torch.cuda.current_stream(self.filter.device).wait_stream(self._side_stream)
 
     def keep(self, logits: torch.Tensor) -> tuple[list[bool], list[float]]:
         """Decisions and p(match) for ITM logits ``[n, 2]``: argmax by default, else p(match) > threshold."""
         p_match = logits.softmax(dim=-1)[:, 1]
         kept = logits.argmax(dim=-1) == 1 if self.options.threshold is None else p_match > self.options.threshold
         return kept.tolist(), p_match.tolist()
+
+
+def _same_weights(first: torch.nn.Module, second: torch.nn.Module) -> bool:
+    """Whether two modules hold equal parameters (one shared vision tower, or equal copies of it)."""
+    if first is second:
+        return True
+    pairs = list(zip(first.state_dict().values(), second.state_dict().values()))
+    return len(pairs) == len(first.state_dict()) == len(second.state_dict()) and all(
+        a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b) for a, b in pairs)
+
+
+class BackgroundWriter:
+    """A unit's :class:`~blip_fast.capfilt_io.UnitWriter` driven from a worker thread: recording captions and
+    writing the output shard overlap the next batch's GPU work. Calls run in order; :meth:`commit` waits for them
+    and raises what any of them raised."""
+
+    def __init__(self, writer: UnitWriter) -> None:
+        self.writer = writer
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="capfilt-writer")
+        self._pending: list[concurrent.futures.Future] = []
+
+    def submit(self, fn, *args) -> None:
+        """Run ``fn(writer, *args)`` on the worker thread, after everything submitted before."""
+        self._pending.append(self._pool.submit(fn, self.writer, *args))
+
+    def commit(self) -> dict[str, Any]:
+        try:
+            for future in self._pending:
+                future.result()
+            return self.writer.commit()
+        finally:
+            self._pool.shutdown()
 
 
 # ==================================================================== the run
@@ -264,31 +351,43 @@ def _batches(units: Sequence[Unit], batch_size: int) -> list[list[int]]:
     return batches
 
 
-def _process_batch(models: CapFiltModels, writer: UnitWriter, items: list[Item], loaded: list[dict[str, Any]],
-                   generator: torch.Generator) -> None:
-    """Caption, score and record one batch; unreadable images and empty web captions go to the errors."""
-    good = []
-    for item, entry in zip(items, loaded):
-        if entry["error"] is not None:
-            writer.error(item.key, "unreadable_image", entry["error"])
-        else:
-            good.append((item, entry))
-    if not good:
-        return
-    caption_pixels = torch.stack([entry["pixels"]["captioner"] for _, entry in good])
-    filter_pixels = torch.stack([entry["pixels"].get("filter", entry["pixels"]["captioner"]) for _, entry in good])
-    synthetic = models.synthetic_captions(caption_pixels, generator)
-    candidates = []  # per image: [(caption, source)]
-    for (item, _), samples in zip(good, synthetic):
-        web = [pre_caption(caption, models.options.max_words) for caption in item.web_captions]
-        if not all(web):
+def _record_batch(writer: UnitWriter, unreadable: list[tuple[Item, str]], scored: list[tuple[Any, ...]]) -> None:
+    """One batch's results into the unit's writer (on the writer thread)."""
+    for item, reason in unreadable:
+        writer.error(item.key, "unreadable_image", reason)
+    for item, data, web_empty, synthetic_empty, captions in scored:
+        if web_empty:
             writer.error(item.key, "empty_caption", "web caption missing or empty after cleaning")
-        writer.counts["synthetic_empty"] += samples.count("")
-        candidates.append([(text, "web") for text in web if text] + [(text, "synthetic") for text in samples if text])
-    logits = models.match_logits(filter_pixels, [[text for text, _ in pairs] for pairs in candidates])
-    for (item, entry), pairs, image_logits in zip(good, candidates, logits):
-        kept, scores = models.keep(image_logits)
-        writer.add(item, entry["data"], [(text, source, k, s) for (text, source), k, s in zip(pairs, kept, scores)])
+        writer.counts["synthetic_empty"] += synthetic_empty
+        writer.add(item, data, captions)
+
+
+def _process_batch(models: CapFiltModels, writer: BackgroundWriter, items: list[Item],
+                   loaded: list[dict[str, Any]], generator: torch.Generator) -> None:
+    """Caption and score one batch on the models' device; its records go to the writer thread. Unreadable images
+    and empty web captions go to the errors."""
+    unreadable = [(item, entry["error"]) for item, entry in zip(items, loaded) if entry["error"] is not None]
+    good = [(item, entry) for item, entry in zip(items, loaded) if entry["error"] is None]
+    scored = []
+    if good:
+        caption_pixels = torch.stack([entry["pixels"]["captioner"] for _, entry in good])
+        filter_pixels = torch.stack([entry["pixels"].get("filter", entry["pixels"]["captioner"]) for _, entry in good])
+        filter_states = models.filter_states(filter_pixels)  # overlaps the decoding below on CUDA
+        synthetic = models.synthetic_captions(caption_pixels, generator,
+                                              filter_states if models.shared_vision else None)
+        candidates = []  # per image: [(caption, source)]
+        for (item, _), samples in zip(good, synthetic):
+            web = [pre_caption(caption, models.options.max_words) for caption in item.web_captions]
+            candidates.append((not all(web), samples.count(""),
+                               [(text, "web") for text in web if text] +
+                               [(text, "synthetic") for text in samples if text]))
+        logits = models.match_logits(filter_pixels, [[text for text, _ in pairs] for *_, pairs in candidates],
+                                     image_embeds=filter_states)
+        for (item, entry), (web_empty, synthetic_empty, pairs), image_logits in zip(good, candidates, logits):
+            kept, scores = models.keep(image_logits)
+            scored.append((item, entry["data"], web_empty, synthetic_empty,
+                           [(text, source, k, s) for (text, source), k, s in zip(pairs, kept, scores)]))
+    writer.submit(_record_batch, unreadable, scored)
 
 
 def _rank_and_world(options: CapFiltOptions) -> tuple[int, int]:
@@ -311,7 +410,7 @@ def _run_units(models: CapFiltModels, units: list[Unit], options: CapFiltOptions
     total = sum(len(unit.items) for unit in units)
     with tqdm(total=total, unit="img", desc="capfilt", disable=not options.progress) as progress:
         for unit in units:
-            writer = UnitWriter(unit, output, source.output_shard(unit.index), fingerprint)
+            writer = BackgroundWriter(UnitWriter(unit, output, source.output_shard(unit.index), fingerprint))
             generator = torch.Generator(device=options.device).manual_seed(unit_seed(options.seed, unit.index))
             for start in range(0, len(unit.items), options.batch_size):
                 items = unit.items[start : start + options.batch_size]

@@ -190,8 +190,8 @@ def _add_capfilt_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt", default="a picture of ", help="text the captions continue; stripped from output")
     parser.add_argument("--threshold", type=errors.float_in(0, 1, high_open=True),
                         help="keep when p(match) > this (default: ITM argmax)")
-    parser.add_argument("--batch-size", type=errors.positive_int, default=32,
-                        help="images per batch (part of the sampling stream)")
+    parser.add_argument("--batch-size", type=errors.positive_int, default=None,
+                        help="images per batch, part of the sampling stream (default: 256 on a GPU, 32 on a CPU)")
     parser.add_argument("--workers", type=errors.non_negative_int, default=default_workers(),
                         help="DataLoader processes decoding images (default: up to 4, at most the usable CPUs)")
     parser.add_argument("--images-per-part", type=errors.positive_int, default=1000,
@@ -205,14 +205,15 @@ def _add_capfilt_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _capfilt(args: argparse.Namespace) -> int:
-    from blip_fast.capfilt import CapFiltOptions, run_capfilt
+    from blip_fast.capfilt import CapFiltOptions, default_batch_size, run_capfilt
 
     local_rank = args.local_rank if args.local_rank is not None else int(os.environ.get("LOCAL_RANK", 0))
     device, dtype = _device_and_dtype(args.device, args.dtype, local_rank)
     options = CapFiltOptions(
         captioner=args.captioner, filter=args.filter, input=args.input, output=args.output,
         image_root=args.image_root, num_captions=args.num_captions, top_p=args.top_p, max_length=args.max_length,
-        min_length=args.min_length, prompt=args.prompt, threshold=args.threshold, batch_size=args.batch_size,
+        min_length=args.min_length, prompt=args.prompt, threshold=args.threshold,
+        batch_size=args.batch_size or default_batch_size(device),
         workers=args.workers, seed=args.seed, device=str(device), dtype=str(dtype).removeprefix("torch."),
         images_per_part=args.images_per_part, progress=not args.no_progress,
     )

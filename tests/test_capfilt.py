@@ -282,3 +282,112 @@ def test_ranks_split_units_and_the_last_one_merges(model_dirs, data, tmp_path):
     merged = run_capfilt(_options(model_dirs, data, "shards", tmp_path / "ranks", rank=0, world_size=2))
     assert merged["merged"] and merged["images"] == single["images"] == NUM_IMAGES
     assert _output_files(tmp_path / "ranks") == _output_files(tmp_path / "single")
+
+
+# ------------------------------------------------------------------------------------------------ compute path
+@pytest.fixture(scope="module")
+def models(model_dirs):
+    captioner_dir, filter_dir = model_dirs
+    from blip_fast.capfilt import CapFiltModels
+
+    options = CapFiltOptions(captioner=captioner_dir, filter=filter_dir, input="-", output="-",
+                             num_captions=NUM_CAPTIONS)
+    return CapFiltModels.from_options(options)
+
+
+def _pixels(data, count: int) -> torch.Tensor:
+    processor = BlipImageProcessor(size=64)
+    return processor([load_image_bytes(image, key) for key, image, _ in data["samples"][:count]]).pixel_values
+
+
+def test_filter_projects_each_images_cross_kv_once(models, data):
+    """An image's captions attend to its cross-attention K/V as extra query rows: the projection sees one row per
+    image (not per pair), and the logits equal scoring every pair separately. Images with fewer captions (or none)
+    than the widest are padded internally and dropped from the result."""
+    captions = [["a red circle", "two blue squares", "a green triangle"], [], ["a circle"], ["a", "striped blue"]]
+    pixel_values = _pixels(data, len(captions))
+    seen = []
+    key = models.filter.text_encoder.encoder.layer[0].crossattention.self.key
+    handle = key.register_forward_hook(lambda module, args, out: seen.append(args[0].shape[0]))
+    try:
+        actual = models.match_logits(pixel_values, captions)
+    finally:
+        handle.remove()
+    assert seen == [3], "one K/V projection per image with captions"
+    with torch.no_grad():
+        states = models.filter.vision_model(pixel_values).last_hidden_state
+        for image, texts in enumerate(captions):
+            if not texts:
+                assert actual[image].shape == (0, 2)
+                continue
+            tokens = models.filter_tokenizer(texts, padding=True, truncation=True, max_length=ITM_MAX_TOKENS,
+                                             return_tensors="pt")
+            expected = models.filter.itm_logits(states[image : image + 1].expand(len(texts), -1, -1),
+                                                tokens.input_ids, tokens.attention_mask)
+            assert torch.allclose(actual[image], expected, atol=1e-5), (image, actual[image], expected)
+
+
+def test_filter_flops_per_extra_caption_exclude_the_kv_projection(models, data):
+    """The cost metric the issue budgets: an extra caption of an image costs text-encoder FLOPs only, not another
+    projection of the image's cross-attention K/V (2 * N * D_vision * 2 * D per layer)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    pixel_values = _pixels(data, 1)
+    flops = []
+    for count in (1, 5):
+        with FlopCounterMode(display=False) as counter:
+            models.match_logits(pixel_values, [["a red circle on the left"] * count])
+        flops.append(counter.get_total_flops())
+    config = models.filter.config
+    projection = 2 * config.vision.num_positions * config.vision.hidden_size * 2 * config.text.hidden_size \
+        * config.text.num_hidden_layers
+    assert (flops[1] - flops[0]) / 4 < projection
+
+
+def test_shared_vision_tower_runs_the_vit_once(model_dirs, data):
+    """When the filter's vision tower equals the captioner's (and preprocessing matches), a batch runs one ViT
+    pass: the captioner decodes from the filter's states, with the same captions as from its own ViT."""
+    from blip_fast.capfilt import CapFiltModels
+
+    captioner_dir, filter_dir = model_dirs
+    options = CapFiltOptions(captioner=captioner_dir, filter=filter_dir, input="-", output="-",
+                             num_captions=NUM_CAPTIONS)
+    models = CapFiltModels.from_options(options)
+    assert not models.shared_vision
+    models.filter.vision_model.load_state_dict(models.captioner.model.vision_model.state_dict())
+    models = CapFiltModels(models.captioner, models.filter, models.filter_tokenizer, models.captioner.processor,
+                           options)
+    assert models.shared_vision
+    pixel_values = _pixels(data, 3)
+    expected = models.synthetic_captions(pixel_values, torch.Generator().manual_seed(4))
+    calls = []
+    hooks = [vision.register_forward_hook(lambda *args: calls.append(1))
+             for vision in (models.captioner.model.vision_model, models.filter.vision_model)]
+    try:
+        states = models.filter_states(pixel_values)
+        actual = models.synthetic_captions(pixel_values, torch.Generator().manual_seed(4), states)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert len(calls) == 1 and actual == expected
+
+
+def test_background_writer_keeps_order_and_raises_on_commit():
+    from blip_fast.capfilt import BackgroundWriter
+
+    class Recorder:
+        def __init__(self):
+            self.calls = []
+
+        def commit(self):
+            return {"calls": list(self.calls)}
+
+    writer = BackgroundWriter(Recorder())
+    for index in range(20):
+        writer.submit(lambda recorder, index: recorder.calls.append(index), index)
+    assert writer.commit() == {"calls": list(range(20))}
+
+    failing = BackgroundWriter(Recorder())
+    failing.submit(lambda recorder: (_ for _ in ()).throw(OSError("disk full")))
+    with pytest.raises(OSError, match="disk full"):
+        failing.commit()

@@ -148,6 +148,7 @@ class BlipForConditionalGeneration(BlipPreTrainedModel):
         input_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         interpolate_pos_encoding: bool = False,
+        image_embeds: torch.Tensor | None = None,
         **generate_kwargs: Any,
     ) -> torch.Tensor:
         """Caption ``[B, 3, H, W]`` images -> token ids ``[B * num_return_sequences, L]``, starting with ``[DEC]``.
@@ -155,6 +156,8 @@ class BlipForConditionalGeneration(BlipPreTrainedModel):
         An optional prompt (``input_ids`` from the tokenizer, e.g. "a picture of ", ending in ``[SEP]``) is kept
         at the start; like HuggingFace, position 0 becomes ``[DEC]`` and the trailing ``[SEP]`` is dropped
         (the caller's tensor is not modified). Keyword arguments are HuggingFace's (:func:`generation.generate`).
+        ``image_embeds`` (blip_fast only): the ViT states ``[B, N, D]`` of ``pixel_values``, already computed (CapFilt
+        shares a filter's with a captioner of the same vision tower); the ViT is then not run.
         """
         text = self.config.text
         if input_ids is None:
@@ -168,8 +171,8 @@ class BlipForConditionalGeneration(BlipPreTrainedModel):
             self.text_decoder,
             input_ids[:, :-1],
             attention_mask=attention_mask,
-            encoder=self.image_states,
-            encoder_inputs=(pixel_values, interpolate_pos_encoding),
+            **(dict(encoder_hidden_states=image_embeds) if image_embeds is not None else
+               dict(encoder=self.image_states, encoder_inputs=(pixel_values, interpolate_pos_encoding))),
             eos_token_id=text.sep_token_id,
             pad_token_id=text.pad_token_id,
             **self._generation_kwargs(generate_kwargs),
@@ -223,17 +226,22 @@ class BlipForImageTextRetrieval(BlipPreTrainedModel):
         return F.normalize(self.text_proj(text_embeds[:, 0]), dim=-1)
 
     def matching_states(
-        self, image_embeds: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
+        self, image_embeds: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+        texts_per_image: int = 1,
     ) -> torch.Tensor:
-        """Image-grounded text states ``[B, L, D]`` (``[ENC]`` first) of pairs ``(image_embeds[b], input_ids[b])``."""
+        """Image-grounded text states ``[R, L, D]`` (``[ENC]`` first) of ``texts_per_image`` consecutive rows of
+        ``input_ids [R, L]`` per image of ``image_embeds [R / texts_per_image, N, D]``: each image's cross-attention
+        K/V are projected once for all its texts (CapFilt scores an image's web and synthetic captions so)."""
         input_ids = self._with_first_token(input_ids, self.config.text.enc_token_id)
-        return self.text_encoder(input_ids, attention_mask, image_embeds, _ones_mask(image_embeds)).last_hidden_state
+        return self.text_encoder(input_ids, attention_mask, image_embeds, _ones_mask(image_embeds),
+                                 rows_per_context=texts_per_image).last_hidden_state
 
     def itm_logits(
-        self, image_embeds: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
+        self, image_embeds: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+        texts_per_image: int = 1,
     ) -> torch.Tensor:
-        """ITM logits ``[B, 2]`` (index 1 = "matched") of pairs ``(image_embeds[b], input_ids[b])``."""
-        return self.itm_head(self.matching_states(image_embeds, input_ids, attention_mask)[:, 0])
+        """ITM logits ``[R, 2]`` (index 1 = "matched") of the texts of each image (see :meth:`matching_states`)."""
+        return self.itm_head(self.matching_states(image_embeds, input_ids, attention_mask, texts_per_image)[:, 0])
 
 
 class BlipForQuestionAnswering(BlipPreTrainedModel):

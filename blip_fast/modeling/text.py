@@ -279,7 +279,9 @@ class BlipTextLayer(nn.Module):
         cross_mask: torch.Tensor | None,
         cache: DecoderCache | None,
         layer_index: int,
+        rows_per_context: int = 1,
     ) -> torch.Tensor:
+        """``rows_per_context``: consecutive rows sharing one context (image) of ``encoder_hidden_states``."""
         if cache is None:
             if isinstance(self.crossattention, BlipTextTwinCrossAttention):
                 return self.block(hidden_states, self_mask, None, cross_mask, image_pair=encoder_hidden_states)
@@ -288,7 +290,7 @@ class BlipTextLayer(nn.Module):
                 cross_kv = encoder_hidden_states.layer(layer_index)
             elif encoder_hidden_states is not None:
                 cross_kv = self.crossattention.self.project_kv(encoder_hidden_states)
-            return self.block(hidden_states, self_mask, cross_kv, cross_mask)
+            return self.block(hidden_states, self_mask, cross_kv, cross_mask, rows_per_context=rows_per_context)
 
         attention = self.attention.self
         key, value = cache.append(layer_index, *attention.project_kv(hidden_states))
@@ -308,6 +310,7 @@ class BlipTextLayer(nn.Module):
         cross_kv: tuple[torch.Tensor, torch.Tensor] | None,
         cross_mask: torch.Tensor | tuple | None,
         image_pair: tuple[torch.Tensor, torch.Tensor] | None = None,
+        rows_per_context: int = 1,
     ) -> torch.Tensor:
         """The layer without a decoding cache: self-attention, cross-attention over ``cross_kv`` (key, value
         ``[B, H, N_ctx, Dh]``) when given, FFN. Tensors in, tensor out: the region :func:`compile_layers` compiles
@@ -319,7 +322,7 @@ class BlipTextLayer(nn.Module):
         if image_pair is not None:
             hidden_states = self.crossattention(hidden_states, image_pair, cross_mask)
         elif cross_kv is not None:
-            context = self.crossattention.self(hidden_states, *cross_kv, cross_mask)
+            context = self.crossattention.self(hidden_states, *cross_kv, cross_mask, rows_per_context)
             hidden_states = self.crossattention.output(context, hidden_states)
         return self.output(self.intermediate(hidden_states), hidden_states)
 
@@ -375,6 +378,9 @@ class BlipTextModel(nn.Module):
     :class:`CrossContext` (training, from :meth:`project_context`), K/V projected once and gathered per row.
     ``twin_merge_from`` (NLVR2) gives every layer a twin cross-attention over a pair of images, passed as a pair of
     ``encoder_hidden_states`` (and masks); layers from that index on merge the pair with a linear layer.
+    ``rows_per_context`` > 1: ``encoder_hidden_states [C, N_ctx, D_ctx]`` holds one context per ``rows_per_context``
+    consecutive rows (an image's captions, CapFilt's filter): each context's K/V are projected once and its rows
+    attend as extra query rows, instead of one projection per row.
     """
 
     def __init__(self, config: TextConfig, encoder_width: int, add_pooling_layer: bool = False,
@@ -393,6 +399,7 @@ class BlipTextModel(nn.Module):
         encoder_attention_mask: torch.Tensor | None = None,
         is_decoder: bool = False,
         cache: DecoderCache | None = None,
+        rows_per_context: int = 1,
     ) -> TextModelOutput:
         past_length = cache.length if cache is not None else 0
         hidden_states = self.embeddings(input_ids, past_length)
@@ -414,7 +421,8 @@ class BlipTextModel(nn.Module):
                 encoder_attention_mask = torch.ones(encoder_hidden_states.shape[:2], device=device)
             cross_mask = context_attention_mask(encoder_attention_mask, dtype)
         for index, layer in enumerate(self.encoder.layer):
-            hidden_states = layer(hidden_states, self_mask, encoder_hidden_states, cross_mask, cache, index)
+            hidden_states = layer(hidden_states, self_mask, encoder_hidden_states, cross_mask, cache, index,
+                                  rows_per_context)
         if cache is not None:
             cache.length += input_ids.shape[1]
         pooled = self.pooler(hidden_states) if self.pooler is not None else None
