@@ -127,6 +127,8 @@ if __name__ == "__main__":  # setuptools' PEP 517 backend runs this file as __ma
         python_requires=">=3.10",
         packages=PACKAGES,
         package_dir={"blip_fast.kernels": "kernels"},
+        # Measured backend timings per GPU (blip_fast/backend_table.py), committed from gpu_check.sh runs.
+        package_data={"blip_fast": ["tables/*.jsonl"]},
         install_requires=[
             "torch>=2.4",
             "safetensors",

@@ -192,7 +192,8 @@ def _cross_attention_cuda(query, key, value, mask):
 
 @torch.library.custom_op("blip_fast::decode_cross_attention", mutates_args=())
 def _cross_attention_op(query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None) -> Tensor:
-    return ops.resolve("decode_cross_attention", query.device)(query, key, value, mask)
+    shape = ops.attention_shape(query, key, query.shape[0] // key.shape[0] * query.shape[1])
+    return ops.resolve("decode_cross_attention", query.device, shape)(query, key, value, mask)
 
 
 @_cross_attention_op.register_fake

@@ -41,8 +41,10 @@ def requested_backend() -> str:
     return backend
 
 
-def resolve(op: str, device: torch.device) -> Callable:
-    """The implementation of ``op`` to use on ``device`` under the current ``BLIP_FAST_BACKEND``."""
+def resolve(op: str, device: torch.device, shape: dict | None = None) -> Callable:
+    """The implementation of ``op`` to use on ``device`` under the current ``BLIP_FAST_BACKEND``. Under ``auto``, an
+    op with a measured-timings table for this GPU (:mod:`blip_fast.backend_table`) runs the backend measured fastest
+    at the call's ``shape`` (images, rows, keys, head_dim, dtype); otherwise the fixed preference applies."""
     implementations = _REGISTRY[op]
     backend = requested_backend()
     if backend != "auto":
@@ -52,10 +54,22 @@ def resolve(op: str, device: torch.device) -> Callable:
         if not available(device):
             raise RuntimeError(f"BLIP_FAST_BACKEND={backend}: op {op!r} cannot run on {device}")
         return fn
+    if shape is not None:
+        from blip_fast import backend_table
+
+        measured = backend_table.fastest(op, device, **shape)
+        if measured in implementations and implementations[measured][1](device):
+            return implementations[measured][0]
     for name in ("cuda", "triton", "torch", "reference"):
         if name in implementations and implementations[name][1](device):
             return implementations[name][0]
     raise RuntimeError(f"no implementation of op {op!r} can run on {device}")
+
+
+def attention_shape(query: torch.Tensor, key: torch.Tensor, rows_per_image: int) -> dict:
+    """The decode-attention call shape a measured table is keyed by (:mod:`blip_fast.backend_table`)."""
+    return dict(images=key.shape[0], rows=rows_per_image, keys=key.shape[2], head_dim=key.shape[3],
+                dtype=query.dtype)
 
 
 def resolved_backends(device: torch.device | str) -> dict[str, str]:
@@ -145,7 +159,8 @@ def decode_attention(
     mask is additive and broadcastable to ``[C, 1, 1, N]``, or None. Returns ``[C, H, Mq, Dh]``. The reference is
     SDPA; the CUDA op (``blip_fast._C``, preferred) and the Triton kernel read each image's K/V once for all its rows.
     """
-    return resolve("decode_attention", query.device)(query, key, value, mask)
+    shape = attention_shape(query, key, query.shape[2])
+    return resolve("decode_attention", query.device, shape)(query, key, value, mask)
 
 
 def additive_mask(keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -20,7 +20,8 @@ fp32 roughly compute-bound, which is acceptable because decoding runs in fp16/bf
 Split-K: at batch 1 there are only 12 (image, head) programs for ~132 SMs, so the keys are split into chunks, each
 program writes its unnormalised partial (max, sum, acc), and a second small kernel merges the splits in a fixed
 order: deterministic, no atomics. With enough programs (batch >= ~32) there is one split and the main kernel writes
-the normalised output directly.
+the normalised output directly. The key-tile size and the split count come from a small cost model
+(:func:`_gpu_launch`): whole waves of programs, and few padded keys in the last tile of 577.
 
 Masks are additive per key (``[C, 1, 1, N]`` after broadcasting), as ``ops.additive_mask`` builds them: 0 keeps,
 ``finfo(dtype).min`` drops. The mask is clamped to -1e30 before the base-2 conversion so ``finfo(float32).min``
@@ -172,27 +173,62 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+#: Programs resident per SM (4 warps, ~32-64 KiB of shared memory each): what one "wave" holds per SM.
+PROGRAMS_PER_SM = 2
+#: Key-tile sizes the GPU launch chooses from, and the cost of a tile beyond its keys (loop, rescale), in keys.
+BLOCK_N_CHOICES = (32, 64, 128)
+TILE_OVERHEAD_KEYS = 16
+#: Splitting costs a second launch (MERGE_COST_KEYS, in keys of the main loop) and writes/reads fp32 partials
+#: (SPLIT_PENALTY, a fraction of the main loop): a split must win more than that.
+MERGE_COST_KEYS = 64
+SPLIT_PENALTY = 0.15
+
+
+def _gpu_launch(pairs: int, row_blocks: int, keys: int, tile_bytes: int, sm_count: int) -> tuple[int, int]:
+    """(BLOCK_N, splits) for the GPU: the key tiling and split count that minimise the modelled time, waves x keys per
+    program. Whole waves: 132 SMs x 2 programs; a partly filled wave costs a full one. Keys per program include the
+    padding of the last tile (577 keys: 5 tiles of 128 pad 63 keys, 19 of 32 pad 31), plus a per-tile overhead;
+    splitting adds the merge kernel. Batch 1 (12 heads) splits the keys finely to fill the GPU; batch 256 does not
+    split at all."""
+    slots = PROGRAMS_PER_SM * sm_count
+    best = None
+    for block_n in BLOCK_N_CHOICES:
+        if block_n * tile_bytes > 32 * 1024:  # K and V tiles per pipeline stage stay within 64 KiB
+            continue
+        tiles = triton.cdiv(keys, block_n)
+        for splits in range(1, tiles + 1):
+            per_split = triton.cdiv(tiles, splits)
+            if triton.cdiv(tiles, per_split) != splits:  # an empty split: the same as fewer splits
+                continue
+            waves = triton.cdiv(pairs * row_blocks * splits, slots)
+            cost = waves * per_split * (block_n + TILE_OVERHEAD_KEYS)
+            if splits > 1:
+                cost = cost * (1 + SPLIT_PENALTY) + MERGE_COST_KEYS
+            if best is None or cost < best[0]:
+                best = (cost, block_n, splits)
+    return best[1], best[2]
+
+
 def _config(images: int, heads: int, rows: int, keys: int, head_dim: int, dtype: torch.dtype, device: torch.device,
             splits: int | None, sm_count: int | None = None) -> dict:
-    """Block sizes, warps, stages and the key split for one launch: a small heuristic instead of autotuning
-    (autotune with several configs needs a GPU, and the interpreter wants few, large programs)."""
+    """Block sizes, warps, stages and the key split for one launch: a cost model instead of autotuning (autotune with
+    several configs needs a GPU, and the interpreter wants few, large programs)."""
     block_d = max(16, triton.next_power_of_2(head_dim))
     block_m = min(64, max(16, triton.next_power_of_2(rows)))  # tl.dot needs >= 16 rows
+    row_blocks = triton.cdiv(rows, block_m)
     if device.type == "cuda":
-        # Streaming K/V is the whole cost: big key tiles and 3 stages keep enough loads in flight. Shared memory per
-        # stage is 2 * BLOCK_N * BLOCK_D * itemsize (K and V): 32 KiB for fp16 at Dh = 64 (BLOCK_N = 128).
+        # Streaming K/V is the whole cost: 3 stages keep enough loads in flight. Shared memory per stage is
+        # 2 * BLOCK_N * BLOCK_D * itemsize (K and V): 32 KiB for fp16 at Dh = 64 and BLOCK_N = 128.
         tile_bytes = block_d * torch.finfo(dtype).bits // 8
-        block_n = 128 if tile_bytes <= 128 else 64 if tile_bytes <= 256 else 32
-        num_warps, num_stages = 4, 3
         if sm_count is None:
             sm_count = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-        target = 2 * sm_count  # ~2 programs per SM; split the keys when (image, head) pairs cannot fill the GPU
+        block_n, chosen = _gpu_launch(images * heads, row_blocks, keys, tile_bytes, sm_count)
+        splits = chosen if splits is None else splits
+        num_warps, num_stages = 4, 3
     else:
-        block_n, num_warps, num_stages, target = 128, 4, 1, 1
-    row_blocks = triton.cdiv(rows, block_m)
+        block_n, num_warps, num_stages = 128, 4, 1
+        splits = 1 if splits is None else splits
     tiles = triton.cdiv(keys, block_n)
-    if splits is None:
-        splits = max(1, triton.cdiv(target, images * heads * row_blocks))
     tiles_per_split = triton.cdiv(tiles, max(1, min(splits, tiles)))
     splits = triton.cdiv(tiles, tiles_per_split)  # no empty split: every split sees at least one valid key
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=num_warps, num_stages=num_stages,

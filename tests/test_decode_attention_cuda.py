@@ -172,3 +172,17 @@ def test_ops_dispatch_to_cuda(extension, monkeypatch):
     assert_close(actual, expected, rtol=0, atol=1e-5 * expected.abs().max().item())
     assert torch.equal(actual, torch.ops.blip_fast.decode_attention(
         *(t.float() for t in (query, key, value)), additive(keep, torch.float32), 64**-0.5))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("splits", [1, 3])
+def test_strided_output_layout(extension, splits):
+    """The decode step's cross-attention writes straight into the ``[C, rows, H, Dh]`` buffer its output projection
+    reads (``out`` viewed as ``[C, H, rows, Dh]``), single-split and through the merge kernel."""
+    query, key, value, keep = make_inputs(3, 12, 5, 577, 64, masked=True)
+    expected = sdpa(query, key, value, additive(keep, torch.float64))
+    buffer = torch.full((3, 5, 12, 64), float("nan"), device="cuda")
+    out = buffer.transpose(1, 2)
+    torch.ops.blip_fast.decode_attention_out(*(t.float() for t in (query, key, value)), additive(keep, torch.float32),
+                                             64**-0.5, splits, out)
+    assert_close(out, expected, rtol=0, atol=1e-5 * expected.abs().max().item())

@@ -15,6 +15,7 @@ in for.
 from __future__ import annotations
 
 import functools
+import json
 import subprocess
 import sys
 
@@ -224,3 +225,42 @@ def test_ops_dispatch_to_triton(monkeypatch):
     # fp32 on GPU: the kernel uses exact (non-TF32) products for fp32, so the fp32 tolerance holds.
     actual = ops.decode_attention(*cast, additive(keep, torch.float32))
     assert_close(actual, expected, rtol=0, atol=1e-5 * expected.abs().max().item())
+
+
+# ------------------------------------------------------------------------------------------------ launch choice
+@pytest.mark.parametrize("images", [1, 2, 8, 64, 256])
+def test_gpu_launch_fills_waves_and_splits_only_small_batches(images):
+    """The cost model: at batch 1 the keys split until the 12 (image, head) pairs fill most of a wave of 132 SMs;
+    from batch 16 on a single split already fills whole waves; the last key tile of 577 pads little."""
+    cfg = kernel._config(images, 12, 3, 577, 64, torch.float16, torch.device("cuda"), None, sm_count=132)
+    programs = images * 12 * cfg["row_blocks"] * cfg["splits"]
+    padded = -(-577 // cfg["BLOCK_N"]) * cfg["BLOCK_N"] - 577
+    if images == 1:
+        assert cfg["splits"] > 1 and programs >= 132 and padded < 64, cfg
+    if images >= 16:
+        assert cfg["splits"] == 1, cfg
+    assert cfg["splits"] * cfg["tiles_per_split"] * cfg["BLOCK_N"] >= 577
+
+
+def test_auto_backend_follows_a_measured_table(tmp_path, monkeypatch):
+    """With a table of timings for this GPU (benchmarks/bench_decode_attention.py rows), ``auto`` runs the backend
+    measured fastest at the nearest shape; without one, the fixed preference."""
+    from blip_fast import backend_table
+
+    rows = [dict(device="Fake H200", dtype="float16", batch=batch, rows=3, keys=577, head_dim=64, engine=engine,
+                 median_ms=ms) for batch, engine, ms in
+            [(1, "cuda", 0.01), (1, "triton", 0.02), (256, "cuda", 0.9), (256, "triton", 0.8), (256, "sdpa", 0.5)]]
+    table = tmp_path / "decode_attention.jsonl"
+    table.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    monkeypatch.setenv(backend_table.TABLE_ENV, str(table))
+    monkeypatch.setattr(backend_table, "_device_name", lambda device: "Fake H200")
+    for backend in ("cuda", "triton"):
+        implementation = ops._REGISTRY["decode_attention"][backend][0]
+        monkeypatch.setitem(ops._REGISTRY["decode_attention"], backend, (implementation, lambda device: True))
+    cuda = torch.device("cuda")
+    shape = lambda images: dict(images=images, rows=3, keys=577, head_dim=64, dtype=torch.float16)  # noqa: E731
+    registry = ops._REGISTRY["decode_attention"]
+    assert ops.resolve("decode_attention", cuda, shape(2)) is registry["cuda"][0]
+    assert ops.resolve("decode_attention", cuda, shape(200)) is registry["triton"][0]
+    assert ops.resolve("decode_attention", cuda, {**shape(200), "dtype": torch.bfloat16}) is registry["cuda"][0]
+    assert ops.resolve("decode_attention", cuda) is registry["cuda"][0]
