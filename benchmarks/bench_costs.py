@@ -369,6 +369,10 @@ def _count_cpu_attention_flops() -> None:
 def measure(config_name: str, image_size: int | None, device: str, dtype_name: str, sections: list[str]) -> dict:
     """Every metric of the ``blip_fast`` importable in this process."""
     _count_cpu_attention_flops()
+    with contextlib.suppress(ImportError):  # a revision before the fused decode ops has none to register
+        from blip_fast.decode_ops import register_flop_formulas
+
+        register_flop_formulas()
     import blip_fast
     from blip_fast.config import BlipConfig
     from blip_fast.modeling.blip import BlipForConditionalGeneration, BlipForImageTextRetrieval

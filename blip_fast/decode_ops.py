@@ -5,7 +5,8 @@ one kernel launch on CUDA (Triton, from ``blip_fast.kernels``; the cross-attenti
 splits the keys of a small batch), and a pure-torch reference that is the oracle and the CPU path. Backends are
 chosen through :func:`blip_fast.ops.resolve` like every other op (``BLIP_FAST_BACKEND``). The cost benchmark
 (``benchmarks/bench_costs.py``) counts each op as one kernel and FlopCounterMode counts their FLOPs through the
-formulas registered here.
+formulas :func:`register_flop_formulas` registers (not at import: ``torch.utils.flop_counter`` imports Triton,
+which importing blip_fast must not).
 
 A decoder layer of the step is eight ops: QKV projection (``ln_linear``: the previous sublayer's residual add and
 LayerNorm fused into its prologue), ``decode_self_attention`` (cache append + attention), output projection
@@ -15,12 +16,34 @@ FFN up-projection with GELU (``ln_linear``), FFN down-projection.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.flop_counter import register_flop_formula
 
 from blip_fast import ops
+
+#: Each fused op's FLOP formula (``torch.utils.flop_counter`` signature), registered by :func:`register_flop_formulas`.
+_FLOP_FORMULAS: dict = {}
+
+
+def _flop_formula(op):
+    def record(formula):
+        _FLOP_FORMULAS[op] = formula
+        return formula
+
+    return record
+
+
+@functools.cache
+def register_flop_formulas() -> None:
+    """Teach ``FlopCounterMode`` the fused ops' FLOPs (once per process; call before counting)."""
+    from torch.utils.flop_counter import register_flop_formula
+
+    for op, formula in _FLOP_FORMULAS.items():
+        register_flop_formula(op)(formula)
+
 
 #: Config ``hidden_act`` -> the fused kernels' activation name.
 ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu",
@@ -73,7 +96,7 @@ def _(x, residual, ln_weight, ln_bias, eps, weight, bias, activation):
     return x.new_empty(x.shape), x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
-@register_flop_formula(torch.ops.blip_fast.ln_linear)
+@_flop_formula(torch.ops.blip_fast.ln_linear)
 def _ln_linear_flops(x_shape, *args, out_shape=None, **kwargs) -> int:
     rows = 1
     for size in x_shape[:-1]:
@@ -133,7 +156,7 @@ def _(qkv, key_cache, value_cache, position, keep, history, num_heads):
     return qkv.new_empty((*qkv.shape[:2], qkv.shape[2] // 3))
 
 
-@register_flop_formula(torch.ops.blip_fast.decode_self_attention)
+@_flop_formula(torch.ops.blip_fast.decode_self_attention)
 def _self_attention_flops(qkv_shape, key_cache_shape, *args, out_shape=None, **kwargs) -> int:
     rows, length, width3 = qkv_shape
     return 4 * rows * length * key_cache_shape[2] * (width3 // 3)  # QK^T and PV over the whole static cache
@@ -201,7 +224,7 @@ def _(query, key, value, mask):
     return query.new_empty(query.shape)
 
 
-@register_flop_formula(torch.ops.blip_fast.decode_cross_attention)
+@_flop_formula(torch.ops.blip_fast.decode_cross_attention)
 def _cross_attention_flops(query_shape, key_shape, *args, out_shape=None, **kwargs) -> int:
     rows, length, width = query_shape
     return 4 * rows * length * key_shape[2] * width

@@ -266,6 +266,8 @@ def test_custom_ops_are_single_opaque_nodes_with_flops():
     """The dispatcher sees one op per fused call (what the cost benchmark counts) and FlopCounterMode its FLOPs."""
     from torch.utils.flop_counter import FlopCounterMode
 
+    decode_ops.register_flop_formulas()
+    decode_ops.register_flop_formulas()  # idempotent
     x = torch.randn(4, 2, 48)
     norm, linear = torch.nn.LayerNorm(48), torch.nn.Linear(48, 30)
     with FlopCounterMode(display=False) as flops:
