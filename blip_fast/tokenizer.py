@@ -18,10 +18,11 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from tokenizers import AddedToken, Tokenizer, decoders, normalizers, pre_tokenizers, processors, trainers
+from tokenizers import AddedToken, Tokenizer, decoders, normalizers, pre_tokenizers, processors
 from tokenizers.models import WordPiece
 
 from blip_fast.errors import MissingFileError
+from blip_fast.wordpiece import train_wordpiece_vocab
 
 PAD_TOKEN, UNK_TOKEN, CLS_TOKEN, SEP_TOKEN, MASK_TOKEN = "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"
 DEC_TOKEN, ENC_TOKEN = "[DEC]", "[ENC]"
@@ -221,18 +222,17 @@ class BlipTokenizer:
     ) -> BlipTokenizer:
         """Train a lower-cased BERT-style WordPiece vocab on `texts`, for tiny models that cannot download one.
 
-        The WordPiece vocab holds at most `vocab_size` tokens, `[PAD]`=0, `[UNK]`, `[CLS]`, `[SEP]`, `[MASK]` first;
-        `[DEC]` and `[ENC]` follow it as the last two ids (so `len(tokenizer) <= vocab_size + 2`).
+        The WordPiece vocab holds at most `vocab_size` tokens (more only when the alphabet alone is larger),
+        `[PAD]`=0, `[UNK]`, `[CLS]`, `[SEP]`, `[MASK]` first; `[DEC]` and `[ENC]` follow it as the last two ids (so
+        `len(tokenizer) <= vocab_size + 2`). Deterministic: the same texts give the same vocab in every process
+        (:mod:`blip_fast.wordpiece`; `tokenizers`' own trainer does not).
         """
         tokenizer = _bert_pipeline(WordPiece(unk_token=UNK_TOKEN), lowercase=True, strip_accents=None, chinese=True)
-        trainer = trainers.WordPieceTrainer(
-            vocab_size=vocab_size,
-            min_frequency=min_frequency,
-            special_tokens=[_special(token) for token in BERT_SPECIAL_TOKENS],
-            continuing_subword_prefix="##",
-            show_progress=False,
-        )
-        tokenizer.train_from_iterator(texts, trainer)
+        words = (word for text in texts
+                 for word, _ in tokenizer.pre_tokenizer.pre_tokenize_str(tokenizer.normalizer.normalize_str(text)))
+        vocab = train_wordpiece_vocab(words, vocab_size, BERT_SPECIAL_TOKENS, min_frequency=min_frequency)
+        tokenizer.model = WordPiece({token: token_id for token_id, token in enumerate(vocab)}, unk_token=UNK_TOKEN,
+                                    max_input_chars_per_word=100)
         return cls(tokenizer, model_max_length)
 
     def save_pretrained(self, directory: str | os.PathLike) -> list[str]:
