@@ -237,6 +237,10 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
 
     task = tasks.TASKS[args.task]
     export_tasks = task.exports(args.export_tasks)
+    if args.deterministic:
+        # cuBLAS needs a fixed workspace to be deterministic (read at its first use, so set before any CUDA work).
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
     default_single_process_env()
     deepspeed.init_distributed()
     rank, world_size = dist.get_rank(), dist.get_world_size()
