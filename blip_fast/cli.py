@@ -164,9 +164,12 @@ def _convert(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from blip_fast.demo import run_demo
 
-    if "bootstrap" in args.tasks:
-        run_demo(args.out_dir, scale=args.scale)
     downstream = [task for task in args.tasks if task != "bootstrap"]
+    if downstream and args.scale == "tiny":
+        raise errors.UserError("--scale tiny is for the bootstrapping demo only; vqa and nlvr run at full or small")
+    if "bootstrap" in args.tasks:
+        run_demo(args.out_dir, scale=args.scale, seeds=args.seeds, first_seed=args.seed, threads=args.threads,
+                 jobs=args.jobs)
     if downstream:
         from blip_fast.demo_tasks import run_task_demo
 
@@ -335,8 +338,17 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out-dir", type=errors.output_dir, default=Path("blip_fast_demo"),
                         help="rerun the same command to resume")
-    parser.add_argument("--scale", choices=["full", "small"], default="full",
-                        help="full: about 8 minutes on a 2-core CPU; small: the CI-sized run")
+    parser.add_argument("--scale", choices=["full", "small", "tiny"], default="full",
+                        help="full: about 8 minutes on a 2-core CPU; small: the CI-sized run; tiny: a smoke run")
+    parser.add_argument("--seeds", type=errors.positive_int, default=1,
+                        help="runs with seeds --seed .. --seed + N - 1, reported as mean ± standard deviation")
+    parser.add_argument("--seed", type=errors.int_at_least(0), default=0,
+                        help="the first seed (model init, data order, sampling)")
+    parser.add_argument("--threads", type=errors.positive_int, default=None,
+                        help="torch threads per seed run (default: the cores split over the runs at once); the "
+                             "numbers depend on it, so it is recorded")
+    parser.add_argument("--jobs", type=errors.positive_int, default=None,
+                        help="seed runs at once (default: up to two per core)")
     parser.add_argument("--tasks", nargs="+", choices=["bootstrap", "vqa", "nlvr"], default=["bootstrap"],
                         help="bootstrap: pre-train, CapFilt, pre-train again; vqa, nlvr: pre-train on captions, then "
                              "fine-tune and score BLIP's VQA and NLVR2 models (in <out-dir>/tasks)")

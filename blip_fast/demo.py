@@ -12,22 +12,36 @@ What the paper does with 129M web images and COCO, on drawn scenes whose wrong c
 6. compare both pre-trained models on the test set (retrieval R@1/R@5 with ITC top-k + ITM rerank; captions:
    how often they name the right shape and colour, BLEU-4, CIDEr) and score the filter against the injected noise.
 
-Training runs as ``python -m blip_fast.train`` subprocesses (the real entry point, single process), CapFilt and
-evaluation in process. Every stage records its result under ``<out>/stages/``; rerunning the command after a crash
-skips finished stages and resumes the interrupted one from its last checkpoint. Writes ``report.md``,
-``results.json`` and ``results.png``.
+The data is one fixed synthetic benchmark; a run *seed* draws everything else (model initialisation, data order,
+dropout and ITM negatives, CapFilt's sampling), one independent stream per component (:func:`component_seed`).
+Same command, seed and thread count -> byte-identical ``results.json`` on one machine: the tokenizer vocabulary is
+trained deterministically, every random stream is seeded, DataLoader batches arrive in sampler order, and torch runs
+with ``use_deterministic_algorithms``. The thread count is part of the result (it changes how reductions are split),
+so it is recorded; timings live apart, in ``timing.json``.
+
+Each seed runs in its own process (``python -m blip_fast.demo``, under ``<out>/seed-<S>/``), several at once when
+``--seeds N`` asks for more than one; training runs as ``python -m blip_fast.train`` subprocesses of it (the real
+entry point, single process), CapFilt and evaluation in it. Every stage records its result under
+``seed-<S>/stages/``; rerunning the command after a crash skips finished stages and resumes the interrupted one from
+its last checkpoint. Writes ``report.md``, ``results.json`` (mean, standard deviation and per-seed values of every
+metric), ``results.png`` and ``timing.json``.
 """
 
 from __future__ import annotations
 
+import argparse
+import collections
+import hashlib
 import json
 import os
 import random
 import re
+import resource
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -59,10 +73,15 @@ SCALES = {
     # Half the web images; the filter gets more passes over the clean set to keep its precision at this size.
     "small": DemoScale(web_images=1000, clean_images=400, test_images=100, noise_fraction=0.4, pretrain_epochs=7,
                        captioner_epochs=5, filter_epochs=30, micro_batch=32, queue_size=128),
+    # Every stage for a few steps: what the reproducibility test reruns.
+    "tiny": DemoScale(web_images=256, clean_images=128, test_images=32, noise_fraction=0.4, pretrain_epochs=3,
+                      captioner_epochs=1, filter_epochs=15, micro_batch=32, queue_size=64, k_test=8),
 }
 IMAGE_SIZE = 64
-SEED = 7
+#: The synthetic benchmark's seed: every run seed sees the same images, captions and injected noise.
+DATA_SEED = 7
 EXAMPLES = 20  # test captions kept per model in the results
+CAPTION_PROMPT = "a picture of "  # BLIP's captioning prompt (fine-tuning, CapFilt, evaluation)
 _DS_CONFIG = {"gradient_accumulation_steps": 1, "gradient_clipping": 0.0, "steps_per_print": 10**9,
               "zero_optimization": {"stage": 0}}
 
@@ -75,7 +94,7 @@ def write_datasets(data_dir: Path, scale: DemoScale) -> dict[str, Path]:
     ``references_per_image`` renderings of each true scene (COCO-style multi-reference).
     """
     dataset = SyntheticNoisyDataset(scale.web_images + scale.clean_images + scale.test_images,
-                                    scale.noise_fraction, seed=SEED, image_size=IMAGE_SIZE)
+                                    scale.noise_fraction, seed=DATA_SEED, image_size=IMAGE_SIZE)
     sizes = {"web": scale.web_images, "clean": scale.clean_images, "test": scale.test_images}
     paths = dataset.write_blip_json(data_dir, sizes)
     clean = json.loads(paths["clean"].read_text(encoding="utf-8"))
@@ -128,69 +147,106 @@ def _write_json(path: Path, value: Any) -> None:
     atomic_write_text(path, json.dumps(value, indent=1) + "\n")
 
 
+def cpu_seconds() -> float:
+    """CPU time (user + system) of this process and of its finished child processes."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
 class Stages:
-    """Runs each named stage once: its result is saved to ``stages/<name>.json`` and replayed on a rerun."""
+    """Runs each named stage once: its result and times are saved to ``stages/<name>.json`` and replayed on a rerun
+    (the times apart from the result, which must not depend on them). Wall time grows with the machine's load, CPU
+    time (this process and its children) much less: both are kept."""
 
     def __init__(self, out_dir: Path, log: Callable[[str], None]) -> None:
         self.dir = out_dir / "stages"
         self.dir.mkdir(parents=True, exist_ok=True)
         self.log = log
-        self.seconds: dict[str, float] = {}  # per stage, in the order they ran (or were replayed)
+        #: {"seconds": ..., "cpu_seconds": ...} per stage, in the order they ran (or were replayed).
+        self.times: dict[str, dict[str, float]] = {}
 
     def run(self, name: str, work: Callable[[], dict[str, Any]]) -> dict[str, Any]:
         done = self.dir / f"{name}.json"
         if done.is_file():
             self.log(f"[{name}] done in an earlier run, skipped")
-            result = json.loads(done.read_text(encoding="utf-8"))
+            record = json.loads(done.read_text(encoding="utf-8"))
         else:
             self.log(f"[{name}] ...")
-            start = time.perf_counter()
-            result = {**work(), "seconds": round(time.perf_counter() - start, 1)}
-            _write_json(done, result)
-            self.log(f"[{name}] {result['seconds']:.0f} s")
-        self.seconds[name] = result["seconds"]
-        return result
+            start, start_cpu = time.perf_counter(), cpu_seconds()
+            record = {"result": work()}
+            record["time"] = {"seconds": round(time.perf_counter() - start, 1),
+                              "cpu_seconds": round(cpu_seconds() - start_cpu, 1)}
+            _write_json(done, record)
+            self.log(f"[{name}] {record['time']['seconds']:.0f} s ({record['time']['cpu_seconds']:.0f} CPU s)")
+        self.times[name] = record["time"]
+        return record["result"]
 
 
-def _train(out_dir: Path, name: str, scale: DemoScale, options: dict[str, Any], threads: int) -> dict[str, Any]:
+def component_seed(seed: int, component: str) -> int:
+    """The seed of one component's random stream in run ``seed``: a pure function of both, the same in every
+    process; different components get independent streams (the two pre-trainings share ``"pretrain"``, so they
+    start from the same weights and differ only in their data)."""
+    digest = hashlib.sha256(f"blip_fast.demo/{seed}/{component}".encode()).digest()
+    return int.from_bytes(digest[:4], "little") % 2**31
+
+
+@dataclass(frozen=True)
+class SeedRun:
+    """Where one seed's run lives and what it runs with."""
+
+    run_dir: Path
+    data_dir: Path
+    scale: DemoScale
+    seed: int
+    threads: int
+
+
+def _train(run: SeedRun, name: str, options: dict[str, Any]) -> dict[str, Any]:
     """One ``python -m blip_fast.train`` run (resumed if a checkpoint exists); returns its summary line."""
-    ds_config = out_dir / "ds_config.json"
-    _write_json(ds_config, {**_DS_CONFIG, "train_micro_batch_size_per_gpu": scale.micro_batch})
+    ds_config = run.run_dir / "ds_config.json"
+    _write_json(ds_config, {**_DS_CONFIG, "train_micro_batch_size_per_gpu": run.scale.micro_batch})
     options = {
-        "model": "tiny", "deepspeed_config": ds_config, "output_dir": out_dir / name, "data": "blip_json",
+        "model": "tiny", "deepspeed_config": ds_config, "output_dir": run.run_dir / name, "data": "blip_json",
         # No crops, no flips: these captions name the objects' side and count, which a crop or flip can falsify
         # (with BLIP's random crops the filter misjudges far more clean captions).
-        "image_root": out_dir / "data", "crop_scale": [1.0, 1.0], "flip_prob": 0.0, "num_workers": 1,
-        "save_every_steps": 100, "log_every_steps": 25, "seed": SEED, "max_text_length": 30, **options,
+        "image_root": run.data_dir, "crop_scale": [1.0, 1.0], "flip_prob": 0.0, "num_workers": 1,
+        "save_every_steps": 100, "log_every_steps": 25, "max_text_length": 30, "deterministic": True, **options,
     }
     command = [sys.executable, "-m", "blip_fast.train", "--resume", "--no-progress_bar"]
     for key, value in options.items():
+        if isinstance(value, bool):
+            command.append(f"--{'' if value else 'no-'}{key}")
+            continue
         values = value if isinstance(value, list) else [value]
         command += [f"--{key}", *map(str, values)]
-    log_path = out_dir / f"{name}.log"
-    environment = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    log_path = run.run_dir / f"{name}.log"
+    environment = {**os.environ, "OMP_NUM_THREADS": str(run.threads)}
     with open(log_path, "a", encoding="utf-8") as log:
         finished = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=environment, check=False)
     if finished.returncode != 0:
         tail = "".join(log_path.read_text(encoding="utf-8").splitlines(keepends=True)[-20:])
         raise RuntimeError(f"training stage {name!r} failed (exit {finished.returncode}); log {log_path}:\n{tail}")
-    summary_lines = [line for line in log_path.read_text(encoding="utf-8").splitlines() if line.startswith('{"summary"')]
+    lines = log_path.read_text(encoding="utf-8").splitlines()
+    summary_lines = [line for line in lines if line.startswith('{"summary"')]
     return json.loads(summary_lines[-1])["summary"]
 
 
-def _pretrain_options(scale: DemoScale, annotations: Path, **extra: Any) -> dict[str, Any]:
+def _pretrain_options(run: SeedRun, annotations: Path, **extra: Any) -> dict[str, Any]:
     """BLIP's pre-training recipe at demo size: LR warmup then per-epoch decay, with a higher peak LR (2e-3) and a
     faster momentum encoder (0.99) because the run is a few hundred steps, not BLIP's hundreds of thousands."""
+    scale = run.scale
     return {"task": "pretrain", "annotations": annotations, "epochs": scale.pretrain_epochs, "init_lr": 2e-3,
             "warmup_lr": 1e-5, "warmup_steps": 20, "min_lr": 1e-5, "lr_decay_rate": 0.85, "momentum": 0.99,
-            "queue_size": scale.queue_size, "export_tasks": ["captioning", "retrieval"], **extra}
+            "queue_size": scale.queue_size, "export_tasks": ["captioning", "retrieval"],
+            "seed": component_seed(run.seed, "pretrain"), **extra}
 
 
-def _finetune_options(scale: DemoScale, task: str, init_from: Path, annotations: Path) -> dict[str, Any]:
-    epochs = scale.captioner_epochs if task == "captioning" else scale.filter_epochs
-    return {"task": task, "init_from": init_from, "annotations": annotations, "epochs": epochs,
-            "lr_schedule": "cosine", "init_lr": 5e-4, "min_lr": 0.0, "queue_size": scale.queue_size,
-            "momentum": 0.99, "export_tasks": [task]}
+def _finetune_options(run: SeedRun, task: str, init_from: Path, annotations: Path) -> dict[str, Any]:
+    epochs = run.scale.captioner_epochs if task == "captioning" else run.scale.filter_epochs
+    prompt = {"prompt": CAPTION_PROMPT} if task == "captioning" else {}
+    return {"task": task, "init_from": init_from, "annotations": annotations, "epochs": epochs, **prompt,
+            "lr_schedule": "cosine", "init_lr": 5e-4, "min_lr": 0.0, "queue_size": run.scale.queue_size,
+            "momentum": 0.99, "export_tasks": [task], "seed": component_seed(run.seed, task)}
 
 
 def _filter_quality(scored_path: Path, web_json: Path) -> dict[str, Any]:
@@ -216,75 +272,181 @@ def _filter_quality(scored_path: Path, web_json: Path) -> dict[str, Any]:
     }
 
 
-def _evaluate(out_dir: Path, model_dir: Path, test_json: Path, scale: DemoScale, device: str) -> dict[str, Any]:
-    """Retrieval and captioning quality of one pre-trained model on the test split."""
+def _caption_quality(run: SeedRun, model_dir: Path, test_json: Path, device: str, prompt: str) -> dict[str, Any]:
+    """BLEU-4, CIDEr and object accuracy of beam-3 captions (BLIP's decoding) of the test images, and examples."""
     from blip_fast import evaluate
 
-    data = out_dir / "data"
-    retrieval = evaluate.run_retrieval_evaluation(model_dir / "export" / "retrieval", test_json, data, device,
-                                                  k_test=scale.k_test)["metrics"]
-    # Pre-training's LM learns captions from [DEC] alone: no prompt.
-    captions = evaluate.run_caption_evaluation(model_dir / "export" / "captioning", test_json, data, device,
-                                               prompt="", num_beams=3, max_length=20, min_length=5)
+    captions = evaluate.run_caption_evaluation(model_dir, test_json, run.data_dir, device, prompt=prompt,
+                                               num_beams=3, max_length=20, min_length=5)
     references = [record["caption"] for record in json.loads(test_json.read_text(encoding="utf-8"))]
     predictions = [item["caption"] for item in captions["predictions"]]
-    return {"retrieval": retrieval,
-            "captions": {**captions["metrics"], "object_accuracy": object_accuracy(predictions, references)},
+    return {"metrics": {**captions["metrics"], "object_accuracy": object_accuracy(predictions, references)},
             "examples": [{"references": refs, "caption": caption}
                          for refs, caption in zip(references[:EXAMPLES], predictions[:EXAMPLES])]}
 
 
-# ---------------------------------------------------------------------------------------------------- the run
-def run_demo(out_dir: str | os.PathLike = "blip_fast_demo", scale: str | DemoScale = "full",
-             log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run (or resume) the whole demo in ``out_dir``; returns the results written to ``results.json``."""
+def _evaluate(run: SeedRun, pretrained: Path, captioner: Path, test_json: Path, device: str) -> dict[str, Any]:
+    """One pre-trained model on the test split, as BLIP evaluates: retrieval zero-shot (ITC top-k, ITM rerank), and
+    the captions of the captioner fine-tuned from it on the clean set (prompt "a picture of "); also the pre-trained
+    LM's own captions (zero-shot: ``[DEC]`` alone, no prompt)."""
+    from blip_fast import evaluate
+
+    retrieval = evaluate.run_retrieval_evaluation(pretrained / "export" / "retrieval", test_json, run.data_dir,
+                                                  device, k_test=run.scale.k_test)["metrics"]
+    fine_tuned = _caption_quality(run, captioner / "export" / "captioning", test_json, device, CAPTION_PROMPT)
+    zero_shot = _caption_quality(run, pretrained / "export" / "captioning", test_json, device, "")
+    return {"retrieval": retrieval, "captions": fine_tuned["metrics"], "zero_shot_captions": zero_shot["metrics"],
+            "examples": fine_tuned["examples"], "zero_shot_examples": zero_shot["examples"]}
+
+
+# ---------------------------------------------------------------------------------------------------- one seed
+def _check_settings(path: Path, settings: dict[str, Any], what: str) -> None:
+    """Refuse to resume a folder made with other settings (its finished stages would mix into this run)."""
+    if path.is_file() and json.loads(path.read_text(encoding="utf-8")) != settings:
+        raise ValueError(f"{path.parent} holds a demo {what} ({path}): use another --out-dir")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _write_json(path, settings)
+
+
+#: CapFilt summary fields that measure time, not what it did: kept out of results.json.
+_CAPFILT_TIMING = ("seconds", "unit_seconds", "images_per_s")
+
+
+def run_seed(run: SeedRun, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run (or resume) one seed's bootstrapping loop in ``run.run_dir`` on the data in ``run.data_dir``; writes and
+    returns its ``results.json`` (stage times go to ``timing.json``). Sets torch's thread count and deterministic
+    mode for the whole process: call it in a process of its own (``python -m blip_fast.demo``)."""
     import torch
 
     from blip_fast.capfilt import CapFiltOptions, run_capfilt
 
-    scale = SCALES[scale] if isinstance(scale, str) else scale
-    out_dir = Path(out_dir)
-    settings = out_dir / "demo_scale.json"
-    if settings.is_file() and json.loads(settings.read_text(encoding="utf-8")) != asdict(scale):
-        raise ValueError(f"{out_dir} holds a demo of another scale ({settings}): use another --out-dir")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    _write_json(settings, asdict(scale))
-    threads = max(1, os.cpu_count() or 1)
+    run_dir, data = run.run_dir, run.data_dir
+    _check_settings(run_dir / "run.json", {"scale": asdict(run.scale), "seed": run.seed, "threads": run.threads},
+                    "of another seed, scale or thread count")
+    torch.set_num_threads(run.threads)
+    torch.use_deterministic_algorithms(True)
     device = "cuda" if torch.cuda.is_available() else "cpu"  # training picks its accelerator itself
-    torch.set_num_threads(threads)
-    stages = Stages(out_dir, log)
-    data = out_dir / "data"
+    stages = Stages(run_dir, log)
     splits = {name: data / f"{name}.json" for name in ("web", "clean", "test")}
 
-    stages.run("data", lambda: {"splits": {name: str(path) for name, path in write_datasets(data, scale).items()}})
-    noisy = stages.run("pretrain_noisy", lambda: _train(
-        out_dir, "pretrain_noisy", scale, _pretrain_options(scale, splits["web"]), threads))
-    stages.run("finetune_captioner", lambda: _train(out_dir, "captioner", scale, _finetune_options(
-        scale, "captioning", out_dir / "pretrain_noisy", splits["clean"]), threads))
-    stages.run("finetune_filter", lambda: _train(out_dir, "filter", scale, _finetune_options(
-        scale, "retrieval", out_dir / "pretrain_noisy", splits["clean"]), threads))
+    noisy = stages.run("pretrain_noisy", lambda: _train(run, "pretrain_noisy", _pretrain_options(run, splits["web"])))
+    stages.run("finetune_captioner", lambda: _train(run, "captioner", _finetune_options(
+        run, "captioning", run_dir / "pretrain_noisy", splits["clean"])))
+    stages.run("finetune_filter", lambda: _train(run, "filter", _finetune_options(
+        run, "retrieval", run_dir / "pretrain_noisy", splits["clean"])))
     capfilt = stages.run("capfilt", lambda: run_capfilt(CapFiltOptions(
-        captioner=out_dir / "captioner" / "export" / "captioning", filter=out_dir / "filter" / "export" / "retrieval",
-        input=splits["web"], image_root=data, output=out_dir / "capfilt", num_captions=1, batch_size=64,
-        workers=1, seed=SEED, images_per_part=500, device=device, progress=False)))
-    filter_quality = stages.run("filter_quality", lambda: _filter_quality(out_dir / "capfilt" / "scored.jsonl",
+        captioner=run_dir / "captioner" / "export" / "captioning", filter=run_dir / "filter" / "export" / "retrieval",
+        input=splits["web"], image_root=data, output=run_dir / "capfilt", prompt=CAPTION_PROMPT, num_captions=1,
+        batch_size=64, workers=1, seed=component_seed(run.seed, "capfilt"), images_per_part=500, device=device,
+        progress=False)))
+    filter_quality = stages.run("filter_quality", lambda: _filter_quality(run_dir / "capfilt" / "scored.jsonl",
                                                                           splits["web"]))
-    # The same tokenizer and the same number of optimizer steps: only the data differs.
-    stages.run("pretrain_bootstrapped", lambda: _train(out_dir, "pretrain_bootstrapped", scale, _pretrain_options(
-        scale, out_dir / "capfilt" / "bootstrapped.json", tokenizer_dir=out_dir / "pretrain_noisy" / "tokenizer",
-        epochs=100, max_steps=noisy["final_step"]), threads))
+    # The same tokenizer, initial weights and number of optimizer steps: only the data differs.
+    stages.run("pretrain_bootstrapped", lambda: _train(run, "pretrain_bootstrapped", _pretrain_options(
+        run, run_dir / "capfilt" / "bootstrapped.json", tokenizer_dir=run_dir / "pretrain_noisy" / "tokenizer",
+        epochs=100, max_steps=noisy["final_step"])))
+    # Each pre-trained model gets the same caption fine-tuning (seed included) before its captions are compared.
+    stages.run("finetune_captioner_bootstrapped", lambda: _train(run, "captioner_bootstrapped", _finetune_options(
+        run, "captioning", run_dir / "pretrain_bootstrapped", splits["clean"])))
     before = stages.run("evaluate_noisy", lambda: _evaluate(
-        out_dir, out_dir / "pretrain_noisy", splits["test"], scale, device))
+        run, run_dir / "pretrain_noisy", run_dir / "captioner", splits["test"], device))
     after = stages.run("evaluate_bootstrapped", lambda: _evaluate(
-        out_dir, out_dir / "pretrain_bootstrapped", splits["test"], scale, device))
+        run, run_dir / "pretrain_bootstrapped", run_dir / "captioner_bootstrapped", splits["test"], device))
 
-    results = {"scale": asdict(scale), "filter": filter_quality, "before": before, "after": after,
-               "capfilt": {key: value for key, value in capfilt.items() if key != "config"},
-               "seconds": stages.seconds}
+    results = {"seed": run.seed, "threads": run.threads, "torch": torch.__version__, "scale": asdict(run.scale),
+               "filter": filter_quality, "before": before, "after": after,
+               "capfilt": {key: value for key, value in capfilt.items() if key not in ("config", *_CAPFILT_TIMING)}}
+    _write_json(run_dir / "results.json", results)
+    _write_json(run_dir / "timing.json", {"stages": stages.times,
+                                         **{key: capfilt[key] for key in _CAPFILT_TIMING if key in capfilt}})
+    return results
+
+
+# ---------------------------------------------------------------------------------------------------- seeds
+def usable_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def parallel_plan(seeds: int, cores: int, jobs: int | None = None, threads: int | None = None) -> tuple[int, int]:
+    """(seed runs at once, torch threads per run): by default up to two runs per core, the cores split between
+    them. One-thread runs share a core well; a multi-thread run on a busy core waits on its slowest thread."""
+    jobs = jobs or min(seeds, 2 * cores)
+    return jobs, threads or max(1, cores // jobs)
+
+
+def _seed_process(run: SeedRun, log: Callable[[str], None], prefix: str) -> dict[str, Any]:
+    """Run one seed in a child process (its own thread count, from the first import on), forwarding its log."""
+    command = [sys.executable, "-u", "-m", "blip_fast.demo", "--run-dir", str(run.run_dir), "--data-dir",
+               str(run.data_dir), "--scale", json.dumps(asdict(run.scale)), "--seed", str(run.seed),
+               "--threads", str(run.threads)]
+    environment = {**os.environ, "OMP_NUM_THREADS": str(run.threads)}
+    tail: collections.deque[str] = collections.deque(maxlen=20)
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          env=environment) as process:
+        for line in process.stdout:
+            tail.append(line)
+            log(prefix + line.rstrip("\n"))
+    if process.returncode != 0:
+        raise RuntimeError(f"seed {run.seed} failed (exit {process.returncode}); rerun the same command to resume "
+                           f"it. Last lines:\n{''.join(tail)}")
+    return json.loads((run.run_dir / "results.json").read_text(encoding="utf-8"))
+
+
+def run_demo(out_dir: str | os.PathLike = "blip_fast_demo", scale: str | DemoScale = "full", seeds: int = 1,
+             first_seed: int = 0, threads: int | None = None, jobs: int | None = None,
+             log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run (or resume) the demo for seeds ``first_seed .. first_seed + seeds - 1`` in ``out_dir``, ``jobs`` of them
+    at once with ``threads`` torch threads each (defaults: :func:`parallel_plan`); returns the results written to
+    ``results.json`` (mean, standard deviation and per-seed values of every metric)."""
+    from blip_fast.demo_report import summarize, write_plot, write_report
+
+    if seeds < 1:
+        raise ValueError(f"seeds must be >= 1, got {seeds}")
+    scale = SCALES[scale] if isinstance(scale, str) else scale
+    out_dir = Path(out_dir)
+    _check_settings(out_dir / "demo_scale.json", asdict(scale), "of another scale")
+    jobs, threads = parallel_plan(seeds, usable_cores(), jobs, threads)
+    start, load_start, cpu_start = time.perf_counter(), os.getloadavg(), cpu_seconds()
+    data = out_dir / "data"
+    Stages(out_dir, log).run("data", lambda: {"splits": {name: str(path)
+                                                         for name, path in write_datasets(data, scale).items()}})
+    runs = [SeedRun(out_dir / f"seed-{seed}", data, scale, seed, threads)
+            for seed in range(first_seed, first_seed + seeds)]
+    log(f"{seeds} seed(s), {jobs} at a time, {threads} torch thread(s) each")
+    with ThreadPoolExecutor(jobs) as pool:
+        futures = [pool.submit(_seed_process, run, log, f"[seed {run.seed}] " if seeds > 1 else "") for run in runs]
+    failed = [future.exception() for future in futures if future.exception() is not None]
+    if failed:
+        raise RuntimeError("\n".join(map(str, failed)))
+
+    results = summarize([future.result() for future in futures])
     _write_json(out_dir / "results.json", results)
-    from blip_fast.demo_report import write_plot, write_report
-
-    write_report(out_dir / "report.md", results)
+    timing = {
+        "wall_seconds": round(time.perf_counter() - start, 1), "cpu_seconds": round(cpu_seconds() - cpu_start, 1),
+        "cores": usable_cores(), "jobs": jobs, "threads": threads,
+        "load_average_start": load_start, "load_average_end": os.getloadavg(),
+        "per_seed": {run.seed: json.loads((run.run_dir / "timing.json").read_text(encoding="utf-8")) for run in runs},
+    }
+    _write_json(out_dir / "timing.json", timing)
+    write_report(out_dir / "report.md", results, timing)
     write_plot(out_dir / "results.png", results)
     log((out_dir / "report.md").read_text(encoding="utf-8"))
     return results
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """One seed's run in a process of its own: what :func:`run_demo` starts per seed."""
+    parser = argparse.ArgumentParser(prog="python -m blip_fast.demo", description=main.__doc__)
+    parser.add_argument("--run-dir", type=Path, required=True)
+    parser.add_argument("--data-dir", type=Path, required=True, help="the data stage's folder (run_demo writes it)")
+    parser.add_argument("--scale", required=True, help=f"{' or '.join(SCALES)}, or a DemoScale as JSON")
+    parser.add_argument("--seed", type=int, required=True)
+    parser.add_argument("--threads", type=int, required=True)
+    args = parser.parse_args(argv)
+    scale = SCALES[args.scale] if args.scale in SCALES else DemoScale(**json.loads(args.scale))
+    run_seed(SeedRun(args.run_dir, args.data_dir, scale, args.seed, args.threads))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

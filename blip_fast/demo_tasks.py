@@ -30,6 +30,7 @@ from blip_fast.data.synthetic import SyntheticNoisyDataset
 
 DEMO_TASKS = ("vqa", "nlvr")
 SEED = 11
+TRAIN_SEED = 7  # model initialisation and data order of every training stage
 IMAGE_SIZE = 64
 VOCAB_SIZE = 512
 
@@ -120,7 +121,7 @@ def _finetune_options(task: str, scale: TaskDemoScale, files: dict[str, str], in
     epochs = scale.vqa_epochs if task == "vqa" else scale.nlvr_epochs
     return {"task": task, "init_from": init_from, "annotations": files[f"{task}_train"], "epochs": epochs,
             "lr_schedule": "cosine", "init_lr": 5e-4, "min_lr": 0.0, "export_tasks": [task],
-            "max_text_length": 35 if task == "vqa" else 40}
+            "max_text_length": 35 if task == "vqa" else 40, "seed": TRAIN_SEED}
 
 
 def _vqa_accuracy(model_dir: Path, files: dict[str, str], data_dir: Path, device: str, mode: str) -> float:
@@ -161,7 +162,7 @@ def run_task_demo(out_dir: str | os.PathLike = "blip_fast_demo", tasks: Sequence
     """Run (or resume) the downstream demo in ``out_dir/tasks``; returns what ``results.json`` holds."""
     import torch
 
-    from blip_fast.demo import Stages, _train
+    from blip_fast.demo import SeedRun, Stages, _train
 
     unknown = sorted(set(tasks) - set(DEMO_TASKS))
     if unknown or not tasks:
@@ -177,12 +178,14 @@ def run_task_demo(out_dir: str | os.PathLike = "blip_fast_demo", tasks: Sequence
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.set_num_threads(threads)
     stages, data_dir = Stages(out_dir, log), out_dir / "data"
+    run = SeedRun(out_dir, data_dir, scale, TRAIN_SEED, threads)  # _train reads its folders, micro_batch and threads
 
     files = stages.run("data", lambda: {"files": write_task_data(data_dir, scale)})["files"]
-    stages.run("pretrain", lambda: _train(out_dir, "pretrain", scale, {
+    stages.run("pretrain", lambda: _train(run, "pretrain", {
         "task": "pretrain", "annotations": files["pretrain"], "tokenizer_dir": files["tokenizer"],
         "epochs": scale.pretrain_epochs, "init_lr": 2e-3, "warmup_lr": 1e-5, "warmup_steps": 20, "min_lr": 1e-5,
-        "lr_decay_rate": 0.85, "momentum": 0.99, "queue_size": scale.queue_size, "export_tasks": ["vqa"]}, threads))
+        "lr_decay_rate": 0.85, "momentum": 0.99, "queue_size": scale.queue_size, "export_tasks": ["vqa"],
+        "seed": TRAIN_SEED}))
     pretrained = out_dir / "pretrain"
     results: dict[str, Any] = {"scale": asdict(scale), "tasks": list(tasks)}
     if "vqa" in tasks:
@@ -192,8 +195,8 @@ def run_task_demo(out_dir: str | os.PathLike = "blip_fast_demo", tasks: Sequence
                                                                            answers)),
             "before": stages.run("vqa_before", lambda: {"rank": _vqa_accuracy(
                 pretrained / "export" / "vqa", files, data_dir, device, "rank")}),
-            "train": stages.run("vqa_finetune", lambda: _train(out_dir, "vqa", scale, _finetune_options(
-                "vqa", scale, files, pretrained), threads)),
+            "train": stages.run("vqa_finetune", lambda: _train(run, "vqa", _finetune_options(
+                "vqa", scale, files, pretrained))),
             "after": stages.run("vqa_after", lambda: {mode: _vqa_accuracy(
                 out_dir / "vqa" / "export" / "vqa", files, data_dir, device, mode) for mode in ("rank", "generate")}),
         }
@@ -201,12 +204,12 @@ def run_task_demo(out_dir: str | os.PathLike = "blip_fast_demo", tasks: Sequence
         results["nlvr"] = {
             "before": stages.run("nlvr_before", lambda: {"accuracy": _nlvr_before(pretrained, files, data_dir,
                                                                                   device)}),
-            "train": stages.run("nlvr_finetune", lambda: _train(out_dir, "nlvr", scale, _finetune_options(
-                "nlvr", scale, files, pretrained), threads)),
+            "train": stages.run("nlvr_finetune", lambda: _train(run, "nlvr", _finetune_options(
+                "nlvr", scale, files, pretrained))),
             "after": stages.run("nlvr_after", lambda: {"accuracy": _nlvr_after(
                 out_dir / "nlvr" / "export" / "nlvr", files, data_dir, device)}),
         }
-    results["seconds"] = stages.seconds
+    results["seconds"] = {name: times["seconds"] for name, times in stages.times.items()}
     (out_dir / "results.json").write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
     (out_dir / "report.md").write_text(task_report(results), encoding="utf-8")
     log(task_report(results))

@@ -5,7 +5,18 @@ import json
 import pytest
 
 from blip_fast.data.synthetic import SyntheticNoisyDataset
-from blip_fast.demo import SCALES, SEED, Stages, named_objects, object_accuracy, reference_captions, write_datasets
+from blip_fast.demo import (
+    DATA_SEED,
+    SCALES,
+    Stages,
+    component_seed,
+    named_objects,
+    object_accuracy,
+    parallel_plan,
+    reference_captions,
+    write_datasets,
+)
+from blip_fast.demo_report import COMPARED, summarize, write_plot, write_report
 
 
 @pytest.mark.parametrize(
@@ -47,7 +58,7 @@ def test_datasets_split_noise_and_clean_captions(tmp_path):
     assert (len(web), len(clean), len(test)) == (scale.web_images, scale.clean_images, scale.test_images)
     noisy_share = sum(record["is_noisy"] for record in web) / len(web)
     assert noisy_share == pytest.approx(scale.noise_fraction, abs=0.08)
-    truth = SyntheticNoisyDataset(len(web) + len(clean) + len(test), scale.noise_fraction, seed=SEED)
+    truth = SyntheticNoisyDataset(len(web) + len(clean) + len(test), scale.noise_fraction, seed=DATA_SEED)
     assert all(record["caption"] == truth.record(record["image_id"])["true_caption"] for record in clean)
     assert not any("is_noisy" in record for record in clean + test)
     assert all(len(record["caption"]) == scale.references_per_image for record in test)
@@ -68,15 +79,95 @@ def test_stages_run_once_and_replay_their_result(tmp_path):
     assert first["value"] == again["value"] == 1 and len(calls) == 1
 
 
+def test_component_seeds_are_stable_and_independent():
+    seeds = {(seed, name): component_seed(seed, name) for seed in range(3) for name in ("pretrain", "capfilt")}
+    assert len(set(seeds.values())) == len(seeds)
+    assert component_seed(0, "pretrain") == 241494105  # a pure function: the same in every process and release
+    assert all(0 <= value < 2**31 for value in seeds.values())
+
+
+@pytest.mark.parametrize("seeds, cores, expected", [(1, 2, (1, 2)), (3, 2, (3, 1)), (6, 2, (4, 1)), (3, 16, (3, 5))])
+def test_parallel_plan_splits_cores_over_seed_runs(seeds, cores, expected):
+    assert parallel_plan(seeds, cores) == expected
+    assert parallel_plan(seeds, cores, jobs=1, threads=7) == (1, 7)
+
+
+def _seed_result(seed, shift):
+    """A per-seed result as ``run_seed`` writes it; ``shift`` moves every "after" number."""
+    metrics = {"retrieval": {"txt_r1": 10.0, "txt_r5": 20.0, "img_r1": 30.0, "img_r5": 40.0},
+               "captions": {"object_accuracy": 50.0, "bleu4": 0.25, "cider": 1.5}}
+    step = {"bleu4": 0.01, "cider": 0.01}  # fractions, shown x100
+    after = {section: {key: value + shift * step.get(key, 1.0) for key, value in items.items()}
+             for section, items in metrics.items()}
+    example = [{"references": ["a red circle"], "caption": f"seed {seed}"}]
+    return {"seed": seed, "threads": 1, "torch": "2.x", "scale": {"web_images": 10, "noise_fraction": 0.4,
+            "clean_images": 4, "test_images": 2, "references_per_image": 3, "k_test": 8},
+            "filter": {"precision": 90.0 + seed, "recall": 95.0, "web_dropped": 4, "web_noisy": 4,
+                       "synthetic_kept": 5, "synthetic_total": 10},
+            "before": {**metrics, "examples": example}, "after": {**after, "examples": example}}
+
+
+def test_summarize_reports_mean_std_and_per_seed_values(tmp_path):
+    results = summarize([_seed_result(0, 3.0), _seed_result(1, 4.0), _seed_result(2, 5.0)])
+    assert results["seeds"] == [0, 1, 2] and len(results["compared"]) == len(COMPARED)
+    rows = {row["metric"]: row for row in results["compared"]}
+    r1 = rows["image->text R@1"]
+    assert r1["noisy"] == {"mean": 10.0, "std": 0.0, "per_seed": [10.0, 10.0, 10.0]}
+    assert r1["bootstrapped"]["per_seed"] == [13.0, 14.0, 15.0] and r1["bootstrapped"]["std"] == pytest.approx(1.0)
+    assert r1["gain"]["mean"] == pytest.approx(4.0) and r1["clear_gain"]  # 4 > 2 x 1
+    assert rows["caption CIDEr (x100)"]["gain"]["per_seed"] == pytest.approx([3.0, 4.0, 5.0])  # shown x100
+    assert results["filter"]["precision"]["per_seed"] == [90.0, 91.0, 92.0]
+    assert results["examples"][0]["noisy"] == "seed 0"
+    unclear = summarize([_seed_result(0, -1.0), _seed_result(1, 3.0)])
+    assert not unclear["compared"][0]["clear_gain"]  # mean 1 < 2 x 2.83
+    single = summarize([_seed_result(5, 1.0)])
+    assert single["compared"][0]["gain"]["std"] is None and single["compared"][0]["clear_gain"] is None
+
+    timing = {"wall_seconds": 60.0, "cpu_seconds": 100.0, "cores": 2, "jobs": 3, "threads": 1,
+              "load_average_start": [1.0, 1.0, 1.0], "load_average_end": [2.0, 2.0, 2.0],
+              "per_seed": {seed: {"stages": {"pretrain_noisy": {"seconds": 10.0, "cpu_seconds": 9.0}}}
+                           for seed in range(3)}}
+    write_report(tmp_path / "report.md", results, timing)
+    report = (tmp_path / "report.md").read_text()
+    assert "| image->text R@1 | 10.0 ± 0.0 | 14.0 ± 1.0 | +4.0 ± 1.0 | yes |" in report
+    assert "| 91.0 ± 1.0 | 95.0 ± 0.0 |" in report and "1.0 min wall for 3 seed(s)" in report
+    assert "| 2 | 10 / 9 |" in report
+    write_report(tmp_path / "single.md", single, {**timing, "per_seed": {5: timing["per_seed"][0]}})
+    assert "| image->text R@1 | 10.0 | 11.0 | +1.0 |" in (tmp_path / "single.md").read_text()
+    write_plot(tmp_path / "results.png", results)
+    assert (tmp_path / "results.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.slow
+def test_same_seed_and_threads_give_byte_identical_results(tmp_path):
+    """Two seeds at once, then one of them alone in a fresh folder (another process tree, another path): the same
+    results.json, byte for byte; the other seed's differs. The tiny scale runs every stage (CI time)."""
+    from blip_fast.demo import run_demo
+
+    both = run_demo(tmp_path / "both", "tiny", seeds=2, threads=1, jobs=2, log=lambda line: None)
+    run_demo(tmp_path / "alone", "tiny", seeds=1, first_seed=1, threads=1, log=lambda line: None)
+    first, second, alone = (tmp_path / folder / "results.json" for folder in ("both/seed-0", "both/seed-1",
+                                                                             "alone/seed-1"))
+    assert second.read_bytes() == alone.read_bytes()
+    assert first.read_bytes() != second.read_bytes()
+    assert both["seeds"] == [0, 1] and len(both["compared"][0]["gain"]["per_seed"]) == 2
+    summary = json.loads((tmp_path / "both" / "results.json").read_text())
+    assert summary["compared"][0]["noisy"]["per_seed"][1] == json.loads(alone.read_text())["before"]["retrieval"][
+        "txt_r1"]
+    for name in ("report.md", "results.png", "timing.json"):
+        assert (tmp_path / "both" / name).stat().st_size > 0
+
+
 @pytest.mark.slow
 def test_small_demo_reproduces_the_papers_direction(tmp_path):
     """The filter finds the injected noise, and pre-training on the bootstrapped data retrieves better."""
     from blip_fast.demo import run_demo
 
     results = run_demo(tmp_path, "small", log=lambda line: None)
-    assert results["filter"]["precision"] >= 80.0 and results["filter"]["recall"] >= 80.0, results["filter"]
-    before, after = results["before"]["retrieval"], results["after"]["retrieval"]
-    assert after["txt_r1"] + after["img_r1"] > before["txt_r1"] + before["img_r1"], (before, after)
-    for name in ("report.md", "results.json", "results.png"):
+    precision, recall = (results["filter"][key]["mean"] for key in ("precision", "recall"))
+    assert precision >= 80.0 and recall >= 80.0, results["filter"]
+    rows = {row["metric"]: row for row in results["compared"]}
+    assert rows["image->text R@1"]["gain"]["mean"] + rows["text->image R@1"]["gain"]["mean"] > 0, rows
+    for name in ("report.md", "results.json", "results.png", "timing.json"):
         assert (tmp_path / name).stat().st_size > 0
-    assert json.loads((tmp_path / "results.json").read_text())["after"] == results["after"]
+    assert json.loads((tmp_path / "results.json").read_text()) == results
