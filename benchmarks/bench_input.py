@@ -1,9 +1,9 @@
 """Training input throughput: the PIL path (decode + augment in DataLoader workers, float32 to the device) against the
 GPU path (workers read the encoded file and draw the augmentation; decode (nvJPEG) + augment on the device).
 
-Samples/s per path and worker count, from the DataLoader to normalised pixels on the device (synchronised), with
-BLIP's pre-training augmentation (RandomResizedCrop 0.2-1, flip, RandomAugment(2, 5)), and the bytes each sample
-ships to the device. Without CUDA the GPU path's ops run on CPU tensors (PIL decodes): that row measures the
+Samples/s per path and worker count at the median batch time (the batch times' 20/80 quantiles beside it), from the
+DataLoader to normalised pixels on the device (synchronised per batch), with BLIP's pre-training augmentation
+(RandomResizedCrop 0.2-1, flip, RandomAugment(2, 5)), and the bytes each sample ships to the device. Without CUDA the GPU path's ops run on CPU tensors (PIL decodes): that row measures the
 worker-side cost, not a GPU.
 
     python -m benchmarks.bench_input --device cuda --workers 2,4,8 --batch 96 --out results/h100
@@ -31,7 +31,8 @@ import torch
 from benchmarks import harness
 from blip_fast.data import BlipJsonDataset, BlipTrainTransform
 
-COLUMNS = ["path", "device", "workers", "batch", "samples_per_s", "bytes_per_sample", "batches", "error"]
+COLUMNS = ["path", "device", "workers", "batch", "samples_per_s", "median_ms", "p20_ms", "p80_ms", "first_call_ms",
+           "bytes_per_sample", "batches", "error"]
 
 
 def write_photos(folder: Path, count: int, width: int, height: int) -> Path:
@@ -69,22 +70,27 @@ def measure(dataset: BlipJsonDataset, gpu_path: bool, workers: int, batch: int, 
         stacked = torch.stack(images)
         return stacked.to(device, non_blocking=True).to(torch.bfloat16), stacked.numel() * stacked.element_size()
 
-    iterator, done, shipped = iter(loader), 0, 0
+    iterator, shipped, batch_ms = iter(loader), 0, []
+    start = time.perf_counter()
     to_device(next(iterator))  # start-up: workers, first decode
     harness.synchronize(device)
-    start = time.perf_counter()
-    while done < batches:
+    first_batch_ms = (time.perf_counter() - start) * 1e3
+    while len(batch_ms) < batches:
+        begin = time.perf_counter()
         try:
             images = next(iterator)
         except StopIteration:
             iterator = iter(loader)
             continue
         _, size = to_device(images)
+        harness.synchronize(device)
+        batch_ms.append((time.perf_counter() - begin) * 1e3)
         shipped += size
-        done += 1
-    harness.synchronize(device)
-    seconds = time.perf_counter() - start
-    return {"samples_per_s": done * batch / seconds, "bytes_per_sample": shipped / (done * batch), "batches": done}
+    timing = harness.timing_of(batch_ms, first_batch_ms)
+    # Samples/s at the median batch time; the 20/80 quantiles of the batch times give its spread.
+    return {"samples_per_s": batch / (timing.median_ms / 1e3), "median_ms": timing.median_ms,
+            "p20_ms": timing.p20_ms, "p80_ms": timing.p80_ms, "first_call_ms": timing.first_call_ms,
+            "bytes_per_sample": shipped / (len(batch_ms) * batch), "batches": len(batch_ms)}
 
 
 def run(args: argparse.Namespace, report: harness.Report) -> int:

@@ -143,14 +143,14 @@ def measure(fn: Callable[[], Any], device: torch.device | str, warmup: int = 2, 
             begin_s = time.perf_counter()
             fn()
             samples.append((time.perf_counter() - begin_s) * 1e3)
-    samples.sort()
-    return Timing(
-        median_ms=_quantile(samples, 0.5),
-        p20_ms=_quantile(samples, 0.2),
-        p80_ms=_quantile(samples, 0.8),
-        first_call_ms=first_call_ms,
-        repeats=len(samples),
-    )
+    return timing_of(samples, first_call_ms)
+
+
+def timing_of(samples_ms: Sequence[float], first_call_ms: float) -> Timing:
+    """The median and 20/80 quantiles of per-call times measured elsewhere (e.g. batches of a pipeline)."""
+    ordered = sorted(samples_ms)
+    return Timing(median_ms=_quantile(ordered, 0.5), p20_ms=_quantile(ordered, 0.2), p80_ms=_quantile(ordered, 0.8),
+                  first_call_ms=first_call_ms, repeats=len(ordered))
 
 
 # ---------------------------------------------------------------------------------------------- memory
