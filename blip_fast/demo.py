@@ -320,12 +320,13 @@ def run_seed(run: SeedRun, log: Callable[[str], None] = print) -> dict[str, Any]
     import torch
 
     from blip_fast.capfilt import CapFiltOptions, run_capfilt
+    from blip_fast.determinism import use_deterministic_algorithms
 
     run_dir, data = run.run_dir, run.data_dir
     _check_settings(run_dir / "run.json", {"scale": asdict(run.scale), "seed": run.seed, "threads": run.threads},
                     "of another seed, scale or thread count")
     torch.set_num_threads(run.threads)
-    torch.use_deterministic_algorithms(True)
+    use_deterministic_algorithms()
     device = "cuda" if torch.cuda.is_available() else "cpu"  # training picks its accelerator itself
     stages = Stages(run_dir, log)
     splits = {name: data / f"{name}.json" for name in ("web", "clean", "test")}

@@ -46,6 +46,7 @@ import torch
 
 from blip_fast import errors
 from blip_fast.data.workers import die_with_parent
+from blip_fast.determinism import use_deterministic_algorithms
 from blip_fast.training import checkpointing, options, tasks
 from blip_fast.training.schedule import alpha_ramp, learning_rate
 
@@ -238,9 +239,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     task = tasks.TASKS[args.task]
     export_tasks = task.exports(args.export_tasks)
     if args.deterministic:
-        # cuBLAS needs a fixed workspace to be deterministic (read at its first use, so set before any CUDA work).
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True)
+        use_deterministic_algorithms()
     default_single_process_env()
     deepspeed.init_distributed()
     rank, world_size = dist.get_rank(), dist.get_world_size()

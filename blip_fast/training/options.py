@@ -134,7 +134,7 @@ def _add_options(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--seed", type=int, default=42, help="model init seed; rank r trains with seed + r")
     run.add_argument("--deterministic", action=bool_flag, default=False,
                      help="torch.use_deterministic_algorithms (same seed, ranks and threads -> same weights; on CUDA "
-                          "it picks slower deterministic kernels)")
+                          "it picks slower deterministic kernels, and an op without one warns)")
     run.add_argument("--output_dir", default=None,
                      help="checkpoints, logs, resolved configs, exports (default: output/<task>)")
     run.add_argument("--save_every_steps", type=int, default=1000, help="checkpoint period in optimizer steps")
