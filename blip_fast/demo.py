@@ -49,6 +49,7 @@ from typing import Any
 from blip_fast import errors
 from blip_fast.checkpoint import atomic_write_text
 from blip_fast.data.synthetic import COLORS, PLURALS, SHAPES, SyntheticNoisyDataset, render_caption
+from blip_fast.data.workers import usable_cpus
 
 
 @dataclass(frozen=True)
@@ -365,10 +366,6 @@ def run_seed(run: SeedRun, log: Callable[[str], None] = print) -> dict[str, Any]
 
 
 # ---------------------------------------------------------------------------------------------------- seeds
-def usable_cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
 def parallel_plan(seeds: int, cores: int, jobs: int | None = None, threads: int | None = None) -> tuple[int, int]:
     """(seed runs at once, torch threads per run): by default up to two runs per core, the cores split between
     them. One-thread runs share a core well; a multi-thread run on a busy core waits on its slowest thread."""
@@ -407,7 +404,7 @@ def run_demo(out_dir: str | os.PathLike = "blip_fast_demo", scale: str | DemoSca
     scale = SCALES[scale] if isinstance(scale, str) else scale
     out_dir = Path(out_dir)
     _check_settings(out_dir / "demo_scale.json", asdict(scale), "of another scale")
-    jobs, threads = parallel_plan(seeds, usable_cores(), jobs, threads)
+    jobs, threads = parallel_plan(seeds, usable_cpus(), jobs, threads)
     start, load_start, cpu_start = time.perf_counter(), os.getloadavg(), cpu_seconds()
     data = out_dir / "data"
     Stages(out_dir, log).run("data", lambda: {"splits": {name: str(path)
@@ -425,7 +422,7 @@ def run_demo(out_dir: str | os.PathLike = "blip_fast_demo", scale: str | DemoSca
     _write_json(out_dir / "results.json", results)
     timing = {
         "wall_seconds": round(time.perf_counter() - start, 1), "cpu_seconds": round(cpu_seconds() - cpu_start, 1),
-        "cores": usable_cores(), "jobs": jobs, "threads": threads,
+        "cores": usable_cpus(), "jobs": jobs, "threads": threads,
         "load_average_start": load_start, "load_average_end": os.getloadavg(),
         "per_seed": {run.seed: json.loads((run.run_dir / "timing.json").read_text(encoding="utf-8")) for run in runs},
     }

@@ -80,6 +80,8 @@ def _bad_arguments(models):
         "evaluate out is a folder": ([*evaluate, "--out", models["root"]], "is a directory; give a file name"),
         "missing annotations": ([*evaluate[:6], models["root"] / "none.json", *evaluate[7:]], "none.json: no such file"),
         "demo out-dir is a file": (["demo", "--out-dir", models["image"]], "is a file"),
+        "demo seeds 0": (["demo", "--out-dir", models["root"] / "d", "--seeds", "0"], "--seeds: must be >= 1, got 0"),
+        "demo seed -1": (["demo", "--out-dir", models["root"] / "d", "--seed", "-1"], "--seed: must be >= 0, got -1"),
     }
 
 
@@ -87,6 +89,7 @@ CASES = [
     "beams 0", "batch size 0", "top-p 1.5", "max length 0", "max length past the positions", "device banana",
     "missing model", "model is a file", "capfilt output is a file", "capfilt workers -1", "capfilt threshold 1",
     "k-test 0", "k-test -5", "evaluate out is a folder", "missing annotations", "demo out-dir is a file",
+    "demo seeds 0", "demo seed -1",
 ]
 
 
