@@ -4,11 +4,13 @@ What the paper does with 129M web images and COCO, on drawn scenes whose wrong c
 
 1. draw a noisy "web" set (a fraction of captions describe another scene), a small clean set (COCO's role) and a
    clean test set with several reference captions per image;
-2. pre-train a tiny BLIP (ITC + ITM + LM) on the noisy set;
+2. pre-train a tiny BLIP (ITC + ITM + LM) on the noisy set together with the clean set (BLIP pre-trains on web data
+   and the human-annotated COCO/VG pairs);
 3. fine-tune a captioner (LM) and a filter (ITC + ITM) from it on the clean set;
 4. CapFilt the noisy set: synthetic captions for every image, the filter drops web and synthetic captions its ITM
    head calls unmatched;
-5. pre-train the same model, for the same number of steps, on the bootstrapped set;
+5. pre-train the same model, for the same number of steps, on the bootstrapped set: CapFilt's kept web and
+   synthetic captions together with the clean set, as BLIP combines them;
 6. compare both pre-trained models on the test set (retrieval R@1/R@5 with ITC top-k + ITM rerank; captions:
    how often they name the right shape and colour, BLEU-4, CIDEr) and score the filter against the injected noise.
 
@@ -70,10 +72,10 @@ class DemoScale:
 
 
 SCALES = {
-    "full": DemoScale(web_images=2000, clean_images=400, test_images=200, noise_fraction=0.4, pretrain_epochs=7,
+    "full": DemoScale(web_images=2000, clean_images=400, test_images=200, noise_fraction=0.4, pretrain_epochs=6,
                       captioner_epochs=5, filter_epochs=20, micro_batch=32, queue_size=256),
     # Half the web images; the filter gets more passes over the clean set to keep its precision at this size.
-    "small": DemoScale(web_images=1000, clean_images=400, test_images=100, noise_fraction=0.4, pretrain_epochs=7,
+    "small": DemoScale(web_images=1000, clean_images=400, test_images=100, noise_fraction=0.4, pretrain_epochs=5,
                        captioner_epochs=5, filter_epochs=30, micro_batch=32, queue_size=128),
     # Every stage for a few steps (numbers without meaning): what the byte-identity test reruns.
     "tiny": DemoScale(web_images=128, clean_images=64, test_images=16, noise_fraction=0.4, pretrain_epochs=2,
@@ -233,7 +235,7 @@ def _train(run: SeedRun, name: str, options: dict[str, Any]) -> dict[str, Any]:
     return json.loads(summary_lines[-1])["summary"]
 
 
-def _pretrain_options(run: SeedRun, annotations: Path, **extra: Any) -> dict[str, Any]:
+def _pretrain_options(run: SeedRun, annotations: list[Path], **extra: Any) -> dict[str, Any]:
     """BLIP's pre-training recipe at demo size: LR warmup then per-epoch decay, with a higher peak LR (2e-3) and a
     faster momentum encoder (0.99) because the run is a few hundred steps, not BLIP's hundreds of thousands."""
     scale = run.scale
@@ -332,7 +334,8 @@ def run_seed(run: SeedRun, log: Callable[[str], None] = print) -> dict[str, Any]
     stages = Stages(run_dir, log)
     splits = {name: data / f"{name}.json" for name in ("web", "clean", "test")}
 
-    noisy = stages.run("pretrain_noisy", lambda: _train(run, "pretrain_noisy", _pretrain_options(run, splits["web"])))
+    noisy = stages.run("pretrain_noisy", lambda: _train(run, "pretrain_noisy", _pretrain_options(
+        run, [splits["web"], splits["clean"]])))
     stages.run("finetune_captioner", lambda: _train(run, "captioner", _finetune_options(
         run, "captioning", run_dir / "pretrain_noisy", splits["clean"])))
     stages.run("finetune_filter", lambda: _train(run, "filter", _finetune_options(
@@ -346,7 +349,7 @@ def run_seed(run: SeedRun, log: Callable[[str], None] = print) -> dict[str, Any]
                                                                           splits["web"]))
     # The same tokenizer, initial weights and number of optimizer steps: only the data differs.
     stages.run("pretrain_bootstrapped", lambda: _train(run, "pretrain_bootstrapped", _pretrain_options(
-        run, run_dir / "capfilt" / "bootstrapped.json", tokenizer_dir=run_dir / "pretrain_noisy" / "tokenizer",
+        run, [run_dir / "capfilt" / "bootstrapped.json", splits["clean"]], tokenizer_dir=run_dir / "pretrain_noisy" / "tokenizer",
         epochs=100, max_steps=noisy["final_step"])))
     # Each pre-trained model gets the same caption fine-tuning (seed included) before its captions are compared.
     stages.run("finetune_captioner_bootstrapped", lambda: _train(run, "captioner_bootstrapped", _finetune_options(
