@@ -191,7 +191,8 @@ def _at_least_fp32(*tensors: torch.Tensor) -> list[torch.Tensor]:
 
 @register("itc_loss", "reference")
 def _itc_loss_reference(image_feat, text_feat, image_feat_m, text_feat_m, image_queue, text_queue, temp, alpha,
-                        image_ids, id_queue):
+                        image_ids, id_queue, enqueue_at=None):
+    # enqueue_at needs nothing here: the concatenation below copies the queues.
     image_feat, text_feat, image_feat_m, text_feat_m, image_queue, text_queue, temp = _at_least_fp32(
         image_feat, text_feat, image_feat_m, text_feat_m, image_queue, text_queue, temp
     )
@@ -209,15 +210,13 @@ def _itc_loss_reference(image_feat, text_feat, image_feat_m, text_feat_m, image_
 
 @register("itc_loss", "triton", available=lambda device: device.type == "cuda")
 def _itc_loss_triton(image_feat, text_feat, image_feat_m, text_feat_m, image_queue, text_queue, temp, alpha,
-                     image_ids, id_queue):
+                     image_ids, id_queue, enqueue_at=None):
     from blip_fast.kernels.itc import itc_loss as fused_itc_loss  # lazy: importing blip_fast never imports triton
 
-    if image_feat.element_size() < 4:
-        # Half-precision training keeps the queues fp32 (DeepSpeed leaves buffers alone); read them at the features'
-        # precision so the kernel stays on its fp16/bf16 tensor-core path (it accumulates in fp32 either way).
-        image_queue, text_queue = image_queue.to(image_feat.dtype), text_queue.to(text_feat.dtype)
+    # Queues kept in the features' dtype with contiguous columns (the models' buffers) are read in place; others
+    # are copied once per call (kernels.itc.queue_rows).
     return fused_itc_loss(image_feat, text_feat, image_feat_m, text_feat_m, image_queue, text_queue, temp, alpha,
-                          image_ids, id_queue)
+                          image_ids, id_queue, enqueue_at=enqueue_at)
 
 
 def itc_loss(
@@ -231,6 +230,7 @@ def itc_loss(
     alpha: float,
     image_ids: torch.Tensor | None = None,
     id_queue: torch.Tensor | None = None,
+    enqueue_at: tuple[torch.Tensor, int] | None = None,
 ) -> torch.Tensor:
     """BLIP's image-text contrastive loss with momentum distillation, ``(CE_i2t + CE_t2i) / 2``.
 
@@ -238,10 +238,13 @@ def itc_loss(
     ``[B, D]`` followed by the queues ``[D, Q]``, all detached; half-precision inputs are computed in fp32. Targets: ``alpha * softmax(momentum similarities) +
     (1 - alpha) * positives``; positives are the diagonal, or (retrieval fine-tuning, ``image_ids [B]`` with
     ``id_queue [Q]``) every column of the same image, normalised. ``temp`` is the learnable temperature (scalar).
+    ``enqueue_at = (pointer, count)`` declares that the caller overwrites queue columns ``[pointer, pointer + count)
+    mod Q`` before the backward (BLIP's enqueue): the fused backend then reads the queues in place and copies just
+    those columns; without it, writing to the queues before the backward is an error there.
     """
     fn = resolve("itc_loss", image_feat.device)
     return fn(image_feat, text_feat, image_feat_m, text_feat_m, image_queue, text_queue, temp, alpha, image_ids,
-              id_queue)
+              id_queue, enqueue_at)
 
 
 @register("sample_hard_negatives", "reference")

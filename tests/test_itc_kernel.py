@@ -18,6 +18,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from blip_fast import ops
 from tests.tiny_models import assert_close, poison_kernel_outputs
@@ -219,6 +220,141 @@ def test_rejects_inconsistent_shapes():
         fused(inputs, torch.tensor([0.07], device=DEVICE), 0.4)
 
 
+# ------------------------------------------------------------------------------------------------ queues in place
+def _enqueue(inputs, pointer, count, seed):
+    """BLIP's enqueue: overwrite queue columns [pointer, pointer + count) mod Q of both queues (and ids) in place."""
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    for name in ("image_queue", "text_queue", "id_queue"):
+        if name not in inputs:
+            continue
+        queue = inputs[name]
+        positions = (pointer + torch.arange(count)) % queue.shape[-1]
+        if name == "id_queue":
+            queue[positions] = torch.randint(0, 50, (count,), generator=generator).to(queue.device)
+        else:
+            fresh = F.normalize(torch.randn(queue.shape[0], count, generator=generator, dtype=torch.float64), dim=0)
+            queue[:, positions] = fresh.to(queue.device, queue.dtype)
+
+
+# Queue 17: wrapping past the end; queue 260 (2 column splits of 256 columns in the interpreter): enqueued columns
+# straddling the split boundary, and wrapping with rows in both splits.
+@pytest.mark.parametrize("queue,pointer,count,splits,ids", [(17, 14, 7, None, True),
+                                                            (260, 247, 5, 2, False), (260, 258, 7, 2, True)])
+def test_enqueue_between_forward_and_backward(queue, pointer, count, splits, ids):
+    """``enqueue_at``: the queues are read in place and the caller overwrites ``count`` columns from ``pointer``
+    (wrapping) between the loss and its backward, as the pre-trainer does; losses and gradients are those of the
+    queues as they were at the forward (the fp64 reference on a copy)."""
+    inputs = make_inputs(7, queue, 32, ids=ids)
+    exact = run(reference, inputs, 0.07, 0.4, dtype=torch.float64)
+    fp32 = run(reference, inputs, 0.07, 0.4, dtype=torch.float32)
+    leaves = {name: t.detach().to(torch.float32) if t.is_floating_point() else t.clone() for name, t in inputs.items()}
+    # BLIP's buffer layout: [D, Q] with contiguous columns, read by the kernels without a copy.
+    for name in ("image_queue", "text_queue"):
+        leaves[name] = leaves[name].t().contiguous().t()
+        assert itc.queue_rows(leaves[name], torch.float32).data_ptr() == leaves[name].data_ptr()
+    for name in GRAD_NAMES[:2]:
+        leaves[name].requires_grad_(True)
+    leaves["temp"] = torch.tensor([0.07], device=DEVICE, requires_grad=True)
+    loss = fused(leaves, leaves["temp"], 0.4, splits=splits,
+                 enqueue_at=(torch.tensor([pointer], device=DEVICE), count))
+    _enqueue(leaves, pointer, count, seed=1)
+    loss.backward()
+    actual = {"loss": loss.detach(), **{name: leaves[name].grad for name in GRAD_NAMES}}
+    check_fp32(actual, exact, fp32)
+
+
+def test_queue_writes_before_backward_are_refused():
+    """Without ``enqueue_at`` any write to the queues before the backward fails (autograd's version check); with it,
+    a second write (two steps before one backward) fails instead of silently using the new values."""
+    inputs = make_inputs(7, 17, 32)
+    for name in ("image_queue", "text_queue"):
+        inputs[name] = inputs[name].to(torch.float32).t().contiguous().t()
+    for name in ("image_feat", "text_feat", "image_feat_m", "text_feat_m"):
+        inputs[name] = inputs[name].to(torch.float32).requires_grad_(name in GRAD_NAMES)
+    temp = torch.tensor([0.07], device=DEVICE)
+    loss = fused(inputs, temp, 0.4)
+    _enqueue(inputs, 0, 7, seed=1)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+    loss = fused(inputs, temp, 0.4, enqueue_at=(torch.tensor([0], device=DEVICE), 7))
+    _enqueue(inputs, 0, 7, seed=2)
+    _enqueue(inputs, 7, 7, seed=3)
+    with pytest.raises(RuntimeError, match="written more than once"):
+        loss.backward()
+
+
+def test_queue_rows_copy_only_when_needed():
+    """A [D, Q] queue in the features' dtype with contiguous columns is read as a view; a row-major or other-dtype
+    queue is copied once into the kernels' [Q, D] rows."""
+    column_major = torch.randn(17, 32).t()
+    assert itc.queue_rows(column_major, torch.float32).data_ptr() == column_major.data_ptr()
+    for queue, dtype in ((column_major.contiguous(), torch.float32), (column_major, torch.float16)):
+        rows = itc.queue_rows(queue, dtype)
+        assert rows.is_contiguous() and rows.dtype == dtype and rows.data_ptr() != queue.data_ptr()
+        assert torch.equal(rows, queue.t().to(dtype))
+
+
+class _CopiedBytes(TorchDispatchMode):
+    """Bytes written by copying ops (cat, casts, gathers, clones) while active; the interpreter's own argument
+    copies (``copy_``) are not counted."""
+
+    OPS = {"cat", "_to_copy", "index_select", "clone", "contiguous"}
+
+    def __init__(self):
+        super().__init__()
+        self.written = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = func.__name__.split(".")[0]
+        if name in self.OPS and isinstance(out, torch.Tensor):
+            self.written[name] = self.written.get(name, 0) + out.numel() * out.element_size()
+        return out
+
+
+def test_step_copies_only_the_enqueued_columns():
+    """Cost: the pre-trainer's call (fp16 features, queues stored fp16 column by column, enqueue declared) copies
+    ``2 x count x D`` queue values per forward + backward, where the unfused-queue path cast and concatenated
+    ``2 x (B + Q) x D``; what else is copied is the per-row output casts."""
+    rows, queue, dim, count = 7, 260, 32, 7
+    inputs = make_inputs(rows, queue, dim, dtype=torch.float16)
+    for name in ("image_queue", "text_queue"):
+        inputs[name] = inputs[name].t().contiguous().t()
+    for name in GRAD_NAMES[:2]:
+        inputs[name].requires_grad_(True)
+    temp = torch.tensor([0.07], device=DEVICE, requires_grad=True)
+    with _CopiedBytes() as copied:
+        fused(inputs, temp, 0.4, enqueue_at=(torch.tensor([3], device=DEVICE), count)).backward()
+    assert copied.written.pop("index_select") == 2 * count * dim * 2
+    assert "cat" not in copied.written
+    assert sum(copied.written.values()) <= 2 * rows * dim * 4 + 64, copied.written  # d rows cast to fp16, scalars
+
+
+@pytest.mark.parametrize("dtype,dim,expected", [
+    (torch.float16, 256, {(64, 8, 2), (64, 8, 3)}),  # BLIP's D: the configs the compile test proves spill-free
+    (torch.bfloat16, 64, {(64, 4, 2), (128, 4, 2), (64, 8, 2), (64, 8, 3), (128, 8, 2)}),
+    (torch.float32, 256, {(64, 8, 2), (64, 8, 3)}),
+])
+def test_autotune_prunes_to_fitting_configs(dtype, dim, expected):
+    """The CUDA autotuner benchmarks only the configs that fit (its pruning, called as a keyword launch calls it)."""
+    tuner = itc._autotuned(itc._itc_forward_kernel)
+    tuner.nargs = {}
+    configs = tuner.prune_configs(dict(rows_ptr=torch.empty(0, dtype=dtype), BLOCK_M=64, BLOCK_D=dim))
+    assert {(c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in configs} == expected
+    assert tuner.keys == ["M", "NB", "Q", "D"]  # Triton appends every tensor argument's dtype to the key
+
+
+@pytest.mark.parametrize("row_blocks,quanta,slots,expected", [
+    (64, 451, 132, 2),  # B=4096, Q=57,600 on an H100: 128 programs in one wave (4 splits would need two)
+    (1, 451, 132, 113),  # one row block: 113 splits of 4 quanta, one wave
+    (2640, 451, 132, 1),  # 20 whole waves of row blocks: no split
+    (5, 3, 132, 3),  # never more splits than column quanta
+    (7, 451, 1, 1),  # the interpreter: one program at a time
+])
+def test_wave_splits_fill_whole_waves(row_blocks, quanta, slots, expected):
+    assert itc.wave_splits(row_blocks, quanta, slots) == expected
+
+
 # ------------------------------------------------------------------------------------------------ fp16
 @pytest.mark.parametrize("rows,queue,dim,ids,temp", [(7, 17, 32, False, 0.07), (33, 1000, 32, True, 0.001),
                                                       (33, 1000, 256, False, 0.5)])
@@ -250,33 +386,52 @@ def test_importing_blip_fast_does_not_import_triton():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-# Compile (not run) the kernels for real GPUs at the B=4096, D=256, queue 57,600 launch config, with a launch's
-# divisibility hints (tests/triton_compile.py): the interpreter accepts code the compiler rejects (non-constexpr
-# globals, dot shapes) and cannot see shared-memory overflows, and without the hints fp16 compiles unpipelined.
+# Compile (not run) the kernels for real GPUs at the B=4096, D=256, queue 57,600 launch, with a launch's divisibility
+# hints (tests/triton_compile.py): every autotune config that survives the pruning for fp16 on sm_90, and fp32 on
+# sm_80. The interpreter accepts code the compiler rejects (non-constexpr globals, dot shapes) and cannot see
+# shared-memory overflows or spills, and without the hints fp16 compiles unpipelined.
 _COMPILE_SCRIPT = """
 import torch
 from blip_fast.kernels import itc
 from tests.triton_compile import compile_like_launch, is_pipelined, resource_usage
 
-rows, columns, dim = 4096, 4096 + 57600, 256
+rows, queue, dim = 4096, 57600, 256
+pointers = ("rows_ptr", "rows_m_ptr", "batch_ptr", "queue_ptr", "patch_ptr")
+launch = dict(M=rows, NB=rows, NG=rows, Q=queue, D=dim, patch_len=rows, positive_offset=0, stride_r=dim, stride_rm=dim,
+              stride_b=dim, stride_q=dim, alpha="fp32")
+
+
+def compile_kernel(fn, arch, dtype, name, constexprs, options, span):
+    args = {arg: "*" + name if arg in pointers else "*i64" if arg.endswith("ids_ptr") or arg == "patch_start_ptr"
+            else "*fp32" if arg.endswith("_ptr") else launch.get(arg, span)
+            for arg in fn.arg_names if arg not in constexprs}
+    kernel = compile_like_launch(fn, arch, args, constexprs, options)
+    # On sm_90, fp16 column tiles stream through cp.async and nothing spills, as in a real launch.
+    usage = resource_usage(kernel)
+    assert arch != 90 or (is_pipelined(kernel) and usage["stack"] == 0), (fn.fn.__name__, name, options, usage)
+    return kernel
+
+
 for arch, dtype, name in ((90, torch.float16, "fp16"), (80, torch.float32, "fp32")):
-    cfg = itc._config(rows, columns, dim, dtype, torch.device("cuda"), None, sm_count=132)
-    for fn, transposed in ((itc._itc_forward_kernel, False), (itc._itc_backward_rows_kernel, False),
-                           (itc._itc_backward_columns_kernel, True)):
-        meta = itc._meta(cfg, transposed)
-        constexprs = dict(HAS_IDS=True, PRECISION=itc._precision(dtype),
-                          **{k: meta[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_D")})
-        launch = dict(M=rows, N=columns, NG=rows, D=dim, tiles_per_split=cfg["tiles_per_split"], positive_offset=0,
-                      stride_r=dim, stride_rm=dim, stride_c=dim, alpha="fp32")
-        args = {arg: "*" + name if arg in ("rows_ptr", "rows_m_ptr", "columns_ptr")
-                else "*i64" if arg.endswith("ids_ptr") else "*fp32" if arg.endswith("_ptr") else launch[arg]
-                for arg in fn.arg_names if arg not in constexprs}
-        kernel = compile_like_launch(fn, arch, args, constexprs,
-                                     dict(num_warps=meta["num_warps"], num_stages=meta["num_stages"]))
-        # On sm_90, fp16 column tiles stream through cp.async and nothing spills, as in a real launch (compiled
-        # without the hints, the forward kernel loses its pipelining and the row backward spills 328 B).
-        assert arch != 90 or is_pipelined(kernel), (fn.fn.__name__, name)
-        assert arch != 90 or resource_usage(kernel)["stack"] == 0, (fn.fn.__name__, name, resource_usage(kernel))
+    shape = itc._shape(rows, rows + queue, dim, dtype, torch.device("cuda:0"), splits=2)
+    configs = itc._fitting_configs(itc._CONFIGS, {"rows_ptr": torch.empty(0, dtype=dtype)}, BLOCK_D=dim)
+    assert configs, name
+    for config in configs if arch == 90 else configs[:1]:
+        for fn in (itc._itc_forward_kernel, itc._itc_backward_rows_kernel):
+            constexprs = dict(HAS_IDS=True, HAS_PATCH=True, PRECISION=itc._precision(dtype), BLOCK_M=shape["BLOCK_M"],
+                              BLOCK_D=shape["BLOCK_D"], **config.kwargs)
+            kernel = compile_kernel(fn, arch, dtype, name, constexprs,
+                                    dict(num_warps=config.num_warps, num_stages=config.num_stages),
+                                    shape["columns_per_split"])
+            # One dot per column tile for both logit tiles (stacked rows), plus the row gradient's in the backward.
+            loops = 4  # in-batch, queue, and the patch's two intervals
+            dots = kernel.asm["ttgir"].count("warp_group_dot ") if arch == 90 else kernel.asm["ttgir"].count("tt.dot ")
+            assert dots == loops * (1 if fn is itc._itc_forward_kernel else 2), (fn.fn.__name__, dots)
+    if arch == 90:
+        constexprs = dict(HAS_IDS=True, PRECISION=itc._precision(dtype), BLOCK_M=itc._streamed_rows(torch.device("cuda"),
+                          dim), BLOCK_N=64, BLOCK_D=dim)
+        compile_kernel(itc._itc_backward_columns_kernel, arch, dtype, name, constexprs, dict(num_warps=8, num_stages=2),
+                       shape["columns_per_split"])
 """
 
 

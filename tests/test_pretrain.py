@@ -69,6 +69,24 @@ def test_queue_enqueues_at_the_pointer_and_wraps():
     assert int(model.ptr_queue) == 4 and not torch.equal(model.image_queue[:, :4], first)
 
 
+def test_queues_keep_blip_shape_in_the_features_dtype_and_kernel_layout():
+    """The queues are BLIP's [D, Q] buffers stored column by column (the fused ITC reads ``queue.t()`` in place), in
+    the features' dtype; checkpoints hold the [D, Q] values and load into a model of any queue dtype."""
+    model = _model()
+    dim = CONFIG.image_text_hidden_size
+    assert model.image_queue.shape == (dim, 8) and model.text_queue.t().is_contiguous()
+    before = model.image_queue.clone()
+    model.store_queues_as(torch.bfloat16)  # what the first bf16 step does (DeepSpeed leaves buffers fp32)
+    assert model.image_queue.dtype == torch.bfloat16 and model.image_queue.t().is_contiguous()
+    fresh = _model()
+    fresh.load_state_dict(model.state_dict())
+    assert fresh.image_queue.dtype == torch.float32 and fresh.image_queue.t().is_contiguous()
+    assert torch.equal(fresh.image_queue, before.bfloat16().float())
+    model(*_batch(4), alpha=0.4)  # fp32 features: the queues follow them back, and the batch is enqueued
+    assert model.image_queue.dtype == torch.float32 and model.image_queue.t().is_contiguous()
+    assert int(model.ptr_queue) == 4 and torch.equal(model.image_queue[:, 4:], before[:, 4:].bfloat16().float())
+
+
 def test_queue_size_must_be_a_multiple_of_the_global_batch():
     with pytest.raises(ValueError, match="queue_size 10 is not a multiple of the global batch 4"):
         _model(queue_size=10)(*_batch(4), alpha=0.4)

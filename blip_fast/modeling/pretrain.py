@@ -93,8 +93,11 @@ class MomentumContrastiveModel(nn.Module):
             momentum_model.load_state_dict(online.state_dict())
             momentum_model.requires_grad_(False)
 
-        self.register_buffer("image_queue", F.normalize(torch.randn(embed_dim, queue_size), dim=0))
-        self.register_buffer("text_queue", F.normalize(torch.randn(embed_dim, queue_size), dim=0))
+        # BLIP's [D, Q] buffers (what checkpoints hold), each column contiguous in memory: the fused ITC kernel reads
+        # them as [Q, D] rows in place (queue_columns_contiguous).
+        for name in ("image_queue", "text_queue"):
+            queue = F.normalize(torch.randn(embed_dim, queue_size), dim=0)
+            self.register_buffer(name, queue_columns_contiguous(queue))
         self.register_buffer("idx_queue", torch.full((queue_size,), -100, dtype=torch.long))
         self.register_buffer("ptr_queue", torch.zeros(1, dtype=torch.long))
         self.ema = MomentumEMA(momentum)
@@ -132,6 +135,17 @@ class MomentumContrastiveModel(nn.Module):
         self.ema.step(self.momentum_parameters)
 
     @torch.no_grad()
+    def store_queues_as(self, dtype: torch.dtype) -> None:
+        """Keep the feature queues in the momentum features' dtype (bf16 under bf16 training, where DeepSpeed leaves
+        buffers fp32): the fused ITC reads them in place instead of casting ``2 x Q x D`` values every step. Lossless
+        for enqueued entries, which are those features; a no-op once converted. Checkpoints keep the ``[D, Q]``
+        shape, and loading copies into the buffers whatever their dtype."""
+        for name in ("image_queue", "text_queue"):
+            queue = getattr(self, name)
+            if queue.dtype != dtype:
+                setattr(self, name, queue_columns_contiguous(queue.to(dtype)))
+
+    @torch.no_grad()
     def enqueue(self, image_feat_m: torch.Tensor, text_feat_m: torch.Tensor, image_ids: torch.Tensor | None) -> None:
         """Write every rank's momentum features ``[B, D]`` (all-gathered, rank order) at the queue pointer."""
         global_batch = image_feat_m.shape[0] * distributed.world_size()
@@ -141,7 +155,6 @@ class MomentumContrastiveModel(nn.Module):
                 f"({image_feat_m.shape[0]} per rank x {distributed.world_size()} ranks)"
             )
         positions = (self.ptr_queue + torch.arange(global_batch, device=self.ptr_queue.device)) % self.queue_size
-        # Queues stay fp32 under bf16/fp16 training (DeepSpeed keeps buffers in fp32).
         self.image_queue[:, positions] = distributed.all_gather_no_grad(image_feat_m).t().to(self.image_queue.dtype)
         self.text_queue[:, positions] = distributed.all_gather_no_grad(text_feat_m).t().to(self.text_queue.dtype)
         if image_ids is not None:
@@ -169,9 +182,10 @@ class MomentumContrastiveModel(nn.Module):
             text_states_m = self.text_encoder_m(input_ids, attention_mask).last_hidden_state
             text_feat_m = _normalized_cls(self.text_proj_m, text_states_m)
         positives = dict(image_ids=image_ids, id_queue=self.idx_queue) if multi_positive else {}
+        self.store_queues_as(image_feat_m.dtype)
         loss_itc = ops.itc_loss(
             image_feat, text_feat, image_feat_m, text_feat_m, self.image_queue, self.text_queue, self.temp, alpha,
-            **positives,
+            **positives, enqueue_at=(self.ptr_queue, image_feat_m.shape[0] * distributed.world_size()),
         )
         self.enqueue(image_feat_m, text_feat_m, image_ids)
         return ContrastiveStep(loss_itc, image_embeds, image_feat, text_feat, image_feat_m, text_feat_m)
@@ -292,6 +306,13 @@ class BlipPretrainer(MomentumContrastiveModel):
 
     def export(self, out_dir: str | os.PathLike, task: str = "captioning") -> str:
         return super().export(out_dir, task)
+
+
+def queue_columns_contiguous(queue: torch.Tensor) -> torch.Tensor:
+    """The same ``[D, Q]`` values stored column by column (strides ``(1, D)``): ``queue.t()`` is then a contiguous
+    ``[Q, D]`` view. Module casts and moves (``.to``, ``.cuda``, ``.bfloat16``) preserve the strides; loading a
+    state dict copies into them."""
+    return queue.t().contiguous().t()
 
 
 def _momentum_update_hook(module: MomentumContrastiveModel, args: tuple) -> None:
