@@ -85,27 +85,39 @@ def _halves(stacked, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def _split_columns(pid_s, columns_per_split, NB, Q):
-    """This split's in-batch columns ``[n_begin, batch_end)`` and queue rows ``[q_begin, q_end)`` (column index
-    ``NB + q``)."""
+def _segment(segment: tl.constexpr, batch_ptr, queue_ptr, patch_ptr, pid_s, columns_per_split, NB, Q, D,
+             patch_start, patch_len, stride_b, stride_q):
+    """Where this split's columns live, one source per (unrolled) segment, each read through one base pointer so the
+    loads vectorise and pipeline (a per-column pointer select defeats both): 0 the in-batch columns, 1 the queue rows
+    (column ``NB + q``), 2 and 3 the patch rows standing in for queue rows ``patch_start + p`` unwrapped and wrapped
+    (mod Q). Returns (base, row stride, first and end row, column index of row 0)."""
     n_begin = pid_s * columns_per_split
     n_end = tl.minimum(NB + Q, n_begin + columns_per_split)
-    return n_begin, tl.minimum(n_end, NB), tl.maximum(n_begin - NB, 0), tl.maximum(n_end - NB, 0)
+    if segment == 0:
+        return batch_ptr, stride_b, n_begin, tl.minimum(n_end, NB), 0
+    q_begin = tl.maximum(n_begin - NB, 0)
+    q_end = tl.maximum(n_end - NB, 0)
+    if segment == 1:
+        return queue_ptr, stride_q, q_begin, q_end, NB
+    wrap = (segment - 2) * Q
+    p_begin = tl.maximum(q_begin - patch_start + wrap, 0)
+    p_end = tl.minimum(q_end - patch_start + wrap, patch_len)
+    return patch_ptr, D, p_begin, p_end, NB + patch_start - wrap
 
 
 @triton.jit
-def _outside_patch(offs_q, patch_start, patch_len, Q, HAS_PATCH: tl.constexpr):
-    """Queue rows the patch does not replace (all of them without a patch)."""
-    if HAS_PATCH:
-        k = offs_q - patch_start
-        return tl.where(k < 0, k + Q, k) >= patch_len
-    return offs_q >= 0
+def _columns_valid(offs, end, segment: tl.constexpr, patch_start, patch_len, Q, HAS_PATCH: tl.constexpr):
+    """Rows of a segment's tile to use: before its end, and (queue segment) not replaced by the patch."""
+    valid = offs < end
+    if HAS_PATCH and segment == 1:
+        k = offs - patch_start
+        valid = valid & (tl.where(k < 0, k + Q, k) >= patch_len)
+    return valid
 
 
 @triton.jit
 def _load_tile(ptr, offs, stride, valid, offs_d, d_valid):
-    """``[BLOCK_N, BLOCK_D]`` rows ``offs`` of one column source (in-batch, queue or patch): one base pointer per
-    loop, so the loads vectorise and pipeline (a per-column pointer select would defeat both)."""
+    """``[BLOCK_N, BLOCK_D]`` rows ``offs`` of one column source."""
     return tl.load(ptr + offs[:, None] * stride + offs_d[None, :], mask=valid[:, None] & d_valid[None, :], other=0.0)
 
 
@@ -164,31 +176,15 @@ def _itc_forward_kernel(
     state = (tl.full([BLOCK_M], float("-inf"), tl.float32), tl.zeros([BLOCK_M], tl.float32),
              tl.full([BLOCK_M], float("-inf"), tl.float32), tl.zeros([BLOCK_M], tl.float32),
              tl.zeros([BLOCK_M], tl.float32), tl.zeros([BLOCK_M], tl.float32), tl.zeros([BLOCK_M], tl.float32))
-    n_begin, batch_end, q_begin, q_end = _split_columns(pid_s, columns_per_split, NB, Q)
-    for start in range(n_begin, batch_end, BLOCK_N):
-        offs_n = start + tl.arange(0, BLOCK_N)
-        col_valid = offs_n < batch_end
-        c = _load_tile(batch_ptr, offs_n, stride_b, col_valid, offs_d, d_valid)
-        state = _forward_tile(*state, rows, c, scale, offs_m, offs_n, row_valid, col_valid, row_ids_ptr,
-                              column_ids_ptr, positive_offset, HAS_IDS, PRECISION, BLOCK_M, BLOCK_N)
-    for start in range(q_begin, q_end, BLOCK_N):
-        offs_q = start + tl.arange(0, BLOCK_N)
-        col_valid = (offs_q < q_end) & _outside_patch(offs_q, patch_start, patch_len, Q, HAS_PATCH)
-        c = _load_tile(queue_ptr, offs_q, stride_q, col_valid, offs_d, d_valid)
-        state = _forward_tile(*state, rows, c, scale, offs_m, NB + offs_q, row_valid, col_valid, row_ids_ptr,
-                              column_ids_ptr, positive_offset, HAS_IDS, PRECISION, BLOCK_M, BLOCK_N)
-    if HAS_PATCH:
-        # Patch row p is queue row (patch_start + p) mod Q: the rows of [q_begin, q_end), unwrapped then wrapped.
-        for wrap in tl.static_range(2):
-            p_begin = tl.maximum(q_begin - patch_start + wrap * Q, 0)
-            p_end = tl.minimum(q_end - patch_start + wrap * Q, patch_len)
-            for start in range(p_begin, p_end, BLOCK_N):
-                offs_p = start + tl.arange(0, BLOCK_N)
-                col_valid = offs_p < p_end
-                c = _load_tile(patch_ptr, offs_p, D, col_valid, offs_d, d_valid)
-                offs_n = NB + patch_start + offs_p - wrap * Q
-                state = _forward_tile(*state, rows, c, scale, offs_m, offs_n, row_valid, col_valid, row_ids_ptr,
-                                      column_ids_ptr, positive_offset, HAS_IDS, PRECISION, BLOCK_M, BLOCK_N)
+    for segment in tl.static_range(4 if HAS_PATCH else 2):
+        base, stride, begin, end, column0 = _segment(segment, batch_ptr, queue_ptr, patch_ptr, pid_s, columns_per_split,
+                                                     NB, Q, D, patch_start, patch_len, stride_b, stride_q)
+        for start in range(begin, end, BLOCK_N):
+            offs = start + tl.arange(0, BLOCK_N)
+            col_valid = _columns_valid(offs, end, segment, patch_start, patch_len, Q, HAS_PATCH)
+            c = _load_tile(base, offs, stride, col_valid, offs_d, d_valid)
+            state = _forward_tile(*state, rows, c, scale, offs_m, column0 + offs, row_valid, col_valid, row_ids_ptr,
+                                  column_ids_ptr, positive_offset, HAS_IDS, PRECISION, BLOCK_M, BLOCK_N)
 
     out = stats_ptr + pid_s * M + offs_m
     plane = tl.num_programs(1) * M
@@ -251,33 +247,16 @@ def _itc_backward_rows_kernel(
     grad_scale = tl.load(grad_out_ptr).to(tl.float32) / (2.0 * M)
 
     grad = (tl.zeros([BLOCK_M, BLOCK_D], tl.float32), tl.zeros([BLOCK_M], tl.float32))
-    n_begin, batch_end, q_begin, q_end = _split_columns(pid_s, columns_per_split, NB, Q)
-    for start in range(n_begin, batch_end, BLOCK_N):
-        offs_n = start + tl.arange(0, BLOCK_N)
-        col_valid = offs_n < batch_end
-        c = _load_tile(batch_ptr, offs_n, stride_b, col_valid, offs_d, d_valid)
-        grad = _rows_grad_tile(*grad, rows, c, scale, offs_m, offs_n, row_valid, col_valid, lse_s_ptr, lse_m_ptr,
-                               npos_ptr, row_ids_ptr, column_ids_ptr, positive_offset, alpha, HAS_IDS, PRECISION,
-                               BLOCK_M, BLOCK_N)
-    for start in range(q_begin, q_end, BLOCK_N):
-        offs_q = start + tl.arange(0, BLOCK_N)
-        col_valid = (offs_q < q_end) & _outside_patch(offs_q, patch_start, patch_len, Q, HAS_PATCH)
-        c = _load_tile(queue_ptr, offs_q, stride_q, col_valid, offs_d, d_valid)
-        grad = _rows_grad_tile(*grad, rows, c, scale, offs_m, NB + offs_q, row_valid, col_valid, lse_s_ptr,
-                               lse_m_ptr, npos_ptr, row_ids_ptr, column_ids_ptr, positive_offset, alpha, HAS_IDS,
-                               PRECISION, BLOCK_M, BLOCK_N)
-    if HAS_PATCH:
-        for wrap in tl.static_range(2):
-            p_begin = tl.maximum(q_begin - patch_start + wrap * Q, 0)
-            p_end = tl.minimum(q_end - patch_start + wrap * Q, patch_len)
-            for start in range(p_begin, p_end, BLOCK_N):
-                offs_p = start + tl.arange(0, BLOCK_N)
-                col_valid = offs_p < p_end
-                c = _load_tile(patch_ptr, offs_p, D, col_valid, offs_d, d_valid)
-                offs_n = NB + patch_start + offs_p - wrap * Q
-                grad = _rows_grad_tile(*grad, rows, c, scale, offs_m, offs_n, row_valid, col_valid, lse_s_ptr,
-                                       lse_m_ptr, npos_ptr, row_ids_ptr, column_ids_ptr, positive_offset, alpha,
-                                       HAS_IDS, PRECISION, BLOCK_M, BLOCK_N)
+    for segment in tl.static_range(4 if HAS_PATCH else 2):
+        base, stride, begin, end, column0 = _segment(segment, batch_ptr, queue_ptr, patch_ptr, pid_s, columns_per_split,
+                                                     NB, Q, D, patch_start, patch_len, stride_b, stride_q)
+        for start in range(begin, end, BLOCK_N):
+            offs = start + tl.arange(0, BLOCK_N)
+            col_valid = _columns_valid(offs, end, segment, patch_start, patch_len, Q, HAS_PATCH)
+            c = _load_tile(base, offs, stride, col_valid, offs_d, d_valid)
+            grad = _rows_grad_tile(*grad, rows, c, scale, offs_m, column0 + offs, row_valid, col_valid, lse_s_ptr,
+                                   lse_m_ptr, npos_ptr, row_ids_ptr, column_ids_ptr, positive_offset, alpha, HAS_IDS,
+                                   PRECISION, BLOCK_M, BLOCK_N)
 
     grad_r, grad_s_dot_s = grad
     grad_r = grad_r * (grad_scale * inv_temp)
