@@ -18,7 +18,6 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from blip_fast import ops
 from tests.tiny_models import assert_close, poison_kernel_outputs
@@ -294,40 +293,26 @@ def test_queue_rows_copy_only_when_needed():
         assert torch.equal(rows, queue.t().to(dtype))
 
 
-class _CopiedBytes(TorchDispatchMode):
-    """Bytes written by copying ops (cat, casts, gathers, clones) while active; the interpreter's own argument
-    copies (``copy_``) are not counted."""
-
-    OPS = {"cat", "_to_copy", "index_select", "clone", "contiguous"}
-
-    def __init__(self):
-        super().__init__()
-        self.written = {}
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        name = func.__name__.split(".")[0]
-        if name in self.OPS and isinstance(out, torch.Tensor):
-            self.written[name] = self.written.get(name, 0) + out.numel() * out.element_size()
-        return out
-
-
-def test_step_copies_only_the_enqueued_columns():
-    """Cost: the pre-trainer's call (fp16 features, queues stored fp16 column by column, enqueue declared) copies
-    ``2 x count x D`` queue values per forward + backward, where the unfused-queue path cast and concatenated
-    ``2 x (B + Q) x D``; what else is copied is the per-row output casts."""
-    rows, queue, dim, count = 7, 260, 32, 7
+def test_kernels_read_the_queues_in_place(monkeypatch):
+    """Cost: the pre-trainer's call (fp16 features, queues stored fp16 column by column, enqueue declared) hands the
+    kernels the queue buffers themselves and a ``count x D`` copy of the enqueued columns, where the unfused-queue
+    path cast and concatenated ``2 x (B + Q) x D`` values per step. Host code only: the launches are recorded, not
+    run (the other tests check the values)."""
+    launches = []
+    monkeypatch.setattr(itc, "_launcher", lambda kernel, device, grid: lambda **arguments: launches.append(arguments))
+    rows, queue, dim, count = 7, 17, 32, 7
     inputs = make_inputs(rows, queue, dim, dtype=torch.float16)
     for name in ("image_queue", "text_queue"):
         inputs[name] = inputs[name].t().contiguous().t()
     for name in GRAD_NAMES[:2]:
         inputs[name].requires_grad_(True)
     temp = torch.tensor([0.07], device=DEVICE, requires_grad=True)
-    with _CopiedBytes() as copied:
-        fused(inputs, temp, 0.4, enqueue_at=(torch.tensor([3], device=DEVICE), count)).backward()
-    assert copied.written.pop("index_select") == 2 * count * dim * 2
-    assert "cat" not in copied.written
-    assert sum(copied.written.values()) <= 2 * rows * dim * 4 + 64, copied.written  # d rows cast to fp16, scalars
+    fused(inputs, temp, 0.4, enqueue_at=(torch.tensor([3], device=DEVICE), count)).backward()
+    buffers = {inputs[name].data_ptr() for name in ("image_queue", "text_queue")}
+    assert len(launches) == 4  # forward and row backward, both directions
+    for arguments in launches:
+        assert arguments["queue_ptr"].data_ptr() in buffers and arguments["queue_ptr"].shape == (queue, dim)
+        assert arguments["patch_ptr"].shape == (count, dim) and arguments["HAS_PATCH"]
 
 
 @pytest.mark.parametrize("dtype,dim,expected", [
