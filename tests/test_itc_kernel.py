@@ -372,9 +372,9 @@ def test_importing_blip_fast_does_not_import_triton():
 
 
 # Compile (not run) the kernels for real GPUs at the B=4096, D=256, queue 57,600 launch, with a launch's divisibility
-# hints (tests/triton_compile.py): every autotune config that survives the pruning for fp16 on sm_90, and fp32 on
-# sm_80. The interpreter accepts code the compiler rejects (non-constexpr globals, dot shapes) and cannot see
-# shared-memory overflows or spills, and without the hints fp16 compiles unpipelined.
+# hints (tests/triton_compile.py), for the autotune configs that survive the pruning. The interpreter accepts code
+# the compiler rejects (non-constexpr globals, dot shapes) and cannot see shared-memory overflows or spills, and
+# without the hints fp16 compiles unpipelined.
 _COMPILE_SCRIPT = """
 import torch
 from blip_fast.kernels import itc
@@ -393,37 +393,35 @@ def compile_kernel(fn, arch, dtype, name, constexprs, options, span):
     kernel = compile_like_launch(fn, arch, args, constexprs, options)
     # On sm_90, fp16 column tiles stream through cp.async and nothing spills, as in a real launch.
     usage = resource_usage(kernel)
-    assert arch != 90 or (is_pipelined(kernel) and usage["stack"] == 0), (fn.fn.__name__, name, options, usage)
+    assert is_pipelined(kernel) and usage["stack"] == 0, (fn.fn.__name__, name, options, usage)
     return kernel
 
 
-for arch, dtype, name in ((90, torch.float16, "fp16"), (80, torch.float32, "fp32")):
-    shape = itc._shape(rows, rows + queue, dim, dtype, torch.device("cuda:0"), splits=2)
-    configs = itc._fitting_configs(itc._CONFIGS, {"rows_ptr": torch.empty(0, dtype=dtype)}, BLOCK_D=dim)
-    assert configs, name
-    # Every fitting config of the row backward (the kernel with the most live tiles: where spills would show); the
-    # forward at the first; fp32 on sm_80 the row backward only (does it fit an A100's shared memory).
-    launches = [(itc._itc_backward_rows_kernel, config) for config in (configs if arch == 90 else configs[:1])]
-    launches += [(itc._itc_forward_kernel, configs[0])] if arch == 90 else []
-    for fn, config in launches:
-        constexprs = dict(HAS_IDS=True, HAS_PATCH=True, PRECISION=itc._precision(dtype), BLOCK_M=shape["BLOCK_M"],
-                          BLOCK_D=shape["BLOCK_D"], **config.kwargs)
-        kernel = compile_kernel(fn, arch, dtype, name, constexprs,
-                                dict(num_warps=config.num_warps, num_stages=config.num_stages),
-                                shape["columns_per_split"])
-        # One dot per column tile for both logit tiles (stacked rows), plus the row gradient's in the backward.
-        loops = 4  # in-batch, queue, and the patch's two intervals
-        dots = kernel.asm["ttgir"].count("warp_group_dot ") if arch == 90 else kernel.asm["ttgir"].count("tt.dot ")
-        assert dots == loops * (1 if fn is itc._itc_forward_kernel else 2), (fn.fn.__name__, dots)
-    if arch == 90:
-        constexprs = dict(HAS_IDS=True, PRECISION=itc._precision(dtype), BLOCK_M=itc._streamed_rows(torch.device("cuda"),
-                          dim), BLOCK_N=64, BLOCK_D=dim)
-        compile_kernel(itc._itc_backward_columns_kernel, arch, dtype, name, constexprs, dict(num_warps=8, num_stages=2),
-                       shape["columns_per_split"])
+# fp16 on sm_90 (bf16 compiles alike). Not fp32: the exact (non-TF32) fp32 dots make a large, slow compile, and fp32
+# is no training dtype; the GPU tests run it, and the autotuner skips a config that does not fit at launch.
+arch, dtype, name = 90, torch.float16, "fp16"
+shape = itc._shape(rows, rows + queue, dim, dtype, torch.device("cuda:0"), splits=2)
+configs = itc._fitting_configs(itc._CONFIGS, {"rows_ptr": torch.empty(0, dtype=dtype)}, BLOCK_D=dim)
+# Every fitting config of the row backward (the kernel with the most live tiles: where spills would show), the
+# forward at the first.
+for fn, config in [(itc._itc_backward_rows_kernel, config) for config in configs] + [(itc._itc_forward_kernel,
+                                                                                       configs[0])]:
+    constexprs = dict(HAS_IDS=True, HAS_PATCH=True, PRECISION=itc._precision(dtype), BLOCK_M=shape["BLOCK_M"],
+                      BLOCK_D=shape["BLOCK_D"], **config.kwargs)
+    kernel = compile_kernel(fn, arch, dtype, name, constexprs,
+                            dict(num_warps=config.num_warps, num_stages=config.num_stages), shape["columns_per_split"])
+    # One dot per column tile for both logit tiles (stacked rows), plus the row gradient's in the backward; four
+    # column loops: in-batch, queue, and the patch's two intervals.
+    dots = kernel.asm["ttgir"].count("warp_group_dot ")
+    assert dots == 4 * (1 if fn is itc._itc_forward_kernel else 2), (fn.fn.__name__, dots)
+constexprs = dict(HAS_IDS=True, PRECISION=itc._precision(dtype), BLOCK_M=itc._streamed_rows(torch.device("cuda"), dim),
+                  BLOCK_N=64, BLOCK_D=dim)
+compile_kernel(itc._itc_backward_columns_kernel, arch, dtype, name, constexprs, dict(num_warps=8, num_stages=2),
+               shape["columns_per_split"])
 """
 
 
-def test_kernels_compile_for_sm90_and_sm80_pipelined():
+def test_kernels_compile_for_sm90_pipelined_without_spills():
     pytest.importorskip("triton.backends.nvidia")
     run_offline(_COMPILE_SCRIPT)
 
