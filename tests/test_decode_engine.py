@@ -207,13 +207,17 @@ def _ended_at(ids: torch.Tensor) -> list[int]:
     return [row.tolist().index(EOS) if EOS in row.tolist() else len(row) for row in ids]
 
 
+BATCH_CASES = [pytest.param(case.values[0], batch, id=f"{batch}-{case.id}")
+               for batch, cases in ((5, CASES), (1, CASES[:2])) for case in cases]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("case", CASES)
-@pytest.mark.parametrize("batch", [1, 5])
+@pytest.mark.parametrize("case, batch", BATCH_CASES)
 def test_static_engine_generates_the_dynamic_ids(captioner, case, batch):
     """End to end through greedy/beam/sampling (both samplers), the static engine (uncaptured on CPU) gives the
     dynamic engine's ids, also when its cached buffers last served other images filling the whole bucket (padded
-    rows stay inert)."""
+    rows stay inert). Batch 5 (bucket 8, padded rows) for every case, batch 1 for greedy and beam search."""
+    case = {"max_new_tokens": 12, **case}
     pixel_values = torch.randn(batch, 3, 40, 40)
     expected = _generate(captioner, pixel_values, cuda_graphs=False, **case)
     _generate(captioner, torch.randn(bucket(batch), 3, 40, 40), cuda_graphs=True, **case)
@@ -232,10 +236,16 @@ def test_static_engine_with_padded_prompt_generates_the_dynamic_ids(captioner):
         assert torch.equal(actual, expected), f"\nstatic  {actual.tolist()}\ndynamic {expected.tolist()}"
 
 
+SPARSE_CASES = [  # (case, interval, cuda_graphs): every case on the static engine, a few on the dynamic one
+    *[pytest.param(case.values[0], 3, True, id=f"static-3-{case.id}") for case in CASES[:3] + CASES[5:7]],
+    *[pytest.param(case.values[0], 0, True, id=f"static-0-{case.id}") for case in (CASES[1], CASES[6])],
+    *[pytest.param(case.values[0], interval, False, id=f"dynamic-{interval}-{case.id}")
+      for case, interval in ((CASES[0], 0), (CASES[2], 3), (CASES[6], 3))],
+]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("case", CASES[:3] + CASES[5:7])
-@pytest.mark.parametrize("interval", [0, 3])
-@pytest.mark.parametrize("cuda_graphs", [False, True], ids=["dynamic", "static"])
+@pytest.mark.parametrize("case, interval, cuda_graphs", SPARSE_CASES)
 def test_sparse_stop_checks_give_identical_output(captioner, case, interval, cuda_graphs):
     """Checking the stop flag every ``interval`` steps (0: never) decodes past HuggingFace's stop, yet the trimmed
     output is the same, on both engines (the static one cuts its program into segments there); the rows really

@@ -66,10 +66,11 @@ def test_kept_distribution_equals_huggingface(top_k, top_p, min_keep):
 
 
 def test_draws_follow_the_filtered_distribution():
-    """Chi-square goodness of fit: 40,000 independent draws (one per row counter) of one row's distribution."""
+    """Chi-square goodness of fit: 12,000 independent draws (one per row counter) of one row's distribution (the
+    least likely kept token is expected ~90 times)."""
     scores = torch.randn(1, 90) * 1.5
     expected = _hf_filtered(scores, 50, 0.9, 1)[0]
-    draws = 40_000
+    draws = 12_000
     values, indices = scores.expand(draws, -1).topk(50 + sampling.TIE_SLACK, dim=-1)
     tokens = sampling._sample_sorted_reference(values, indices, 50, 0.9, 1, _int(1234), 3)
     counts = torch.bincount(tokens, minlength=90).double()
