@@ -142,17 +142,18 @@ def _cached_calls(decoder) -> int:
     return len(decode_graphs._STATIC_CALLS.get(decoder, {}))
 
 
-def test_static_calls_are_reused_per_bucket_and_bounded(captioner):
+def test_static_calls_are_reused_per_bucket_and_bounded(captioner, monkeypatch):
     def run(images, max_length):
         captioner.generate(torch.randn(images, 3, 40, 40), max_length=max_length, cuda_graphs=True)
 
-    run(3, 12)
+    monkeypatch.setattr(decode_graphs, "MAX_STATIC_CALLS", 2)  # each call is a new static program: few, short
+    run(3, 6)
     first = next(iter(decode_graphs._STATIC_CALLS[captioner.text_decoder].values()))
-    run(4, 12)
+    run(4, 6)
     assert _cached_calls(captioner.text_decoder) == 1, "3 and 4 images share bucket 4"
-    run(4, 13)
+    run(4, 7)
     assert _cached_calls(captioner.text_decoder) == 2, "max_length is part of the key"
-    for max_length in range(14, 14 + decode_graphs.MAX_STATIC_CALLS):
+    for max_length in range(8, 8 + decode_graphs.MAX_STATIC_CALLS):
         run(1, max_length)
     assert _cached_calls(captioner.text_decoder) == decode_graphs.MAX_STATIC_CALLS
     assert first not in decode_graphs._STATIC_CALLS[captioner.text_decoder].values(), "least recently used evicted"

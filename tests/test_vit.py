@@ -63,15 +63,14 @@ def test_activation_checkpointing_gives_identical_gradients():
 @pytest.mark.slow
 def test_compiled_inference_vit_equals_eager(monkeypatch):
     """The fast path (torch.compile, static shapes, one graph per batch size) gives the eager ViT's states; here
-    Inductor's CPU backend stands in for the GPU one, which gpu_check.sh times."""
+    Inductor's CPU backend stands in for the GPU one, which gpu_check.sh times. One batch size: each is a compile."""
     from blip_fast.modeling import vit
 
     monkeypatch.setenv("BLIP_FAST_COMPILE", "1")
     model = _tiny_vit().eval()
     with torch.no_grad():
-        for batch in (2, 3):
-            pixel_values = torch.randn(batch, 3, 32, 32)
-            assert_close(vit.vision_states(model, pixel_values), model(pixel_values).last_hidden_state)
+        pixel_values = torch.randn(2, 3, 32, 32)
+        assert_close(vit.vision_states(model, pixel_values), model(pixel_values).last_hidden_state)
     assert not vit._compile_failed
 
 
