@@ -20,7 +20,7 @@ Models have random weights (counts do not depend on them); captions decode to a 
 that emit ``[SEP]`` early do not change the work. ``--baseline REV`` (default: the engine before issue 12) is
 checked out with ``git archive`` into a temporary folder; ``--baseline none`` measures this tree only.
 
-    python -m benchmarks.bench_costs --out benchmarks/results/costs-cpu      # base/384, ~2-4 min on 2 CPU cores
+    python -m benchmarks.bench_costs --out benchmarks/results/costs-cpu-2core  # base/384, ~13 min of CPU time
     python -m benchmarks.bench_costs --config tiny --baseline none            # seconds
 """
 
