@@ -24,6 +24,7 @@ from blip_fast.config import BlipConfig
 from blip_fast.data.synthetic import SyntheticNoisyDataset
 from blip_fast.data.transforms import BlipImageProcessor, load_image_bytes
 from blip_fast.modeling.blip import BlipForImageTextRetrieval
+from blip_fast.modeling.vit import vision_states
 from blip_fast.tokenizer import BlipTokenizer, pre_caption
 from tests.tiny_models import randomize_, save_tiny_captioner
 
@@ -329,19 +330,29 @@ def test_filter_projects_each_images_cross_kv_once(models, data):
 
 def test_filter_flops_per_extra_caption_exclude_the_kv_projection(models, data):
     """The cost metric the issue budgets: an extra caption of an image costs text-encoder FLOPs only, not another
-    projection of the image's cross-attention K/V (2 * N * D_vision * 2 * D per layer)."""
+    projection of the image's cross-attention K/V (2 * N * D_vision * 2 * D per layer). Oracle: the same five
+    captions scored against five copies of the image pay exactly four more projections."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    pixel_values = _pixels(data, 1)
-    flops = []
-    for count in (1, 5):
+    captions = ["a red circle on the left"] * 5
+    filter_model = models.filter
+    tokens = models.filter_tokenizer(captions, padding=True, return_tensors="pt")
+    image_embeds = vision_states(filter_model.vision_model, _pixels(data, 1))
+
+    def flops(embeds, texts_per_image):
         with FlopCounterMode(display=False) as counter:
-            models.match_logits(pixel_values, [["a red circle on the left"] * count])
-        flops.append(counter.get_total_flops())
-    config = models.filter.config
+            filter_model.itm_logits(embeds, tokens.input_ids, tokens.attention_mask, texts_per_image=texts_per_image)
+        return counter.get_total_flops()
+
+    config = filter_model.config
     projection = 2 * config.vision.num_positions * config.vision.hidden_size * 2 * config.text.hidden_size \
         * config.text.num_hidden_layers
-    assert (flops[1] - flops[0]) / 4 < projection
+    assert flops(image_embeds.expand(5, -1, -1), 1) - flops(image_embeds, 5) == 4 * projection
+    with FlopCounterMode(display=False) as counter:  # match_logits is that shared computation plus one ViT pass
+        models.match_logits(_pixels(data, 1), [captions])
+    with FlopCounterMode(display=False) as vit:
+        vision_states(filter_model.vision_model, _pixels(data, 1))
+    assert counter.get_total_flops() == flops(image_embeds, 5) + vit.get_total_flops()
 
 
 def test_shared_vision_tower_runs_the_vit_once(model_dirs, data):
