@@ -45,12 +45,14 @@ def test_compiled_layers_equal_eager(monkeypatch):
     assert compiled.state_dict().keys() == eager.state_dict().keys()
 
     torch._dynamo.reset()
-    monkeypatch.setattr(torch._inductor.config, "compile_threads", 1)  # no worker pool on a 2-core machine
     counters = torch._dynamo.utils.counters
     counters.clear()
     for seed in (0, 1):  # the second step reuses the graphs (same shapes): no recompilation
         expected_losses, expected_grads = _step(eager, seed)
-        losses, grads = _step(compiled, seed)
+        # No worker pool on a 2-core machine. Inductor's own patch, not monkeypatch: monkeypatch's undo deletes
+        # the config entry, and every later compile in the process fails ("compile_threads does not exist").
+        with torch._inductor.config.patch(compile_threads=1):
+            losses, grads = _step(compiled, seed)
         for value, oracle in zip(losses, expected_losses):
             assert_close(value, oracle, rtol=1e-5, atol=1e-6)
         assert grads.keys() == expected_grads.keys()
