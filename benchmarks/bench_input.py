@@ -1,5 +1,6 @@
-"""Training input throughput: the PIL path (decode + augment in DataLoader workers, float32 to the device) against the
-GPU path (workers read the encoded file and draw the augmentation; decode (nvJPEG) + augment on the device).
+"""Input throughput: the PIL path (decode + augment in DataLoader workers, float32 to the device) against the
+GPU path (workers read the encoded file and draw the augmentation; decode (nvJPEG) + augment on the device), for
+training (``--task train``) or CapFilt's resize without augmentation (``--task capfilt``).
 
 Samples/s per path and worker count at the median batch time (the batch times' 20/80 quantiles beside it), from the
 DataLoader to normalised pixels on the device (synchronised per batch), with BLIP's pre-training augmentation
@@ -8,6 +9,7 @@ worker-side cost, not a GPU.
 
     python -m benchmarks.bench_input --device cuda --workers 2,4,8 --batch 96 --out results/h100
     python -m benchmarks.bench_input --device cpu --workers 0,1,2 --images 64            # CPU
+    python -m benchmarks.bench_input --task capfilt --image-size 384 --device cuda --workers 2,4 --batch 256
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import torch
 from benchmarks import harness
 from blip_fast.data import BlipJsonDataset, BlipTrainTransform
 
-COLUMNS = ["path", "device", "workers", "batch", "samples_per_s", "median_ms", "p20_ms", "p80_ms", "first_call_ms",
+COLUMNS = ["task", "path", "device", "workers", "batch", "samples_per_s", "median_ms", "p20_ms", "p80_ms", "first_call_ms",
            "bytes_per_sample", "batches", "error"]
 
 
@@ -70,6 +72,45 @@ def measure(dataset: BlipJsonDataset, gpu_path: bool, workers: int, batch: int, 
         stacked = torch.stack(images)
         return stacked.to(device, non_blocking=True).to(torch.bfloat16), stacked.numel() * stacked.element_size()
 
+    return _time_batches(loader, to_device, batch, batches, device)
+
+
+def measure_capfilt(folder: Path, gpu_path: bool, workers: int, batch: int, batches: int, image_size: int,
+                    device: torch.device) -> dict[str, Any]:
+    """CapFilt's input (:mod:`blip_fast.capfilt_images`): workers decode + resize with PIL, or read bytes for a
+    batched decode + resize on the device; one processor at ``image_size`` (captioner and filter sharing it)."""
+    from blip_fast.capfilt_images import BatchPixels, ImageStream
+    from blip_fast.capfilt_io import Item
+    from blip_fast.data.transforms import BlipImageProcessor
+
+    records = json.loads((folder / "annotations.json").read_text())
+    items = [Item(record["image"], str(folder / record["image"]), (record["caption"],)) for record in records]
+    processors = {"captioner": BlipImageProcessor(size=image_size)}
+    stream = ImageStream(items, processors, keep_bytes=False, device_decode=gpu_path)
+    loader = torch.utils.data.DataLoader(stream, batch_size=batch, shuffle=True, num_workers=workers,
+                                         collate_fn=_as_list, drop_last=True, persistent_workers=workers > 0,
+                                         pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(0))
+    to_pixels = BatchPixels(processors, device)
+
+    def to_device(loaded: list[dict[str, Any]]) -> tuple[torch.Tensor, int]:
+        shipped = sum(entry["encoded"].data.numel() if entry["encoded"] is not None else
+                      sum(pixels.numel() * pixels.element_size() for pixels in entry["pixels"].values())
+                      for entry in loaded)
+        pixels, errors = to_pixels(loaded, [str(index) for index in range(len(loaded))])
+        if any(errors):
+            raise RuntimeError(f"unreadable benchmark images: {[error for error in errors if error]}")
+        return pixels["captioner"].to(torch.bfloat16), shipped
+
+    return _time_batches(loader, to_device, batch, batches, device)
+
+
+def _as_list(entries: list[Any]) -> list[Any]:
+    return entries
+
+
+def _time_batches(loader: torch.utils.data.DataLoader, to_device, batch: int, batches: int,
+                  device: torch.device) -> dict[str, Any]:
+    """Per batch: the DataLoader's next batch to normalised pixels on the device (synchronised)."""
     iterator, shipped, batch_ms = iter(loader), 0, []
     start = time.perf_counter()
     to_device(next(iterator))  # start-up: workers, first decode
@@ -102,10 +143,15 @@ def run(args: argparse.Namespace, report: harness.Report) -> int:
         dataset = BlipJsonDataset(annotations, folder, transform, seed=0, on_error="replace")
         for path in args.paths.split(","):
             for workers in (int(count) for count in args.workers.split(",")):
-                row: dict[str, Any] = {"bench": "input", "path": path, "workers": workers, "batch": args.batch,
-                                       "image_size": args.image_size, **harness.environment(device)}
+                row: dict[str, Any] = {"bench": "input", "task": args.task, "path": path, "workers": workers,
+                                       "batch": args.batch, "image_size": args.image_size,
+                                       **harness.environment(device)}
                 try:
-                    row.update(measure(dataset, path == "gpu", workers, args.batch, args.batches, device))
+                    if args.task == "capfilt":
+                        row.update(measure_capfilt(Path(folder), path == "gpu", workers, args.batch, args.batches,
+                                                   args.image_size, device))
+                    else:
+                        row.update(measure(dataset, path == "gpu", workers, args.batch, args.batches, device))
                 except Exception as error:  # report, do not hide the row
                     row["error"] = f"{type(error).__name__}: {error}"
                     failures += 1
@@ -115,6 +161,8 @@ def run(args: argparse.Namespace, report: harness.Report) -> int:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--task", choices=["train", "capfilt"], default="train",
+                        help="train: BLIP's augmentation; capfilt: CapFilt's resize to --image-size (no augmentation)")
     parser.add_argument("--paths", default="pil,gpu", help="comma-separated subset of pil,gpu")
     parser.add_argument("--workers", default="0,1,2", help="comma-separated DataLoader worker counts")
     parser.add_argument("--batch", type=int, default=32)
@@ -132,7 +180,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     report = harness.Report(args.out, args.name, COLUMNS, lambda first: (
-        f"{args.name}: training input, {args.width}x{args.height} JPEGs -> {args.image_size} px, BLIP augmentation"))
+        f"{args.name}: {args.task} input, {args.width}x{args.height} JPEGs -> {args.image_size} px"
+        + (", BLIP augmentation" if args.task == "train" else ", CapFilt's resize")))
     failures = run(args, report)
     print(report.text())
     return 1 if failures else 0

@@ -30,7 +30,7 @@ checks() {
     # The GPU code proven correct: fast core first (HF parity, CUDA graphs, the CUDA op), then the Triton kernels.
     step tests_core 45 45 "$PY" -m pytest "${PYTEST[@]}" -m gpu -k "not test_matches_reference" \
         tests/test_gpu_parity.py tests/test_decode_engine.py tests/test_decode_attention_cuda.py \
-        tests/test_pretrain.py --junitxml="$WORK/tests_core.xml"
+        tests/test_pretrain.py tests/test_capfilt_images.py --junitxml="$WORK/tests_core.xml"
     step tests_kernels 50 40 "$PY" -m pytest "${PYTEST[@]}" "${XDIST[@]}" -m gpu tests/test_itc_kernel.py \
         tests/test_itm_negatives_kernel.py tests/test_decode_attention_kernel.py --junitxml="$WORK/tests_kernels.xml"
     # The real CLI (DataLoader workers, pinned memory, lazily captured CUDA graphs) on tar shards; tiny models: the
@@ -70,6 +70,9 @@ checks() {
     # The compiled layers (compile time in first_call_ms).
     # Issue 15: input pipeline, PIL in workers vs nvJPEG + augmentation on the GPU.
     step input 40 0 "$PY" -m benchmarks.bench_input "${INPUT[@]}" --out "$WORK" --name input
+    # Issue 12: CapFilt's input at 384 px, PIL in workers vs bytes from workers + nvJPEG and resize on the GPU.
+    step capfilt_input 30 0 "$PY" -m benchmarks.bench_input --task capfilt --image-size 384 "${INPUT[@]}" \
+        --out "$WORK" --name capfilt_input
     step pretrain_compiled 90 0 "$PY" -m benchmarks.bench_pretrain "${PRETRAIN[@]}" --paths "fast:$LOW" "${COMPILE[@]}" \
         --out "$WORK" --name pretrain_compiled
 }

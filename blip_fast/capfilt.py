@@ -40,7 +40,9 @@ rerunning with every unit done only merges. Launch one process per GPU, on one o
     torchrun --nnodes N --nproc_per_node 8 -m blip_fast.cli capfilt --captioner C --filter F --input I --output O
     deepspeed --num_gpus 8 --module blip_fast.cli capfilt ...     (``--device auto`` picks cuda:LOCAL_RANK)
 
-Once the run starts, bad records never stop it and are never silently lost: each input record ends up in
+Images are read by DataLoader workers and decoded there (PIL) or, on CUDA with torchvision, JPEGs are decoded and
+resized as a batch on the GPU (nvJPEG; ``image_decode``, :mod:`blip_fast.capfilt_images`), with the same error
+accounting. Once the run starts, bad records never stop it and are never silently lost: each input record ends up in
 ``scored.jsonl`` or in ``errors.jsonl`` (``{"unit", "key", "reason", "detail"}``). Reasons: ``unreadable_image``
 (missing, corrupt or truncated file; images over twice PIL's ``MAX_IMAGE_PIXELS``, ~179 megapixels, are refused as
 possible decompression bombs before decoding, smaller huge images are decoded and resized), ``empty_caption`` (the
@@ -65,6 +67,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from blip_fast.capfilt_images import BatchPixels, ImageStream, decodes_on_device
 from blip_fast.capfilt_io import (
     CapFiltError,
     CapFiltInput,
@@ -79,8 +82,7 @@ from blip_fast.capfilt_io import (
     remove_temporaries,
 )
 from blip_fast.captioning import Captioner
-from blip_fast.data.datasets import read_member
-from blip_fast.data.transforms import BlipImageProcessor, ImageLoadError, load_image, load_image_bytes
+from blip_fast.data.transforms import BlipImageProcessor
 from blip_fast.data.workers import die_with_parent
 from blip_fast.hub import resolve
 from blip_fast.modeling.blip import BlipForImageTextRetrieval
@@ -92,7 +94,8 @@ ITM_MAX_TOKENS = 35
 #: BLIP's captioner samples with this repetition penalty (``blip.py: generate(sample=True)``).
 REPETITION_PENALTY = 1.1
 #: Options that do not change the output; every other option must match when a run resumes.
-_RUNTIME_OPTIONS = ("output", "workers", "device", "rank", "world_size", "progress", "max_error_rate")
+_RUNTIME_OPTIONS = ("output", "workers", "device", "image_decode", "rank", "world_size", "progress",
+                    "max_error_rate")
 #: Options naming files: compared in absolute, normalised form.
 _PATH_OPTIONS = ("captioner", "filter", "input", "image_root")
 
@@ -102,7 +105,7 @@ class CapFiltOptions:
     """What ``blip-fast capfilt`` takes. ``input``: a folder of ``.tar`` shards, a shard pattern (braces/glob), or a
     BLIP ``.json``/``.jsonl`` whose image paths are relative to ``image_root``. ``rank``/``world_size`` default to
     the RANK/WORLD_SIZE environment variables. ``batch_size`` is part of the sampling stream (same seed and batch
-    size -> same captions)."""
+    size -> same captions). ``image_decode``: ``auto``, ``workers`` or ``device`` (:mod:`blip_fast.capfilt_images`)."""
 
     captioner: str | os.PathLike
     filter: str | os.PathLike
@@ -120,6 +123,7 @@ class CapFiltOptions:
     seed: int = 0
     device: str = "cpu"
     dtype: str = "float32"
+    image_decode: str = "auto"
     images_per_part: int = 1000
     max_words: int = 30
     rank: int | None = None
@@ -159,39 +163,6 @@ def unit_seed(seed: int, unit: int) -> int:
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
-# ==================================================================== decoding in DataLoader workers
-class ImageStream(torch.utils.data.Dataset):
-    """Items -> ``{"pixels": {processor name: FloatTensor [3, H, W]}, "data": bytes | None, "error": str | None}``.
-
-    Runs in DataLoader workers: file reads, decoding and preprocessing happen off the main process. ``keep_bytes``
-    returns the encoded image too (shard output copies it unchanged)."""
-
-    def __init__(self, items: Sequence[Item], processors: dict[str, BlipImageProcessor], keep_bytes: bool) -> None:
-        self.items, self.processors, self.keep_bytes = items, processors, keep_bytes
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        item = self.items[index]
-        try:
-            data = self._read(item)
-            image = load_image(item.path) if data is None else load_image_bytes(data, item.key)
-            pixels = {name: processor([image]).pixel_values[0] for name, processor in self.processors.items()}
-        except (ImageLoadError, OSError, ValueError) as error:  # unreadable, or a mode PIL cannot convert
-            return {"pixels": None, "data": None, "error": str(error)}
-        return {"pixels": pixels, "data": data if self.keep_bytes else None, "error": None}
-
-    def _read(self, item: Item) -> bytes | None:
-        if item.offset < 0:
-            return None
-        with open(item.path, "rb") as handle:
-            data = read_member(handle, item.offset, item.size)
-        if len(data) != item.size:
-            raise ImageLoadError(f"cannot load image {item.key!r}: shard ends inside it (changed on disk?)")
-        return data
-
-
 def _as_list(batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return batch
 
@@ -215,6 +186,7 @@ class CapFiltModels:
             self.processors["filter"] = filter_processor
         self.shared_vision = "filter" not in self.processors and _same_weights(
             captioner.model.vision_model, filter_model.vision_model)
+        self.pixels = BatchPixels(self.processors, filter_model.device)
         self._side_stream = torch.cuda.Stream(filter_model.device) if filter_model.device.type == "cuda" else None
 
     @classmethod
@@ -366,12 +338,13 @@ def _process_batch(models: CapFiltModels, writer: BackgroundWriter, items: list[
                    loaded: list[dict[str, Any]], generator: torch.Generator) -> None:
     """Caption and score one batch on the models' device; its records go to the writer thread. Unreadable images
     and empty web captions go to the errors."""
-    unreadable = [(item, entry["error"]) for item, entry in zip(items, loaded) if entry["error"] is not None]
-    good = [(item, entry) for item, entry in zip(items, loaded) if entry["error"] is None]
+    pixels, errors = models.pixels(loaded, [item.key for item in items])
+    unreadable = [(item, error) for item, error in zip(items, errors) if error is not None]
+    good = [(item, entry) for item, entry, error in zip(items, loaded, errors) if error is None]
     scored = []
     if good:
-        caption_pixels = torch.stack([entry["pixels"]["captioner"] for _, entry in good])
-        filter_pixels = torch.stack([entry["pixels"].get("filter", entry["pixels"]["captioner"]) for _, entry in good])
+        caption_pixels = pixels["captioner"]
+        filter_pixels = pixels.get("filter", caption_pixels)
         filter_states = models.filter_states(filter_pixels)  # overlaps the decoding below on CUDA
         synthetic = models.synthetic_captions(caption_pixels, generator,
                                               filter_states if models.shared_vision else None)
@@ -399,7 +372,8 @@ def _rank_and_world(options: CapFiltOptions) -> tuple[int, int]:
 
 
 def _run_units(models: CapFiltModels, units: list[Unit], options: CapFiltOptions, source: CapFiltInput) -> None:
-    stream = ImageStream([item for unit in units for item in unit.items], models.processors, not source.is_json)
+    stream = ImageStream([item for unit in units for item in unit.items], models.processors, not source.is_json,
+                         decodes_on_device(options.image_decode, options.device, models.processors))
     loader = torch.utils.data.DataLoader(
         stream, batch_sampler=_batches(units, options.batch_size), num_workers=options.workers,
         collate_fn=_as_list, pin_memory=torch.device(options.device).type == "cuda",

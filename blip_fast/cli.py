@@ -197,6 +197,10 @@ def _add_capfilt_arguments(parser: argparse.ArgumentParser) -> None:
                         help="images per batch, part of the sampling stream (default: 256 on a GPU, 32 on a CPU)")
     parser.add_argument("--workers", type=errors.non_negative_int, default=default_workers(),
                         help="DataLoader processes decoding images (default: up to 4, at most the usable CPUs)")
+    parser.add_argument("--image-decode", choices=["auto", "workers", "device"], default="auto",
+                        help="where images are decoded and resized: in the DataLoader workers (PIL), or as a batch on "
+                             "the device (nvJPEG on CUDA: workers only read bytes); auto: device on CUDA when "
+                             "torchvision imports")
     parser.add_argument("--images-per-part", type=errors.positive_int, default=1000,
                         help="json input: images per work unit")
     parser.add_argument("--max-error-rate", type=errors.float_in(0, 1), default=0.05,
@@ -218,7 +222,7 @@ def _capfilt(args: argparse.Namespace) -> int:
         min_length=args.min_length, prompt=args.prompt, threshold=args.threshold,
         batch_size=args.batch_size or default_batch_size(device),
         workers=args.workers, seed=args.seed, device=str(device), dtype=str(dtype).removeprefix("torch."),
-        images_per_part=args.images_per_part, progress=not args.no_progress,
+        image_decode=args.image_decode, images_per_part=args.images_per_part, progress=not args.no_progress,
     )
     summary = run_capfilt(options)
     print(json.dumps({key: value for key, value in summary.items() if key != "config"}, sort_keys=True))

@@ -247,10 +247,16 @@ def _encoded(image: PIL.Image.Image, fmt: str) -> bytes:
     return buffer.getvalue()
 
 
-def test_bad_records_go_to_the_errors_file(model_dirs, data, tmp_path):
+@pytest.mark.parametrize("image_decode,workers", [("workers", 1), ("device", 0)])
+def test_bad_records_go_to_the_errors_file(model_dirs, data, tmp_path, image_decode, workers):
+    """Each bad record is accounted for the same way whether the workers decode (PIL) or only read bytes for a
+    batched decode on the device (on the CPU: PIL in the main process, the GPU path's code)."""
     good = data["samples"][0][1]
+    photo = _encoded(load_image_bytes(good, "good").convert("RGB"), "JPEG")
     members = {
         "good.png": good, "good.txt": b"A good caption.",
+        "photo.jpg": photo, "photo.txt": b"a jpeg photo",
+        "cut.jpg": photo[: len(photo) // 2], "cut.txt": b"a truncated jpeg",
         "corrupt.jpg": b"\xff\xd8\xff\xe0 not really a jpeg", "corrupt.txt": b"corrupt",
         "truncated.png": good[: len(good) // 2], "truncated.txt": b"truncated",
         "gray.png": _encoded(PIL.Image.new("L", (50, 30), 90), "PNG"), "gray.txt": b"a gray picture",
@@ -263,15 +269,16 @@ def test_bad_records_go_to_the_errors_file(model_dirs, data, tmp_path):
     _write_shard(tmp_path / "in" / "00000.tar", list(members.items()))
     captioner_dir, filter_dir = model_dirs
     summary = run_capfilt(CapFiltOptions(captioner=captioner_dir, filter=filter_dir, input=tmp_path / "in",
-                                         output=tmp_path / "out", num_captions=1, workers=1, progress=False))
+                                         output=tmp_path / "out", num_captions=1, workers=workers, progress=False,
+                                         image_decode=image_decode))
     errors = {record["key"].rsplit(":", 1)[1]: record["reason"] for record in _read_jsonl(tmp_path / "out/errors.jsonl")}
     assert errors == {"corrupt": "unreadable_image", "truncated": "unreadable_image", "bomb": "unreadable_image",
-                      "empty": "empty_caption", "orphan": "missing_image"}
+                      "cut": "unreadable_image", "empty": "empty_caption", "orphan": "missing_image"}
     scored = _group_by_image(_read_jsonl(tmp_path / "out" / "scored.jsonl"), "key")
-    assert sorted(scored) == ["big", "cmyk", "empty", "good", "gray"]  # grey and CMYK converted, not errors
+    assert sorted(scored) == ["big", "cmyk", "empty", "good", "gray", "photo"]  # grey and CMYK converted
     assert [r["source"] for r in scored["empty"]] == ["synthetic"]  # its image is still captioned
     assert [r["caption"] for r in scored["gray"] if r["source"] == "web"] == ["a gray picture"]
-    assert summary["images"] == 5 and summary["errors"] == 5
+    assert summary["images"] == 6 and summary["errors"] == 6
 
 
 def test_ranks_split_units_and_the_last_one_merges(model_dirs, data, tmp_path):

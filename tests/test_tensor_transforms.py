@@ -2,7 +2,7 @@
 
 Bounds (stated in blip_fast/data/tensor_transforms.py): crop boxes, flips and ops are identical by construction (one
 ``draw_params``); pixels after crop + antialiased bicubic resize differ from PIL's by at most 3 levels and by less than
-0.3 on average (PIL rounds to uint8 between its two passes); each RandomAugment op on tensors equals the numpy
+0.3 on average (fixed- against floating-point passes, and PIL's pass order); each RandomAugment op on tensors equals the numpy
 reference up to one level on at most 1% of pixels (float32 vs float64 arithmetic at .5 boundaries). Through
 Equalize (a histogram-dependent table) a one-level difference before it can become a larger one after it on the
 pixels of that level, so with RandomAugment 99% of pixels stay within 3 levels and the mean within 0.5. nvJPEG's

@@ -75,36 +75,49 @@ def load_image_bytes(data: bytes, name: str) -> PIL.Image.Image:
     return _decode(io.BytesIO(data), name)
 
 
+def read_image_file(path: str | os.PathLike) -> bytes:
+    """The encoded bytes of an image file (decoded later, e.g. on the GPU); errors as `load_image` raises them."""
+    try:
+        with open(path, "rb") as handle:
+            return handle.read()
+    except OSError as error:
+        raise _load_error(error, os.fspath(path)) from error
+
+
+def _load_error(error: Exception, name: str) -> ImageLoadError:
+    """The one wording of every load failure, whichever step (read, header, decode) met it."""
+    if isinstance(error, FileNotFoundError):
+        return ImageLoadError(f"cannot load image {name!r}: file not found")
+    if isinstance(error, (IsADirectoryError, PermissionError)):
+        return ImageLoadError(f"cannot load image {name!r}: cannot read it ({error.strerror})")
+    if isinstance(error, PIL.UnidentifiedImageError):
+        return ImageLoadError(f"cannot load image {name!r}: not a recognised image file")
+    if isinstance(error, PIL.Image.DecompressionBombError):
+        return ImageLoadError(f"cannot load image {name!r}: possible decompression bomb ({error})")
+    # PIL's decoders report corrupt data with many exception types (OSError, SyntaxError, struct.error, ...).
+    return ImageLoadError(f"cannot load image {name!r}: corrupt or truncated data ({type(error).__name__}: {error})")
+
+
 def _decode(source: str | os.PathLike | io.BytesIO, name: str) -> PIL.Image.Image:
     try:
         with PIL.Image.open(source) as image:
             image.load()
-    except FileNotFoundError:
-        raise ImageLoadError(f"cannot load image {name!r}: file not found") from None
-    except (IsADirectoryError, PermissionError) as error:
-        raise ImageLoadError(f"cannot load image {name!r}: cannot read it ({error.strerror})") from error
-    except PIL.UnidentifiedImageError as error:
-        raise ImageLoadError(f"cannot load image {name!r}: not a recognised image file") from error
-    except PIL.Image.DecompressionBombError as error:
-        raise ImageLoadError(f"cannot load image {name!r}: possible decompression bomb ({error})") from error
-    # PIL's decoders report corrupt data with many exception types (OSError, SyntaxError, struct.error, ...).
     except Exception as error:
-        reason = f"{type(error).__name__}: {error}"
-        raise ImageLoadError(f"cannot load image {name!r}: corrupt or truncated data ({reason})") from error
+        raise _load_error(error, name) from (None if isinstance(error, FileNotFoundError) else error)
     return image
 
 
 def read_image_header(data: bytes, name: str) -> tuple[int, int, bool]:
     """``(width, height, gpu_decodable)`` of encoded image bytes. A JPEG is also decoded at 1/8 scale, so that a
-    truncated or corrupt file raises `ImageLoadError` now (the GPU decodes it in full later)."""
+    truncated or corrupt file raises `ImageLoadError` now (the GPU decodes it in full later), worded as
+    `load_image_bytes` words it."""
     try:
         with PIL.Image.open(io.BytesIO(data)) as image:
             width, height, decodable = image.width, image.height, is_gpu_decodable(image)
             if image.format == "JPEG":
                 validate_encoded(image)
     except Exception as error:
-        raise ImageLoadError(f"cannot load image {name!r}: corrupt or truncated data ({type(error).__name__}: "
-                             f"{error})") from error
+        raise _load_error(error, name) from error
     return width, height, decodable
 
 
@@ -349,6 +362,18 @@ class BlipImageProcessor:
             std = np.asarray(self.image_std, dtype=chw.dtype)[:, None, None]
             chw = (chw - mean) / std
         return chw
+
+    @property
+    def runs_on_device(self) -> bool:
+        """Whether `tensor_transform` reproduces these settings (within its resize bounds): a bicubic resize of the
+        RGB image. Others (no resize, another filter, no RGB conversion) have the PIL path only."""
+        return self.do_resize and self.do_convert_rgb and self.resample == PIL.Image.Resampling.BICUBIC
+
+    def tensor_transform(self) -> TensorTrainTransform:
+        """This processing on decoded uint8 ``[3, H, W]`` tensors, on their device (the GPU input path of
+        `blip_fast.data.tensor_transforms`): with the whole image as the crop box and no flip, the image resized
+        to `size` (antialiased bicubic, PIL's filter) and normalised through this processor's uint8 table."""
+        return TensorTrainTransform(self.size, self._uint8_lut)
 
     @cached_property
     def _uint8_lut(self) -> np.ndarray:
