@@ -156,16 +156,21 @@ class LogitsProcessor:
         self.min_tokens_to_keep = 2 if settings.num_beams > 1 else 1
         self.warp = warp
 
-    def __call__(self, scores: torch.Tensor, sequences: torch.Tensor) -> torch.Tensor:
-        """scores ``[R, V]`` (logits, or log-probs in beam search) for the next token after ``sequences [R, T]``."""
+    def __call__(self, scores: torch.Tensor, sequences: torch.Tensor, in_place: bool = False) -> torch.Tensor:
+        """scores ``[R, V]`` (logits, or log-probs in beam search) for the next token after ``sequences [R, T]``.
+
+        ``in_place``: ``scores`` is the caller's to overwrite, so the repetition penalty and the min-length mask
+        write only the entries they change (O(R * T) and O(R)) instead of copying ``[R, V]`` first."""
         s = self.settings
         length = sequences.shape[1]
         if s.repetition_penalty != 1.0:
-            scores = self._penalize_repeats(scores, sequences)
+            scores = self._penalize_repeats(scores, sequences, in_place)
+            in_place = True  # from here on, scores is this call's own tensor either way
         if s.no_repeat_ngram_size and length >= s.no_repeat_ngram_size:
             scores = _ban_repeated_ngrams(scores, sequences, s.no_repeat_ngram_size)
+            in_place = True
         if length < s.min_length or (s.min_new_tokens is not None and length - self.prompt_length < s.min_new_tokens):
-            scores = scores.clone()
+            scores = scores if in_place else scores.clone()
             scores[:, self.eos_token_id] = -float("inf")
         if s.do_sample and self.warp:
             if s.temperature != 1.0:
@@ -176,16 +181,18 @@ class LogitsProcessor:
                 scores = _top_p(scores, s.top_p, self.min_tokens_to_keep)
         return scores
 
-    def _penalize_repeats(self, scores: torch.Tensor, sequences: torch.Tensor) -> torch.Tensor:
-        """HuggingFace's gather/scatter over the ids already in each row (O(rows * length), not O(rows * vocab));
-        ignored prompt positions read the row's last token instead, which always counts."""
+    def _penalize_repeats(self, scores: torch.Tensor, sequences: torch.Tensor, in_place: bool) -> torch.Tensor:
+        """HuggingFace's gather/scatter over the ids already in each row (O(rows * length), not O(rows * vocab); out
+        of place it also copies ``scores``, as HuggingFace does); ignored prompt positions read the row's last token
+        instead, which always counts. A repeated id writes the same value each time, so the scatter is exact."""
         ids = sequences
         if self.ignore_for_penalty is not None:
             prompt = torch.where(self.ignore_for_penalty, sequences[:, -1:], sequences[:, : self.prompt_length])
             ids = torch.cat([prompt, sequences[:, self.prompt_length :]], dim=1)
         seen = scores.gather(1, ids)
         penalty = self.settings.repetition_penalty
-        return scores.scatter(1, ids, torch.where(seen < 0, seen * penalty, seen / penalty))
+        penalised = torch.where(seen < 0, seen * penalty, seen / penalty)
+        return scores.scatter_(1, ids, penalised) if in_place else scores.scatter(1, ids, penalised)
 
 
 def _ban_repeated_ngrams(scores: torch.Tensor, sequences: torch.Tensor, size: int) -> torch.Tensor:

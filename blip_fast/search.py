@@ -121,7 +121,9 @@ class TokenSearch:
         s = self.settings
         self.steps_taken += self.unfinished.any()
         logits = self.logits.float() if s.do_sample or s.repetition_penalty != 1.0 else self.logits
-        scores = self.processor(logits, self.sequences[:, :length])
+        # The raw logits are read again only when recorded: otherwise the processor may overwrite them in place.
+        scores = self.processor(logits, self.sequences[:, :length],
+                                in_place=logits is not self.logits or not self.record.active)
         self.record.add(self.logits, scores)
         next_tokens = self.sampler.tokens(scores, length) if s.do_sample else scores.argmax(dim=-1)
         next_tokens = torch.where(self.unfinished, next_tokens, self.pad_token_id)
@@ -193,7 +195,7 @@ class BeamSearch:
         if self.record.active:
             self.steps_taken += ~self.stop_flag
         log_probs = self.processor(self.logits.log_softmax(dim=-1, dtype=torch.float32),
-                                   self.running.view(rows, self.max_length)[:, :length])
+                                   self.running.view(rows, self.max_length)[:, :length], in_place=True)
         self.record.add(self.logits, log_probs)
         vocab = log_probs.shape[-1]
         total = (log_probs.view(batch, num_beams, vocab) + self.running_scores[:, :, None]).view(batch, -1)

@@ -38,6 +38,37 @@ def test_repetition_penalty_equals_hf(penalty):
     assert_close(processor(scores, history), expected)
 
 
+@pytest.mark.parametrize("in_place", [False, True])
+def test_repetition_penalty_is_gather_scatter_over_the_generated_ids(in_place):
+    """Cost: the penalty (and the min-length mask) create no ``[R, V]`` tensor when the caller hands its scores
+    over, only ``[R, T]`` ones (O(rows * length), not O(rows * vocab)); out of place they copy the scores once, as
+    HuggingFace does. Both equal HuggingFace's processor, repeated ids and negative scores included."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    rows, vocab, length = 5, 1009, 7
+    scores, history = torch.randn(rows, vocab) * 3, torch.randint(0, 12, (rows, length))  # ids repeat
+    expected = hf_processors.RepetitionPenaltyLogitsProcessor(1.3)(history, scores.clone())
+    expected[:, 3] = -float("inf")  # min_length 9 > 7: EOS (id 3) blocked too
+    processor = LogitsProcessor(GenerationSettings(repetition_penalty=1.3, min_length=9), 1, eos_token_id=3,
+                                ignore_for_penalty=None)
+
+    class NewTensors(TorchDispatchMode):
+        sizes: list[tuple[str, int]] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if not func._schema.name.endswith("_") and isinstance(out, torch.Tensor):  # in-place ops return self
+                self.sizes.append((func._schema.name, out.numel()))
+            return out
+
+    given = scores.clone()
+    with NewTensors() as mode:
+        actual = processor(given, history, in_place=in_place)
+    assert torch.equal(actual, expected) and (actual is given) == in_place
+    largest = max(numel for _, numel in mode.sizes)
+    assert largest == (rows * length if in_place else rows * vocab), mode.sizes
+
+
 def test_min_length_blocks_eos_until_reached():
     processor = LogitsProcessor(GenerationSettings(min_length=4), 1, eos_token_id=3, ignore_for_penalty=None)
     scores = torch.zeros(2, 10)
