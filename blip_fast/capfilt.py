@@ -223,29 +223,48 @@ class CapFiltModels:
         return states
 
     @torch.no_grad()
-    def synthetic_captions(self, pixel_values: torch.Tensor, generator: torch.Generator | None,
-                           image_embeds: torch.Tensor | None = None) -> list[list[str]]:
-        """``num_captions`` cleaned captions per image of ``pixel_values [B, 3, H, W]`` (the prompt stripped).
-        ``image_embeds``: the filter's states, when :attr:`shared_vision` (the captioner then runs no ViT)."""
+    def caption_ids(self, pixel_values: torch.Tensor, generator: torch.Generator | None,
+                    image_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """The captioner's sampled ids ``[B * K, L]`` for ``pixel_values [B, 3, H, W]``, from the prompt's last token
+        on, on the CPU (the device part of :meth:`synthetic_captions`). ``image_embeds``: the filter's states, when
+        :attr:`shared_vision` (the captioner then runs no ViT)."""
         model = self.captioner.model
         prompt = self.captioner.prompt_ids.to(model.device).expand(pixel_values.shape[0], -1)
         if image_embeds is not None:
             self._wait_for_side_stream()
         ids = model.generate(pixel_values.to(model.device, model.dtype), input_ids=prompt, generator=generator,
                              image_embeds=image_embeds, **self.decoding())  # [B * K, L]
-        texts = self.captioner.tokenizer.batch_decode(ids[:, prompt.shape[1] - 1 :])
-        cleaned = [pre_caption(text, self.options.max_words) for text in texts]
+        return ids[:, prompt.shape[1] - 1 :].cpu()
+
+    def caption_texts(self, ids: torch.Tensor) -> list[list[str]]:
+        """:meth:`caption_ids` -> ``num_captions`` cleaned captions per image (host work only)."""
+        cleaned = [pre_caption(text, self.options.max_words) for text in self.captioner.tokenizer.batch_decode(ids)]
         per_image = self.options.num_captions
         return [cleaned[start : start + per_image] for start in range(0, len(cleaned), per_image)]
 
+    def synthetic_captions(self, pixel_values: torch.Tensor, generator: torch.Generator | None,
+                           image_embeds: torch.Tensor | None = None) -> list[list[str]]:
+        """``num_captions`` cleaned captions per image of ``pixel_values [B, 3, H, W]`` (the prompt stripped)."""
+        return self.caption_texts(self.caption_ids(pixel_values, generator, image_embeds))
+
+    def itm_tokens(self, captions: Sequence[Sequence[str]]) -> dict[str, torch.Tensor] | None:
+        """The filter's input ids and mask (CPU) of every image's captions, flattened; None when there are none."""
+        flat = [text for texts in captions for text in texts]
+        if not flat:
+            return None
+        return self.filter_tokenizer(flat, padding=True, truncation=True, max_length=ITM_MAX_TOKENS,
+                                     return_tensors="pt")
+
     @torch.no_grad()
     def match_logits(self, pixel_values: torch.Tensor, captions: Sequence[Sequence[str]],
-                     image_embeds: torch.Tensor | None = None) -> list[torch.Tensor]:
+                     image_embeds: torch.Tensor | None = None,
+                     tokens: dict[str, torch.Tensor] | None = None) -> list[torch.Tensor]:
         """ITM logits ``[n_b, 2]`` (fp32, index 1 = matched) of each image's captions.
 
         One ViT pass per image (or ``image_embeds`` from :meth:`filter_states`), and one cross-attention K/V
         projection per image: its captions attend as extra query rows (``texts_per_image``), an image with fewer
-        captions than the widest repeating its last one (scores dropped)."""
+        captions than the widest repeating its last one (scores dropped). ``tokens``: :meth:`itm_tokens` of
+        ``captions`` when already computed (on the text thread)."""
         model = self.filter
         counts = [len(texts) for texts in captions]
         scored = [image for image, count in enumerate(counts) if count]
@@ -253,16 +272,16 @@ class CapFiltModels:
             return [torch.empty(0, 2) for _ in captions]
         if image_embeds is None:
             image_embeds = vision_states(model.vision_model, pixel_values.to(model.device, model.dtype))
-        flat = [text for texts in captions for text in texts]
-        tokens = self.filter_tokenizer(flat, padding=True, truncation=True, max_length=ITM_MAX_TOKENS,
-                                       return_tensors="pt").to(model.device)
+        tokens = self.itm_tokens(captions) if tokens is None else tokens
+        input_ids = tokens["input_ids"].to(model.device, non_blocking=True)
+        attention_mask = tokens["attention_mask"].to(model.device, non_blocking=True)
         width, starts = max(counts), [sum(counts[:image]) for image in range(len(counts))]
         slots = torch.tensor([starts[image] + min(row, counts[image] - 1) for image in scored for row in range(width)],
                              device=model.device)
         if len(scored) < len(counts):
             image_embeds = image_embeds[torch.tensor(scored, device=model.device)]
         self._wait_for_side_stream()
-        logits = model.itm_logits(image_embeds, tokens.input_ids[slots], tokens.attention_mask[slots],
+        logits = model.itm_logits(image_embeds, input_ids[slots], attention_mask[slots],
                                   texts_per_image=width).float().cpu().view(len(scored), width, 2)
         per_image = [torch.empty(0, 2) for _ in captions]
         for position, image in enumerate(scored):
@@ -334,33 +353,59 @@ def _record_batch(writer: UnitWriter, unreadable: list[tuple[Item, str]], scored
         writer.add(item, data, captions)
 
 
-def _process_batch(models: CapFiltModels, writer: BackgroundWriter, items: list[Item],
-                   loaded: list[dict[str, Any]], generator: torch.Generator) -> None:
-    """Caption and score one batch on the models' device; its records go to the writer thread. Unreadable images
-    and empty web captions go to the errors."""
+@dataclass
+class _Batch:
+    """One batch between its stages (:func:`_caption_batch` -> :func:`_batch_texts` -> :func:`_score_batch`)."""
+
+    unreadable: list[tuple[Item, str]]
+    good: list[tuple[Item, dict[str, Any]]]
+    filter_pixels: torch.Tensor | None = None
+    filter_states: torch.Tensor | None = None
+    ids: torch.Tensor | None = None  # [B * K, L] the captioner's samples (CPU)
+
+
+def _caption_batch(models: CapFiltModels, items: list[Item], loaded: list[dict[str, Any]],
+                   generator: torch.Generator) -> _Batch:
+    """The device work that draws from the unit's generator (main thread, in batch order): pixels, the filter's ViT
+    (a side stream on CUDA), the captioner's sampling. Unreadable images are set aside for the errors."""
     pixels, errors = models.pixels(loaded, [item.key for item in items])
-    unreadable = [(item, error) for item, error in zip(items, errors) if error is not None]
-    good = [(item, entry) for item, entry, error in zip(items, loaded, errors) if error is None]
-    scored = []
-    if good:
+    batch = _Batch([(item, error) for item, error in zip(items, errors) if error is not None],
+                   [(item, entry) for item, entry, error in zip(items, loaded, errors) if error is None])
+    if batch.good:
         caption_pixels = pixels["captioner"]
-        filter_pixels = pixels.get("filter", caption_pixels)
-        filter_states = models.filter_states(filter_pixels)  # overlaps the decoding below on CUDA
-        synthetic = models.synthetic_captions(caption_pixels, generator,
-                                              filter_states if models.shared_vision else None)
-        candidates = []  # per image: [(caption, source)]
-        for (item, _), samples in zip(good, synthetic):
-            web = [pre_caption(caption, models.options.max_words) for caption in item.web_captions]
-            candidates.append((not all(web), samples.count(""),
-                               [(text, "web") for text in web if text] +
-                               [(text, "synthetic") for text in samples if text]))
-        logits = models.match_logits(filter_pixels, [[text for text, _ in pairs] for *_, pairs in candidates],
-                                     image_embeds=filter_states)
-        for (item, entry), (web_empty, synthetic_empty, pairs), image_logits in zip(good, candidates, logits):
+        batch.filter_pixels = pixels.get("filter", caption_pixels)
+        batch.filter_states = models.filter_states(batch.filter_pixels)  # overlaps the decoding below on CUDA
+        batch.ids = models.caption_ids(caption_pixels, generator,
+                                       batch.filter_states if models.shared_vision else None)
+    return batch
+
+
+def _batch_texts(models: CapFiltModels, batch: _Batch) -> tuple[list[tuple[bool, int, list]], dict | None]:
+    """Host work (the text thread, while the device decodes the next batch): the samples' text, every caption
+    cleaned, per image ``(web caption empty, empty samples, [(caption, source)])``, and the filter's tokens."""
+    if not batch.good:
+        return [], None
+    candidates = []
+    for (item, _), samples in zip(batch.good, models.caption_texts(batch.ids)):
+        web = [pre_caption(caption, models.options.max_words) for caption in item.web_captions]
+        candidates.append((not all(web), samples.count(""),
+                           [(text, "web") for text in web if text] + [(text, "synthetic") for text in samples if text]))
+    return candidates, models.itm_tokens([[text for text, _ in pairs] for *_, pairs in candidates])
+
+
+def _score_batch(models: CapFiltModels, writer: BackgroundWriter, batch: _Batch,
+                 texts: concurrent.futures.Future) -> None:
+    """The filter's ITM pass on the device, then the batch's records and errors to the writer thread."""
+    candidates, tokens = texts.result()
+    scored = []
+    if batch.good:
+        logits = models.match_logits(batch.filter_pixels, [[text for text, _ in pairs] for *_, pairs in candidates],
+                                     image_embeds=batch.filter_states, tokens=tokens)
+        for (item, entry), (web_empty, synthetic_empty, pairs), image_logits in zip(batch.good, candidates, logits):
             kept, scores = models.keep(image_logits)
             scored.append((item, entry["data"], web_empty, synthetic_empty,
                            [(text, source, k, s) for (text, source), k, s in zip(pairs, kept, scores)]))
-    writer.submit(_record_batch, unreadable, scored)
+    writer.submit(_record_batch, batch.unreadable, scored)
 
 
 def _rank_and_world(options: CapFiltOptions) -> tuple[int, int]:
@@ -382,14 +427,25 @@ def _run_units(models: CapFiltModels, units: list[Unit], options: CapFiltOptions
     output, fingerprint = Path(options.output), options.fingerprint()
     batches: Iterator[list[dict[str, Any]]] = iter(loader)
     total = sum(len(unit.items) for unit in units)
-    with tqdm(total=total, unit="img", desc="capfilt", disable=not options.progress) as progress:
+    # Two batches in flight: while batch i's captions are decoded, cleaned and tokenised on the text thread, the
+    # main thread runs batch i + 1's ViT and sampling, then batch i's ITM pass (the device never waits on the host
+    # text work, and the sampling order, hence the output, is unchanged).
+    text_thread = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="capfilt-text")
+    with text_thread, tqdm(total=total, unit="img", desc="capfilt", disable=not options.progress) as progress:
         for unit in units:
             writer = BackgroundWriter(UnitWriter(unit, output, source.output_shard(unit.index), fingerprint))
             generator = torch.Generator(device=options.device).manual_seed(unit_seed(options.seed, unit.index))
+            in_flight = None
             for start in range(0, len(unit.items), options.batch_size):
                 items = unit.items[start : start + options.batch_size]
-                _process_batch(models, writer, items, next(batches), generator)
+                batch = _caption_batch(models, items, next(batches), generator)
+                texts = text_thread.submit(_batch_texts, models, batch)
+                if in_flight is not None:
+                    _score_batch(models, writer, *in_flight)
+                in_flight = (batch, texts)
                 progress.update(len(items))
+            if in_flight is not None:
+                _score_batch(models, writer, *in_flight)
             writer.commit()
 
 

@@ -292,6 +292,33 @@ def test_ranks_split_units_and_the_last_one_merges(model_dirs, data, tmp_path):
     assert _output_files(tmp_path / "ranks") == _output_files(tmp_path / "single")
 
 
+def test_text_work_runs_on_its_thread_while_the_next_batch_samples(model_dirs, data, tmp_path, monkeypatch):
+    """Host text work (decoding the samples, cleaning, the filter's tokenising) runs on the text thread, and batch
+    i + 1's sampling is launched before batch i's ITM pass: the device does not wait for it. The values are the
+    serial order's (the tests above compare them with generate and per-pair ITM)."""
+    import threading
+
+    from blip_fast import capfilt
+
+    events = []
+
+    def spy(name, stage):
+        def recorded(*args):
+            events.append((name, threading.current_thread().name))
+            return stage(*args)
+        return recorded
+
+    for name in ("_caption_batch", "_batch_texts", "_score_batch"):
+        monkeypatch.setattr(capfilt, name, spy(name.strip("_"), getattr(capfilt, name)))
+    summary = run_capfilt(_options(model_dirs, data, "json", tmp_path, images_per_part=100, batch_size=4))
+    assert summary["images"] == NUM_IMAGES  # 10 images: batches of 4, 4, 2
+    main_thread = [name for name, thread in events if thread == threading.main_thread().name]
+    assert main_thread == ["caption_batch", "caption_batch", "score_batch", "caption_batch", "score_batch",
+                           "score_batch"]
+    texts = [thread for name, thread in events if name == "batch_texts"]
+    assert len(texts) == 3 and all(thread.startswith("capfilt-text") for thread in texts)
+
+
 # ------------------------------------------------------------------------------------------------ compute path
 @pytest.fixture(scope="module")
 def models(model_dirs):
