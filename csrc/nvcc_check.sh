@@ -30,9 +30,15 @@ from torch.utils.cpp_extension import include_paths
 print(' '.join('-I' + p for p in include_paths() + [sysconfig.get_paths()['include']]))")
 gencode=()
 for arch in "${archs[@]}"; do gencode+=("-gencode=arch=compute_$arch,code=sm_$arch"); done
+# The sources compile at once (each is mostly torch's host headers, one core's work): half the wall time on 2 cores.
+pids=()
 for source in "${sources[@]}"; do
     echo "nvcc compile check (${archs[*]/#/sm_}): $source"
     nvcc -c "${gencode[@]}" -std=c++17 "${includes[@]}" -I"$out_dir/stub" -Icsrc \
         -DTORCH_EXTENSION_NAME=_C -DTORCH_API_INCLUDE_EXTENSION_H \
-        -o "$out_dir/$(basename "$source").o" "$source"
+        -o "$out_dir/$(basename "$source").o" "$source" &
+    pids+=($!)
 done
+failed=0
+for pid in "${pids[@]}"; do wait "$pid" || failed=1; done
+exit "$failed"
