@@ -30,7 +30,7 @@ checks() {
     # The GPU code proven correct: fast core first (HF parity, CUDA graphs, the CUDA op), then the Triton kernels.
     step tests_core 45 45 "$PY" -m pytest "${PYTEST[@]}" -m gpu -k "not test_matches_reference" \
         tests/test_gpu_parity.py tests/test_decode_engine.py tests/test_decode_attention_cuda.py \
-        tests/test_pretrain.py tests/test_capfilt_images.py --junitxml="$WORK/tests_core.xml"
+        tests/test_pretrain.py tests/test_capfilt_images.py tests/test_fp8.py --junitxml="$WORK/tests_core.xml"
     step tests_kernels 50 40 "$PY" -m pytest "${PYTEST[@]}" "${XDIST[@]}" -m gpu tests/test_itc_kernel.py \
         tests/test_itm_negatives_kernel.py tests/test_decode_attention_kernel.py --junitxml="$WORK/tests_kernels.xml"
     # The real CLI (DataLoader workers, pinned memory, lazily captured CUDA graphs) on tar shards; tiny models: the
@@ -71,6 +71,8 @@ checks() {
     # Issue 15: input pipeline, PIL in workers vs nvJPEG + augmentation on the GPU.
     step input 40 0 "$PY" -m benchmarks.bench_input "${INPUT[@]}" --out "$WORK" --name input
     # Issue 12: CapFilt's input at 384 px, PIL in workers vs bytes from workers + nvJPEG and resize on the GPU.
+    # Issue 12: the optional FP8 ViT (BLIP_FAST_VIT_FP8): state errors and task agreement against fp32, img/s.
+    step fp8_vit 40 0 "$PY" -m benchmarks.bench_fp8_vit "${FP8[@]}" --out "$WORK" --name fp8_vit
     step capfilt_input 30 0 "$PY" -m benchmarks.bench_input --task capfilt --image-size 384 "${INPUT[@]}" \
         --out "$WORK" --name capfilt_input
     step pretrain_compiled 90 0 "$PY" -m benchmarks.bench_pretrain "${PRETRAIN[@]}" --paths "fast:$LOW" "${COMPILE[@]}" \
@@ -89,6 +91,7 @@ configure() {
         INPUT=(--device cpu --workers 0 --images 8 --batch 4 --batches 2)
         CAPFILT_CLI=(--config tiny --device cpu --shards 2 --per-shard 4 --batch-size 4 --source-size 64)
         ITC_HEADLINE=33 ITC_REST=8 DECODE_HEADLINE=4 DECODE_REST=2,1 LOW=fp32 COSTS=(--config tiny --device cpu)
+        FP8=(--device cpu --config tiny --image-sizes 64 --batch 1)
         BUILD=("$PY" setup.py --version)  # the build decision only: never reinstall the developer's environment
     else
         MODEL=(--config base --dtype fp16 --device cuda --repeats 5) DEV=(--device cuda) GENERATE=()
@@ -97,6 +100,7 @@ configure() {
         CAPFILT_CLI=(--config tiny --device cuda --shards 4 --per-shard 32 --batch-size 32)
         ITC_HEADLINE=4096 ITC_REST=1024,32768 DECODE_HEADLINE=256 DECODE_REST=64,1 LOW=bf16
         COSTS=(--config base --device cuda)
+        FP8=(--device cuda --dtype fp16 --batch 8 --speed-batch 256 --repeats 5)
         BUILD=("$PY" -m pip install -v --no-index --no-deps --no-build-isolation -e .)
     fi
     # -v: a step killed at its budget still shows in its log which test was running; durations size the next budgets.

@@ -383,3 +383,46 @@ def lm_head_loss(
         with torch.autocast(device_type, enabled=False):
             return resolve("lm_head_loss", hidden.device)(hidden, weight, bias, labels, label_smoothing)
     return resolve("lm_head_loss", hidden.device)(hidden, weight, bias, labels, label_smoothing)
+
+
+# ---------------------------------------------------------------------------------------------------- fp8_linear
+#: float8 e4m3's largest finite value: a per-tensor scale maps a tensor's largest magnitude onto it.
+E4M3_MAX = 448.0
+
+
+def fp8_quantize(tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``tensor`` as float8 e4m3 values and a 0-d fp32 scale (``tensor ~= values * scale``): scale = amax / 448,
+    values clamped to e4m3's range (a plain cast overflows to NaN)."""
+    scale = (tensor.detach().abs().amax().float() / E4M3_MAX).clamp(min=torch.finfo(torch.float32).tiny)
+    return (tensor.detach().float() / scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn), scale
+
+
+def fp8_gemm_supported(device: torch.device) -> bool:
+    """FP8 tensor-core GEMMs (``torch._scaled_mm``): CUDA compute capability 8.9+ (Ada, Hopper, Blackwell)."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+@register("fp8_linear", "reference")
+def _fp8_linear_reference(inputs, weight_fp8, weight_scale, bias, out_dtype):
+    # Emulation: the same float8 rounding of input and weight, multiplied in fp32 (the GPU accumulates in fp32 too).
+    values, scale = fp8_quantize(inputs)
+    out = (values.float() * scale) @ (weight_fp8.float() * weight_scale).t()
+    return out.to(out_dtype) if bias is None else out.to(out_dtype) + bias
+
+
+@register("fp8_linear", "torch", available=fp8_gemm_supported)
+def _fp8_linear_scaled_mm(inputs, weight_fp8, weight_scale, bias, out_dtype):
+    values, scale = fp8_quantize(inputs)
+    out = torch._scaled_mm(values, weight_fp8.t(), scale_a=scale, scale_b=weight_scale, out_dtype=out_dtype)
+    return out if bias is None else out + bias
+
+
+def fp8_linear(inputs: torch.Tensor, weight_fp8: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
+               emulate: bool = False) -> torch.Tensor:
+    """``F.linear`` in FP8 with per-tensor scales: ``inputs [..., K]`` quantised per call (its own amax),
+    ``weight_fp8 [N, K]`` float8 e4m3 with ``weight_scale`` (:func:`fp8_quantize`), fp32 accumulation, the result
+    in ``inputs``' dtype plus ``bias [N]``. On GPUs of compute capability 8.9+ one ``torch._scaled_mm`` (K and N
+    multiples of 16); ``emulate`` (and the reference backend) rounds the same way and multiplies in fp32."""
+    rows = inputs.reshape(-1, inputs.shape[-1])
+    backend = _fp8_linear_reference if emulate else resolve("fp8_linear", inputs.device)
+    return backend(rows, weight_fp8, weight_scale, bias, inputs.dtype).reshape(*inputs.shape[:-1], -1)
