@@ -151,10 +151,13 @@ class BatchPixels:
         resized = self.transforms[name]([image for image, _ in rows], [params for _, params in rows])
         if not from_workers:
             return resized
+        # Rows placed by index lists known on the host (a boolean mask would sync with the device to count them).
+        on_device = [row for row, image in enumerate(decoded) if image is not None]
+        in_workers = [row for row, image in enumerate(decoded) if image is None]
         out = resized.new_empty(len(entries), *resized.shape[1:])
-        mask = torch.tensor([image is not None for image in decoded], device=resized.device)
-        out[mask] = resized
-        out[~mask] = torch.stack(from_workers).to(resized.device, non_blocking=True)
+        out.index_copy_(0, torch.tensor(on_device, device=out.device), resized)
+        out.index_copy_(0, torch.tensor(in_workers, device=out.device),
+                        torch.stack(from_workers).to(out.device, non_blocking=True))
         return out
 
     def _decode(self, images: list[EncodedImage], names: list[str]) -> list[torch.Tensor | ImageLoadError]:
