@@ -25,13 +25,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from blip_fast import errors
 from blip_fast.data import synthetic_tasks
 from blip_fast.data.synthetic import SyntheticNoisyDataset
 
 DEMO_TASKS = ("vqa", "nlvr")
 SEED = 11
 TRAIN_SEED = 7  # model initialisation and data order of every training stage
-IMAGE_SIZE = 64
 VOCAB_SIZE = 512
 
 
@@ -51,15 +51,16 @@ class TaskDemoScale:
     nlvr_epochs: int
     micro_batch: int = 32
     queue_size: int = 128
+    image_size: int = 64  # pixels: the drawn scenes and the model's input
 
 
 SCALES = {
     "full": TaskDemoScale(pretrain_images=1200, train_images=800, test_images=200, pretrain_epochs=6,
                           questions_per_image=3, nlvr_train_pairs=1600, nlvr_test_pairs=400, vqa_epochs=4,
-                          nlvr_epochs=4),
+                          nlvr_epochs=4, image_size=32),
     "small": TaskDemoScale(pretrain_images=600, train_images=400, test_images=100, pretrain_epochs=4,
                            questions_per_image=3, nlvr_train_pairs=640, nlvr_test_pairs=200, vqa_epochs=3,
-                           nlvr_epochs=3),
+                           nlvr_epochs=3, image_size=32),
 }
 
 
@@ -70,7 +71,7 @@ def write_task_data(data_dir: Path, scale: TaskDemoScale) -> dict[str, str]:
     from blip_fast.tokenizer import BlipTokenizer
 
     scenes = SyntheticNoisyDataset(scale.pretrain_images + scale.test_images, noise_fraction=0.0, seed=SEED,
-                                   image_size=IMAGE_SIZE)
+                                   image_size=scale.image_size)
     captions = scenes.write_blip_json(data_dir, {"pretrain": scale.pretrain_images, "test": scale.test_images})
     train, test = range(scale.train_images), range(scale.pretrain_images, scale.pretrain_images + scale.test_images)
     files = {"pretrain": captions["pretrain"],
@@ -147,7 +148,7 @@ def _nlvr_before(pretrained: Path, files: dict[str, str], data_dir: Path, device
     model = source.task_model("nlvr", source.config).to(device)
     statements = read_nlvr(files["nlvr_test"], data_dir)
     predictions = predict_statements(model, BlipTokenizer.from_pretrained(source.tokenizer_dir),
-                                     BlipImageProcessor(size=IMAGE_SIZE), statements)
+                                     BlipImageProcessor(size=source.config.vision.image_size), statements)
     return nlvr_accuracy(predictions, [statement.label for statement in statements])
 
 
@@ -166,12 +167,12 @@ def run_task_demo(out_dir: str | os.PathLike = "blip_fast_demo", tasks: Sequence
 
     unknown = sorted(set(tasks) - set(DEMO_TASKS))
     if unknown or not tasks:
-        raise ValueError(f"demo tasks are {list(DEMO_TASKS)}, got {list(tasks)}")
+        raise errors.InvalidInputError(f"demo tasks are {list(DEMO_TASKS)}, got {list(tasks)}")
     scale = SCALES[scale] if isinstance(scale, str) else scale
     out_dir = Path(out_dir) / "tasks"
     settings = out_dir / "demo_scale.json"
     if settings.is_file() and _read(settings) != asdict(scale):
-        raise ValueError(f"{out_dir} holds a task demo of another scale ({settings}): use another --out-dir")
+        raise errors.InvalidInputError(f"{out_dir} holds a task demo of another scale ({settings}): use another --out-dir")
     out_dir.mkdir(parents=True, exist_ok=True)
     settings.write_text(json.dumps(asdict(scale)) + "\n", encoding="utf-8")
     threads = max(1, os.cpu_count() or 1)
@@ -220,7 +221,7 @@ def task_report(results: dict[str, Any]) -> str:
     """The markdown report: accuracy before and after fine-tuning, next to the baselines."""
     scale = results["scale"]
     lines = ["# blip_fast downstream demo: VQA and NLVR2", "",
-             f"A tiny BLIP (64 px) pre-trained on {scale['pretrain_images']} captioned synthetic scenes, then "
+             f"A tiny BLIP ({scale['image_size']} px) pre-trained on {scale['pretrain_images']} captioned synthetic scenes, then "
              f"fine-tuned; tested on {scale['test_images']} unseen scenes.", ""]
     if "vqa" in results:
         vqa = results["vqa"]

@@ -10,6 +10,7 @@ from blip_fast.data.synthetic import SyntheticNoisyDataset
 from blip_fast.demo import (
     DATA_SEED,
     SCALES,
+    SeedRun,
     Stages,
     component_seed,
     named_objects,
@@ -94,6 +95,11 @@ def test_parallel_plan_splits_cores_over_seed_runs(seeds, cores, expected):
     assert parallel_plan(seeds, cores, jobs=1, threads=7) == (1, 7)
 
 
+@pytest.mark.parametrize("threads, ranks", [(1, 1), (2, 2), (3, 1), (16, 2)])
+def test_training_stages_run_two_ranks_when_the_threads_split_evenly(threads, ranks, tmp_path):
+    assert SeedRun(tmp_path, tmp_path, SCALES["full"], 0, threads).training_ranks == ranks
+
+
 def _seed_result(seed, shift):
     """A per-seed result as ``run_seed`` writes it; ``shift`` moves every "after" number."""
     metrics = {"retrieval": {"txt_r1": 10.0, "txt_r5": 20.0, "img_r1": 30.0, "img_r5": 40.0},
@@ -103,7 +109,7 @@ def _seed_result(seed, shift):
              for section, items in metrics.items()}
     example = [{"references": ["a red circle"], "caption": f"seed {seed}"}]
     return {"seed": seed, "threads": 1, "torch": "2.x", "scale": {"web_images": 10, "noise_fraction": 0.4,
-            "clean_images": 4, "test_images": 2, "references_per_image": 3, "k_test": 8},
+            "clean_images": 4, "test_images": 2, "references_per_image": 3, "k_test": 8, "image_size": 32},
             "filter": {"precision": 90.0 + seed, "recall": 95.0, "web_dropped": 4, "web_noisy": 4,
                        "synthetic_kept": 5, "synthetic_total": 10},
             "before": {**metrics, "examples": example}, "after": {**after, "examples": example}}

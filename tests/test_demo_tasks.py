@@ -70,3 +70,16 @@ def test_small_task_demo_lifts_vqa_and_nlvr2_accuracy(tmp_path):
     assert nlvr["after"]["accuracy"] > max(nlvr["before"]["accuracy"], 50.0) + 5, nlvr
     assert json.loads((tmp_path / "tasks" / "results.json").read_text())["vqa"] == vqa
     assert "## NLVR2" in (tmp_path / "tasks" / "report.md").read_text()
+
+
+def test_unknown_task_or_a_folder_of_another_scale_is_a_user_error(tmp_path):
+    from blip_fast.demo_tasks import run_task_demo
+    from blip_fast.errors import InvalidInputError
+
+    with pytest.raises(InvalidInputError, match="demo tasks are"):
+        run_task_demo(tmp_path, ["vqa", "gqa"], scale=TINY)
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "demo_scale.json").write_text(json.dumps(SCALES["full"].__dict__))
+    with pytest.raises(InvalidInputError, match="another scale"):
+        run_task_demo(tmp_path, ["vqa"], scale="small")
+    assert not (tmp_path / "tasks" / "data").exists()  # refused before any work
