@@ -56,7 +56,7 @@ from blip_fast.data.workers import usable_cpus
 
 @dataclass(frozen=True)
 class DemoScale:
-    """How big the demo is. ``full`` is the default run (about 10 minutes on a 2-core CPU); ``small`` the opt-in
+    """How big the demo is. ``full`` is the default run (about 11 minutes on a 2-core CPU); ``small`` the opt-in
     direction check; ``tiny`` the CI smoke run."""
 
     web_images: int
