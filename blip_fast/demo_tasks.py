@@ -163,18 +163,14 @@ def run_task_demo(out_dir: str | os.PathLike = "blip_fast_demo", tasks: Sequence
     """Run (or resume) the downstream demo in ``out_dir/tasks``; returns what ``results.json`` holds."""
     import torch
 
-    from blip_fast.demo import SeedRun, Stages, _train
+    from blip_fast.demo import SeedRun, Stages, _check_settings, _train
 
     unknown = sorted(set(tasks) - set(DEMO_TASKS))
     if unknown or not tasks:
         raise errors.InvalidInputError(f"demo tasks are {list(DEMO_TASKS)}, got {list(tasks)}")
     scale = SCALES[scale] if isinstance(scale, str) else scale
     out_dir = Path(out_dir) / "tasks"
-    settings = out_dir / "demo_scale.json"
-    if settings.is_file() and _read(settings) != asdict(scale):
-        raise errors.InvalidInputError(f"{out_dir} holds a task demo of another scale ({settings}): use another --out-dir")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    settings.write_text(json.dumps(asdict(scale)) + "\n", encoding="utf-8")
+    _check_settings(out_dir / "demo_scale.json", asdict(scale), "of another scale")
     threads = max(1, os.cpu_count() or 1)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.set_num_threads(threads)

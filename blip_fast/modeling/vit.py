@@ -20,6 +20,7 @@ from torch.utils.checkpoint import checkpoint
 from blip_fast import ops
 from blip_fast.config import VisionConfig
 from blip_fast.modeling.common import DropPath, activation
+from blip_fast.modeling.fp8 import apply_requested
 from blip_fast.modeling.outputs import VisionModelOutput
 
 
@@ -164,8 +165,6 @@ def vision_states(vision_model: BlipVisionModel, pixel_values: torch.Tensor,
     one log line, if compilation fails), eager when training, with gradients, or compile is off; its GEMMs in FP8
     when ``BLIP_FAST_VIT_FP8`` asks (:mod:`blip_fast.modeling.fp8`)."""
     global _compiled_states, _compile_failed
-    from blip_fast.modeling.fp8 import apply_requested
-
     apply_requested(vision_model)  # BLIP_FAST_VIT_FP8: FP8 GEMMs in the encoder (off by default)
     if vision_model.training or torch.is_grad_enabled() or _compile_failed or not compile_enabled(pixel_values.device):
         return _states(vision_model, pixel_values, interpolate_pos_encoding)
