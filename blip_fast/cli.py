@@ -343,7 +343,7 @@ def _add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out-dir", type=errors.output_dir, default=Path("blip_fast_demo"),
                         help="rerun the same command to resume")
     parser.add_argument("--scale", choices=["full", "small", "tiny"], default="full",
-                        help="full: about 11 minutes on a 2-core CPU; small: the opt-in direction check; tiny: a smoke run")
+                        help="full: about 10 minutes on a 2-core CPU; small: the opt-in direction check; tiny: a smoke run")
     parser.add_argument("--seeds", type=errors.positive_int, default=1,
                         help="runs with seeds --seed .. --seed + N - 1, reported as mean ± standard deviation")
     parser.add_argument("--seed", type=errors.int_at_least(0), default=0,

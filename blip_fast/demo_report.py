@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from blip_fast.checkpoint import atomic_write, atomic_write_text
+from blip_fast.demo import CAPTION_ATTRIBUTES
 
 # (label, section, key) of the numbers compared before vs after bootstrapping.
 COMPARED = (
@@ -39,7 +40,8 @@ def spread(values: list[float]) -> dict[str, Any]:
 def summarize(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
     """What ``results.json`` holds, from each seed's results (``demo.run_seed``): every compared metric before,
     after and their difference (paired by seed) with its spread, and whether the gain is clear (mean > 2 std; None
-    for one seed); the filter's precision and recall likewise; the first seed's example captions."""
+    for one seed); how often the captions name each attribute right; the filter's precision and recall likewise;
+    the first seed's example captions."""
     first = per_seed[0]
     compared = []
     for label, section, key in COMPARED:
@@ -48,9 +50,13 @@ def summarize(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
         gain = spread([after - before for before, after in zip(noisy, bootstrapped)])
         compared.append({"metric": label, "noisy": spread(noisy), "bootstrapped": spread(bootstrapped), "gain": gain,
                          "clear_gain": None if gain["std"] is None else gain["mean"] > 2 * gain["std"]})
+    named = [{"attribute": attribute, **{model: spread([result[when]["captions"][f"names_{attribute}"]
+                                                         for result in per_seed])
+                                          for model, when in (("noisy", "before"), ("bootstrapped", "after"))}}
+             for attribute in CAPTION_ATTRIBUTES]
     return {
         "seeds": [result["seed"] for result in per_seed], "threads": first["threads"], "torch": first["torch"],
-        "scale": first["scale"], "compared": compared,
+        "scale": first["scale"], "compared": compared, "caption_attributes": named,
         "filter": {key: spread([result["filter"][key] for result in per_seed]) for key in FILTER_KEYS},
         "examples": [{"references": before["references"], "noisy": before["caption"], "bootstrapped": after["caption"]}
                      for before, after in zip(first["before"]["examples"], first["after"]["examples"])],
@@ -91,6 +97,14 @@ def write_report(path: Path, results: dict[str, Any], timing: dict[str, Any]) ->
         "|---|---|---|---|" + gain_rule,
         *(f"| {row['metric']} | {_show(row['noisy'])} | {_show(row['bootstrapped'])} | {_show(row['gain'], sign=True)}"
           + (f" | {'yes' if row['clear_gain'] else 'no'} |" if several else " |") for row in results["compared"]),
+        "",
+        "What the captions name right (% of test images; a uniform guess: "
+        + ", ".join(f"{attribute} {chance:.1f}" for attribute, chance in CAPTION_ATTRIBUTES.items()) + "):",
+        "",
+        "| attribute | noisy | bootstrapped |",
+        "|---|---|---|",
+        *(f"| {row['attribute']} | {_show(row['noisy'])} | {_show(row['bootstrapped'])} |"
+          for row in results["caption_attributes"]),
         "",
         f"## Example captions (test images, seed {seeds[0]})",
         "",

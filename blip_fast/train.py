@@ -47,6 +47,7 @@ import torch
 from blip_fast import errors
 from blip_fast.data.workers import die_with_parent
 from blip_fast.determinism import use_deterministic_algorithms
+from blip_fast.launch import free_port
 from blip_fast.training import checkpointing, options, tasks
 from blip_fast.training.schedule import alpha_ramp, learning_rate
 
@@ -55,19 +56,13 @@ METRICS_FILE = "metrics.jsonl"
 
 
 # ---------------------------------------------------------------------------------------------------- process setup
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def default_single_process_env() -> None:
     """Rank/world variables for a plain ``python -m blip_fast.train``: without them DeepSpeed looks for MPI."""
     launched = ("RANK", "WORLD_SIZE", "OMPI_COMM_WORLD_RANK", "PMI_RANK")
     if any(name in os.environ for name in launched):
         return
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    os.environ.setdefault("MASTER_PORT", str(free_port()))
 
 
 def _seed_all(seed: int) -> None:

@@ -1,20 +1,22 @@
 """``blip-fast demo``: its pieces, byte-identical reruns of the whole loop (tiny scale, in CI), and (opt-in:
 BLIP_FAST_SMALL_DEMO=1) the small run, where BLIP's bootstrapping loop must reproduce the paper's direction."""
 
+import dataclasses
 import json
 import os
 
 import pytest
 
+from blip_fast import errors
 from blip_fast.data.synthetic import SyntheticNoisyDataset
 from blip_fast.demo import (
     DATA_SEED,
     SCALES,
     SeedRun,
     Stages,
+    attribute_accuracy,
+    caption_attributes,
     component_seed,
-    named_objects,
-    object_accuracy,
     parallel_plan,
     reference_captions,
     write_datasets,
@@ -25,23 +27,25 @@ from blip_fast.demo_report import COMPARED, summarize, write_plot, write_report
 @pytest.mark.parametrize(
     "caption, expected",
     [
-        ("Two red circles on the left of a striped blue background.", ("circle", "red")),
-        ("a picture of three green crosses in the middle", ("cross", "green")),
-        ("An orange star at the top. The background is white.", ("star", "orange")),
-        ("A green background with two white diamonds on the left", ("diamond", "white")),
-        ("a dotted gray background", (None, None)),
-        ("circles", ("circle", None)),
-        ("", (None, None)),
+        ("Two red circles on the left of a striped blue background.", ("red", "circle", 2, "left")),
+        ("a picture of three green crosses in the middle", ("green", "cross", 3, "center")),
+        ("An orange star at the top. The background is white.", ("orange", "star", 1, "top")),
+        ("A green background with two white diamonds near the bottom", ("white", "diamond", 2, "bottom")),
+        ("There is an pink circle on the right side", ("pink", "circle", 1, "right")),
+        ("a dotted gray background", (None, None, None, None)),
+        ("three circles", (None, "circle", 3, None)),
+        ("", (None, None, None, None)),
     ],
 )
-def test_named_objects_reads_the_objects_not_the_background(caption, expected):
-    assert named_objects(caption) == expected
+def test_caption_attributes_read_the_objects_not_the_background(caption, expected):
+    assert tuple(caption_attributes(caption).values()) == expected
 
 
-def test_object_accuracy_counts_shape_and_colour_together():
-    references = [["two red circles on the left"], ["a blue star"], ["three green squares"]]
-    predictions = ["red circles", "a blue square", "three green squares at the top"]
-    assert object_accuracy(predictions, references) == pytest.approx(200 / 3)
+def test_attribute_accuracy_scores_each_attribute_and_shape_with_colour():
+    references = [["two red circles on the left"], ["a blue star at the top"], ["three green squares"]]
+    predictions = ["two red circles on the right", "a blue square at the top", "three green squares"]
+    assert attribute_accuracy(predictions, references) == pytest.approx(
+        {"colour": 100.0, "shape": 200 / 3, "count": 100.0, "position": 200 / 3, "objects": 200 / 3})
 
 
 def test_reference_captions_describe_the_true_scene():
@@ -50,7 +54,8 @@ def test_reference_captions_describe_the_true_scene():
     references = reference_captions(dataset, noisy, 4)
     assert references[0] == dataset.record(noisy)["true_caption"] != dataset.record(noisy)["caption"]
     scene = dataset.scene(noisy)
-    assert all(named_objects(caption) == (scene.shape, scene.color) for caption in references)
+    assert all(tuple(caption_attributes(caption).values()) == (scene.color, scene.shape, scene.count, scene.position)
+               for caption in references)
     assert len(set(references)) == 4  # worded differently
 
 
@@ -95,15 +100,18 @@ def test_parallel_plan_splits_cores_over_seed_runs(seeds, cores, expected):
     assert parallel_plan(seeds, cores, jobs=1, threads=7) == (1, 7)
 
 
-@pytest.mark.parametrize("threads, ranks", [(1, 1), (2, 2), (3, 1), (16, 2)])
-def test_training_stages_run_two_ranks_when_the_threads_split_evenly(threads, ranks, tmp_path):
-    assert SeedRun(tmp_path, tmp_path, SCALES["full"], 0, threads).training_ranks == ranks
+@pytest.mark.parametrize("threads, per_rank", [(1, 1), (2, 1), (3, 1), (16, 8)])
+def test_training_ranks_share_the_seeds_threads(threads, per_rank, tmp_path):
+    assert SeedRun(tmp_path, tmp_path, SCALES["full"], 0, threads).threads_per_rank == per_rank
+    with pytest.raises(errors.InvalidInputError, match="micro_batch 33"):
+        dataclasses.replace(SCALES["full"], micro_batch=33)
 
 
 def _seed_result(seed, shift):
     """A per-seed result as ``run_seed`` writes it; ``shift`` moves every "after" number."""
     metrics = {"retrieval": {"txt_r1": 10.0, "txt_r5": 20.0, "img_r1": 30.0, "img_r5": 40.0},
-               "captions": {"object_accuracy": 50.0, "bleu4": 0.25, "cider": 1.5}}
+               "captions": {"object_accuracy": 50.0, "bleu4": 0.25, "cider": 1.5, "names_colour": 90.0,
+                            "names_shape": 20.0, "names_count": 40.0, "names_position": 30.0}}
     step = {"bleu4": 0.01, "cider": 0.01}  # fractions, shown x100
     after = {section: {key: value + shift * step.get(key, 1.0) for key, value in items.items()}
              for section, items in metrics.items()}
@@ -126,6 +134,8 @@ def test_summarize_reports_mean_std_and_per_seed_values(tmp_path):
     assert rows["caption CIDEr (x100)"]["gain"]["per_seed"] == pytest.approx([3.0, 4.0, 5.0])  # shown x100
     assert results["filter"]["precision"]["per_seed"] == [90.0, 91.0, 92.0]
     assert results["examples"][0]["noisy"] == "seed 0"
+    shape = next(row for row in results["caption_attributes"] if row["attribute"] == "shape")
+    assert shape["noisy"]["per_seed"] == [20.0] * 3 and shape["bootstrapped"]["per_seed"] == [23.0, 24.0, 25.0]
     unclear = summarize([_seed_result(0, -1.0), _seed_result(1, 3.0)])
     assert not unclear["compared"][0]["clear_gain"]  # mean 1 < 2 x 2.83
     single = summarize([_seed_result(5, 1.0)])
@@ -140,6 +150,7 @@ def test_summarize_reports_mean_std_and_per_seed_values(tmp_path):
     assert "| image->text R@1 | 10.0 ± 0.0 | 14.0 ± 1.0 | +4.0 ± 1.0 | yes |" in report
     assert "| 91.0 ± 1.0 | 95.0 ± 0.0 |" in report and "1.0 min wall for 3 seed(s)" in report
     assert "| 2 | 10 / 9 |" in report
+    assert "| shape | 20.0 ± 0.0 | 24.0 ± 1.0 |" in report and "shape 14.3" in report
     write_report(tmp_path / "single.md", single, {**timing, "per_seed": {5: timing["per_seed"][0]}})
     assert "| image->text R@1 | 10.0 | 11.0 | +1.0 |" in (tmp_path / "single.md").read_text()
     write_plot(tmp_path / "results.png", results)

@@ -119,3 +119,25 @@ def test_negatives_across_ranks_carry_gradient(tmp_path):
         result = torch.load(tmp_path / f"rank{rank}.pt")
         assert torch.equal(result["grad"], weights_sum[2 * rank : 2 * rank + 2])
         assert torch.isfinite(result["loss"]) and result["itm_grad"].abs().sum() > 0
+
+
+def test_retrieval_loss_does_not_depend_on_padding_length():
+    """The retrieval collator pads to the batch's longest caption (to max_length only when negatives are gathered
+    across ranks): padded positions are masked, so the loss equals that of the same batch padded to 30 tokens."""
+    import argparse
+
+    from blip_fast.training import tasks
+
+    pixel_values, input_ids, attention_mask = _batch(4)
+    padded_ids = F.pad(input_ids, (0, 30 - input_ids.shape[1]))
+    padded_mask = F.pad(attention_mask, (0, 30 - attention_mask.shape[1]))
+    image_ids = torch.arange(4)
+    losses = []
+    for ids, mask in ((input_ids, attention_mask), (padded_ids, padded_mask)):
+        torch.manual_seed(1)  # the same hard negatives
+        out = _retrieval()(pixel_values, ids, mask, alpha=0.4, image_ids=image_ids)
+        losses.append(torch.stack([out.loss_itc, out.loss_itm]))
+    assert_close(losses[0], losses[1])
+    for all_ranks, padding in ((False, "longest"), (True, "max_length")):
+        args = argparse.Namespace(negative_all_rank=all_ranks, compile=False, max_text_length=30)
+        assert tasks.TASKS["retrieval"].collator(None, args).padding == padding

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 
+from blip_fast.launch import free_port
 from blip_fast.modeling.pretrain import BlipPretrainer
 from tests.tiny_models import micro_config
 
@@ -128,17 +128,11 @@ def test_masters_round_trip_and_rebuild():
 
 
 # ---------------------------------------------------------------------------------------------------- ZeRO-3 run
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_zero3_bf16_partitions_track_a_gathered_reference(tmp_path):
     """2 ranks, ZeRO-3 bf16, a persistence threshold that leaves some weights persistent and some partitioned: after
     6 training steps every momentum weight equals (to one bf16 rounding) the fp32 EMA of the gathered online weights."""
-    port = _free_port()
+    port = free_port()
     env = {key: value for key, value in os.environ.items()
            if key not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
     env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))

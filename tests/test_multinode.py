@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from blip_fast.launch import free_port
 from blip_fast.training import checkpointing
 from tests.test_train import (
     CONFIGS,
@@ -25,7 +26,6 @@ from tests.test_train import (
     TINY,
     _consolidated,
     _env,
-    _free_port,
     _max_differences,
     _metrics,
     _remove_shm,
@@ -91,7 +91,7 @@ def test_two_nodes_train_like_one_and_resume_after_a_node_is_killed(tmp_path):
     multi.mkdir()
     extra = [*common, "--tokenizer_dir", str(single / "tokenizer"), "--save_every_steps", str(KILL_AFTER)]
 
-    port = _free_port()
+    port = free_port()
     nodes = _start_nodes(port, multi, "killed", *extra)
     try:
         deadline = time.monotonic() + LAUNCH_TIMEOUT
@@ -109,7 +109,7 @@ def test_two_nodes_train_like_one_and_resume_after_a_node_is_killed(tmp_path):
         _remove_shm(port)
     assert checkpointing.latest_tag(multi) == checkpointing.tag_for(KILL_AFTER)
 
-    port = _free_port()
+    port = free_port()
     nodes = _start_nodes(port, multi, "resumed", *extra, "--resume")
     try:
         codes = [node.wait(timeout=LAUNCH_TIMEOUT) for node in nodes]

@@ -14,7 +14,6 @@ import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,6 +24,7 @@ import pytest
 import torch
 import yaml
 
+from blip_fast.launch import free_port
 from blip_fast.training import checkpointing, options
 from blip_fast.training.schedule import alpha_ramp, blip_step_lr, cosine_lr, learning_rate
 
@@ -181,12 +181,6 @@ def test_model_config_round_trip(tmp_path):
 
 
 # ==================================================================================================== launcher runs
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def _env() -> dict[str, str]:
     env = {key: value for key, value in os.environ.items()
            if key not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")}
@@ -228,7 +222,7 @@ def _run(command: list[str], log: Path, port: int) -> str:
 
 
 def _train(launcher: str, output_dir: Path, *extra: str, config: Path = TINY) -> str:
-    port = _free_port()
+    port = free_port()
     return _run(_train_command(launcher, port, output_dir, *extra, config=config),
                 output_dir.parent / f"{output_dir.name}.log", port)
 
@@ -319,7 +313,7 @@ def test_resume_after_sigkill_is_exact(zero2_run, tmp_path):
     """Run B is SIGKILLed (whole process group) after its step-10 checkpoint, resumed with --resume to step 30, and
     must end where the uninterrupted run A ended: same weights, optimizer-driven updates, momentum encoders, queues."""
     run_a, run_b = zero2_run["dir"], tmp_path / "killed"
-    port = _free_port()
+    port = free_port()
     # B trains its own vocab (the same as A's: blip_fast.wordpiece is deterministic across processes) and
     # checkpoints every 10 steps, A every 5: saving must not change the trajectory.
     command = _train_command("deepspeed", port, run_b, "--deepspeed_config", str(CONFIGS / "ds_zero2.json"),
@@ -468,7 +462,7 @@ def test_single_process_and_torchrun_launch(launcher, tmp_path):
     assert (ds_config["train_micro_batch_size_per_gpu"], ds_config["gradient_accumulation_steps"]) == (
         micro, accumulation)
     # A second start without --resume refuses to overwrite the checkpoints.
-    port = _free_port()
+    port = free_port()
     command = _train_command(launcher, port, output_dir, "--max_steps", "3")
     result = subprocess.run(command, capture_output=True, text=True, env=_env(), cwd=tmp_path,
                             timeout=LAUNCH_TIMEOUT)

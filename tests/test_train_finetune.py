@@ -19,12 +19,12 @@ import torch.nn.functional as F
 
 from blip_fast.data import BlipEvalTransform, BlipImageProcessor, SyntheticNoisyDataset, load_image
 from blip_fast.data.synthetic import render_caption
+from blip_fast.launch import free_port
 from blip_fast.tokenizer import BlipTokenizer
 from blip_fast.training import checkpointing, options, tasks
 from tests.test_train import (
     CONFIGS,
     _consolidated,
-    _free_port,
     _kill_after_checkpoint,
     _max_differences,
     _metrics,
@@ -250,7 +250,7 @@ def test_resume_after_kill_is_exact(task, finetuned, pretrained, data, tmp_path)
     weights, momentum encoders, queues and per-step losses."""
     straight, _ = finetuned(task)
     split = tmp_path / "split"
-    port = _free_port()
+    port = free_port()
     command = _train_command("python", port, split, *_finetune_flags(task, pretrained, data, "--save_every_steps", "4"),
                              config=_config(task))
     _kill_after_checkpoint(command, split, 4, port, linger=0.2)

@@ -156,7 +156,7 @@ def test_help_shows_the_defaults(command, capsys):
     assert exit_.value.code == 0
     text = " ".join(capsys.readouterr().out.split())
     expected = {"caption": "(default: 3)", "capfilt": "(default: 0.05)", "evaluate": "(default: 256)",
-                "convert": "(default: auto)", "demo": "about 11 minutes"}[command]
+                "convert": "(default: auto)", "demo": "about 10 minutes"}[command]
     assert expected in text
 
 

@@ -312,13 +312,18 @@ def _padding(args: argparse.Namespace) -> Literal["longest", "max_length"]:
     return "max_length" if args.compile else "longest"
 
 
+def _retrieval_padding(args: argparse.Namespace) -> Literal["longest", "max_length"]:
+    # ITM negatives drawn across ranks (negative_all_rank) all-gather the token rows, which needs one length on every
+    # rank, as BLIP's max_length padding gives; otherwise the longest caption of the batch bounds the text work.
+    return "max_length" if args.negative_all_rank else _padding(args)
+
+
 def _plain_collator(tokenizer: BlipTokenizer, args: argparse.Namespace) -> BlipCollator:
     return BlipCollator(tokenizer, max_length=args.max_text_length, padding=_padding(args))
 
 
-def _fixed_length_collator(tokenizer: BlipTokenizer, args: argparse.Namespace) -> BlipCollator:
-    # BLIP's retrieval pads to max_length: ITM negatives drawn across ranks all-gather the token rows.
-    return BlipCollator(tokenizer, max_length=args.max_text_length, padding="max_length")
+def _retrieval_collator(tokenizer: BlipTokenizer, args: argparse.Namespace) -> BlipCollator:
+    return BlipCollator(tokenizer, max_length=args.max_text_length, padding=_retrieval_padding(args))
 
 
 def _prompt_collator(tokenizer: BlipTokenizer, args: argparse.Namespace) -> BlipCollator:
@@ -378,7 +383,7 @@ TASKS: dict[str, TrainingTask] = {
                              _contrastive_inputs, _plain_collator, alpha_ramp_epochs=2,
                              export_tasks=("captioning", "retrieval", "vqa"), default_exports=2),
     "retrieval": TrainingTask("retrieval", ("loss", "loss_itc", "loss_itm"), _build_retrieval, _contrastive_inputs,
-                              _fixed_length_collator, alpha_ramp_epochs=1, export_tasks=("retrieval",)),
+                              _retrieval_collator, alpha_ramp_epochs=1, export_tasks=("retrieval",)),
     "captioning": TrainingTask("captioning", ("loss",), _build_captioner, _caption_inputs, _prompt_collator,
                                alpha_ramp_epochs=None, export_tasks=("captioning",), state_prefix="model."),
     "vqa": TrainingTask("vqa", ("loss",), _build_vqa, _vqa_inputs, _vqa_collator, alpha_ramp_epochs=None,
