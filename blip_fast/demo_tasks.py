@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from blip_fast import errors
+from blip_fast.checkpoint import atomic_write_text
 from blip_fast.data import synthetic_tasks
 from blip_fast.data.synthetic import SyntheticNoisyDataset
 
@@ -207,8 +208,8 @@ def run_task_demo(out_dir: str | os.PathLike = "blip_fast_demo", tasks: Sequence
                 out_dir / "nlvr" / "export" / "nlvr", files, data_dir, device)}),
         }
     results["seconds"] = {name: times["seconds"] for name, times in stages.times.items()}
-    (out_dir / "results.json").write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
-    (out_dir / "report.md").write_text(task_report(results), encoding="utf-8")
+    atomic_write_text(out_dir / "results.json", json.dumps(results, indent=1) + "\n")
+    atomic_write_text(out_dir / "report.md", task_report(results))
     log(task_report(results))
     return results
 

@@ -1,13 +1,11 @@
 """``blip-fast demo``: its pieces, byte-identical reruns of the whole loop (tiny scale, in CI), and (opt-in:
 BLIP_FAST_SMALL_DEMO=1) the small run, where BLIP's bootstrapping loop must reproduce the paper's direction."""
 
-import dataclasses
 import json
 import os
 
 import pytest
 
-from blip_fast import errors
 from blip_fast.data.synthetic import SyntheticNoisyDataset
 from blip_fast.demo import (
     DATA_SEED,
@@ -100,11 +98,9 @@ def test_parallel_plan_splits_cores_over_seed_runs(seeds, cores, expected):
     assert parallel_plan(seeds, cores, jobs=1, threads=7) == (1, 7)
 
 
-@pytest.mark.parametrize("threads, per_rank", [(1, 1), (2, 1), (3, 1), (16, 8)])
-def test_training_ranks_share_the_seeds_threads(threads, per_rank, tmp_path):
-    assert SeedRun(tmp_path, tmp_path, SCALES["full"], 0, threads).threads_per_rank == per_rank
-    with pytest.raises(errors.InvalidInputError, match="micro_batch 33"):
-        dataclasses.replace(SCALES["full"], micro_batch=33)
+@pytest.mark.parametrize("threads, ranks", [(1, 1), (2, 2), (3, 1), (16, 2)])
+def test_training_stages_run_two_ranks_when_the_threads_split_evenly(threads, ranks, tmp_path):
+    assert SeedRun(tmp_path, tmp_path, SCALES["full"], 0, threads).training_ranks == ranks
 
 
 def _seed_result(seed, shift):
