@@ -24,9 +24,9 @@ so it is recorded; timings live apart, in ``timing.json``.
 Each seed runs in its own process (``python -m blip_fast.demo``, under ``<out>/seed-<S>/``), several at once when
 ``--seeds N`` asks for more than one; training runs as ``blip_fast.train`` subprocesses of it (the real entry point:
 one process, or two ranks started as ``torchrun --standalone`` would), CapFilt and evaluation in it. Every stage
-records its result under ``seed-<S>/stages/``; rerunning the command after a crash skips finished stages and resumes the interrupted one from
-its last checkpoint. Writes ``report.md``, ``results.json`` (mean, standard deviation and per-seed values of every
-metric), ``results.png`` and ``timing.json``.
+records its result under ``seed-<S>/stages/``; rerunning the command after a crash skips finished stages and resumes
+the interrupted one from its last checkpoint. Writes ``report.md``, ``results.json`` (mean, standard deviation and
+per-seed values of every metric), ``results.png`` and ``timing.json``.
 """
 
 from __future__ import annotations
@@ -50,7 +50,15 @@ from typing import Any
 
 from blip_fast import errors
 from blip_fast.checkpoint import atomic_write_text
-from blip_fast.data.synthetic import COLORS, PLURALS, POSITIONS, SHAPES, SyntheticNoisyDataset, render_caption
+from blip_fast.data.synthetic import (
+    COLORS,
+    COUNT_WORDS,
+    PLURALS,
+    POSITIONS,
+    SHAPES,
+    SyntheticNoisyDataset,
+    render_caption,
+)
 from blip_fast.data.workers import usable_cpus
 from blip_fast.launch import run_ranks
 
@@ -130,11 +138,11 @@ def reference_captions(dataset: SyntheticNoisyDataset, index: int, count: int) -
 
 
 _PLURAL_TO_SHAPE = {PLURALS.get(shape, shape + "s"): shape for shape in SHAPES}
-_COUNTS = {"a": 1, "an": 1, "one": 1, "two": 2, "three": 3}
+_COUNTS = {**{word: count for count, word in COUNT_WORDS.items()}, "a": 1, "an": 1}
 _POSITIONS = {**{position: position for position in POSITIONS}, "middle": "center"}
 #: The scene attributes a caption names, with the chance of naming each right by a uniform guess (percent).
-CAPTION_ATTRIBUTES = {"colour": 100 / len(COLORS), "shape": 100 / len(SHAPES),
-                      "count": 100 / len(set(_COUNTS.values())), "position": 100 / len(POSITIONS)}
+CAPTION_ATTRIBUTES = {"colour": 100 / len(COLORS), "shape": 100 / len(SHAPES), "count": 100 / len(COUNT_WORDS),
+                      "position": 100 / len(POSITIONS)}
 
 
 def caption_attributes(caption: str) -> dict[str, Any]:
@@ -147,11 +155,11 @@ def caption_attributes(caption: str) -> dict[str, Any]:
     for index, word in enumerate(words):
         shape = _PLURAL_TO_SHAPE.get(word, word if word in SHAPES else None)
         if shape is not None:
+            before = words[:index]
             named["shape"] = shape
-            if index and words[index - 1] in COLORS:
-                named["colour"] = words[index - 1]
-                index -= 1
-            named["count"] = _COUNTS.get(words[index - 1]) if index else None
+            if before and before[-1] in COLORS:
+                named["colour"] = before.pop()
+            named["count"] = _COUNTS.get(before[-1]) if before else None
             break
     return named
 
@@ -381,8 +389,8 @@ def run_seed(run: SeedRun, log: Callable[[str], None] = print) -> dict[str, Any]
                                                                           splits["web"]))
     # The same tokenizer, initial weights and number of optimizer steps: only the data differs.
     stages.run("pretrain_bootstrapped", lambda: _train(run, "pretrain_bootstrapped", _pretrain_options(
-        run, [run_dir / "capfilt" / "bootstrapped.json", splits["clean"]], tokenizer_dir=run_dir / "pretrain_noisy" / "tokenizer",
-        epochs=100, max_steps=noisy["final_step"])))
+        run, [run_dir / "capfilt" / "bootstrapped.json", splits["clean"]],
+        tokenizer_dir=run_dir / "pretrain_noisy" / "tokenizer", epochs=100, max_steps=noisy["final_step"])))
     # Each pre-trained model gets the same caption fine-tuning (seed included) before its captions are compared.
     stages.run("finetune_captioner_bootstrapped", lambda: _train(run, "captioner_bootstrapped", _finetune_options(
         run, "captioning", run_dir / "pretrain_bootstrapped", splits["clean"])))

@@ -80,8 +80,8 @@ def write_report(path: Path, results: dict[str, Any], timing: dict[str, Any]) ->
         f"{scale['web_images']} noisy web images ({100 * scale['noise_fraction']:.0f}% wrong captions), "
         f"{scale['clean_images']} clean images for fine-tuning, {scale['test_images']} test images "
         f"({scale['references_per_image']} references each); tiny BLIP at {scale['image_size']} px. "
-        f"Retrieval: ITC top-{scale['k_test']} reranked by ITM + ITC. Numbers: {over}; {results['threads']} torch thread(s) per run, "
-        f"torch {results['torch']}.",
+        f"Retrieval: ITC top-{scale['k_test']} reranked by ITM + ITC. Numbers: {over}; "
+        f"{results['threads']} torch thread(s) per run, torch {results['torch']}.",
         "",
         "## CapFilt's filter against the injected noise",
         "",

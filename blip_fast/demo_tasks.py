@@ -218,8 +218,8 @@ def task_report(results: dict[str, Any]) -> str:
     """The markdown report: accuracy before and after fine-tuning, next to the baselines."""
     scale = results["scale"]
     lines = ["# blip_fast downstream demo: VQA and NLVR2", "",
-             f"A tiny BLIP ({scale['image_size']} px) pre-trained on {scale['pretrain_images']} captioned synthetic scenes, then "
-             f"fine-tuned; tested on {scale['test_images']} unseen scenes.", ""]
+             f"A tiny BLIP ({scale['image_size']} px) pre-trained on {scale['pretrain_images']} captioned synthetic "
+             f"scenes, then fine-tuned; tested on {scale['test_images']} unseen scenes.", ""]
     if "vqa" in results:
         vqa = results["vqa"]
         lines += ["## VQA (official VQA accuracy, %)", "",

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import socket
 import subprocess
-import time
 from collections.abc import Sequence
+from time import sleep
 from typing import IO
 
 
@@ -41,7 +41,7 @@ def run_ranks(command: Sequence[str], ranks: int, environment: dict[str, str], o
                 return failed[0]
             if all(code == 0 for code in codes):
                 return 0
-            time.sleep(poll_seconds)
+            sleep(poll_seconds)
     finally:
         for process in processes:
             if process.poll() is None:
@@ -52,4 +52,3 @@ def run_ranks(command: Sequence[str], ranks: int, environment: dict[str, str], o
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
-

@@ -1,5 +1,6 @@
 """Fine-tuning objectives: retrieval (multi-positive ITC, id-aware and cross-rank negatives), captioning, VQA."""
 
+import argparse
 import socket
 
 import pytest
@@ -10,6 +11,7 @@ from blip_fast import distributed, ops
 from blip_fast.modeling import pretrain
 from blip_fast.modeling.blip import BlipForConditionalGeneration, BlipForQuestionAnswering
 from blip_fast.modeling.finetune import BlipCaptionTrainer, BlipRetrievalTrainer, BlipVQATrainer
+from blip_fast.training import tasks
 from tests.test_pretrain import CONFIG, _batch
 from tests.tiny_models import assert_close
 
@@ -124,10 +126,6 @@ def test_negatives_across_ranks_carry_gradient(tmp_path):
 def test_retrieval_loss_does_not_depend_on_padding_length():
     """The retrieval collator pads to the batch's longest caption (to max_length only when negatives are gathered
     across ranks): padded positions are masked, so the loss equals that of the same batch padded to 30 tokens."""
-    import argparse
-
-    from blip_fast.training import tasks
-
     pixel_values, input_ids, attention_mask = _batch(4)
     padded_ids = F.pad(input_ids, (0, 30 - input_ids.shape[1]))
     padded_mask = F.pad(attention_mask, (0, 30 - attention_mask.shape[1]))

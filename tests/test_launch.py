@@ -48,3 +48,26 @@ def test_free_port_can_be_bound():
 
     with socket.socket() as server:
         server.bind(("127.0.0.1", free_port()))
+
+
+def test_an_interrupt_while_waiting_stops_every_rank(tmp_path, monkeypatch):
+    """Ctrl-C in the launcher (a KeyboardInterrupt in its wait) leaves no rank running."""
+    from blip_fast import launch
+
+    script = ("import os, sys, time\n"
+              "path = sys.argv[1] + os.environ['RANK']\n"
+              "open(path + '.tmp', 'w').write(str(os.getpid())); os.rename(path + '.tmp', path)\n"
+              "time.sleep(60)")
+    pid_files, real_sleep = [tmp_path / f"rank{rank}" for rank in range(2)], time.sleep
+
+    def interrupt_once_started(seconds):
+        if all(path.exists() for path in pid_files):
+            raise KeyboardInterrupt
+        real_sleep(seconds)
+
+    monkeypatch.setattr(launch, "sleep", interrupt_once_started)
+    with open(tmp_path / "log", "w") as output, pytest.raises(KeyboardInterrupt):
+        run_ranks([sys.executable, "-c", script, str(tmp_path / "rank")], 2, {}, output, poll_seconds=0.01)
+    for path in pid_files:
+        with pytest.raises(ProcessLookupError):
+            os.kill(int(path.read_text()), 0)
