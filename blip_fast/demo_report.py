@@ -16,6 +16,7 @@ COMPARED = (
     ("image->text R@5", "retrieval", "txt_r5"),
     ("text->image R@1", "retrieval", "img_r1"),
     ("text->image R@5", "retrieval", "img_r5"),
+    ("caption names colour (%)", "captions", "names_colour"),  # what the tiny model sees
     ("caption names shape+colour (%)", "captions", "object_accuracy"),
     ("caption BLEU-4 (x100)", "captions", "bleu4"),
     ("caption CIDEr (x100)", "captions", "cider"),

@@ -271,9 +271,11 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         from blip_fast.modeling.compile import compile_layers
 
         logger.info("compiled %d layers (torch.compile, regional)", compile_layers(model))
-    # BLIP: AdamW with weight decay on every trainable parameter (the momentum encoders are frozen).
+    # BLIP: AdamW with weight decay on every trainable parameter (the momentum encoders are frozen). The fused
+    # kernel updates all tensors in one pass: the tiny model's step takes 6 ms instead of 27 on one CPU thread.
     parameters = [parameter for parameter in model.parameters() if parameter.requires_grad]
-    optimizer = torch.optim.AdamW(parameters, lr=args.init_lr, weight_decay=args.weight_decay, betas=tuple(args.betas))
+    optimizer = torch.optim.AdamW(parameters, lr=args.init_lr, weight_decay=args.weight_decay, betas=tuple(args.betas),
+                                  fused=True)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
     engine.train()
 
@@ -482,4 +484,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    status = main()
+    # Every checkpoint is closed and the process group destroyed by now; the interpreter's teardown of torch, Dynamo
+    # and DeepSpeed modules would take another ~2 s per rank and training stage on a CPU.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)

@@ -12,6 +12,7 @@ from blip_fast.demo import (
     SCALES,
     SeedRun,
     Stages,
+    _ds_config,
     attribute_accuracy,
     caption_attributes,
     component_seed,
@@ -103,6 +104,18 @@ def test_training_stages_run_two_ranks_when_the_threads_split_evenly(threads, ra
     assert SeedRun(tmp_path, tmp_path, SCALES["full"], 0, threads).training_ranks == ranks
 
 
+@pytest.mark.parametrize("threads, batch, rank_batch, expected", [
+    (2, 32, None, (16, 1)), (1, 32, None, (32, 1)),  # pre-training: the batch split over the ranks
+    (2, 16, 8, (8, 1)), (1, 16, 8, (8, 2)),  # the filter: 8 per rank and micro step, accumulated on one rank
+])
+def test_stage_batch_is_the_same_global_batch_on_one_or_two_ranks(threads, batch, rank_batch, expected, tmp_path):
+    config = json.loads(_ds_config(SeedRun(tmp_path, tmp_path, SCALES["full"], 0, threads), "stage", batch,
+                                   rank_batch).read_text())
+    assert (config["train_micro_batch_size_per_gpu"], config["gradient_accumulation_steps"]) == expected
+    with pytest.raises(ValueError, match="no multiple of 12 images x 2 ranks"):
+        _ds_config(SeedRun(tmp_path, tmp_path, SCALES["full"], 0, 2), "stage", 16, 12)
+
+
 def _seed_result(seed, shift):
     """A per-seed result as ``run_seed`` writes it; ``shift`` moves every "after" number."""
     metrics = {"retrieval": {"txt_r1": 10.0, "txt_r5": 20.0, "img_r1": 30.0, "img_r5": 40.0},
@@ -128,6 +141,7 @@ def test_summarize_reports_mean_std_and_per_seed_values(tmp_path):
     assert r1["bootstrapped"]["per_seed"] == [13.0, 14.0, 15.0] and r1["bootstrapped"]["std"] == pytest.approx(1.0)
     assert r1["gain"]["mean"] == pytest.approx(4.0) and r1["clear_gain"]  # 4 > 2 x 1
     assert rows["caption CIDEr (x100)"]["gain"]["per_seed"] == pytest.approx([3.0, 4.0, 5.0])  # shown x100
+    assert rows["caption names colour (%)"]["bootstrapped"]["per_seed"] == [93.0, 94.0, 95.0]
     assert results["filter"]["precision"]["per_seed"] == [90.0, 91.0, 92.0]
     assert results["examples"][0]["noisy"] == "seed 0"
     shape = next(row for row in results["caption_attributes"] if row["attribute"] == "shape")
@@ -219,3 +233,13 @@ def test_small_demo_writes_its_report(small_demo):
     for name in ("report.md", "results.json", "results.png", "timing.json"):
         assert (out_dir / name).stat().st_size > 0
     assert json.loads((out_dir / "results.json").read_text()) == results
+
+
+def test_attribute_probe_scores_each_attribute_on_held_out_scenes():
+    """benchmarks/demo_attribute_probe.py (the README's evidence that the tiny ViT hardly learns shapes): a few
+    steps on 64 scenes, accuracies as fractions of the 16 held-out ones."""
+    from benchmarks.demo_attribute_probe import probe
+
+    accuracy = probe(steps=2, train=64, test=16)
+    assert set(accuracy) == {"shape", "count", "position"}
+    assert all(value * 16 / 100 == pytest.approx(round(value * 16 / 100)) for value in accuracy.values())

@@ -171,6 +171,26 @@ def test_pretraining_can_exclude_captions_of_the_same_image(monkeypatch):
         assert (weights[same_image] == 0).all() and (weights[~same_image] > 0).all()
 
 
+@pytest.mark.parametrize("by_image_id", [False, True])
+def test_pretraining_by_image_id_makes_every_caption_of_the_image_an_itc_target(by_image_id):
+    """BLIP's pre-training ITC has one target per row (another caption of the same image is a negative); with
+    ``negatives_by_image_id`` every caption of the image in the batch and the queue is a target, as in retrieval
+    fine-tuning. Checked against ITC written out by loops (first step: momentum features equal the online ones)."""
+    model = _model()
+    model.negatives_by_image_id = by_image_id
+    batch, image_ids = _batch(4), torch.tensor([0, 0, 1, 2])
+    model.idx_queue[:2] = 1  # two queued features of image 1
+    image_queue, text_queue, id_queue = model.image_queue.clone(), model.text_queue.clone(), model.idx_queue.clone()
+    image_feat, text_feat = _features(model, *batch, momentum=False)
+    with torch.no_grad():
+        loss = float(model(*batch, alpha=0.4, image_ids=image_ids).loss_itc)
+    ids = (image_ids, id_queue) if by_image_id else ()
+    expected = itc_loss_by_loops(image_feat, text_feat, image_feat, text_feat, image_queue, text_queue, 0.07, 0.4, *ids)
+    other = itc_loss_by_loops(image_feat, text_feat, image_feat, text_feat, image_queue, text_queue, 0.07, 0.4,
+                              *(() if by_image_id else (image_ids, id_queue)))
+    assert loss == pytest.approx(expected, rel=1e-5) and loss != pytest.approx(other, rel=1e-3)
+
+
 def test_retrieval_negatives_stay_online_x_online(monkeypatch):
     """The original ``blip_retrieval.py`` samples from ``image_feat @ text_feat.T`` (no momentum, no smoothing)."""
     from blip_fast.modeling.finetune import BlipRetrievalTrainer

@@ -250,8 +250,10 @@ class BlipPretrainer(MomentumContrastiveModel):
 
     ITM hard negatives are drawn as in the original pre-training: from the online features against the batch's
     momentum features (``softmax(sim_i2t[:, :bs]) + 1e-4``), the diagonal excluded. ``negatives_by_image_id``
-    also excludes every caption of the same image (given ``image_ids``), as retrieval fine-tuning does; the
-    original pre-training does not (its web pairs have one caption per image).
+    (given ``image_ids``) never treats another caption of the same image as a negative, as retrieval fine-tuning
+    does: no such ITM negative, and all of them ITC targets. The original pre-training does neither (its web pairs
+    have one caption per image; bootstrapped data has two for many images, which matters when the queue holds a
+    tenth of the dataset).
     """
 
     def __init__(
@@ -284,7 +286,8 @@ class BlipPretrainer(MomentumContrastiveModel):
         """pixel_values ``[B, 3, H, W]``; input_ids/attention_mask ``[B, L]`` tokenized captions (``[CLS] ... [SEP]``);
         ``alpha`` the momentum-distillation weight; ``image_ids [B]`` (optional) fill the id queue and, with
         ``negatives_by_image_id``, mark captions of the same image, whose pairs are never drawn as ITM negatives."""
-        step = self.contrastive(pixel_values, input_ids, attention_mask, alpha, image_ids, multi_positive=False)
+        step = self.contrastive(pixel_values, input_ids, attention_mask, alpha, image_ids,
+                                multi_positive=self.negatives_by_image_id and image_ids is not None)
         ids = image_ids if self.negatives_by_image_id else None
         negative_texts, negative_images = ops.sample_hard_negatives(
             step.image_feat, step.text_feat, self.temp, ids, self.negative_smoothing,

@@ -87,9 +87,9 @@ def _add_options(parser: argparse.ArgumentParser) -> None:
     pretrain.add_argument("--alpha", type=float, default=0.4,
                           help="momentum-distillation weight, ramped linearly over the first 2 epochs")
     pretrain.add_argument("--negatives_by_image_id", action=bool_flag, default=False,
-                          help="pre-training: never draw another caption of the same image as an ITM negative (BLIP "
-                               "pre-training excludes only the pair itself; retrieval fine-tuning always excludes the "
-                               "image's captions)")
+                          help="pre-training: never treat another caption of the same image as a negative: not "
+                               "drawn as an ITM negative, and an ITC target (in the batch and the queue), as retrieval "
+                               "fine-tuning does (BLIP pre-training, with one caption per web image, does not)")
 
     data = parser.add_argument_group("data")
     data.add_argument("--data", default="synthetic", choices=DATA_SOURCES, help="training data source")
