@@ -18,14 +18,14 @@ import torch
 import torch.nn.functional as F
 
 from blip_fast.config import BlipConfig
-from blip_fast.data.synthetic import POSITIONS, SHAPES, SyntheticNoisyDataset
+from blip_fast.data.synthetic import COUNT_WORDS, POSITIONS, SHAPES, SyntheticNoisyDataset
 from blip_fast.demo import DATA_SEED, SCALES
 from blip_fast.modeling.vit import BlipVisionModel
 
 #: attribute -> (number of classes, the scene's class index)
 ATTRIBUTES = {
     "shape": (len(SHAPES), lambda scene: SHAPES.index(scene.shape)),
-    "count": (3, lambda scene: scene.count - 1),
+    "count": (len(COUNT_WORDS), lambda scene: scene.count - 1),
     "position": (len(POSITIONS), lambda scene: POSITIONS.index(scene.position)),
 }
 
