@@ -298,10 +298,10 @@ def _train(run: SeedRun, name: str, options: dict[str, Any], batch: int | None =
 def _pretrain_options(run: SeedRun, annotations: list[Path], **extra: Any) -> dict[str, Any]:
     """BLIP's pre-training recipe at demo size: LR warmup then per-epoch decay, with a higher peak LR (1e-3) and a
     faster momentum encoder (0.99) because the run is a few hundred steps, not BLIP's hundreds of thousands. The peak
-    LR trades retrieval against captions (three seeds each, README): at 2e-3 and 1.5e-3 the ITC embeddings of some
-    bootstrapped pre-trainings collapsed (most images' best caption among a few dozen texts; 2e-3: one retrieval
-    gain in four cleared twice its spread); at 1e-3 none of four did and all four gains cleared, but the captioners
-    name colours less well. A second caption of the same image is no negative
+    LR trades retrieval against captions (three seeds and one default run each, README): at 2e-3 and 1.5e-3 one
+    bootstrapped pre-training in four ended far below the others (image->text R@5 19.5 and 12.0; 2e-3: one retrieval
+    gain in four cleared twice its spread); at 1e-3 none did and all four gains cleared, but the captioners name
+    colours less well. A second caption of the same image is no negative
     (``--negatives_by_image_id``): the bootstrapped data holds a web and a synthetic caption for about half its
     images while the ITC queue holds a tenth of the data (BLIP's: 0.04%), so with BLIP's one-positive ITC true
     captions keep turning up as negatives; the bootstrapped pre-training of two seeds (1 and 2, at 2e-3) then
