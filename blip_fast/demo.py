@@ -301,11 +301,11 @@ def _pretrain_options(run: SeedRun, annotations: list[Path], **extra: Any) -> di
     LR trades retrieval against captions (three seeds and one default run each, README): at 2e-3 and 1.5e-3 one
     bootstrapped pre-training in four ended far below the others (image->text R@5 19.5 and 12.0; 2e-3: one retrieval
     gain in four cleared twice its spread); at 1e-3 none did and all four gains cleared, but the captioners name
-    colours less well. A second caption of the same image is no negative
-    (``--negatives_by_image_id``): the bootstrapped data holds a web and a synthetic caption for about half its
-    images while the ITC queue holds a tenth of the data (BLIP's: 0.04%), so with BLIP's one-positive ITC true
-    captions keep turning up as negatives; the bootstrapped pre-training of two seeds (1 and 2, at 2e-3) then
-    reached text->image R@5 72.5 and 53.2, with this 84.7 and 76.7."""
+    colours less well. A second caption of the same image is no negative (``--negatives_by_image_id``): the
+    bootstrapped data holds a web and a synthetic caption for about half its images while the ITC queue holds a
+    tenth of the data (BLIP's: 0.04%), so with BLIP's one-positive ITC true captions keep turning up as negatives;
+    the bootstrapped pre-training of two seeds (1 and 2, at 2e-3) then reached text->image R@5 72.5 and 53.2, with
+    this 84.7 and 76.7."""
     scale = run.scale
     return {"task": "pretrain", "annotations": annotations, "epochs": scale.pretrain_epochs, "init_lr": 1e-3,
             "warmup_lr": 1e-5, "warmup_steps": 20, "min_lr": 1e-5, "lr_decay_rate": 0.85, "momentum": 0.99,
