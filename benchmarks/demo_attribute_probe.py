@@ -74,7 +74,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--image-size", type=int, default=SCALES["full"].image_size)
     parser.add_argument("--patch-size", type=int, default=8)
-    parser.add_argument("--lr", type=float, default=2e-3, help="peak LR (the demo's pre-training: 2e-3)")
+    parser.add_argument("--lr", type=float, default=2e-3, help="peak LR (2e-3: the demo's pre-training LR when the README's probe numbers were measured; the demo now pre-trains at 1e-3)")
     parser.add_argument("--position-std", type=float, default=0.02, help="position embeddings' initial std")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
