@@ -1,7 +1,8 @@
 """CapFilt (BLIP §3.3) at scale: a captioner writes synthetic captions, a filter (ITM head) keeps the matched ones.
 
 Per image: the captioner samples ``num_captions`` captions (nucleus, top_p 0.9, repetition penalty 1.1, as BLIP's
-``generate(sample=True)``; all samples of an image share its cross-attention K/V), then the filter scores the web
+``generate(sample=True)``; or, with ``num_beams``, the best of a beam search, BLIP's ablation in its Table 2; all
+captions of an image share its cross-attention K/V), then the filter scores the web
 caption(s) and every synthetic caption with its ITM head, running the ViT once per image for all of them. A caption
 is kept when ITM predicts "matched" (argmax, i.e. p(match) > 0.5) or, with ``threshold``, when p(match) exceeds it.
 Every caption is cleaned with BLIP's ``pre_caption`` before it is tokenised or written.
@@ -114,6 +115,7 @@ class CapFiltOptions:
     image_root: str | os.PathLike | None = None
     num_captions: int = 1
     top_p: float = 0.9
+    num_beams: int | None = None  # None: nucleus sampling (BLIP's); N: the num_captions best of N beams
     max_length: int = 20
     min_length: int = 5
     prompt: str = "a picture of "
@@ -139,6 +141,9 @@ class CapFiltOptions:
             raise CapFiltError(f"workers and min_length must be >= 0, got {self.workers} and {self.min_length}")
         if not 0.0 < self.top_p <= 1.0:
             raise CapFiltError(f"top_p is a probability mass in (0, 1], got {self.top_p}")
+        if self.num_beams is not None and self.num_beams < self.num_captions:
+            raise CapFiltError(f"num_beams must be >= num_captions ({self.num_captions}): a beam search returns at "
+                               f"most one caption per beam, got {self.num_beams}")
         if self.threshold is not None and not 0.0 <= self.threshold < 1.0:
             raise CapFiltError(f"threshold is a probability in [0, 1), got {self.threshold}")
         if not hasattr(torch, self.dtype) or not isinstance(getattr(torch, self.dtype), torch.dtype):
@@ -200,11 +205,14 @@ class CapFiltModels:
         return cls(captioner, filter_model, BlipTokenizer.from_pretrained(options.filter), processor, options)
 
     def decoding(self) -> dict[str, Any]:
-        """The captioner's ``generate`` arguments (BLIP's nucleus sampling)."""
+        """The captioner's ``generate`` arguments: BLIP's nucleus sampling, or its beam search (no repetition
+        penalty, as BLIP's ``generate(sample=False)``)."""
         options = self.options
-        return dict(do_sample=True, top_p=options.top_p, repetition_penalty=REPETITION_PENALTY,
-                    num_return_sequences=options.num_captions, max_length=options.max_length,
-                    min_length=options.min_length)
+        lengths = dict(num_return_sequences=options.num_captions, max_length=options.max_length,
+                       min_length=options.min_length)
+        if options.num_beams is not None:
+            return dict(num_beams=options.num_beams, **lengths)
+        return dict(do_sample=True, top_p=options.top_p, repetition_penalty=REPETITION_PENALTY, **lengths)
 
     @torch.no_grad()
     def filter_states(self, pixel_values: torch.Tensor) -> torch.Tensor:

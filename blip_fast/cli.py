@@ -189,6 +189,9 @@ def _add_capfilt_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-captions", type=errors.positive_int, default=1, help="synthetic captions per image (BLIP: 1)")
     parser.add_argument("--top-p", type=errors.float_in(0, 1, low_open=True), default=0.9,
                         help="nucleus sampling mass (BLIP: 0.9)")
+    parser.add_argument("--beams", type=errors.positive_int, default=None,
+                        help="beam search with this many beams instead of nucleus sampling (BLIP's ablation; "
+                             "returns the --num-captions best)")
     _add_decoding_lengths(parser)
     parser.add_argument("--prompt", default="a picture of ", help="text the captions continue; stripped from output")
     parser.add_argument("--threshold", type=errors.float_in(0, 1, high_open=True),
@@ -218,8 +221,8 @@ def _capfilt(args: argparse.Namespace) -> int:
     device, dtype = _device_and_dtype(args.device, args.dtype, local_rank)
     options = CapFiltOptions(
         captioner=args.captioner, filter=args.filter, input=args.input, output=args.output,
-        image_root=args.image_root, num_captions=args.num_captions, top_p=args.top_p, max_length=args.max_length,
-        min_length=args.min_length, prompt=args.prompt, threshold=args.threshold,
+        image_root=args.image_root, num_captions=args.num_captions, top_p=args.top_p, num_beams=args.beams,
+        max_length=args.max_length, min_length=args.min_length, prompt=args.prompt, threshold=args.threshold,
         batch_size=args.batch_size or default_batch_size(device),
         workers=args.workers, seed=args.seed, device=str(device), dtype=str(dtype).removeprefix("torch."),
         image_decode=args.image_decode, images_per_part=args.images_per_part, progress=not args.no_progress,

@@ -2,16 +2,16 @@
 
 What the paper does with 129M web images and COCO, on drawn scenes whose wrong captions are known:
 
-1. draw a noisy "web" set (a fraction of captions describe another scene), a small clean set (COCO's role) and a
-   clean test set with several reference captions per image;
+1. draw a noisy "web" set (a fraction of captions describe another scene), a small clean set (COCO's role), a
+   clean retrieval test set and a larger clean caption test set, with several reference captions per test image;
 2. pre-train a tiny BLIP (ITC + ITM + LM) on the noisy set together with the clean set (BLIP pre-trains on web data
    and the human-annotated COCO/VG pairs);
 3. fine-tune a captioner (LM) and a filter (ITC + ITM) from it on the clean set;
-4. CapFilt the noisy set: synthetic captions for every image, the filter drops web and synthetic captions its ITM
-   head calls unmatched;
+4. CapFilt the noisy set: a synthetic caption for every image (nucleus sampling, as BLIP), the filter drops web and
+   synthetic captions its ITM head calls unmatched;
 5. pre-train the same model, for the same number of steps, on the bootstrapped set: CapFilt's kept web and
    synthetic captions together with the clean set, as BLIP combines them;
-6. compare both pre-trained models on the test set (retrieval R@1/R@5 with ITC top-k + ITM rerank; captions:
+6. compare both pre-trained models on the test sets (retrieval R@1/R@5 with ITC top-k + ITM rerank; captions:
    how often they name the right shape and colour, BLEU-4, CIDEr) and score the filter against the injected noise.
 
 The data is one fixed synthetic benchmark; a run *seed* draws everything else (model initialisation, data order,
@@ -70,7 +70,10 @@ class DemoScale:
 
     web_images: int
     clean_images: int
-    test_images: int
+    test_images: int  # retrieval's gallery (its ITM rerank costs k_test passes per query)
+    # Captions are scored per image, so their test set is larger: with 200 images, the paired difference of two
+    # captioners that name ~88% of colours right has a test-set noise of ~2.5 points, the size of the effect.
+    caption_test_images: int
     noise_fraction: float
     pretrain_epochs: int
     captioner_epochs: int
@@ -83,6 +86,10 @@ class DemoScale:
     # what the tiny model cannot see, so it hedges less on true captions).
     filter_batch: int = 16
     filter_rank_batch: int = 8
+    # BLIP's pre-training mines ITM hard negatives within each GPU's batch: 16 images per rank and micro step whether
+    # the seed trains on two ranks or on one (accumulating), so a seed draws its negatives from pools of one size
+    # alone (two ranks) or in a three-seed run (one rank each).
+    pretrain_rank_batch: int = 16
     k_test: int = 16
     references_per_image: int = 3
     image_size: int = 64  # pixels: the drawn scenes and the model's input
@@ -91,17 +98,22 @@ class DemoScale:
 SCALES = {
     # 32 px keeps every drawn shape legible and runs the tiny model ~1.3x faster than 64 px; of a fixed training
     # budget, twice the clean images for half the filter epochs gave the filter the best precision.
-    "full": DemoScale(web_images=1200, clean_images=800, test_images=200, noise_fraction=0.4, pretrain_epochs=5,
-                      captioner_epochs=3, filter_epochs=8, micro_batch=32, queue_size=256, image_size=32),
+    "full": DemoScale(web_images=1200, clean_images=800, test_images=200, caption_test_images=2000,
+                      noise_fraction=0.4, pretrain_epochs=5, captioner_epochs=3, filter_epochs=8, micro_batch=32,
+                      queue_size=256, image_size=32),
     # The opt-in direction check (tests/test_demo.py), one thread, at the 64 px its thresholds were measured at.
-    "small": DemoScale(web_images=1000, clean_images=400, test_images=100, noise_fraction=0.4, pretrain_epochs=5,
-                       captioner_epochs=5, filter_epochs=30, micro_batch=32, queue_size=128),
+    "small": DemoScale(web_images=1000, clean_images=400, test_images=100, caption_test_images=500,
+                       noise_fraction=0.4, pretrain_epochs=5, captioner_epochs=5, filter_epochs=30, micro_batch=32,
+                       queue_size=128),
     # Every stage for a few steps (numbers without meaning): what the byte-identity test reruns.
-    "tiny": DemoScale(web_images=128, clean_images=64, test_images=16, noise_fraction=0.4, pretrain_epochs=2,
-                      captioner_epochs=1, filter_epochs=2, micro_batch=32, queue_size=64, k_test=4, image_size=32),
+    "tiny": DemoScale(web_images=128, clean_images=64, test_images=16, caption_test_images=16, noise_fraction=0.4,
+                      pretrain_epochs=2, captioner_epochs=1, filter_epochs=2, micro_batch=32, queue_size=64, k_test=4,
+                      image_size=32),
 }
 #: The synthetic benchmark's seed: every run seed sees the same images, captions and injected noise.
 DATA_SEED = 7
+#: The caption test set's: scenes drawn apart from the rest, so its size changes none of the other splits.
+CAPTION_TEST_DATA_SEED = 8
 EXAMPLES = 20  # test captions kept per model in the results
 CAPTION_PROMPT = "a picture of "  # BLIP's captioning prompt (fine-tuning, CapFilt, evaluation)
 _DS_CONFIG = {"gradient_accumulation_steps": 1, "gradient_clipping": 0.0, "steps_per_print": 10**9,
@@ -110,10 +122,12 @@ _DS_CONFIG = {"gradient_accumulation_steps": 1, "gradient_clipping": 0.0, "steps
 
 # ---------------------------------------------------------------------------------------------------- data
 def write_datasets(data_dir: Path, scale: DemoScale) -> dict[str, Path]:
-    """PNGs of all three splits (one index range of one synthetic set) and a BLIP json per split.
+    """PNGs of all four splits and a BLIP json per split.
 
-    web: the noisy captions (``is_noisy`` kept for scoring the filter); clean and test: true captions; test holds
-    ``references_per_image`` renderings of each true scene (COCO-style multi-reference).
+    web, clean and test are one index range of one synthetic set; caption_test (under ``caption_test/``) is drawn
+    apart (:data:`CAPTION_TEST_DATA_SEED`). web: the noisy captions (``is_noisy`` kept for scoring the filter); clean:
+    true captions; test and caption_test hold ``references_per_image`` renderings of each true scene (COCO-style
+    multi-reference).
     """
     dataset = SyntheticNoisyDataset(scale.web_images + scale.clean_images + scale.test_images,
                                     scale.noise_fraction, seed=DATA_SEED, image_size=scale.image_size)
@@ -122,13 +136,23 @@ def write_datasets(data_dir: Path, scale: DemoScale) -> dict[str, Path]:
     clean = json.loads(paths["clean"].read_text(encoding="utf-8"))
     _write_json(paths["clean"], [{"image": record["image"], "image_id": record["image_id"],
                                   "caption": record["true_caption"]} for record in clean])
-    test = json.loads(paths["test"].read_text(encoding="utf-8"))
-    _write_json(paths["test"], [
-        {"image": record["image"], "image_id": record["image_id"],
-         "caption": reference_captions(dataset, record["image_id"], scale.references_per_image)}
-        for record in test
-    ])
+    _write_json(paths["test"], _with_references(dataset, paths["test"], scale.references_per_image))
+    caption_test = SyntheticNoisyDataset(scale.caption_test_images, 0.0, seed=CAPTION_TEST_DATA_SEED,
+                                         image_size=scale.image_size)
+    inner = caption_test.write_blip_json(data_dir / "caption_test", {"caption_test": scale.caption_test_images})
+    paths["caption_test"] = data_dir / "caption_test.json"
+    _write_json(paths["caption_test"], _with_references(caption_test, inner["caption_test"],
+                                                        scale.references_per_image, prefix="caption_test/"))
+    inner["caption_test"].unlink()
     return paths
+
+
+def _with_references(dataset: SyntheticNoisyDataset, split_json: Path, count: int,
+                     prefix: str = "") -> list[dict[str, Any]]:
+    """The records of ``split_json`` with ``count`` reference captions each and image paths under ``prefix``."""
+    return [{"image": prefix + record["image"], "image_id": record["image_id"],
+             "caption": reference_captions(dataset, record["image_id"], count)}
+            for record in json.loads(split_json.read_text(encoding="utf-8"))]
 
 
 def reference_captions(dataset: SyntheticNoisyDataset, index: int, count: int) -> list[str]:
@@ -353,8 +377,8 @@ def _caption_quality(run: SeedRun, model_dir: Path, test_json: Path, device: str
     decoding) of the test images, and examples."""
     from blip_fast import evaluate
 
-    captions = evaluate.run_caption_evaluation(model_dir, test_json, run.data_dir, device, prompt=CAPTION_PROMPT,
-                                               num_beams=3, max_length=20, min_length=5)
+    captions = evaluate.run_caption_evaluation(model_dir, test_json, run.data_dir, device, batch_size=256,
+                                               prompt=CAPTION_PROMPT, num_beams=3, max_length=20, min_length=5)
     references = [record["caption"] for record in json.loads(test_json.read_text(encoding="utf-8"))]
     predictions = [item["caption"] for item in captions["predictions"]]
     named = attribute_accuracy(predictions, references)
@@ -364,14 +388,15 @@ def _caption_quality(run: SeedRun, model_dir: Path, test_json: Path, device: str
                          for refs, caption in zip(references[:EXAMPLES], predictions[:EXAMPLES])]}
 
 
-def _evaluate(run: SeedRun, pretrained: Path, captioner: Path, test_json: Path, device: str) -> dict[str, Any]:
-    """One pre-trained model on the test split, as BLIP evaluates: retrieval zero-shot (ITC top-k, ITM rerank), and
-    the captions of the captioner fine-tuned from it on the clean set (prompt "a picture of ")."""
+def _evaluate(run: SeedRun, pretrained: Path, captioner: Path, splits: dict[str, Path], device: str) -> dict[str, Any]:
+    """One pre-trained model as BLIP evaluates it: retrieval zero-shot (ITC top-k, ITM rerank) on the test split, and
+    the captions of the captioner fine-tuned from it on the clean set (prompt "a picture of ") on the caption test
+    split."""
     from blip_fast import evaluate
 
-    retrieval = evaluate.run_retrieval_evaluation(pretrained / "export" / "retrieval", test_json, run.data_dir,
+    retrieval = evaluate.run_retrieval_evaluation(pretrained / "export" / "retrieval", splits["test"], run.data_dir,
                                                   device, k_test=run.scale.k_test)["metrics"]
-    captions = _caption_quality(run, captioner / "export" / "captioning", test_json, device)
+    captions = _caption_quality(run, captioner / "export" / "captioning", splits["caption_test"], device)
     return {"retrieval": retrieval, "captions": captions["metrics"], "examples": captions["examples"]}
 
 
@@ -404,10 +429,10 @@ def run_seed(run: SeedRun, log: Callable[[str], None] = print) -> dict[str, Any]
     use_deterministic_algorithms()
     device = "cuda" if torch.cuda.is_available() else "cpu"  # training picks its accelerator itself
     stages = Stages(run_dir, log)
-    splits = {name: data / f"{name}.json" for name in ("web", "clean", "test")}
+    splits = {name: data / f"{name}.json" for name in ("web", "clean", "test", "caption_test")}
 
     noisy = stages.run("pretrain_noisy", lambda: _train(run, "pretrain_noisy", _pretrain_options(
-        run, [splits["web"], splits["clean"]])))
+        run, [splits["web"], splits["clean"]]), rank_batch=run.scale.pretrain_rank_batch))
     stages.run("finetune_captioner", lambda: _train(run, "captioner", _finetune_options(
         run, "captioning", run_dir / "pretrain_noisy", splits["clean"])))
     stages.run("finetune_filter", lambda: _train(run, "filter", _finetune_options(
@@ -423,14 +448,15 @@ def run_seed(run: SeedRun, log: Callable[[str], None] = print) -> dict[str, Any]
     # The same tokenizer, initial weights and number of optimizer steps: only the data differs.
     stages.run("pretrain_bootstrapped", lambda: _train(run, "pretrain_bootstrapped", _pretrain_options(
         run, [run_dir / "capfilt" / "bootstrapped.json", splits["clean"]],
-        tokenizer_dir=run_dir / "pretrain_noisy" / "tokenizer", epochs=100, max_steps=noisy["final_step"])))
+        tokenizer_dir=run_dir / "pretrain_noisy" / "tokenizer", epochs=100, max_steps=noisy["final_step"]),
+        rank_batch=run.scale.pretrain_rank_batch))
     # Each pre-trained model gets the same caption fine-tuning (seed included) before its captions are compared.
     stages.run("finetune_captioner_bootstrapped", lambda: _train(run, "captioner_bootstrapped", _finetune_options(
         run, "captioning", run_dir / "pretrain_bootstrapped", splits["clean"])))
     before = stages.run("evaluate_noisy", lambda: _evaluate(
-        run, run_dir / "pretrain_noisy", run_dir / "captioner", splits["test"], device))
+        run, run_dir / "pretrain_noisy", run_dir / "captioner", splits, device))
     after = stages.run("evaluate_bootstrapped", lambda: _evaluate(
-        run, run_dir / "pretrain_bootstrapped", run_dir / "captioner_bootstrapped", splits["test"], device))
+        run, run_dir / "pretrain_bootstrapped", run_dir / "captioner_bootstrapped", splits, device))
 
     results = {"seed": run.seed, "threads": run.threads, "torch": torch.__version__, "scale": asdict(run.scale),
                "filter": filter_quality, "before": before, "after": after,

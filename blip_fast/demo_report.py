@@ -79,8 +79,9 @@ def write_report(path: Path, results: dict[str, Any], timing: dict[str, Any]) ->
         "# blip_fast bootstrapping demo",
         "",
         f"{scale['web_images']} noisy web images ({100 * scale['noise_fraction']:.0f}% wrong captions), "
-        f"{scale['clean_images']} clean images for fine-tuning, {scale['test_images']} test images "
-        f"({scale['references_per_image']} references each); tiny BLIP at {scale['image_size']} px. "
+        f"{scale['clean_images']} clean images for fine-tuning, {scale['test_images']} retrieval and "
+        f"{scale['caption_test_images']} caption test images ({scale['references_per_image']} references each); "
+        f"tiny BLIP at {scale['image_size']} px. "
         f"Retrieval: ITC top-{scale['k_test']} reranked by ITM + ITC. Numbers: {over}; "
         f"{results['threads']} torch thread(s) per run, torch {results['torch']}.",
         "",
@@ -99,7 +100,7 @@ def write_report(path: Path, results: dict[str, Any], timing: dict[str, Any]) ->
         *(f"| {row['metric']} | {_show(row['noisy'])} | {_show(row['bootstrapped'])} | {_show(row['gain'], sign=True)}"
           + (f" | {'yes' if row['clear_gain'] else 'no'} |" if several else " |") for row in results["compared"]),
         "",
-        "What the captions name right (% of test images; a uniform guess: "
+        "What the captions name right (% of caption test images; a uniform guess: "
         + ", ".join(f"{attribute} {chance:.1f}" for attribute, chance in CAPTION_ATTRIBUTES.items()) + "):",
         "",
         "| attribute | noisy | bootstrapped |",
@@ -107,7 +108,7 @@ def write_report(path: Path, results: dict[str, Any], timing: dict[str, Any]) ->
         *(f"| {row['attribute']} | {_show(row['noisy'])} | {_show(row['bootstrapped'])} |"
           for row in results["caption_attributes"]),
         "",
-        f"## Example captions (test images, seed {seeds[0]})",
+        f"## Example captions (caption test images, seed {seeds[0]})",
         "",
         "| reference | noisy pre-training | bootstrapped pre-training |",
         "|---|---|---|",

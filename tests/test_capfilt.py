@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from blip_fast.capfilt import ITM_MAX_TOKENS, CapFiltOptions, run_capfilt, unit_seed
+from blip_fast.capfilt_io import CapFiltError
 from blip_fast.captioning import Captioner
 from blip_fast.cli import main
 from blip_fast.config import BlipConfig
@@ -102,7 +103,11 @@ def _oracle_itm(filter_dir: Path, image: PIL.Image.Image, captions: list[str]) -
     return torch.stack(rows)
 
 
-def _oracle_synthetic(captioner_dir: Path, images: list[PIL.Image.Image], seed: int, batch_size: int) -> list[list]:
+NUCLEUS = dict(do_sample=True, top_p=0.9, repetition_penalty=1.1)  # BLIP's CapFilt decoding
+
+
+def _oracle_synthetic(captioner_dir: Path, images: list[PIL.Image.Image], seed: int, batch_size: int,
+                      decoding: dict = NUCLEUS) -> list[list]:
     """Each unit's synthetic captions from the captioner's own generate: the unit's generator, batch by batch."""
     captioner = Captioner.from_pretrained(captioner_dir)
     prompt = captioner.tokenizer(["a picture of "], return_tensors="pt").input_ids
@@ -114,9 +119,8 @@ def _oracle_synthetic(captioner_dir: Path, images: list[PIL.Image.Image], seed: 
             batch = unit_images[first : first + batch_size]
             pixel_values = captioner.processor(batch).pixel_values
             ids = captioner.model.generate(
-                pixel_values, input_ids=prompt.expand(len(batch), -1), do_sample=True, top_p=0.9,
-                repetition_penalty=1.1, num_return_sequences=NUM_CAPTIONS, max_length=20, min_length=5,
-                generator=generator)
+                pixel_values, input_ids=prompt.expand(len(batch), -1), **decoding,
+                num_return_sequences=NUM_CAPTIONS, max_length=20, min_length=5, generator=generator)
             texts = [pre_caption(text) for text in captioner.tokenizer.batch_decode(ids[:, prompt.shape[1] - 1 :])]
             captions += [texts[row : row + NUM_CAPTIONS] for row in range(0, len(texts), NUM_CAPTIONS)]
     return captions
@@ -169,6 +173,19 @@ def test_capfilt_matches_generate_and_per_pair_itm(model_dirs, data, tmp_path, k
         assert json.loads((tmp_path / "out" / "bootstrapped.json").read_text()) == kept
     else:
         assert _shard_records(tmp_path / "out", data) == kept
+
+
+def test_capfilt_beam_search_writes_the_captioners_best_beams(model_dirs, data, tmp_path):
+    """``num_beams``: each image's synthetic captions are the captioner's own beam search's best ``num_captions``."""
+    run_capfilt(_options(model_dirs, data, "json", tmp_path / "out", num_beams=NUM_CAPTIONS + 1))
+    scored = _read_jsonl(tmp_path / "out" / "scored.jsonl")
+    images = [load_image_bytes(image, key) for key, image, _ in data["samples"]]
+    expected = _oracle_synthetic(model_dirs[0], images, seed=0, batch_size=3, decoding=dict(num_beams=NUM_CAPTIONS + 1))
+    groups = _group_by_image(scored, "image")
+    assert [[r["caption"] for r in records if r["source"] == "synthetic"] for records in groups.values()] == [
+        [text for text in texts if text] for texts in expected]
+    with pytest.raises(CapFiltError, match="num_beams must be >= num_captions"):
+        _options(model_dirs, data, "json", tmp_path / "other", num_beams=NUM_CAPTIONS - 1)
 
 
 def _shard_records(output: Path, data) -> list[dict]:

@@ -5,9 +5,11 @@ import json
 import os
 
 import pytest
+from PIL import Image
 
 from blip_fast.data.synthetic import SyntheticNoisyDataset
 from blip_fast.demo import (
+    CAPTION_TEST_DATA_SEED,
     DATA_SEED,
     SCALES,
     SeedRun,
@@ -74,6 +76,24 @@ def test_datasets_split_noise_and_clean_captions(tmp_path):
     assert all((tmp_path / image).is_file() for image in list(images)[:20])
 
 
+def test_caption_test_split_is_drawn_apart_with_true_references(tmp_path):
+    scale = SCALES["tiny"]
+    paths = write_datasets(tmp_path, scale)
+    caption_test = json.loads(paths["caption_test"].read_text())
+    assert len(caption_test) == scale.caption_test_images
+    truth = SyntheticNoisyDataset(scale.caption_test_images, 0.0, seed=CAPTION_TEST_DATA_SEED, image_size=32)
+    for record in caption_test:
+        scene = truth.scene(record["image_id"])
+        assert len(record["caption"]) == scale.references_per_image
+        assert all(tuple(caption_attributes(caption).values()) == (scene.color, scene.shape, scene.count,
+                                                                   scene.position) for caption in record["caption"])
+        with Image.open(tmp_path / record["image"]) as image:
+            assert image.tobytes() == truth.image(record["image_id"]).tobytes()
+    # Its own image folder: none of the other splits' images is overwritten.
+    assert not {record["image"] for record in caption_test} & {
+        record["image"] for name in ("web", "clean", "test") for record in json.loads(paths[name].read_text())}
+
+
 def test_stages_run_once_and_replay_their_result(tmp_path):
     calls = []
 
@@ -105,8 +125,10 @@ def test_training_stages_run_two_ranks_when_the_threads_split_evenly(threads, ra
 
 
 @pytest.mark.parametrize("threads, batch, rank_batch, expected", [
-    (2, 32, None, (16, 1)), (1, 32, None, (32, 1)),  # pre-training: the batch split over the ranks
-    (2, 16, 8, (8, 1)), (1, 16, 8, (8, 2)),  # the filter: 8 per rank and micro step, accumulated on one rank
+    (2, 32, None, (16, 1)), (1, 32, None, (32, 1)),  # captioning: the batch split over the ranks
+    # pre-training (ITM negatives mined per rank and micro step) and the filter: accumulated on one rank
+    (2, 32, SCALES["full"].pretrain_rank_batch, (16, 1)), (1, 32, SCALES["full"].pretrain_rank_batch, (16, 2)),
+    (2, 16, 8, (8, 1)), (1, 16, 8, (8, 2)),
 ])
 def test_stage_batch_is_the_same_global_batch_on_one_or_two_ranks(threads, batch, rank_batch, expected, tmp_path):
     config = json.loads(_ds_config(SeedRun(tmp_path, tmp_path, SCALES["full"], 0, threads), "stage", batch,
@@ -126,7 +148,8 @@ def _seed_result(seed, shift):
              for section, items in metrics.items()}
     example = [{"references": ["a red circle"], "caption": f"seed {seed}"}]
     return {"seed": seed, "threads": 1, "torch": "2.x", "scale": {"web_images": 10, "noise_fraction": 0.4,
-            "clean_images": 4, "test_images": 2, "references_per_image": 3, "k_test": 8, "image_size": 32},
+            "clean_images": 4, "test_images": 2, "caption_test_images": 4, "references_per_image": 3, "k_test": 8,
+            "image_size": 32},
             "filter": {"precision": 90.0 + seed, "recall": 95.0, "web_dropped": 4, "web_noisy": 4,
                        "synthetic_kept": 5, "synthetic_total": 10},
             "before": {**metrics, "examples": example}, "after": {**after, "examples": example}}

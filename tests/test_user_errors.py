@@ -75,6 +75,8 @@ def _bad_arguments(models):
         "capfilt output is a file": ([*capfilt, "--output", models["image"]], "is a file; give a folder"),
         "capfilt workers -1": ([*capfilt, "--output", models["root"] / "o", "--workers", "-1"], "--workers"),
         "capfilt threshold 1": ([*capfilt, "--output", models["root"] / "o", "--threshold", "1"], "--threshold"),
+        "capfilt fewer beams than captions": ([*capfilt, "--output", models["root"] / "o", "--num-captions", "3",
+                                               "--beams", "2"], "num_beams must be >= num_captions (3)"),
         "k-test 0": ([*evaluate, "--k-test", "0"], "--k-test: must be >= 1, got 0"),
         "k-test -5": ([*evaluate, "--k-test", "-5"], "--k-test: must be >= 1, got -5"),
         "evaluate out is a folder": ([*evaluate, "--out", models["root"]], "is a directory; give a file name"),
@@ -88,6 +90,7 @@ def _bad_arguments(models):
 CASES = [
     "beams 0", "batch size 0", "top-p 1.5", "max length 0", "max length past the positions", "device banana",
     "missing model", "model is a file", "capfilt output is a file", "capfilt workers -1", "capfilt threshold 1",
+    "capfilt fewer beams than captions",
     "k-test 0", "k-test -5", "evaluate out is a folder", "missing annotations", "demo out-dir is a file",
     "demo seeds 0", "demo seed -1",
 ]
