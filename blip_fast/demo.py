@@ -413,6 +413,20 @@ def _check_settings(path: Path, settings: dict[str, Any], what: str) -> None:
 _CAPFILT_TIMING = ("seconds", "unit_seconds", "images_per_s")
 
 
+def pretrain_again(run: SeedRun, stages: Stages, captions: Path, noisy_dir: Path, steps: int,
+                   splits: dict[str, Path], device: str) -> dict[str, Any]:
+    """The comparison's second arm, in ``run.run_dir``: pre-train on ``captions`` with the clean split -- the same
+    tokenizer (``noisy_dir``'s), initial weights and number of optimizer steps as the noisy pre-training, so only the
+    data differs -- fine-tune its captioner the same way (seed included), and evaluate them (retrieval; captions)."""
+    stages.run("pretrain_bootstrapped", lambda: _train(run, "pretrain_bootstrapped", _pretrain_options(
+        run, [captions, splits["clean"]], tokenizer_dir=noisy_dir / "tokenizer", epochs=100, max_steps=steps),
+        rank_batch=run.scale.pretrain_rank_batch))
+    stages.run("finetune_captioner_bootstrapped", lambda: _train(run, "captioner_bootstrapped", _finetune_options(
+        run, "captioning", run.run_dir / "pretrain_bootstrapped", splits["clean"])))
+    return stages.run("evaluate_bootstrapped", lambda: _evaluate(
+        run, run.run_dir / "pretrain_bootstrapped", run.run_dir / "captioner_bootstrapped", splits, device))
+
+
 def run_seed(run: SeedRun, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run (or resume) one seed's bootstrapping loop in ``run.run_dir`` on the data in ``run.data_dir``; writes and
     returns its ``results.json`` (stage times go to ``timing.json``). Sets torch's thread count and deterministic
@@ -445,18 +459,10 @@ def run_seed(run: SeedRun, log: Callable[[str], None] = print) -> dict[str, Any]
         progress=False)))
     filter_quality = stages.run("filter_quality", lambda: _filter_quality(run_dir / "capfilt" / "scored.jsonl",
                                                                           splits["web"]))
-    # The same tokenizer, initial weights and number of optimizer steps: only the data differs.
-    stages.run("pretrain_bootstrapped", lambda: _train(run, "pretrain_bootstrapped", _pretrain_options(
-        run, [run_dir / "capfilt" / "bootstrapped.json", splits["clean"]],
-        tokenizer_dir=run_dir / "pretrain_noisy" / "tokenizer", epochs=100, max_steps=noisy["final_step"]),
-        rank_batch=run.scale.pretrain_rank_batch))
-    # Each pre-trained model gets the same caption fine-tuning (seed included) before its captions are compared.
-    stages.run("finetune_captioner_bootstrapped", lambda: _train(run, "captioner_bootstrapped", _finetune_options(
-        run, "captioning", run_dir / "pretrain_bootstrapped", splits["clean"])))
+    after = pretrain_again(run, stages, run_dir / "capfilt" / "bootstrapped.json", run_dir / "pretrain_noisy",
+                           noisy["final_step"], splits, device)
     before = stages.run("evaluate_noisy", lambda: _evaluate(
         run, run_dir / "pretrain_noisy", run_dir / "captioner", splits, device))
-    after = stages.run("evaluate_bootstrapped", lambda: _evaluate(
-        run, run_dir / "pretrain_bootstrapped", run_dir / "captioner_bootstrapped", splits, device))
 
     results = {"seed": run.seed, "threads": run.threads, "torch": torch.__version__, "scale": asdict(run.scale),
                "filter": filter_quality, "before": before, "after": after,
