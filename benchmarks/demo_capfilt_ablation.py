@@ -83,12 +83,7 @@ def _web_scenes(out_dir: Path, scale: demo.DemoScale) -> dict[str, Scene]:
 
 def attribute_report(captioner: Path, data_dir: Path, scale: demo.DemoScale) -> dict[str, float]:
     """Percent of caption test images whose beam-3 caption (the demo's decoding) names each attribute right."""
-    from blip_fast import evaluate
-
-    test_json = data_dir / "caption_test.json"
-    captions = evaluate.run_caption_evaluation(captioner / "export" / "captioning", test_json, data_dir, "cpu",
-                                               batch_size=256, prompt=demo.CAPTION_PROMPT, num_beams=3, max_length=20,
-                                               min_length=5)
+    captions = demo.beam_captions(captioner / "export" / "captioning", data_dir / "caption_test.json", data_dir, "cpu")
     scenes = SyntheticNoisyDataset(scale.caption_test_images, 0.0, seed=demo.CAPTION_TEST_DATA_SEED,
                                    image_size=scale.image_size)
     hits = {"colour": 0, "background": 0, "pattern": 0}
@@ -102,41 +97,57 @@ def attribute_report(captioner: Path, data_dir: Path, scale: demo.DemoScale) -> 
     return {name: 100.0 * value / count for name, value in hits.items()}
 
 
-def run_ablation(seed_dir: Path, variant: str) -> dict[str, Any]:
-    """One seed's ``variant`` arm (resumed if started), with the seed's own arms beside it."""
-    import torch
+def _arm(evaluation: dict[str, Any], captioner: Path, data_dir: Path, scale: demo.DemoScale) -> dict[str, Any]:
+    """One pre-training's row: its caption metrics (BLEU-4 and CIDEr x100), retrieval and attribute accuracies."""
+    metrics = {key: 100 * value if key in ("bleu4", "cider") else value
+               for key, value in evaluation["captions"].items()}
+    return {**metrics, "retrieval": evaluation["retrieval"], "names": attribute_report(captioner, data_dir, scale)}
 
-    from blip_fast.determinism import use_deterministic_algorithms
 
-    out_dir = seed_dir.parent
-    settings = json.loads((seed_dir / "run.json").read_text(encoding="utf-8"))
-    scale = demo.DemoScale(**settings["scale"])
-    run = demo.SeedRun(seed_dir / f"ablation-{variant}", out_dir / "data", scale, settings["seed"], settings["threads"])
-    run.run_dir.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(run.threads)
-    use_deterministic_algorithms()
-    bootstrapped = json.loads((seed_dir / "capfilt" / "bootstrapped.json").read_text(encoding="utf-8"))
-    captions = run.run_dir / "bootstrapped.json"
-    scenes = _web_scenes(out_dir, scale)
-    kept = ablated_captions(bootstrapped, scenes, variant)
-    scored = [json.loads(line) for line in (seed_dir / "capfilt" / "scored.jsonl").read_text(encoding="utf-8").splitlines()]
-    demo._write_json(captions, kept)
-    noisy = json.loads((seed_dir / "stages" / "pretrain_noisy.json").read_text(encoding="utf-8"))["result"]
-    splits = {name: out_dir / "data" / f"{name}.json" for name in ("web", "clean", "test", "caption_test")}
-    evaluation = demo.pretrain_again(run, demo.Stages(run.run_dir, print), captions, seed_dir / "pretrain_noisy",
-                                     noisy["final_step"], splits, "cpu")
-    seed_results = json.loads((seed_dir / "results.json").read_text(encoding="utf-8"))
-    arms = {"noisy": (seed_results["before"], seed_dir / "captioner"),
-            "bootstrapped": (seed_results["after"], seed_dir / "captioner_bootstrapped"),
-            variant: (evaluation, run.run_dir / "captioner_bootstrapped")}
-    return {"seed": settings["seed"], "variant": variant, "captions_kept": len(kept),
-            "synthetic_kept": sum(row["source"] == "synthetic" for row in kept),
-            "capfilt_itm_pattern_auc": pattern_auc(scored, scenes),
-            "arms": {name: {**{key: 100 * value if key in ("bleu4", "cider") else value
-                                for key, value in result["captions"].items()},
-                            "retrieval": result["retrieval"], "names": attribute_report(captioner, out_dir / "data",
-                                                                                         scale)}
-                     for name, (result, captioner) in arms.items()}}
+class SeedAblation:
+    """A finished demo seed: its settings, web scenes and CapFilt output, and its own two arms scored once."""
+
+    def __init__(self, seed_dir: Path) -> None:
+        self.seed_dir, self.data_dir = seed_dir, seed_dir.parent / "data"
+        self.settings = json.loads((seed_dir / "run.json").read_text(encoding="utf-8"))
+        self.scale = demo.DemoScale(**self.settings["scale"])
+        self.scenes = _web_scenes(seed_dir.parent, self.scale)
+        capfilt = seed_dir / "capfilt"
+        self.bootstrapped = json.loads((capfilt / "bootstrapped.json").read_text(encoding="utf-8"))
+        scored = [json.loads(line) for line in (capfilt / "scored.jsonl").read_text(encoding="utf-8").splitlines()]
+        self.pattern_auc = pattern_auc(scored, self.scenes)
+        results = json.loads((seed_dir / "results.json").read_text(encoding="utf-8"))
+        self.arms = {"noisy": _arm(results["before"], seed_dir / "captioner", self.data_dir, self.scale),
+                     "bootstrapped": _arm(results["after"], seed_dir / "captioner_bootstrapped", self.data_dir,
+                                          self.scale)}
+
+    def run(self, variant: str) -> dict[str, Any]:
+        """The ``variant`` arm (resumed if started), with the seed's own arms beside it."""
+        import torch
+
+        from blip_fast.determinism import use_deterministic_algorithms
+
+        settings, seed_dir = self.settings, self.seed_dir
+        run = demo.SeedRun(seed_dir / f"ablation-{variant}", self.data_dir, self.scale, settings["seed"],
+                           settings["threads"])
+        run.run_dir.mkdir(parents=True, exist_ok=True)
+        torch.set_num_threads(run.threads)
+        use_deterministic_algorithms()
+        kept = ablated_captions(self.bootstrapped, self.scenes, variant)
+        captions = run.run_dir / "bootstrapped.json"
+        demo._write_json(captions, kept)
+
+        def unfinished() -> dict[str, Any]:
+            raise FileNotFoundError(f"{seed_dir}/stages/pretrain_noisy.json: the seed's noisy pre-training is missing")
+
+        noisy = demo.Stages(seed_dir, print).run("pretrain_noisy", unfinished)
+        evaluation = demo.pretrain_again(run, demo.Stages(run.run_dir, print), captions, seed_dir / "pretrain_noisy",
+                                         noisy["final_step"], demo.split_paths(self.data_dir), "cpu")
+        return {"seed": settings["seed"], "variant": variant, "captions_kept": len(kept),
+                "synthetic_kept": sum(row["source"] == "synthetic" for row in kept),
+                "capfilt_itm_pattern_auc": self.pattern_auc,
+                "arms": {**self.arms, variant: _arm(evaluation, run.run_dir / "captioner_bootstrapped",
+                                                   self.data_dir, self.scale)}}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -149,8 +160,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         seed_dir = args.out_dir / f"seed-{seed}"
         if not (seed_dir / "results.json").is_file():
             parser.error(f"{seed_dir}/results.json: not a finished demo seed (run blip-fast demo first)")
+        seed = SeedAblation(seed_dir)
         for variant in args.variants:
-            result = run_ablation(seed_dir, variant)
+            result = seed.run(variant)
             demo._write_json(seed_dir / f"ablation-{variant}" / "ablation.json", result)
             print(json.dumps(result), flush=True)
     return 0

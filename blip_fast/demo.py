@@ -147,6 +147,11 @@ def write_datasets(data_dir: Path, scale: DemoScale) -> dict[str, Path]:
     return paths
 
 
+def split_paths(data_dir: Path) -> dict[str, Path]:
+    """Each split's BLIP json, as :func:`write_datasets` writes them."""
+    return {name: data_dir / f"{name}.json" for name in ("web", "clean", "test", "caption_test")}
+
+
 def _with_references(dataset: SyntheticNoisyDataset, split_json: Path, count: int,
                      prefix: str = "") -> list[dict[str, Any]]:
     """The records of ``split_json`` with ``count`` reference captions each and image paths under ``prefix``."""
@@ -372,13 +377,19 @@ def _filter_quality(scored_path: Path, web_json: Path) -> dict[str, Any]:
     }
 
 
+def beam_captions(model_dir: Path, test_json: Path, data_dir: Path, device: str) -> dict[str, Any]:
+    """``evaluate.run_caption_evaluation``'s report (metrics, every caption) of the demo's captioner at
+    ``model_dir`` on ``test_json``, decoded as BLIP evaluates captions (beam 3, 5 to 20 tokens, the prompt)."""
+    from blip_fast import evaluate
+
+    return evaluate.run_caption_evaluation(model_dir, test_json, data_dir, device, batch_size=256,
+                                           prompt=CAPTION_PROMPT, num_beams=3, max_length=20, min_length=5)
+
+
 def _caption_quality(run: SeedRun, model_dir: Path, test_json: Path, device: str) -> dict[str, Any]:
     """BLEU-4, CIDEr, object accuracy (shape and colour) and each attribute's accuracy of beam-3 captions (BLIP's
     decoding) of the test images, and examples."""
-    from blip_fast import evaluate
-
-    captions = evaluate.run_caption_evaluation(model_dir, test_json, run.data_dir, device, batch_size=256,
-                                               prompt=CAPTION_PROMPT, num_beams=3, max_length=20, min_length=5)
+    captions = beam_captions(model_dir, test_json, run.data_dir, device)
     references = [record["caption"] for record in json.loads(test_json.read_text(encoding="utf-8"))]
     predictions = [item["caption"] for item in captions["predictions"]]
     named = attribute_accuracy(predictions, references)
@@ -443,7 +454,7 @@ def run_seed(run: SeedRun, log: Callable[[str], None] = print) -> dict[str, Any]
     use_deterministic_algorithms()
     device = "cuda" if torch.cuda.is_available() else "cpu"  # training picks its accelerator itself
     stages = Stages(run_dir, log)
-    splits = {name: data / f"{name}.json" for name in ("web", "clean", "test", "caption_test")}
+    splits = split_paths(data)
 
     noisy = stages.run("pretrain_noisy", lambda: _train(run, "pretrain_noisy", _pretrain_options(
         run, [splits["web"], splits["clean"]]), rank_batch=run.scale.pretrain_rank_batch))

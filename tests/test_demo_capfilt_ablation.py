@@ -69,3 +69,15 @@ def test_pattern_auc_against_a_hand_count():
     assert pattern_auc(rows, {"a.png": scene}) == pytest.approx(2.5 / 4)
     with pytest.raises(ValueError, match="right and with wrong"):
         pattern_auc(rows[:2], {"a.png": scene})
+
+
+def test_a_folder_that_is_no_finished_demo_is_refused_naming_the_file(tmp_path, capsys):
+    """A typo'd or unfinished --out-dir: exit 2 naming the missing results.json, before anything is written."""
+    from benchmarks.demo_capfilt_ablation import main
+
+    (tmp_path / "seed-0").mkdir()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--out-dir", str(tmp_path), "--seeds", "0"])
+    assert exit_info.value.code == 2
+    assert f"{tmp_path / 'seed-0'}/results.json: not a finished demo seed" in capsys.readouterr().err
+    assert sorted(path.name for path in tmp_path.rglob("*")) == ["seed-0"]
