@@ -6,7 +6,8 @@ bootstrapped sets and compares the captioners' attributes, background pattern in
   background pattern right (a filter that sees what the benchmark knows).
 
 Each arm pre-trains from the same initial weights for the same steps with the seed's tokenizer, scale, seed and thread
-count (``blip_fast.demo.pretrain_again``), in ``<seed dir>/ablation-<variant>/`` (resumable).
+count (``blip_fast.demo.pretrain_again``) and CPU numerics (this process takes the seeds' recorded AVX2 caps), in
+``<seed dir>/ablation-<variant>/`` (resumable).
 
     python -m benchmarks.demo_capfilt_ablation --out-dir blip_fast_demo_3 --seeds 0 1 2
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,6 +24,7 @@ from typing import Any
 
 from blip_fast import demo
 from blip_fast.data.synthetic import COLORS, PATTERNS, Scene, SyntheticNoisyDataset
+from blip_fast.determinism import cpu_numerics, portable_cpu_environment
 
 VARIANTS = ("web-only", "oracle")
 
@@ -150,16 +153,37 @@ class SeedAblation:
                                                    self.data_dir, self.scale)}}
 
 
+def _take_cpu_numerics(parser: argparse.ArgumentParser, seed_dirs: list[Path]) -> None:
+    """Run this process (before any computation) and its training stages with the CPU numerics the seeds recorded,
+    so the arms compare like with like; refuse seeds that differ, or whose numerics this CPU cannot give."""
+    recorded = {}
+    for seed_dir in seed_dirs:
+        numerics = json.loads((seed_dir / "run.json").read_text(encoding="utf-8")).get("cpu")
+        if numerics is None:
+            parser.error(f"{seed_dir}/run.json records no CPU numerics (a demo older than that record): rerun it")
+        recorded[seed_dir] = numerics
+    wanted = recorded[seed_dirs[0]]
+    if any(numerics != wanted for numerics in recorded.values()):
+        parser.error(f"the seeds ran with different CPU numerics ({recorded}): ablate them apart")
+    if wanted["mkl_cbwr"]:  # a portable run (the demo's default)
+        os.environ.update(portable_cpu_environment())
+    if cpu_numerics() != wanted:
+        parser.error(f"{seed_dirs[0]}/run.json: the seeds ran with CPU numerics {wanted}, this process has "
+                     f"{cpu_numerics()} (another instruction set, or other caps in the environment)")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out-dir", type=Path, required=True, help="a finished blip-fast demo folder")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     args = parser.parse_args(argv)
-    for seed in args.seeds:
-        seed_dir = args.out_dir / f"seed-{seed}"
+    seed_dirs = [args.out_dir / f"seed-{seed}" for seed in args.seeds]
+    for seed_dir in seed_dirs:
         if not (seed_dir / "results.json").is_file():
             parser.error(f"{seed_dir}/results.json: not a finished demo seed (run blip-fast demo first)")
+    _take_cpu_numerics(parser, seed_dirs)
+    for seed_dir in seed_dirs:
         seed = SeedAblation(seed_dir)
         for variant in args.variants:
             result = seed.run(variant)

@@ -16,10 +16,12 @@ What the paper does with 129M web images and COCO, on drawn scenes whose wrong c
 
 The data is one fixed synthetic benchmark; a run *seed* draws everything else (model initialisation, data order,
 dropout and ITM negatives, CapFilt's sampling), one independent stream per component (:func:`component_seed`).
-Same command, seed and thread count -> byte-identical ``results.json`` on one machine: the tokenizer vocabulary is
-trained deterministically, every random stream is seeded, DataLoader batches arrive in sampler order, and torch runs
-with ``use_deterministic_algorithms``. The thread count is part of the result (it changes how reductions are split),
-so it is recorded; timings live apart, in ``timing.json``.
+Same command, seed and thread count -> byte-identical ``results.json`` on every x86-64 CPU with AVX2: the tokenizer
+vocabulary is trained deterministically, every random stream is seeded, DataLoader batches arrive in sampler order,
+torch runs with ``use_deterministic_algorithms``, and the seed runs with ATen, MKL and oneDNN capped at AVX2
+(``determinism.portable_cpu_environment``; ``portable_cpu=False`` lets them use the whole CPU, and the numbers then
+follow its instruction sets). The thread count and the CPU numerics are part of the result (they change how sums are
+split), so both are recorded; timings live apart, in ``timing.json``.
 
 Each seed runs in its own process (``python -m blip_fast.demo``, under ``<out>/seed-<S>/``), several at once when
 ``--seeds N`` asks for more than one; training runs as ``blip_fast.train`` subprocesses of it (the real entry point:
@@ -60,6 +62,7 @@ from blip_fast.data.synthetic import (
     render_caption,
 )
 from blip_fast.data.workers import usable_cpus
+from blip_fast.determinism import portable_cpu_environment
 from blip_fast.launch import run_ranks
 
 
@@ -266,6 +269,9 @@ class SeedRun:
     scale: DemoScale
     seed: int
     threads: int
+    #: Run with every CPU library capped at AVX2 (the same numbers on every x86-64 CPU with AVX2), set in the seed
+    #: process's environment by :func:`run_demo`.
+    portable_cpu: bool = True
 
     @property
     def training_ranks(self) -> int:
@@ -445,11 +451,13 @@ def run_seed(run: SeedRun, log: Callable[[str], None] = print) -> dict[str, Any]
     import torch
 
     from blip_fast.capfilt import CapFiltOptions, run_capfilt
-    from blip_fast.determinism import use_deterministic_algorithms
+    from blip_fast.determinism import cpu_numerics, use_deterministic_algorithms
 
     run_dir, data = run.run_dir, run.data_dir
-    _check_settings(run_dir / "run.json", {"scale": asdict(run.scale), "seed": run.seed, "threads": run.threads},
-                    "of another seed, scale or thread count")
+    numerics = cpu_numerics()
+    _check_settings(run_dir / "run.json", {"scale": asdict(run.scale), "seed": run.seed, "threads": run.threads,
+                                           "cpu": numerics},
+                    "of another seed, scale, thread count or CPU numerics (--native-cpu)")
     torch.set_num_threads(run.threads)
     use_deterministic_algorithms()
     device = "cuda" if torch.cuda.is_available() else "cpu"  # training picks its accelerator itself
@@ -475,7 +483,8 @@ def run_seed(run: SeedRun, log: Callable[[str], None] = print) -> dict[str, Any]
     before = stages.run("evaluate_noisy", lambda: _evaluate(
         run, run_dir / "pretrain_noisy", run_dir / "captioner", splits, device))
 
-    results = {"seed": run.seed, "threads": run.threads, "torch": torch.__version__, "scale": asdict(run.scale),
+    results = {"seed": run.seed, "threads": run.threads, "cpu": numerics, "torch": torch.__version__,
+               "scale": asdict(run.scale),
                "filter": filter_quality, "before": before, "after": after,
                "capfilt": {key: value for key, value in capfilt.items() if key not in ("config", *_CAPFILT_TIMING)}}
     _write_json(run_dir / "results.json", results)
@@ -497,7 +506,8 @@ def _seed_process(run: SeedRun, log: Callable[[str], None], prefix: str) -> dict
     command = [sys.executable, "-u", "-m", "blip_fast.demo", "--run-dir", str(run.run_dir), "--data-dir",
                str(run.data_dir), "--scale", json.dumps(asdict(run.scale)), "--seed", str(run.seed),
                "--threads", str(run.threads)]
-    environment = {**os.environ, "OMP_NUM_THREADS": str(run.threads)}
+    environment = {**os.environ, "OMP_NUM_THREADS": str(run.threads),
+                   **(portable_cpu_environment() if run.portable_cpu else {})}
     tail: collections.deque[str] = collections.deque(maxlen=20)
     with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                           env=environment) as process:
@@ -511,11 +521,12 @@ def _seed_process(run: SeedRun, log: Callable[[str], None], prefix: str) -> dict
 
 
 def run_demo(out_dir: str | os.PathLike = "blip_fast_demo", scale: str | DemoScale = "full", seeds: int = 1,
-             first_seed: int = 0, threads: int | None = None, jobs: int | None = None,
+             first_seed: int = 0, threads: int | None = None, jobs: int | None = None, portable_cpu: bool = True,
              log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run (or resume) the demo for seeds ``first_seed .. first_seed + seeds - 1`` in ``out_dir``, ``jobs`` of them
-    at once with ``threads`` torch threads each (defaults: :func:`parallel_plan`); returns the results written to
-    ``results.json`` (mean, standard deviation and per-seed values of every metric)."""
+    at once with ``threads`` torch threads each (defaults: :func:`parallel_plan`), capped at AVX2 unless not
+    ``portable_cpu`` (:class:`SeedRun`); returns the results written to ``results.json`` (mean, standard deviation and
+    per-seed values of every metric)."""
     from blip_fast.demo_report import summarize, write_plot, write_report
 
     if seeds < 1:
@@ -528,7 +539,7 @@ def run_demo(out_dir: str | os.PathLike = "blip_fast_demo", scale: str | DemoSca
     data = out_dir / "data"
     Stages(out_dir, log).run("data", lambda: {"splits": {name: str(path)
                                                          for name, path in write_datasets(data, scale).items()}})
-    runs = [SeedRun(out_dir / f"seed-{seed}", data, scale, seed, threads)
+    runs = [SeedRun(out_dir / f"seed-{seed}", data, scale, seed, threads, portable_cpu)
             for seed in range(first_seed, first_seed + seeds)]
     log(f"{seeds} seed(s), {jobs} at a time, {threads} torch thread(s) each")
     with ThreadPoolExecutor(jobs) as pool:

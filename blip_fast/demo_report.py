@@ -56,7 +56,8 @@ def summarize(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
                                           for model, when in (("noisy", "before"), ("bootstrapped", "after"))}}
              for attribute in CAPTION_ATTRIBUTES]
     return {
-        "seeds": [result["seed"] for result in per_seed], "threads": first["threads"], "torch": first["torch"],
+        "seeds": [result["seed"] for result in per_seed], "threads": first["threads"], "cpu": first["cpu"],
+        "torch": first["torch"],
         "scale": first["scale"], "compared": compared, "caption_attributes": named,
         "filter": {key: spread([result["filter"][key] for result in per_seed]) for key in FILTER_KEYS},
         "examples": [{"references": before["references"], "noisy": before["caption"], "bootstrapped": after["caption"]}
@@ -67,6 +68,14 @@ def summarize(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
 def _show(stats: dict[str, Any], digits: int = 1, sign: bool = False) -> str:
     text = f"{stats['mean']:{'+' if sign else ''}.{digits}f}"
     return text if stats["std"] is None else f"{text} ± {stats['std']:.{digits}f}"
+
+
+def _numerics(cpu: dict[str, Any]) -> str:
+    """How the CPU libraries ran (``determinism.cpu_numerics``), in words."""
+    if cpu["mkl_cbwr"] and cpu["onednn_max_cpu_isa"]:
+        return (f"CPU libraries capped at {cpu['aten_capability']} (ATen), {cpu['mkl_cbwr']} (MKL), "
+                f"{cpu['onednn_max_cpu_isa']} (oneDNN)")
+    return f"CPU libraries uncapped (ATen {cpu['aten_capability']}: numbers of this instruction set)"
 
 
 def write_report(path: Path, results: dict[str, Any], timing: dict[str, Any]) -> None:
@@ -83,7 +92,7 @@ def write_report(path: Path, results: dict[str, Any], timing: dict[str, Any]) ->
         f"{scale['caption_test_images']} caption test images ({scale['references_per_image']} references each); "
         f"tiny BLIP at {scale['image_size']} px. "
         f"Retrieval: ITC top-{scale['k_test']} reranked by ITM + ITC. Numbers: {over}; "
-        f"{results['threads']} torch thread(s) per run, torch {results['torch']}.",
+        f"{results['threads']} torch thread(s) per run, torch {results['torch']}, {_numerics(results['cpu'])}.",
         "",
         "## CapFilt's filter against the injected noise",
         "",

@@ -3,6 +3,8 @@ BLIP_FAST_SMALL_DEMO=1) the small run, where BLIP's bootstrapping loop must repr
 
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 from PIL import Image
@@ -23,6 +25,7 @@ from blip_fast.demo import (
     write_datasets,
 )
 from blip_fast.demo_report import COMPARED, summarize, write_plot, write_report
+from blip_fast.determinism import portable_cpu_environment
 
 
 @pytest.mark.parametrize(
@@ -138,7 +141,10 @@ def test_stage_batch_is_the_same_global_batch_on_one_or_two_ranks(threads, batch
         _ds_config(SeedRun(tmp_path, tmp_path, SCALES["full"], 0, 2), "stage", 16, 12)
 
 
-def _seed_result(seed, shift):
+PORTABLE_NUMERICS = {"aten_capability": "AVX2", "mkl_cbwr": "AVX2", "onednn_max_cpu_isa": "AVX2"}
+
+
+def _seed_result(seed, shift, cpu=PORTABLE_NUMERICS):
     """A per-seed result as ``run_seed`` writes it; ``shift`` moves every "after" number."""
     metrics = {"retrieval": {"txt_r1": 10.0, "txt_r5": 20.0, "img_r1": 30.0, "img_r5": 40.0},
                "captions": {"object_accuracy": 50.0, "bleu4": 0.25, "cider": 1.5, "names_colour": 90.0,
@@ -147,7 +153,7 @@ def _seed_result(seed, shift):
     after = {section: {key: value + shift * step.get(key, 1.0) for key, value in items.items()}
              for section, items in metrics.items()}
     example = [{"references": ["a red circle"], "caption": f"seed {seed}"}]
-    return {"seed": seed, "threads": 1, "torch": "2.x", "scale": {"web_images": 10, "noise_fraction": 0.4,
+    return {"seed": seed, "threads": 1, "cpu": cpu, "torch": "2.x", "scale": {"web_images": 10, "noise_fraction": 0.4,
             "clean_images": 4, "test_images": 2, "caption_test_images": 4, "references_per_image": 3, "k_test": 8,
             "image_size": 32},
             "filter": {"precision": 90.0 + seed, "recall": 95.0, "web_dropped": 4, "web_noisy": 4,
@@ -171,7 +177,8 @@ def test_summarize_reports_mean_std_and_per_seed_values(tmp_path):
     assert shape["noisy"]["per_seed"] == [20.0] * 3 and shape["bootstrapped"]["per_seed"] == [23.0, 24.0, 25.0]
     unclear = summarize([_seed_result(0, -1.0), _seed_result(1, 3.0)])
     assert not unclear["compared"][0]["clear_gain"]  # mean 1 < 2 x 2.83
-    single = summarize([_seed_result(5, 1.0)])
+    single = summarize([_seed_result(5, 1.0, {"aten_capability": "AVX512", "mkl_cbwr": None,
+                                              "onednn_max_cpu_isa": None})])
     assert single["compared"][0]["gain"]["std"] is None and single["compared"][0]["clear_gain"] is None
 
     timing = {"wall_seconds": 60.0, "cpu_seconds": 100.0, "cores": 2, "jobs": 3, "threads": 1,
@@ -183,9 +190,12 @@ def test_summarize_reports_mean_std_and_per_seed_values(tmp_path):
     assert "| image->text R@1 | 10.0 ± 0.0 | 14.0 ± 1.0 | +4.0 ± 1.0 | yes |" in report
     assert "| 91.0 ± 1.0 | 95.0 ± 0.0 |" in report and "1.0 min wall for 3 seed(s)" in report
     assert "| 2 | 10 / 9 |" in report
+    assert "CPU libraries capped at AVX2 (ATen), AVX2 (MKL), AVX2 (oneDNN)" in report
     assert "| shape | 20.0 ± 0.0 | 24.0 ± 1.0 |" in report and "shape 14.3" in report
     write_report(tmp_path / "single.md", single, {**timing, "per_seed": {5: timing["per_seed"][0]}})
-    assert "| image->text R@1 | 10.0 | 11.0 | +1.0 |" in (tmp_path / "single.md").read_text()
+    single_report = (tmp_path / "single.md").read_text()
+    assert "| image->text R@1 | 10.0 | 11.0 | +1.0 |" in single_report
+    assert "CPU libraries uncapped (ATen AVX512" in single_report
     write_plot(tmp_path / "results.png", results)
     assert (tmp_path / "results.png").read_bytes()[:4] == b"\x89PNG"
 
@@ -193,25 +203,32 @@ def test_summarize_reports_mean_std_and_per_seed_values(tmp_path):
 @pytest.mark.slow
 def test_same_seed_and_threads_give_byte_identical_results(tmp_path):
     """Two seeds in one demo and, at the same time, one of them alone in another folder (another process tree,
-    another path): the same results.json, byte for byte; the other seed's numbers differ. The tiny scale runs every
-    stage for a few steps (CI time: three seed runs, on two cores at once)."""
-    from concurrent.futures import ThreadPoolExecutor
-
+    another path, the command line, and a CPU whose MKL may use no more than AVX2: emulated): the same results.json
+    and trained weights, byte for byte; the other seed's numbers differ. The tiny scale runs every stage for a few
+    steps (CI time: three seed runs, on two cores at once)."""
     from blip_fast.demo import run_demo
 
-    with ThreadPoolExecutor(2) as pool:
-        both = pool.submit(run_demo, tmp_path / "both", "tiny", seeds=2, threads=1, jobs=2, log=lambda line: None)
-        pool.submit(run_demo, tmp_path / "alone", "tiny", seeds=1, first_seed=1, threads=1,
-                    log=lambda line: None).result()
-        both = both.result()
-    first, second, alone = (tmp_path / folder / "results.json" for folder in ("both/seed-0", "both/seed-1",
-                                                                             "alone/seed-1"))
-    assert second.read_bytes() == alone.read_bytes()
-    assert json.loads(first.read_text())["before"] != json.loads(second.read_text())["before"]
+    alone_dir = tmp_path / "alone"
+    alone = subprocess.Popen(
+        [sys.executable, "-m", "blip_fast.cli", "demo", "--scale", "tiny", "--seed", "1", "--threads", "1",
+         "--out-dir", str(alone_dir)],
+        env={**os.environ, "MKL_ENABLE_INSTRUCTIONS": "AVX2"}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        text=True)
+    both = run_demo(tmp_path / "both", "tiny", seeds=2, threads=1, jobs=2, log=lambda line: None)
+    assert alone.wait() == 0, alone.stderr.read()[-2000:]
+    first, second = tmp_path / "both" / "seed-0", tmp_path / "both" / "seed-1"
+    assert (second / "results.json").read_bytes() == (alone_dir / "seed-1" / "results.json").read_bytes()
+    weights = sorted(path.relative_to(second) for path in second.glob("*/export/*/model.safetensors"))
+    assert len(weights) == 7  # both pre-trainings (captioning, retrieval each), both captioners, the filter
+    assert all((second / path).read_bytes() == (alone_dir / "seed-1" / path).read_bytes() for path in weights)
+    assert json.loads((first / "results.json").read_text())["before"] != json.loads(
+        (second / "results.json").read_text())["before"]
     assert both["seeds"] == [0, 1] and len(both["compared"][0]["gain"]["per_seed"]) == 2
     summary = json.loads((tmp_path / "both" / "results.json").read_text())
-    assert summary["compared"][0]["noisy"]["per_seed"][1] == json.loads(alone.read_text())["before"]["retrieval"][
-        "txt_r1"]
+    assert summary["compared"][0]["noisy"]["per_seed"][1] == json.loads(
+        (alone_dir / "seed-1" / "results.json").read_text())["before"]["retrieval"]["txt_r1"]
+    if portable_cpu_environment():  # x86-64: every CPU library ran capped
+        assert summary["cpu"]["mkl_cbwr"] == "AVX2" and summary["cpu"]["onednn_max_cpu_isa"] == "AVX2"
     for name in ("report.md", "results.png", "timing.json"):
         assert (tmp_path / "both" / name).stat().st_size > 0
 

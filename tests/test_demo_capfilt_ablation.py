@@ -2,6 +2,7 @@
 ablated bootstrapped sets against hand-built CapFilt rows."""
 
 import dataclasses
+import json
 import random
 
 import pytest
@@ -81,3 +82,31 @@ def test_a_folder_that_is_no_finished_demo_is_refused_naming_the_file(tmp_path, 
     assert exit_info.value.code == 2
     assert f"{tmp_path / 'seed-0'}/results.json: not a finished demo seed" in capsys.readouterr().err
     assert sorted(path.name for path in tmp_path.rglob("*")) == ["seed-0"]
+
+
+def _finished_seed(out_dir, seed, cpu):
+    seed_dir = out_dir / f"seed-{seed}"
+    seed_dir.mkdir(parents=True)
+    (seed_dir / "results.json").write_text("{}")
+    (seed_dir / "run.json").write_text(json.dumps({"seed": seed, **({"cpu": cpu} if cpu else {})}))
+
+
+@pytest.mark.parametrize("cpus, message", [
+    ([None], "seed-0/run.json records no CPU numerics"),
+    ([{"aten_capability": "AVX2", "mkl_cbwr": "AVX2", "onednn_max_cpu_isa": "AVX2"},
+      {"aten_capability": "AVX512", "mkl_cbwr": None, "onednn_max_cpu_isa": None}], "different CPU numerics"),
+    ([{"aten_capability": "ZVECTOR", "mkl_cbwr": None, "onednn_max_cpu_isa": None}],
+     "seed-0/run.json: the seeds ran with CPU numerics"),
+])
+def test_seeds_whose_cpu_numerics_this_process_cannot_match_are_refused(tmp_path, capsys, cpus, message):
+    """The arms must run with the seed's CPU numerics: a seed from before they were recorded, seeds that differ, or
+    an instruction set this CPU does not give: exit 2, nothing written."""
+    from benchmarks.demo_capfilt_ablation import main
+
+    for seed, cpu in enumerate(cpus):
+        _finished_seed(tmp_path, seed, cpu)
+    before = sorted(tmp_path.rglob("*"))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--out-dir", str(tmp_path), "--seeds", *map(str, range(len(cpus)))])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    assert sorted(tmp_path.rglob("*")) == before
