@@ -167,9 +167,10 @@ def _take_cpu_numerics(parser: argparse.ArgumentParser, seed_dirs: list[Path]) -
         parser.error(f"the seeds ran with different CPU numerics ({recorded}): ablate them apart")
     if wanted["mkl_cbwr"]:  # a portable run (the demo's default)
         os.environ.update(portable_cpu_environment())
-    if cpu_numerics() != wanted:
+    here = cpu_numerics()
+    if here != wanted:
         parser.error(f"{seed_dirs[0]}/run.json: the seeds ran with CPU numerics {wanted}, this process has "
-                     f"{cpu_numerics()} (another instruction set, or other caps in the environment)")
+                     f"{here} (another instruction set, or other caps in the environment)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
