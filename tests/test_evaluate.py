@@ -16,6 +16,7 @@ from blip_fast.data.synthetic import SyntheticNoisyDataset
 from blip_fast.data.transforms import BlipImageProcessor, load_image
 from blip_fast.modeling.blip import BlipForImageTextRetrieval
 from blip_fast.tokenizer import BlipTokenizer, pre_caption
+from tests.gloo import gloo_group
 from tests.tiny_models import assert_close, randomize_, save_tiny_captioner
 
 IMAGE_SIZE = 32
@@ -117,13 +118,10 @@ def test_rerank_matches_full_forward_on_every_pair(retrieval_setup, k_test, batc
 
 
 def _distributed_scores(rank, world, init_file, model_dir, image_paths, texts, out_dir):
-    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
+    with gloo_group(rank, world, f"file://{init_file}"):
         model, tokenizer, processor = evaluate.load_retrieval_model(model_dir)
         scores = evaluate.retrieval_scores(model, tokenizer, processor, image_paths, texts, k_test=3, batch_size=2)
         torch.save(scores, f"{out_dir}/{rank}.pt")
-    finally:
-        torch.distributed.destroy_process_group()
 
 
 @pytest.mark.slow

@@ -12,6 +12,7 @@ from blip_fast.modeling import pretrain
 from blip_fast.modeling.blip import BlipForConditionalGeneration, BlipForQuestionAnswering
 from blip_fast.modeling.finetune import BlipCaptionTrainer, BlipRetrievalTrainer, BlipVQATrainer
 from blip_fast.training import tasks
+from tests.gloo import gloo_group
 from tests.test_pretrain import CONFIG, _batch
 from tests.tiny_models import assert_close
 
@@ -95,19 +96,18 @@ def test_vqa_loss_weights_answers_per_question():
 
 
 def _all_rank_step(rank: int, port: int, out_dir: str) -> None:
-    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    # all_gather_with_grad: d/dx_r of sum(w * gather(x)) is the r-th slice of the (all-reduced) w of every rank.
-    local = torch.full((2, 3), float(rank), requires_grad=True)
-    weights = torch.arange(12.0).view(4, 3) * (rank + 1)
-    (distributed.all_gather_with_grad(local) * weights).sum().backward()
-    model = _retrieval(queue_size=8, negative_all_rank=True)
-    pixel_values, input_ids, attention_mask = _batch(4)
-    half = slice(2 * rank, 2 * rank + 2)
-    out = model(pixel_values[half], input_ids[half], attention_mask[half], alpha=0.4, image_ids=torch.arange(4)[half])
-    out.loss.backward()
-    torch.save({"grad": local.grad, "loss": out.loss.detach(), "itm_grad": model.itm_head.weight.grad},
-               f"{out_dir}/rank{rank}.pt")
-    torch.distributed.destroy_process_group()
+    with gloo_group(rank, 2, f"tcp://127.0.0.1:{port}"):
+        # all_gather_with_grad: d/dx_r of sum(w * gather(x)) is the r-th slice of the (all-reduced) w of every rank.
+        local = torch.full((2, 3), float(rank), requires_grad=True)
+        weights = torch.arange(12.0).view(4, 3) * (rank + 1)
+        (distributed.all_gather_with_grad(local) * weights).sum().backward()
+        model = _retrieval(queue_size=8, negative_all_rank=True)
+        pixel_values, input_ids, attention_mask = _batch(4)
+        half = slice(2 * rank, 2 * rank + 2)
+        out = model(pixel_values[half], input_ids[half], attention_mask[half], alpha=0.4, image_ids=torch.arange(4)[half])
+        out.loss.backward()
+        torch.save({"grad": local.grad, "loss": out.loss.detach(), "itm_grad": model.itm_head.weight.grad},
+                   f"{out_dir}/rank{rank}.pt")
 
 
 @pytest.mark.slow

@@ -82,7 +82,9 @@ def test_export_card_gives_blip_fast_outputs_in_transformers(tmp_path, caplog, a
     if name == "answer_ids":
         assert torch.equal(actual, expected)
     else:
-        assert_close(actual, expected)
+        # Two float32 implementations (fused vs separate projections) round differently: this randomised model's own
+        # float32 logits sit up to 2.3e-5 * max|logit| from its float64 ones (AVX-512 CPU), so 1e-5 is below the noise.
+        assert_close(actual, expected, rtol=1e-4)
     # The card's line is what makes them equal: transformers alone gives other outputs.
     without = run_snippet(re.sub(r'inputs\["input_ids"\]\[:, 0\] = .*\n', "", snippet), tmp_path)[name]
     assert without.shape != expected.shape or not torch.allclose(without.float(), expected.float(), atol=1e-4)

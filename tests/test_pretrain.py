@@ -10,6 +10,7 @@ from blip_fast import ops
 from blip_fast.config import BlipConfig
 from blip_fast.modeling import pretrain
 from blip_fast.modeling.pretrain import BlipPretrainer
+from tests.gloo import gloo_group
 from tests.test_losses import itc_loss_by_loops
 from tests.tiny_models import assert_close
 
@@ -271,16 +272,15 @@ def test_lm_matches_exported_captioner(exported):
 
 
 def _rank_step(rank: int, port: int, out_dir: str) -> None:
-    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    pixel_values, input_ids, attention_mask = _batch(4)
-    half = slice(2 * rank, 2 * rank + 2)
-    model = _model(queue_size=8)
-    with torch.no_grad():
-        losses = model(pixel_values[half], input_ids[half], attention_mask[half], alpha=0.4,
-                       image_ids=torch.arange(4)[half])
-    torch.save({"queue": model.image_queue, "text_queue": model.text_queue, "ids": model.idx_queue,
-                "ptr": model.ptr_queue, "loss_itc": losses.loss_itc}, f"{out_dir}/rank{rank}.pt")
-    torch.distributed.destroy_process_group()
+    with gloo_group(rank, 2, f"tcp://127.0.0.1:{port}"):
+        pixel_values, input_ids, attention_mask = _batch(4)
+        half = slice(2 * rank, 2 * rank + 2)
+        model = _model(queue_size=8)
+        with torch.no_grad():
+            losses = model(pixel_values[half], input_ids[half], attention_mask[half], alpha=0.4,
+                           image_ids=torch.arange(4)[half])
+        torch.save({"queue": model.image_queue, "text_queue": model.text_queue, "ids": model.idx_queue,
+                    "ptr": model.ptr_queue, "loss_itc": losses.loss_itc}, f"{out_dir}/rank{rank}.pt")
 
 
 @pytest.mark.slow
