@@ -484,8 +484,7 @@ def run_seed(run: SeedRun, log: Callable[[str], None] = print) -> dict[str, Any]
         run, run_dir / "pretrain_noisy", run_dir / "captioner", splits, device))
 
     results = {"seed": run.seed, "threads": run.threads, "cpu": numerics, "torch": torch.__version__,
-               "scale": asdict(run.scale),
-               "filter": filter_quality, "before": before, "after": after,
+               "scale": asdict(run.scale), "filter": filter_quality, "before": before, "after": after,
                "capfilt": {key: value for key, value in capfilt.items() if key not in ("config", *_CAPFILT_TIMING)}}
     _write_json(run_dir / "results.json", results)
     _write_json(run_dir / "timing.json", {"stages": stages.times,

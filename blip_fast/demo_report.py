@@ -57,8 +57,7 @@ def summarize(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
              for attribute in CAPTION_ATTRIBUTES]
     return {
         "seeds": [result["seed"] for result in per_seed], "threads": first["threads"], "cpu": first["cpu"],
-        "torch": first["torch"],
-        "scale": first["scale"], "compared": compared, "caption_attributes": named,
+        "torch": first["torch"], "scale": first["scale"], "compared": compared, "caption_attributes": named,
         "filter": {key: spread([result["filter"][key] for result in per_seed]) for key in FILTER_KEYS},
         "examples": [{"references": before["references"], "noisy": before["caption"], "bootstrapped": after["caption"]}
                      for before, after in zip(first["before"]["examples"], first["after"]["examples"])],
@@ -72,9 +71,9 @@ def _show(stats: dict[str, Any], digits: int = 1, sign: bool = False) -> str:
 
 def _numerics(cpu: dict[str, Any]) -> str:
     """How the CPU libraries ran (``determinism.cpu_numerics``), in words."""
-    if cpu["mkl_cbwr"] and cpu["onednn_max_cpu_isa"]:
-        return (f"CPU libraries capped at {cpu['aten_capability']} (ATen), {cpu['mkl_cbwr']} (MKL), "
-                f"{cpu['onednn_max_cpu_isa']} (oneDNN)")
+    if cpu["mkl_cbwr"] or cpu["onednn_max_cpu_isa"]:
+        return (f"CPU libraries capped at {cpu['aten_capability']} (ATen), {cpu['mkl_cbwr'] or 'uncapped'} (MKL), "
+                f"{cpu['onednn_max_cpu_isa'] or 'uncapped'} (oneDNN)")
     return f"CPU libraries uncapped (ATen {cpu['aten_capability']}: numbers of this instruction set)"
 
 
