@@ -33,8 +33,8 @@ checks() {
         tests/test_pretrain.py tests/test_capfilt_images.py tests/test_fp8.py --junitxml="$WORK/tests_core.xml"
     step tests_kernels 50 40 "$PY" -m pytest "${PYTEST[@]}" "${XDIST[@]}" -m gpu tests/test_itc_kernel.py \
         tests/test_itm_negatives_kernel.py tests/test_decode_attention_kernel.py --junitxml="$WORK/tests_kernels.xml"
-    # The real CLI (DataLoader workers, pinned memory, lazily captured CUDA graphs) on tar shards; tiny models: the
-    # path is the point here, the throughput of base models is bench_capfilt's.
+    # The real CLI (DataLoader workers, pinned memory, lazily captured CUDA graphs) on tar shards; tiny models, one
+    # run (--repeats 0): the path is the point here, the throughput of base models is bench_capfilt's.
     step capfilt_cli 35 30 "$PY" -m benchmarks.capfilt_cli "${CAPFILT_CLI[@]}" --out "$WORK" --name capfilt_cli
     # One row per headline benchmark, against its baseline in the same process.
     step generate 40 30 "$PY" -m benchmarks.bench_generate "${MODEL[@]}" "${GENERATE[@]}" --cases greedy_bs256 \
@@ -89,7 +89,7 @@ configure() {
         PRETRAIN=(--config tiny --batch 4 --device cpu --warmup 0 --repeats 1)
         COMPILE=(--no-compile)  # inductor on a CPU compiles for minutes
         INPUT=(--device cpu --workers 0 --images 8 --batch 4 --batches 2)
-        CAPFILT_CLI=(--config tiny --device cpu --shards 2 --per-shard 4 --batch-size 4 --source-size 64)
+        CAPFILT_CLI=(--config tiny --device cpu --shards 2 --per-shard 4 --batch-size 4 --source-size 64 --repeats 0)
         ITC_HEADLINE=33 ITC_REST=8 DECODE_HEADLINE=4 DECODE_REST=2,1 LOW=fp32 COSTS=(--config tiny --device cpu)
         FP8=(--device cpu --config tiny --image-sizes 64 --batch 1)
         BUILD=("$PY" setup.py --version)  # the build decision only: never reinstall the developer's environment
@@ -97,7 +97,7 @@ configure() {
         MODEL=(--config base --dtype fp16 --device cuda --repeats 5) DEV=(--device cuda) GENERATE=()
         PRETRAIN=(--config base --batch 32 --device cuda) COMPILE=(--compile)
         INPUT=(--device cuda --workers 4,8 --images 256 --batch 96 --batches 6)
-        CAPFILT_CLI=(--config tiny --device cuda --shards 4 --per-shard 32 --batch-size 32)
+        CAPFILT_CLI=(--config tiny --device cuda --shards 4 --per-shard 32 --batch-size 32 --repeats 0)
         ITC_HEADLINE=4096 ITC_REST=1024,32768 DECODE_HEADLINE=256 DECODE_REST=64,1 LOW=bf16
         COSTS=(--config base --device cuda)
         FP8=(--device cuda --dtype fp16 --batch 8 --speed-batch 256 --repeats 5)

@@ -242,3 +242,37 @@ def test_pretrain_rows_name_the_backends_that_ran(monkeypatch):
     assert bench_pretrain.backends("cpu").startswith("itc_loss=triton, sample_hard_negatives=triton, ")
     monkeypatch.setenv("BLIP_FAST_BACKEND", "cuda")
     assert ops.resolved_backends("cpu")["itc_loss"].startswith("unavailable (BLIP_FAST_BACKEND=cuda")
+
+
+# ------------------------------------------------------------------------------------------------ capfilt_cli
+@pytest.mark.slow
+@pytest.mark.parametrize("repeats", [0, 2])
+def test_capfilt_cli_times_its_repeats_apart_from_the_first_run(tmp_path, repeats):
+    """The end-to-end CapFilt row: the cache-filling first run apart, the median and 20/80 quantiles of ``repeats``
+    fresh runs (none with ``--repeats 0``, gpu_check's setting), and whether the seeded runs kept the same captions."""
+    from benchmarks import capfilt_cli
+
+    assert capfilt_cli.main(["--config", "tiny", "--device", "cpu", "--shards", "2", "--per-shard", "3",
+                             "--batch-size", "4", "--source-size", "64", "--workers", "1",
+                             "--repeats", str(repeats), "--out", str(tmp_path)]) == 0
+    [row] = harness.read_rows(tmp_path / "capfilt_cli.jsonl")
+    assert row.get("error") is None and row["images"] == 6 and row["repeats"] == repeats
+    assert row["first_wall_s"] > 0 and row["img_per_s"] > 0 and row["same_kept"] is True
+    if repeats:
+        assert 0 < row["wall_p20_s"] <= row["wall_s"] <= row["wall_p80_s"]
+    else:
+        assert "wall_s" not in row
+
+
+def test_capfilt_cli_tells_runs_that_kept_other_captions_apart(tmp_path):
+    """``same_kept`` compares each run's decisions whatever order its workers wrote them in."""
+    from benchmarks import capfilt_cli
+
+    records = [{"key": "a", "source": "web", "kept": True}, {"key": "a", "source": "synthetic", "kept": False},
+               {"key": "b", "source": "web", "kept": False}]
+    runs = {"first": records, "reordered": records[::-1], "other": [*records[:2], {**records[2], "kept": True}]}
+    for name, run in runs.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "scored.jsonl").write_text("".join(json.dumps(record) + "\n" for record in run))
+    decisions = {name: capfilt_cli.kept_decisions(tmp_path / name) for name in runs}
+    assert decisions["first"] == decisions["reordered"] != decisions["other"]
