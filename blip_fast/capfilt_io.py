@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from blip_fast.checkpoint import atomic_write_text
+from blip_fast.atomic_files import atomic_write_text
 from blip_fast.data.datasets import (
     IMAGE_EXTENSIONS,
     expand_urls,

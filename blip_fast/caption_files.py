@@ -210,7 +210,7 @@ class ParquetFile:
         self.journal.append(records)
 
     def finish(self) -> None:
-        from blip_fast.checkpoint import atomic_write
+        from blip_fast.atomic_files import atomic_write
 
         records = self.journal.read()
         table = self.pyarrow.table({column: [record[column] for record in records] for column in self.columns})

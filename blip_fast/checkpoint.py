@@ -15,8 +15,7 @@ import logging
 import math
 import os
 import re
-import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any, TypeVar
 
 import torch
@@ -24,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from blip_fast import model_card
+from blip_fast.atomic_files import atomic_write, atomic_write_text
 from blip_fast.config import BlipConfig, TextConfig, VisionConfig
 from blip_fast.errors import MissingFileError, UserError
 
@@ -555,36 +555,6 @@ def _empty_model(model_cls: type[ModelT], config: BlipConfig) -> ModelT:
     model.to_empty(device="cpu")
     model.tie_weights()
     return model
-
-
-def _new_file_mode() -> int:
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
-def atomic_write(target: str | os.PathLike, write: Callable[[str], None]) -> None:
-    """Write through a temp file in the same directory and rename: a crash never leaves a half-written target."""
-    target = os.fspath(target)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(target) or ".", prefix=f".{os.path.basename(target)}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.chmod(tmp, _new_file_mode())  # mkstemp makes it owner-only; a plain open() would honour the umask
-        os.replace(tmp, target)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
-def atomic_write_text(target: str | os.PathLike, text: str) -> None:
-    def write(tmp: str) -> None:
-        with open(tmp, "w", encoding="utf-8") as handle:
-            handle.write(text)
-
-    atomic_write(target, write)
 
 
 def _write_json(target: str, data: dict[str, Any]) -> None:

@@ -308,7 +308,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     device, dtype = _device_and_dtype(args.device, args.dtype)
     report = _run_evaluation(args, device, dtype)
     if args.out is not None:
-        from blip_fast.checkpoint import atomic_write_text
+        from blip_fast.atomic_files import atomic_write_text
 
         atomic_write_text(args.out, json.dumps(report, indent=2, default=str) + "\n")
     if "metrics" in report:

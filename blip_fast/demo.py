@@ -51,7 +51,7 @@ from pathlib import Path
 from typing import Any
 
 from blip_fast import errors
-from blip_fast.checkpoint import atomic_write_text
+from blip_fast.atomic_files import atomic_write_text
 from blip_fast.data.synthetic import (
     COLORS,
     COUNT_WORDS,

@@ -7,7 +7,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from blip_fast.checkpoint import atomic_write, atomic_write_text
+from blip_fast.atomic_files import atomic_write, atomic_write_text
 from blip_fast.demo import CAPTION_ATTRIBUTES
 
 # (label, section, key) of the numbers compared before vs after bootstrapping.

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from blip_fast import errors
-from blip_fast.checkpoint import atomic_write_text
+from blip_fast.atomic_files import atomic_write_text
 from blip_fast.data import synthetic_tasks
 from blip_fast.data.synthetic import SyntheticNoisyDataset
 

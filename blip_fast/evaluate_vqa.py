@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from blip_fast.checkpoint import atomic_write_text
+from blip_fast.atomic_files import atomic_write_text
 from blip_fast.data.transforms import BlipImageProcessor, load_image
 from blip_fast.data.vqa import QUESTION_MAX_LENGTH, AnnotationError, VQAQuestion, read_json, read_vqa
 from blip_fast.evaluate import EvaluationInputError, _progress, load_task_model

@@ -47,7 +47,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from blip_fast.checkpoint import atomic_write, atomic_write_text
+from blip_fast.atomic_files import atomic_write, atomic_write_text
 from blip_fast.config import BlipConfig, TextConfig, VisionConfig
 
 logger = logging.getLogger("blip_fast")

@@ -21,7 +21,7 @@ from typing import Any
 
 import yaml
 
-from blip_fast.checkpoint import atomic_write_text
+from blip_fast.atomic_files import atomic_write_text
 from blip_fast.data.workers import default_workers
 from blip_fast.errors import ArgumentParser, InvalidInputError, MissingFileError, add_debug_flag
 
