@@ -18,6 +18,7 @@ import torch
 
 from blip_fast import errors
 from blip_fast.data.workers import default_workers
+from blip_fast.launch import sigterm_raises
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 PROG = "blip-fast"
@@ -167,13 +168,14 @@ def _demo(args: argparse.Namespace) -> int:
     downstream = [task for task in args.tasks if task != "bootstrap"]
     if downstream and args.scale == "tiny":
         raise errors.UserError("--scale tiny is for the bootstrapping demo only; vqa and nlvr run at full or small")
-    if "bootstrap" in args.tasks:
-        run_demo(args.out_dir, scale=args.scale, seeds=args.seeds, first_seed=args.seed, threads=args.threads,
-                 jobs=args.jobs, portable_cpu=not args.native_cpu)
-    if downstream:
-        from blip_fast.demo_tasks import run_task_demo
+    with sigterm_raises():  # a killed demo stops its seeds and training ranks on the way out
+        if "bootstrap" in args.tasks:
+            run_demo(args.out_dir, scale=args.scale, seeds=args.seeds, first_seed=args.seed, threads=args.threads,
+                     jobs=args.jobs, portable_cpu=not args.native_cpu)
+        if downstream:
+            from blip_fast.demo_tasks import run_task_demo
 
-        run_task_demo(args.out_dir, downstream, scale=args.scale)
+            run_task_demo(args.out_dir, downstream, scale=args.scale)
     return 0
 
 

@@ -45,7 +45,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -63,7 +63,7 @@ from blip_fast.data.synthetic import (
 )
 from blip_fast.data.workers import usable_cpus
 from blip_fast.determinism import portable_cpu_environment
-from blip_fast.launch import run_ranks
+from blip_fast.launch import ChildProcesses, run_ranks, sigterm_raises, stop_with_parent
 
 
 @dataclass(frozen=True)
@@ -500,7 +500,7 @@ def parallel_plan(seeds: int, cores: int, jobs: int | None = None, threads: int 
     return jobs, threads or max(1, cores // jobs)
 
 
-def _seed_process(run: SeedRun, log: Callable[[str], None], prefix: str) -> dict[str, Any]:
+def _seed_process(run: SeedRun, children: ChildProcesses, log: Callable[[str], None], prefix: str) -> dict[str, Any]:
     """Run one seed in a child process (its own thread count, from the first import on), forwarding its log."""
     command = [sys.executable, "-u", "-m", "blip_fast.demo", "--run-dir", str(run.run_dir), "--data-dir",
                str(run.data_dir), "--scale", json.dumps(asdict(run.scale)), "--seed", str(run.seed),
@@ -508,8 +508,8 @@ def _seed_process(run: SeedRun, log: Callable[[str], None], prefix: str) -> dict
     environment = {**os.environ, "OMP_NUM_THREADS": str(run.threads),
                    **(portable_cpu_environment() if run.portable_cpu else {})}
     tail: collections.deque[str] = collections.deque(maxlen=20)
-    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          env=environment) as process:
+    with children.start(command, environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                        text=True) as process:
         for line in process.stdout:
             tail.append(line)
             log(prefix + line.rstrip("\n"))
@@ -541,8 +541,17 @@ def run_demo(out_dir: str | os.PathLike = "blip_fast_demo", scale: str | DemoSca
     runs = [SeedRun(out_dir / f"seed-{seed}", data, scale, seed, threads, portable_cpu)
             for seed in range(first_seed, first_seed + seeds)]
     log(f"{seeds} seed(s), {jobs} at a time, {threads} torch thread(s) each")
-    with ThreadPoolExecutor(jobs) as pool:
-        futures = [pool.submit(_seed_process, run, log, f"[seed {run.seed}] " if seeds > 1 else "") for run in runs]
+    children, pool = ChildProcesses(), ThreadPoolExecutor(jobs)
+    try:
+        futures = [pool.submit(_seed_process, run, children, log, f"[seed {run.seed}] " if seeds > 1 else "")
+                   for run in runs]
+        wait(futures)
+    except BaseException:  # Ctrl-C, or SIGTERM under launch.sigterm_raises: no seed runs on without this process
+        pool.shutdown(wait=False, cancel_futures=True)
+        children.stop(grace_seconds=20)  # a seed stops its training ranks first (10 s at most)
+        raise
+    finally:
+        pool.shutdown()
     failed = [future.exception() for future in futures if future.exception() is not None]
     if failed:
         raise RuntimeError("\n".join(map(str, failed)))
@@ -564,6 +573,11 @@ def run_demo(out_dir: str | os.PathLike = "blip_fast_demo", scale: str | DemoSca
 
 def main(argv: Sequence[str] | None = None) -> int:
     """One seed's run in a process of its own: what :func:`run_demo` starts per seed."""
+    return errors.run_main(_seed_main, list(sys.argv[1:] if argv is None else argv), "python -m blip_fast.demo")
+
+
+def _seed_main(argv: list[str]) -> int:
+    stop_with_parent()  # a seed must not run on without the demo that started it
     parser = argparse.ArgumentParser(prog="python -m blip_fast.demo", description=main.__doc__)
     parser.add_argument("--run-dir", type=Path, required=True)
     parser.add_argument("--data-dir", type=Path, required=True, help="the data stage's folder (run_demo writes it)")
@@ -572,7 +586,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, required=True)
     args = parser.parse_args(argv)
     scale = SCALES[args.scale] if args.scale in SCALES else DemoScale(**json.loads(args.scale))
-    run_seed(SeedRun(args.run_dir, args.data_dir, scale, args.seed, args.threads))
+    with sigterm_raises():  # SIGTERM unwinds through launch.run_ranks, which stops the stage's ranks
+        run_seed(SeedRun(args.run_dir, args.data_dir, scale, args.seed, args.threads))
     return 0
 
 

@@ -25,6 +25,15 @@ EXIT_FAILED = 1
 DEBUG_ENV = "BLIP_FAST_DEBUG"
 
 
+#: The exit status of a command stopped by SIGTERM (128 + 15, as a shell reports a process killed by it).
+EXIT_TERMINATED = 143
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived (raised by :func:`blip_fast.launch.sigterm_raises`): like Ctrl-C, it unwinds the stack, so
+    every ``finally`` stops the child processes it started, and no half-written file is left."""
+
+
 class UserError(Exception):
     """A mistake in the user's input: printed as one line, exit status 2, no traceback."""
 
@@ -234,7 +243,8 @@ def report(prog: str, error: BaseException) -> None:
 def run_main(main: Callable[[Sequence[str]], int], argv: Sequence[str], prog: str,
              quiet: bool = False) -> int:
     """``main(argv)``'s exit status, with user errors as one line and status 2 (``quiet``: no line, e.g. on ranks
-    other than the one that reports). OS errors (permissions, a full disk) are one line too, status 1."""
+    other than the one that reports). OS errors (permissions, a full disk) are one line too, status 1; Ctrl-C is
+    status 130, SIGTERM (where :func:`blip_fast.launch.sigterm_raises` turned it into :class:`Terminated`) 143."""
     debug = debug_enabled(argv)
     try:
         return main(argv)
@@ -255,3 +265,7 @@ def run_main(main: Callable[[Sequence[str]], int], argv: Sequence[str], prog: st
         if not quiet:
             print(f"{prog}: interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        if not quiet:
+            print(f"{prog}: terminated", file=sys.stderr)
+        return EXIT_TERMINATED

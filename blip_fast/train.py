@@ -47,7 +47,7 @@ import torch
 from blip_fast import errors
 from blip_fast.data.workers import die_with_parent
 from blip_fast.determinism import use_deterministic_algorithms
-from blip_fast.launch import free_port
+from blip_fast.launch import free_port, stop_with_parent
 from blip_fast.training import checkpointing, options, tasks
 from blip_fast.training.schedule import alpha_ramp, learning_rate
 
@@ -461,6 +461,7 @@ def export_main(argv: list[str]) -> list[str]:
 
 
 def _main(argv: list[str]) -> int:
+    stop_with_parent()  # a rank started by launch.run_ranks (the demo's stages) must not outlive its starter
     if argv and argv[0] == "export":
         export_main(argv[1:])
         return 0

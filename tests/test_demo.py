@@ -3,8 +3,10 @@ BLIP_FAST_SMALL_DEMO=1) the small run, where BLIP's bootstrapping loop must repr
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 from PIL import Image
@@ -283,3 +285,49 @@ def test_attribute_probe_scores_each_attribute_on_held_out_scenes():
     accuracy = probe(steps=2, train=64, test=16)
     assert set(accuracy) == {"shape", "count", "position"}
     assert all(value * 16 / 100 == pytest.approx(round(value * 16 / 100)) for value in accuracy.values())
+
+
+def _session(session_id: int) -> list[str]:
+    """The command lines of the live processes in session ``session_id`` (zombies left out)."""
+    found = []
+    for stat in os.listdir("/proc"):
+        if not stat.isdigit():
+            continue
+        try:
+            with open(f"/proc/{stat}/stat", encoding="ascii", errors="replace") as handle:
+                state, _, _, session = handle.read().rsplit(")", 1)[1].split()[:4]
+            with open(f"/proc/{stat}/cmdline", "rb") as handle:
+                command = handle.read().replace(b"\0", b" ").decode(errors="replace")
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        if int(session) == session_id and state != "Z":
+            found.append(command)
+    return found
+
+
+def _wait_for(condition, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return condition()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc; parent-death signals are Linux's")
+@pytest.mark.parametrize("signum, status", [(signal.SIGTERM, 143), (signal.SIGINT, 130), (signal.SIGKILL, -9)])
+def test_a_stopped_demo_leaves_no_process_behind(tmp_path, signum, status):
+    """``kill``, Ctrl-C sent to the command's process alone, or ``kill -9``, while two seeds train: every seed process
+    and training rank is gone soon after (they used to train on, orphaned, writing into the folder)."""
+    demo = subprocess.Popen([sys.executable, "-m", "blip_fast.cli", "demo", "--scale", "tiny", "--seeds", "2",
+                             "--threads", "1", "--out-dir", str(tmp_path / "demo")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        training = lambda: sum("blip_fast.train" in command for command in _session(demo.pid)) == 2
+        assert _wait_for(training, 120), f"no training ranks: {_session(demo.pid)}"
+        demo.send_signal(signum)
+        assert demo.wait(60) == status, demo.stderr.read()[-2000:]
+        assert _wait_for(lambda: not _session(demo.pid), 10), f"left running: {_session(demo.pid)}"
+    finally:
+        if _session(demo.pid):
+            os.killpg(demo.pid, signal.SIGKILL)

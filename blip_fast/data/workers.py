@@ -8,15 +8,13 @@ SIGKILL when its parent dies (``prctl(PR_SET_PDEATHSIG)``); elsewhere torch's ow
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import os
 import signal
-import sys
+
+from blip_fast.launch import request_parent_death_signal
 
 #: What ``--workers`` / ``num_workers`` start by default, at most (fewer on machines with fewer usable CPUs).
 MAX_DEFAULT_WORKERS = 4
-_PR_SET_PDEATHSIG = 1
 
 
 def usable_cpus() -> int:
@@ -34,11 +32,6 @@ def default_workers() -> int:
 
 def die_with_parent(worker_id: int = 0) -> None:
     """``worker_init_fn``: SIGKILL this worker when the process that started it dies (Linux; no-op elsewhere)."""
-    if not sys.platform.startswith("linux"):
-        return
     parent = os.getppid()
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
-        return  # not allowed here (e.g. a seccomp sandbox): torch's own parent check remains
-    if os.getppid() != parent:  # the parent died before prctl took effect
+    if request_parent_death_signal(signal.SIGKILL) and os.getppid() != parent:  # it died before prctl took effect
         os._exit(1)
