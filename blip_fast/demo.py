@@ -63,6 +63,7 @@ from blip_fast.data.synthetic import (
 )
 from blip_fast.data.workers import usable_cpus
 from blip_fast.determinism import portable_cpu_environment
+from blip_fast.folder_lock import command_line, lock_folder
 from blip_fast.launch import ChildProcesses, run_ranks, sigterm_raises, stop_with_parent
 
 
@@ -526,12 +527,17 @@ def run_demo(out_dir: str | os.PathLike = "blip_fast_demo", scale: str | DemoSca
     at once with ``threads`` torch threads each (defaults: :func:`parallel_plan`), capped at AVX2 unless not
     ``portable_cpu`` (:class:`SeedRun`); returns the results written to ``results.json`` (mean, standard deviation and
     per-seed values of every metric)."""
-    from blip_fast.demo_report import summarize, write_plot, write_report
-
     if seeds < 1:
         raise errors.InvalidInputError(f"seeds must be >= 1, got {seeds}")
     scale = SCALES[scale] if isinstance(scale, str) else scale
-    out_dir = Path(out_dir)
+    with lock_folder(out_dir, command_line()):  # one run per folder: a second would redo this one's stages
+        return _run_seeds(Path(out_dir), scale, seeds, first_seed, threads, jobs, portable_cpu, log)
+
+
+def _run_seeds(out_dir: Path, scale: DemoScale, seeds: int, first_seed: int, threads: int | None, jobs: int | None,
+               portable_cpu: bool, log: Callable[[str], None]) -> dict[str, Any]:
+    from blip_fast.demo_report import summarize, write_plot, write_report
+
     _check_settings(out_dir / "demo_scale.json", asdict(scale), "of another scale")
     jobs, threads = parallel_plan(seeds, usable_cpus(), jobs, threads)
     start, load_start, cpu_start = time.perf_counter(), os.getloadavg(), cpu_seconds()

@@ -29,6 +29,7 @@ from blip_fast import errors
 from blip_fast.atomic_files import atomic_write_text
 from blip_fast.data import synthetic_tasks
 from blip_fast.data.synthetic import SyntheticNoisyDataset
+from blip_fast.folder_lock import command_line, lock_folder
 
 DEMO_TASKS = ("vqa", "nlvr")
 SEED = 11
@@ -162,15 +163,20 @@ def _nlvr_after(model_dir: Path, files: dict[str, str], data_dir: Path, device: 
 def run_task_demo(out_dir: str | os.PathLike = "blip_fast_demo", tasks: Sequence[str] = DEMO_TASKS,
                   scale: str | TaskDemoScale = "full", log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run (or resume) the downstream demo in ``out_dir/tasks``; returns what ``results.json`` holds."""
-    import torch
-
-    from blip_fast.demo import SeedRun, Stages, _check_settings, _train
-
     unknown = sorted(set(tasks) - set(DEMO_TASKS))
     if unknown or not tasks:
         raise errors.InvalidInputError(f"demo tasks are {list(DEMO_TASKS)}, got {list(tasks)}")
     scale = SCALES[scale] if isinstance(scale, str) else scale
     out_dir = Path(out_dir) / "tasks"
+    with lock_folder(out_dir, command_line()):  # one run per folder: a second would redo this one's stages
+        return _run_tasks(out_dir, tasks, scale, log)
+
+
+def _run_tasks(out_dir: Path, tasks: Sequence[str], scale: TaskDemoScale, log: Callable[[str], None]) -> dict[str, Any]:
+    import torch
+
+    from blip_fast.demo import SeedRun, Stages, _check_settings, _train
+
     _check_settings(out_dir / "demo_scale.json", asdict(scale), "of another scale")
     threads = max(1, os.cpu_count() or 1)
     device = "cuda" if torch.cuda.is_available() else "cpu"

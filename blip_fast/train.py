@@ -47,6 +47,7 @@ import torch
 from blip_fast import errors
 from blip_fast.data.workers import die_with_parent
 from blip_fast.determinism import use_deterministic_algorithms
+from blip_fast.folder_lock import FolderInUseError, FolderLock, command_line, lock_folder
 from blip_fast.launch import free_port, stop_with_parent
 from blip_fast.training import checkpointing, options, tasks
 from blip_fast.training.schedule import alpha_ramp, learning_rate
@@ -71,21 +72,31 @@ def _seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def check_shared_output_dir(output_dir: Path) -> None:
-    """Fail early and clearly unless every rank sees what rank 0 writes in ``output_dir``.
+def claim_output_dir(output_dir: Path) -> FolderLock | None:
+    """Fail early and clearly unless ``output_dir`` is this run's alone and every rank sees what rank 0 writes there.
 
-    Rank 0 writes the run files, the tokenizer and ``latest``, every rank its shards and RNG/EMA files, and every rank
-    reads them back (the tokenizer now, the checkpoint on ``--resume``): on several machines, ``output_dir`` must be on
-    a filesystem they share (as DeepSpeed's own checkpointing assumes).
+    Rank 0 locks the folder (:func:`~blip_fast.folder_lock.lock_folder`) and returns the lock, to hold while the run
+    lives: a second run into it (the command started twice) stops with one line naming the first, on every rank,
+    before it writes anything. Rank 0 writes the run files, the tokenizer and ``latest``, every rank its shards and
+    RNG/EMA files, and every rank reads them back (the tokenizer now, the checkpoint on ``--resume``): on several
+    machines, ``output_dir`` must be on a filesystem they share (as DeepSpeed's own checkpointing assumes).
     """
     import torch.distributed as dist
 
     rank = dist.get_rank()
-    token = [uuid.uuid4().hex if rank == 0 else None]
-    dist.broadcast_object_list(token, src=0)
-    marker = output_dir / f".rank0-{token[0]}"
+    lock, in_use = None, None
     if rank == 0:
-        output_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            lock = lock_folder(output_dir, command_line())
+        except FolderInUseError as error:
+            in_use = str(error)
+    shared = [uuid.uuid4().hex, in_use] if rank == 0 else [None, None]
+    dist.broadcast_object_list(shared, src=0)
+    token, in_use = shared
+    if in_use:
+        raise FolderInUseError(in_use)
+    marker = output_dir / f".rank0-{token}"
+    if rank == 0:
         marker.write_text(socket.gethostname(), encoding="utf-8")
     dist.barrier()
     blind = torch.tensor([0.0 if marker.is_file() else 1.0])
@@ -93,8 +104,11 @@ def check_shared_output_dir(output_dir: Path) -> None:
     if rank == 0:
         marker.unlink()
     if blind.item():
+        if lock is not None:
+            lock.release()
         raise RuntimeError(f"{int(blind.item())} rank(s) cannot see {output_dir} as rank 0 ({socket.gethostname()}) "
                            "writes it: on several nodes, output_dir must be on a filesystem every node shares")
+    return lock
 
 
 def _configure_logging(rank: int) -> None:
@@ -244,7 +258,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_ranks))
     ds_config = options.load_ds_config(args.deepspeed_config, args.micro_batch_size, args.gradient_accumulation_steps)
     output_dir = Path(args.output_dir)
-    check_shared_output_dir(output_dir)
+    output_lock = claim_output_dir(output_dir)  # held until training returns (or the process ends)
     tag = checkpointing.latest_tag(output_dir)
     if tag is not None and not args.resume:
         raise options.ConfigError(f"{output_dir} already holds checkpoint {tag}: pass --resume to continue it, "
@@ -391,6 +405,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         targets = {name: output_dir / "export" / name for name in export_tasks}
         summary["exports"] = tasks.export_checkpoint(output_dir, targets)
     dist.barrier()
+    if output_lock is not None:
+        output_lock.release()
     return summary
 
 

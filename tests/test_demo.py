@@ -317,14 +317,17 @@ def _wait_for(condition, seconds: float) -> bool:
 @pytest.mark.parametrize("signum, status", [(signal.SIGTERM, 143), (signal.SIGINT, 130), (signal.SIGKILL, -9)])
 def test_a_stopped_demo_leaves_no_process_behind(tmp_path, signum, status):
     """``kill``, Ctrl-C sent to the command's process alone, or ``kill -9``, while two seeds train: every seed process
-    and training rank is gone soon after (they used to train on, orphaned, writing into the folder)."""
-    demo = subprocess.Popen([sys.executable, "-m", "blip_fast.cli", "demo", "--scale", "tiny", "--seeds", "2",
-                             "--threads", "1", "--out-dir", str(tmp_path / "demo")],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    and training rank is gone soon after (they used to train on, orphaned, writing into the folder). Meanwhile the
+    same command started again is refused: one run per folder."""
+    command = [sys.executable, "-m", "blip_fast.cli", "demo", "--scale", "tiny", "--seeds", "2", "--threads", "1",
+               "--out-dir", str(tmp_path / "demo")]
+    demo = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
-        training = lambda: sum("blip_fast.train" in command for command in _session(demo.pid)) == 2
+        training = lambda: sum("blip_fast.train" in line for line in _session(demo.pid)) == 2
         assert _wait_for(training, 120), f"no training ranks: {_session(demo.pid)}"
+        again = subprocess.run(command, capture_output=True, text=True, timeout=120)
+        assert again.returncode == 2 and f"is in use by another run (pid {demo.pid} on " in again.stderr
         demo.send_signal(signum)
         assert demo.wait(60) == status, demo.stderr.read()[-2000:]
         assert _wait_for(lambda: not _session(demo.pid), 10), f"left running: {_session(demo.pid)}"

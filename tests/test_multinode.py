@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from blip_fast.folder_lock import LOCK_NAME, lock_folder
 from blip_fast.launch import free_port
 from blip_fast.training import checkpointing
 from tests.test_train import (
@@ -142,5 +143,6 @@ def test_output_dir_not_shared_by_every_rank_is_an_error(tmp_path, monkeypatch):
     monkeypatch.setattr(dist, "barrier", lambda: None)
     monkeypatch.setattr(dist, "all_reduce", lambda tensor: tensor.fill_(1.0))  # one other rank saw nothing
     with pytest.raises(RuntimeError, match="filesystem every node shares"):
-        train.check_shared_output_dir(tmp_path / "out")
-    assert list((tmp_path / "out").iterdir()) == []  # the marker is removed
+        train.claim_output_dir(tmp_path / "out")
+    assert [path.name for path in (tmp_path / "out").iterdir()] == [LOCK_NAME]  # the marker is removed
+    lock_folder(tmp_path / "out", "the next run").release()  # and the folder is free again

@@ -468,3 +468,35 @@ def test_single_process_and_torchrun_launch(launcher, tmp_path):
                             timeout=LAUNCH_TIMEOUT)
     _remove_shm(port)
     assert result.returncode != 0 and "pass --resume" in result.stdout + result.stderr
+
+
+@pytest.mark.slow
+def test_a_second_run_into_a_busy_output_dir_is_refused(tmp_path):
+    """The command started twice (a second terminal, a retrying scheduler): the second run stops with one line naming
+    the first, before writing anything, and the first trains on; once the first is gone, the folder is free."""
+    from blip_fast.folder_lock import lock_folder
+
+    output_dir, port = tmp_path / "run", free_port()
+    with open(tmp_path / "first.log", "w") as log:
+        first = subprocess.Popen(_train_command("python", port, output_dir, "--max_steps", "500"), stdout=log,
+                                 stderr=subprocess.STDOUT, env=_env(), cwd=tmp_path, start_new_session=True)
+    try:
+        deadline = time.monotonic() + LAUNCH_TIMEOUT
+        while not (output_dir / options.RESOLVED_CONFIG_FILE).is_file():
+            assert first.poll() is None, (tmp_path / "first.log").read_text()[-4000:]
+            assert time.monotonic() < deadline, "the first run never started"
+            time.sleep(0.1)
+        resolved = (output_dir / options.RESOLVED_CONFIG_FILE).read_bytes()
+        second_port = free_port()
+        second = subprocess.run(_train_command("python", second_port, output_dir, "--resume", "--max_steps", "3"),
+                                capture_output=True, text=True, env=_env(), cwd=tmp_path, timeout=LAUNCH_TIMEOUT)
+        _remove_shm(second_port)
+        assert second.returncode == 2, second.stdout + second.stderr
+        [line] = [line for line in second.stderr.splitlines() if "error" in line]
+        assert f"{output_dir} is in use by another run (pid {first.pid} on " in line
+        assert first.poll() is None and (output_dir / options.RESOLVED_CONFIG_FILE).read_bytes() == resolved
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+        _remove_shm(port)
+    lock_folder(output_dir, "the next run").release()  # kill -9 left no stale lock

@@ -1,0 +1,75 @@
+"""One run per output folder: a second run into a folder that a live run is writing is refused, not interleaved.
+
+Two runs of a resumable job in one folder (a command started twice, in two terminals or by a retrying scheduler)
+would each redo the other's stages and overwrite its checkpoints. :func:`lock_folder` takes an exclusive ``flock`` on
+``<folder>/.blip_fast.lock`` and holds it while the run lives: the kernel releases it when the process ends, however
+it ends (``kill -9`` included), so a crashed run never leaves a stale lock and its rerun resumes. The file names the
+holder (pid, host, command) for the error the second run gives. ``flock`` is POSIX; on network filesystems it holds
+within one machine only. Elsewhere (Windows) there is no lock.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from pathlib import Path
+from types import TracebackType
+
+from blip_fast.errors import UserError
+
+LOCK_NAME = ".blip_fast.lock"
+
+
+class FolderInUseError(UserError):
+    """Another live run holds the folder."""
+
+
+class FolderLock:
+    """A held lock on a folder; :meth:`release` (or leaving the ``with`` block, or the process ending) lets go."""
+
+    def __init__(self, fd: int | None) -> None:
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the only descriptor of the open file releases its flock
+            self._fd = None
+
+    def __enter__(self) -> FolderLock:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                 traceback: TracebackType | None) -> None:
+        self.release()
+
+
+def lock_folder(folder: str | os.PathLike, command: str) -> FolderLock:
+    """Create ``folder`` if needed and lock it for this process, recording ``command`` as the holder; raises
+    :class:`FolderInUseError` naming the holder when a live run already has it."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # not POSIX
+        return FolderLock(None)
+    fd = os.open(folder / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 1000, 0).decode("utf-8", errors="replace").strip() or "a run that is starting"
+        os.close(fd)
+        raise FolderInUseError(f"{folder} is in use by another run ({holder}): wait for it to end or stop it, or "
+                               "choose another folder") from None
+    except BaseException:
+        os.close(fd)
+        raise
+    holder = f"pid {os.getpid()} on {socket.gethostname()}: {command}".encode()
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, holder, 0)
+    return FolderLock(fd)
+
+
+def command_line() -> str:
+    """This process's command line, as the holder's description."""
+    return " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])[:500]

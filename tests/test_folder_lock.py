@@ -1,0 +1,55 @@
+"""One run per output folder (blip_fast.folder_lock): a second lock is refused naming the first; a lock dies with its
+process, kill -9 included, so a crashed run's rerun is never locked out."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from blip_fast import errors
+from blip_fast.folder_lock import LOCK_NAME, FolderInUseError, lock_folder
+
+pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="flock is POSIX")
+
+
+def test_a_second_lock_is_refused_naming_the_holder(tmp_path):
+    folder = tmp_path / "new" / "out"  # created on the way
+    with lock_folder(folder, "blip-fast demo --out-dir out"):
+        with pytest.raises(FolderInUseError) as refused:
+            lock_folder(folder, "blip-fast demo --out-dir out")
+        message = str(refused.value)
+        assert f"{folder} is in use by another run (pid {os.getpid()} on " in message
+        assert "blip-fast demo --out-dir out" in message and isinstance(refused.value, errors.UserError)
+    lock_folder(folder, "the next run").release()
+    assert [path.name for path in folder.iterdir()] == [LOCK_NAME]
+
+
+def test_the_holder_line_is_replaced_not_appended(tmp_path):
+    lock_folder(tmp_path, "a much longer first command line " * 3).release()
+    with lock_folder(tmp_path, "second"):
+        assert (tmp_path / LOCK_NAME).read_text().endswith(": second")
+
+
+@pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGTERM])
+def test_a_lock_dies_with_its_process(tmp_path, signum):
+    script = ("import sys, time\n"
+              "from blip_fast.folder_lock import lock_folder\n"
+              "lock = lock_folder(sys.argv[1], 'holder')\n"
+              "print('locked', flush=True)\n"
+              "time.sleep(60)")
+    holder = subprocess.Popen([sys.executable, "-c", script, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        with pytest.raises(FolderInUseError, match=f"pid {holder.pid} on .*: holder"):
+            lock_folder(tmp_path, "second")
+    finally:
+        holder.send_signal(signum)
+        holder.wait(10)
+    start = time.monotonic()
+    lock_folder(tmp_path, "after the crash").release()
+    assert time.monotonic() - start < 1.0
