@@ -22,6 +22,7 @@ every image is done; pyarrow is needed only then (``pip install blip_fast[parque
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import glob
 import io
@@ -37,6 +38,7 @@ import torch
 from tqdm.auto import tqdm
 
 from blip_fast.errors import InvalidInputError, MissingFileError
+from blip_fast.folder_lock import command_line, lock_output_file
 
 #: What a folder or a pattern contributes (wider than the webdataset members CapFilt reads: any PIL still image).
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm"})
@@ -298,11 +300,19 @@ def default_batch_size(device: torch.device) -> int:
 def caption_files(captioner: Any, job: CaptionJob, **generate_kwargs: Any) -> dict[str, int]:
     """Caption ``job``'s images with ``captioner`` (a :class:`~blip_fast.captioning.Captioner`), resuming what
     earlier runs wrote. Returns counts: ``images`` found, ``captioned`` and ``failed`` in this run, ``skipped``
-    (written before)."""
-    from blip_fast.data.workers import die_with_parent
-
+    (written before). A second run on the same output file while this one lives is refused
+    (:func:`~blip_fast.folder_lock.lock_output_file`)."""
     paths = find_images(job.inputs)
     output, errors = record_files(job.output, job.errors, job.score)
+    with contextlib.nullcontext() if job.output is None else lock_output_file(job.output, command_line()):
+        return _caption_pending(captioner, job, paths, output, errors, generate_kwargs)
+
+
+def _caption_pending(captioner: Any, job: CaptionJob, paths: list[str], output: Any, errors: Any,
+                     generate_kwargs: dict[str, Any]) -> dict[str, int]:
+    """Caption the images that ``output`` and ``errors`` do not hold yet (the output locked, when a file)."""
+    from blip_fast.data.workers import die_with_parent
+
     done = {record["path"] for record in output.read()} | {record["path"] for record in errors.read()}
     chunks = [(start, paths[start : start + job.batch_size]) for start in range(0, len(paths), job.batch_size)]
     pending = [(start, chunk) for start, chunk in chunks if not done.issuperset(chunk)]

@@ -1,11 +1,12 @@
-"""One run per output folder: a second run into a folder that a live run is writing is refused, not interleaved.
+"""One run per output: a second run into a folder (or file) that a live run is writing is refused, not interleaved.
 
-Two runs of a resumable job in one folder (a command started twice, in two terminals or by a retrying scheduler)
-would each redo the other's stages and overwrite its checkpoints. :func:`lock_folder` takes an exclusive ``flock`` on
-``<folder>/.blip_fast.lock`` and holds it while the run lives: the kernel releases it when the process ends, however
-it ends (``kill -9`` included), so a crashed run never leaves a stale lock and its rerun resumes. The file names the
-holder (pid, host, command) for the error the second run gives. ``flock`` is POSIX; on network filesystems it holds
-within one machine only. Elsewhere (Windows) there is no lock.
+Two runs of a resumable job on one output (a command started twice, in two terminals or by a retrying scheduler)
+would each redo the other's work and overwrite its checkpoints, or cut the other's half-appended line as torn.
+:func:`lock_folder` takes an exclusive ``flock`` on ``<folder>/.blip_fast.lock`` (:func:`lock_output_file`: on
+``.<name>.lock`` beside the file) and holds it while the run lives: the kernel releases it when the process ends,
+however it ends (``kill -9`` included), so a crashed run never leaves a stale lock and its rerun resumes. The file
+names the holder (pid, host, command) for the error the second run gives. ``flock`` is POSIX; on network filesystems
+it holds within one machine only. Elsewhere (Windows) there is no lock.
 """
 
 from __future__ import annotations
@@ -22,11 +23,11 @@ LOCK_NAME = ".blip_fast.lock"
 
 
 class FolderInUseError(UserError):
-    """Another live run holds the folder."""
+    """Another live run holds the folder (or file)."""
 
 
 class FolderLock:
-    """A held lock on a folder; :meth:`release` (or leaving the ``with`` block, or the process ending) lets go."""
+    """A held lock on an output; :meth:`release` (or leaving the ``with`` block, or the process ending) lets go."""
 
     def __init__(self, fd: int | None) -> None:
         self._fd = fd
@@ -49,18 +50,28 @@ def lock_folder(folder: str | os.PathLike, command: str) -> FolderLock:
     :class:`FolderInUseError` naming the holder when a live run already has it."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    return _lock(folder / LOCK_NAME, folder, command)
+
+
+def lock_output_file(path: str | os.PathLike, command: str) -> FolderLock:
+    """:func:`lock_folder` for one output file (its folder must exist): the lock is ``.<name>.lock`` beside it."""
+    path = Path(path)
+    return _lock(path.with_name(f".{path.name}.lock"), path, command)
+
+
+def _lock(lock_path: Path, output: Path, command: str) -> FolderLock:
     try:
         import fcntl
     except ImportError:  # not POSIX
         return FolderLock(None)
-    fd = os.open(folder / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o666)
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         holder = os.pread(fd, 1000, 0).decode("utf-8", errors="replace").strip() or "a run that is starting"
         os.close(fd)
-        raise FolderInUseError(f"{folder} is in use by another run ({holder}): wait for it to end or stop it, or "
-                               "choose another folder") from None
+        raise FolderInUseError(f"{output} is in use by another run ({holder}): wait for it to end or stop it, or "
+                               "choose another output") from None
     except BaseException:
         os.close(fd)
         raise

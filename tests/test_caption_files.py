@@ -94,6 +94,23 @@ def test_folder_with_good_and_bad_images(images, model_dir, tmp_path, capsys):
     assert len(output.read_text().splitlines()) == len(good)
 
 
+def test_a_second_run_on_a_live_runs_output_touches_nothing(images, model_dir, tmp_path, capsys):
+    """While one run appends to the output (its last line still torn), the same command again stops with one line
+    naming it, and does not cut that line as a crashed run's."""
+    from blip_fast.folder_lock import lock_output_file
+
+    root, _, _ = images
+    output = tmp_path / "captions.jsonl"
+    in_progress = '{"path": "a.png", "caption": "a red square"}\n{"path": "b.png", "capt'
+    output.write_text(in_progress)
+    with lock_output_file(output, "blip-fast caption (the first run)"):
+        assert _caption(model_dir, [root], output) == 2
+    assert output.read_text() == in_progress
+    error = capsys.readouterr().err
+    assert f"{output} is in use by another run (pid {os.getpid()} on " in error and "(the first run)" in error
+    assert _caption(model_dir, [root], output) == 0  # once that run is gone, this one resumes its output
+
+
 def test_torn_line_and_partly_written_chunk_resume_identically(images, model_dir, tmp_path):
     """What kill -9 leaves (a half-written line; a chunk whose records are partly on disk) is repaired."""
     root, good, _ = images
