@@ -38,7 +38,7 @@ import torch
 from tqdm.auto import tqdm
 
 from blip_fast.errors import InvalidInputError, MissingFileError
-from blip_fast.folder_lock import command_line, lock_output_file
+from blip_fast.output_lock import command_line, lock_output_file
 
 #: What a folder or a pattern contributes (wider than the webdataset members CapFilt reads: any PIL still image).
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm"})
@@ -301,7 +301,7 @@ def caption_files(captioner: Any, job: CaptionJob, **generate_kwargs: Any) -> di
     """Caption ``job``'s images with ``captioner`` (a :class:`~blip_fast.captioning.Captioner`), resuming what
     earlier runs wrote. Returns counts: ``images`` found, ``captioned`` and ``failed`` in this run, ``skipped``
     (written before). A second run on the same output file while this one lives is refused
-    (:func:`~blip_fast.folder_lock.lock_output_file`)."""
+    (:func:`~blip_fast.output_lock.lock_output_file`)."""
     paths = find_images(job.inputs)
     output, errors = record_files(job.output, job.errors, job.score)
     with contextlib.nullcontext() if job.output is None else lock_output_file(job.output, command_line()):

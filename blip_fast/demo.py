@@ -63,8 +63,8 @@ from blip_fast.data.synthetic import (
 )
 from blip_fast.data.workers import usable_cpus
 from blip_fast.determinism import portable_cpu_environment
-from blip_fast.folder_lock import command_line, lock_folder
 from blip_fast.launch import ChildProcesses, run_ranks, sigterm_raises, stop_with_parent
+from blip_fast.output_lock import command_line, lock_folder
 
 
 @dataclass(frozen=True)

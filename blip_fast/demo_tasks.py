@@ -29,7 +29,7 @@ from blip_fast import errors
 from blip_fast.atomic_files import atomic_write_text
 from blip_fast.data import synthetic_tasks
 from blip_fast.data.synthetic import SyntheticNoisyDataset
-from blip_fast.folder_lock import command_line, lock_folder
+from blip_fast.output_lock import command_line, lock_folder
 
 DEMO_TASKS = ("vqa", "nlvr")
 SEED = 11

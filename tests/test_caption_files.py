@@ -97,7 +97,7 @@ def test_folder_with_good_and_bad_images(images, model_dir, tmp_path, capsys):
 def test_a_second_run_on_a_live_runs_output_touches_nothing(images, model_dir, tmp_path, capsys):
     """While one run appends to the output (its last line still torn), the same command again stops with one line
     naming it, and does not cut that line as a crashed run's."""
-    from blip_fast.folder_lock import lock_output_file
+    from blip_fast.output_lock import lock_output_file
 
     root, _, _ = images
     output = tmp_path / "captions.jsonl"

@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from blip_fast.folder_lock import LOCK_NAME, lock_folder
 from blip_fast.launch import free_port
+from blip_fast.output_lock import LOCK_NAME, lock_folder
 from blip_fast.training import checkpointing
 from tests.test_train import (
     CONFIGS,

@@ -474,7 +474,7 @@ def test_single_process_and_torchrun_launch(launcher, tmp_path):
 def test_a_second_run_into_a_busy_output_dir_is_refused(tmp_path):
     """The command started twice (a second terminal, a retrying scheduler): the second run stops with one line naming
     the first, before writing anything, and the first trains on; once the first is gone, the folder is free."""
-    from blip_fast.folder_lock import lock_folder
+    from blip_fast.output_lock import lock_folder
 
     output_dir, port = tmp_path / "run", free_port()
     with open(tmp_path / "first.log", "w") as log:

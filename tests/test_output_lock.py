@@ -1,4 +1,4 @@
-"""One run per output folder (blip_fast.folder_lock): a second lock is refused naming the first; a lock dies with its
+"""One run per output folder (blip_fast.output_lock): a second lock is refused naming the first; a lock dies with its
 process, kill -9 included, so a crashed run's rerun is never locked out."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import time
 import pytest
 
 from blip_fast import errors
-from blip_fast.folder_lock import LOCK_NAME, FolderInUseError, lock_folder
+from blip_fast.output_lock import LOCK_NAME, OutputInUseError, lock_folder
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="flock is POSIX")
 
@@ -20,7 +20,7 @@ pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="flock is POSIX"
 def test_a_second_lock_is_refused_naming_the_holder(tmp_path):
     folder = tmp_path / "new" / "out"  # created on the way
     with lock_folder(folder, "blip-fast demo --out-dir out"):
-        with pytest.raises(FolderInUseError) as refused:
+        with pytest.raises(OutputInUseError) as refused:
             lock_folder(folder, "blip-fast demo --out-dir out")
         message = str(refused.value)
         assert f"{folder} is in use by another run (pid {os.getpid()} on " in message
@@ -38,14 +38,14 @@ def test_the_holder_line_is_replaced_not_appended(tmp_path):
 @pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGTERM])
 def test_a_lock_dies_with_its_process(tmp_path, signum):
     script = ("import sys, time\n"
-              "from blip_fast.folder_lock import lock_folder\n"
+              "from blip_fast.output_lock import lock_folder\n"
               "lock = lock_folder(sys.argv[1], 'holder')\n"
               "print('locked', flush=True)\n"
               "time.sleep(60)")
     holder = subprocess.Popen([sys.executable, "-c", script, str(tmp_path)], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline() == "locked\n"
-        with pytest.raises(FolderInUseError, match=f"pid {holder.pid} on .*: holder"):
+        with pytest.raises(OutputInUseError, match=f"pid {holder.pid} on .*: holder"):
             lock_folder(tmp_path, "second")
     finally:
         holder.send_signal(signum)

@@ -22,11 +22,11 @@ from blip_fast.errors import UserError
 LOCK_NAME = ".blip_fast.lock"
 
 
-class FolderInUseError(UserError):
+class OutputInUseError(UserError):
     """Another live run holds the folder (or file)."""
 
 
-class FolderLock:
+class OutputLock:
     """A held lock on an output; :meth:`release` (or leaving the ``with`` block, or the process ending) lets go."""
 
     def __init__(self, fd: int | None) -> None:
@@ -37,7 +37,7 @@ class FolderLock:
             os.close(self._fd)  # closing the only descriptor of the open file releases its flock
             self._fd = None
 
-    def __enter__(self) -> FolderLock:
+    def __enter__(self) -> OutputLock:
         return self
 
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
@@ -45,32 +45,32 @@ class FolderLock:
         self.release()
 
 
-def lock_folder(folder: str | os.PathLike, command: str) -> FolderLock:
+def lock_folder(folder: str | os.PathLike, command: str) -> OutputLock:
     """Create ``folder`` if needed and lock it for this process, recording ``command`` as the holder; raises
-    :class:`FolderInUseError` naming the holder when a live run already has it."""
+    :class:`OutputInUseError` naming the holder when a live run already has it."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     return _lock(folder / LOCK_NAME, folder, command)
 
 
-def lock_output_file(path: str | os.PathLike, command: str) -> FolderLock:
+def lock_output_file(path: str | os.PathLike, command: str) -> OutputLock:
     """:func:`lock_folder` for one output file (its folder must exist): the lock is ``.<name>.lock`` beside it."""
     path = Path(path)
     return _lock(path.with_name(f".{path.name}.lock"), path, command)
 
 
-def _lock(lock_path: Path, output: Path, command: str) -> FolderLock:
+def _lock(lock_path: Path, output: Path, command: str) -> OutputLock:
     try:
         import fcntl
     except ImportError:  # not POSIX
-        return FolderLock(None)
+        return OutputLock(None)
     fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         holder = os.pread(fd, 1000, 0).decode("utf-8", errors="replace").strip() or "a run that is starting"
         os.close(fd)
-        raise FolderInUseError(f"{output} is in use by another run ({holder}): wait for it to end or stop it, or "
+        raise OutputInUseError(f"{output} is in use by another run ({holder}): wait for it to end or stop it, or "
                                "choose another output") from None
     except BaseException:
         os.close(fd)
@@ -78,7 +78,7 @@ def _lock(lock_path: Path, output: Path, command: str) -> FolderLock:
     holder = f"pid {os.getpid()} on {socket.gethostname()}: {command}".encode()
     os.ftruncate(fd, 0)
     os.pwrite(fd, holder, 0)
-    return FolderLock(fd)
+    return OutputLock(fd)
 
 
 def command_line() -> str:
