@@ -151,6 +151,22 @@ def test_training_config_error_is_one_line(tmp_path, capsys):
     assert code == 2 and capsys.readouterr().err.strip() == "blip_fast.train: error: queue_size must be > 0, got 0"
 
 
+@pytest.mark.parametrize("spelled", ["same", "trailing slash", "relative"])
+def test_fine_tuning_into_the_folder_it_starts_from_is_refused(tmp_path, capsys, monkeypatch, spelled):
+    """``--output_dir`` the ``--init_from`` folder (however spelled) would write over the model being read."""
+    from blip_fast.train import main as train_main
+
+    model = tmp_path / "pretrain"
+    model.mkdir()
+    monkeypatch.chdir(tmp_path)
+    output = {"same": str(model), "trailing slash": f"{model}/", "relative": "./pretrain"}[spelled]
+    code = train_main(["--task", "captioning", "--init_from", str(model), "--output_dir", output])
+    assert code == 2 and capsys.readouterr().err.strip() == (
+        f"blip_fast.train: error: output_dir {output} is the init_from model's folder: this run's checkpoints, "
+        "config and tokenizer would go over the model it starts from; choose another output_dir")
+    assert list(model.iterdir()) == []
+
+
 # ---------------------------------------------------------------------------------------------------- item 9: --help
 @pytest.mark.parametrize("command", ["caption", "capfilt", "evaluate", "convert", "demo"])
 def test_help_shows_the_defaults(command, capsys):

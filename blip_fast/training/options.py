@@ -287,6 +287,9 @@ def check_args(args: argparse.Namespace) -> None:
         args.model = "tiny"
     if args.output_dir is None:
         args.output_dir = f"output/{args.task}"
+    if args.init_from is not None and os.path.realpath(args.init_from) == os.path.realpath(args.output_dir):
+        raise ConfigError(f"output_dir {args.output_dir} is the init_from model's folder: this run's checkpoints, "
+                          "config and tokenizer would go over the model it starts from; choose another output_dir")
     if args.compile is None:
         import torch
 
