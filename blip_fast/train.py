@@ -402,7 +402,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
 
     summary = {"final_step": step, "output_dir": str(output_dir), **_throughput(throughput, global_batch * accumulation)}
     if export_tasks and rank == 0 and step > 0:
-        targets = {name: output_dir / "export" / name for name in export_tasks}
+        targets = {name: output_dir / checkpointing.EXPORT_DIR / name for name in export_tasks}
         summary["exports"] = tasks.export_checkpoint(output_dir, targets)
     dist.barrier()
     if output_lock is not None:

@@ -170,6 +170,34 @@ def test_rng_capture_restore_and_checkpoint_paths(tmp_path):
     assert sorted(path.name for path in tmp_path.glob("global_step*")) == ["global_step10", "global_step15"]
 
 
+@pytest.mark.parametrize("target, refused", [
+    ("run", "lies in the training run"), ("run/global_step4", "lies in the training run"),
+    ("run/tokenizer", "lies in the training run"), ("run/../run/global_step4/x", "lies in the training run"),
+    ("run/export", "holds other files and no earlier export"), ("models", "holds other files and no earlier export"),
+    ("run/export/captioning", None), ("run/export/new", None), ("earlier_export", None), ("new/deeper", None),
+    ("cut_short", None), ("cut_shorter", None),
+])
+def test_export_targets_that_would_mix_with_other_files_are_refused(tmp_path, target, refused):
+    """``python -m blip_fast.train export --out``: not into the run's own folder (the HF files would mix with its
+    checkpoints, and --init_from would then see two kinds of folder in one), not into a folder of other files; an
+    earlier export, even one a kill cut short, is replaced."""
+    from blip_fast import errors
+
+    for folder in ("run/global_step4", "run/tokenizer", "run/export/captioning", "models", "earlier_export"):
+        (tmp_path / folder).mkdir(parents=True)
+    (tmp_path / "run" / "export" / "captioning" / "config.json").write_text("{}")
+    (tmp_path / "earlier_export" / "config.json").write_text("{}")
+    (tmp_path / "models" / "notes.txt").write_text("mine")
+    for folder, name in (("cut_short", "model.safetensors"), ("cut_shorter", ".model.safetensors.x1y2.tmp")):
+        (tmp_path / folder).mkdir()  # an export killed before its config.json (or during its weights)
+        (tmp_path / folder / name).write_bytes(b"")
+    if refused is None:
+        checkpointing.check_export_target(tmp_path / "run", tmp_path / target)
+    else:
+        with pytest.raises(errors.InvalidInputError, match=refused):
+            checkpointing.check_export_target(tmp_path / "run", tmp_path / target)
+
+
 def test_model_config_round_trip(tmp_path):
     from blip_fast.config import BlipConfig
 
@@ -432,6 +460,9 @@ def test_exports_load_in_blip_fast_and_transformers(zero2_run, tmp_path):
     step10 = _consolidated(zero2_run["dir"], 10)
     assert torch.equal(vqa.state_dict()["text_encoder.embeddings.word_embeddings.weight"],
                        step10["text_encoder.embeddings.word_embeddings.weight"])
+    # Not into the run's own folder: one line, exit 2, nothing written there.
+    assert main(["export", "--checkpoint", str(zero2_run["dir"]), "--out", str(zero2_run["dir"])]) == 2
+    assert not (zero2_run["dir"] / "config.json").exists()
 
 
 @pytest.mark.slow

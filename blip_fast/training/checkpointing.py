@@ -48,13 +48,20 @@ import numpy as np
 import torch
 
 from blip_fast.atomic_files import atomic_write, atomic_write_text
+from blip_fast.checkpoint import BIN_WEIGHTS, CONFIG_NAME, GENERATION_CONFIG_NAME, SAFE_WEIGHTS
 from blip_fast.config import BlipConfig, TextConfig, VisionConfig
+from blip_fast.errors import InvalidInputError
 
 logger = logging.getLogger("blip_fast")
 
 LATEST_FILE = "latest"
 BLIP_CONFIG_FILE = "blip_config.json"
 TOKENIZER_DIR = "tokenizer"
+#: Where a run exports its task models: ``output_dir/export/<task>``.
+EXPORT_DIR = "export"
+#: Files an export writes (:func:`blip_fast.checkpoint.save_pretrained`, the tokenizer, the image processor).
+_EXPORT_FILES = {SAFE_WEIGHTS, BIN_WEIGHTS, CONFIG_NAME, GENERATION_CONFIG_NAME, "preprocessor_config.json",
+                 "tokenizer_config.json", "vocab.txt"}
 RNG_FILE = "rng_rank{rank}.pt"
 EMA_FILE = "ema_rank{rank}.pt"
 CLIENT_STATE_KEY = "blip_fast"
@@ -244,6 +251,24 @@ def consolidated_state_dict(checkpoint_dir: str | os.PathLike, tag: str) -> dict
             for key, value in state.items()}
 
 
+def check_export_target(output_dir: str | os.PathLike, target: str | os.PathLike) -> None:
+    """Refuse an export folder whose files would mix with others: the training run's own folder or one inside it
+    (a checkpoint, its tokenizer) other than ``output_dir/export/...``, or a folder of other files: one holding an
+    earlier export, even one cut short by a crash, is replaced."""
+    run, out = Path(output_dir).resolve(), Path(target).resolve()
+    if out == run or (run in out.parents and run / EXPORT_DIR not in (out, *out.parents)):
+        raise InvalidInputError(f"{target} lies in the training run {output_dir}: the export would mix with its "
+                                f"checkpoints; choose a folder outside it, or under {Path(output_dir) / EXPORT_DIR}")
+    if out.is_dir() and any(out.iterdir()) and not any(_written_by_export(path.name) for path in out.iterdir()):
+        raise InvalidInputError(f"{target} holds other files and no earlier export: the model would mix with them; "
+                                "choose a new or empty folder")
+
+
+def _written_by_export(name: str) -> bool:
+    """Whether an export writes a file of this name (or its temporary file, which ``kill -9`` can leave)."""
+    return name in _EXPORT_FILES or (name.startswith(".") and name.endswith(".tmp"))
+
+
 def export(checkpoint: str | os.PathLike, targets: dict[str, str | os.PathLike], tag: str | None = None,
            state_prefix: str = "") -> list[str]:
     """Write one complete HuggingFace-layout directory per ``{task: out_dir}`` of ``targets`` from a training
@@ -256,6 +281,8 @@ def export(checkpoint: str | os.PathLike, targets: dict[str, str | os.PathLike],
     from blip_fast.tokenizer import BlipTokenizer
 
     output_dir, tag = resolve_checkpoint(checkpoint, tag)
+    for target in targets.values():
+        check_export_target(output_dir, target)
     config = read_model_config(output_dir)
     state = {key.removeprefix(state_prefix): value
              for key, value in consolidated_state_dict(output_dir, tag).items() if key.startswith(state_prefix)}
