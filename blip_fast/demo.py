@@ -114,6 +114,8 @@ SCALES = {
                       pretrain_epochs=2, captioner_epochs=1, filter_epochs=2, micro_batch=32, queue_size=64, k_test=4,
                       image_size=32),
 }
+#: A demo folder's first file: the scale it runs at (a rerun of another scale is refused).
+SETTINGS_FILE = "demo_scale.json"
 #: The synthetic benchmark's seed: every run seed sees the same images, captions and injected noise.
 DATA_SEED = 7
 #: The caption test set's: scenes drawn apart from the rest, so its size changes none of the other splits.
@@ -530,7 +532,7 @@ def run_demo(out_dir: str | os.PathLike = "blip_fast_demo", scale: str | DemoSca
     if seeds < 1:
         raise errors.InvalidInputError(f"seeds must be >= 1, got {seeds}")
     scale = SCALES[scale] if isinstance(scale, str) else scale
-    with lock_folder(out_dir, command_line()):  # one run per folder: a second would redo this one's stages
+    with lock_folder(out_dir, command_line(), ours=[SETTINGS_FILE]):  # one run per folder, and only a demo's
         return _run_seeds(Path(out_dir), scale, seeds, first_seed, threads, jobs, portable_cpu, log)
 
 
@@ -538,7 +540,7 @@ def _run_seeds(out_dir: Path, scale: DemoScale, seeds: int, first_seed: int, thr
                portable_cpu: bool, log: Callable[[str], None]) -> dict[str, Any]:
     from blip_fast.demo_report import summarize, write_plot, write_report
 
-    _check_settings(out_dir / "demo_scale.json", asdict(scale), "of another scale")
+    _check_settings(out_dir / SETTINGS_FILE, asdict(scale), "of another scale")
     jobs, threads = parallel_plan(seeds, usable_cpus(), jobs, threads)
     start, load_start, cpu_start = time.perf_counter(), os.getloadavg(), cpu_seconds()
     data = out_dir / "data"

@@ -29,6 +29,7 @@ from blip_fast import errors
 from blip_fast.atomic_files import atomic_write_text
 from blip_fast.data import synthetic_tasks
 from blip_fast.data.synthetic import SyntheticNoisyDataset
+from blip_fast.demo import SETTINGS_FILE, SeedRun, Stages, _check_settings, _train
 from blip_fast.output_lock import command_line, lock_folder
 
 DEMO_TASKS = ("vqa", "nlvr")
@@ -168,16 +169,14 @@ def run_task_demo(out_dir: str | os.PathLike = "blip_fast_demo", tasks: Sequence
         raise errors.InvalidInputError(f"demo tasks are {list(DEMO_TASKS)}, got {list(tasks)}")
     scale = SCALES[scale] if isinstance(scale, str) else scale
     out_dir = Path(out_dir) / "tasks"
-    with lock_folder(out_dir, command_line()):  # one run per folder: a second would redo this one's stages
+    with lock_folder(out_dir, command_line(), ours=[SETTINGS_FILE]):  # one run per folder, and only a demo's
         return _run_tasks(out_dir, tasks, scale, log)
 
 
 def _run_tasks(out_dir: Path, tasks: Sequence[str], scale: TaskDemoScale, log: Callable[[str], None]) -> dict[str, Any]:
     import torch
 
-    from blip_fast.demo import SeedRun, Stages, _check_settings, _train
-
-    _check_settings(out_dir / "demo_scale.json", asdict(scale), "of another scale")
+    _check_settings(out_dir / SETTINGS_FILE, asdict(scale), "of another scale")
     threads = max(1, os.cpu_count() or 1)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.set_num_threads(threads)

@@ -14,10 +14,11 @@ from __future__ import annotations
 import os
 import socket
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 from types import TracebackType
 
-from blip_fast.errors import UserError
+from blip_fast.errors import InvalidInputError, UserError
 
 LOCK_NAME = ".blip_fast.lock"
 
@@ -45,10 +46,18 @@ class OutputLock:
         self.release()
 
 
-def lock_folder(folder: str | os.PathLike, command: str) -> OutputLock:
+def lock_folder(folder: str | os.PathLike, command: str, ours: Iterable[str] = ()) -> OutputLock:
     """Create ``folder`` if needed and lock it for this process, recording ``command`` as the holder; raises
-    :class:`OutputInUseError` naming the holder when a live run already has it."""
+    :class:`OutputInUseError` naming the holder when a live run already has it. A folder that holds files must also
+    hold one of ``ours`` (what this kind of run writes first) or an earlier run's lock: the run would write among a
+    folder of other files (a user's project, their home), so that is refused (:class:`InvalidInputError`)."""
     folder = Path(folder)
+    if folder.is_dir():
+        names = sorted(path.name for path in folder.iterdir())
+        if names and not {LOCK_NAME, *ours} & set(names):
+            listed = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+            raise InvalidInputError(f"{folder} holds other files ({listed}): this run would write among them; choose "
+                                    "a new or empty folder, or one this command made, to resume it")
     folder.mkdir(parents=True, exist_ok=True)
     return _lock(folder / LOCK_NAME, folder, command)
 

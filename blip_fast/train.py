@@ -48,7 +48,7 @@ from blip_fast import errors
 from blip_fast.data.workers import die_with_parent
 from blip_fast.determinism import use_deterministic_algorithms
 from blip_fast.launch import free_port, stop_with_parent
-from blip_fast.output_lock import OutputInUseError, OutputLock, command_line, lock_folder
+from blip_fast.output_lock import OutputLock, command_line, lock_folder
 from blip_fast.training import checkpointing, options, tasks
 from blip_fast.training.schedule import alpha_ramp, learning_rate
 
@@ -76,25 +76,26 @@ def claim_output_dir(output_dir: Path) -> OutputLock | None:
     """Fail early and clearly unless ``output_dir`` is this run's alone and every rank sees what rank 0 writes there.
 
     Rank 0 locks the folder (:func:`~blip_fast.output_lock.lock_folder`) and returns the lock, to hold while the run
-    lives: a second run into it (the command started twice) stops with one line naming the first, on every rank,
-    before it writes anything. Rank 0 writes the run files, the tokenizer and ``latest``, every rank its shards and
+    lives: a second run into it (the command started twice), or a run into a folder of other files (no training
+    run's), stops with one line, on every rank, before it writes anything. Rank 0 writes the run files, the tokenizer and ``latest``, every rank its shards and
     RNG/EMA files, and every rank reads them back (the tokenizer now, the checkpoint on ``--resume``): on several
     machines, ``output_dir`` must be on a filesystem they share (as DeepSpeed's own checkpointing assumes).
     """
     import torch.distributed as dist
 
     rank = dist.get_rank()
-    lock, in_use = None, None
+    lock, refused = None, None
     if rank == 0:
         try:
-            lock = lock_folder(output_dir, command_line())
-        except OutputInUseError as error:
-            in_use = str(error)
-    shared = [uuid.uuid4().hex, in_use] if rank == 0 else [None, None]
+            lock = lock_folder(output_dir, command_line(), ours=[checkpointing.LATEST_FILE,
+                                                                 checkpointing.BLIP_CONFIG_FILE])
+        except errors.UserError as error:
+            refused = error
+    shared = [uuid.uuid4().hex, refused] if rank == 0 else [None, None]
     dist.broadcast_object_list(shared, src=0)
-    token, in_use = shared
-    if in_use:
-        raise OutputInUseError(in_use)
+    token, refused = shared
+    if refused is not None:
+        raise refused
     marker = output_dir / f".rank0-{token}"
     if rank == 0:
         marker.write_text(socket.gethostname(), encoding="utf-8")

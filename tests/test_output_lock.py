@@ -4,6 +4,7 @@ process, kill -9 included, so a crashed run's rerun is never locked out."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -53,3 +54,20 @@ def test_a_lock_dies_with_its_process(tmp_path, signum):
     start = time.monotonic()
     lock_folder(tmp_path, "after the crash").release()
     assert time.monotonic() - start < 1.0
+
+
+@pytest.mark.parametrize("present, refused", [
+    ([], False), (["demo_scale.json", "data"], False), ([LOCK_NAME], False),  # new; a demo's; one cut short at once
+    (["results.json", "notes.md"], True), (["a", "b", "c", "d"], True),
+])
+def test_a_folder_of_other_files_is_refused(tmp_path, present, refused):
+    """The run would write among a user's files (their project, their home): only a folder this kind of run made
+    (one of ``ours``, or an earlier run's lock) is taken."""
+    for name in present:
+        (tmp_path / name).write_text("mine")
+    if not refused:
+        lock_folder(tmp_path, "demo", ours=["demo_scale.json"]).release()
+        return
+    with pytest.raises(errors.InvalidInputError, match=re.escape(f"{tmp_path} holds other files ({sorted(present)[0]}, ")):
+        lock_folder(tmp_path, "demo", ours=["demo_scale.json"])
+    assert sorted(path.name for path in tmp_path.iterdir()) == sorted(present)  # no lock file left among them

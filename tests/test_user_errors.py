@@ -5,6 +5,7 @@ no traceback, and found before any work. Also: a model of the wrong task is refu
 import argparse
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +18,8 @@ from blip_fast.data.transforms import BlipImageProcessor
 from blip_fast.modeling.blip import BlipForConditionalGeneration, BlipForImageTextRetrieval, BlipForQuestionAnswering
 from blip_fast.tokenizer import BlipTokenizer
 from tests.tiny_models import save_tiny_captioner, to_original_key
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -165,6 +168,25 @@ def test_fine_tuning_into_the_folder_it_starts_from_is_refused(tmp_path, capsys,
         f"blip_fast.train: error: output_dir {output} is the init_from model's folder: this run's checkpoints, "
         "config and tokenizer would go over the model it starts from; choose another output_dir")
     assert list(model.iterdir()) == []
+
+
+@pytest.mark.parametrize("command", ["demo", "train"])
+def test_a_folder_of_other_files_is_no_output_folder(tmp_path, capsys, command):
+    """``--out-dir ~`` or ``--output_dir .`` by a tired user: one line, exit 2, and the folder's files untouched
+    (the demo would write results.json and data/ among them, training config.yaml)."""
+    from blip_fast.train import main as train_main
+
+    (tmp_path / "config.yaml").write_text("mine: 1\n")
+    (tmp_path / "results.json").write_text("{}")
+    if command == "demo":
+        code = main(["demo", "--scale", "tiny", "--out-dir", str(tmp_path)])
+    else:
+        code = train_main(["--config", str(ROOT / "configs" / "tiny-cpu.yaml"), "--output_dir", str(tmp_path),
+                           "--deepspeed_config", str(ROOT / "configs" / "ds_zero2.json")])
+    error = capsys.readouterr().err.strip()
+    assert code == 2 and f"{tmp_path} holds other files (config.yaml, results.json): this run would write among " in error
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["config.yaml", "results.json"]
+    assert (tmp_path / "config.yaml").read_text() == "mine: 1\n"
 
 
 # ---------------------------------------------------------------------------------------------------- item 9: --help
