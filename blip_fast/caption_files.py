@@ -106,19 +106,30 @@ def find_images(inputs: Iterable[str | os.PathLike]) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------------- record files
-def _complete_lines(path: Path) -> list[str]:
-    """The file's complete lines; a torn last line (no newline: a write cut short) is cut off the file."""
+def _read_lines(path: Path) -> tuple[list[str], bytes]:
+    """The file's complete lines and its torn tail (the bytes after the last newline: a write cut short), as they
+    are: nothing is cut before the caller has seen that the lines are this command's (:func:`_cut_tail`)."""
     if not path.exists():
-        return []
+        return [], b""
     data = path.read_bytes()
     end = data.rfind(b"\n") + 1
-    if end < len(data):
-        with open(path, "r+b") as handle:
-            handle.truncate(end)
     try:
-        return data[:end].decode("utf-8").splitlines()
+        return data[:end].decode("utf-8").splitlines(), data[end:]
     except UnicodeDecodeError:
         raise InvalidInputError(f"{path} is not a text file this command wrote; choose another output") from None
+
+
+def _cut_tail(path: Path, tail: bytes, starts: str) -> None:
+    """Cut a torn tail off ``path`` if it can be the start of a line this command writes (``starts``, or a shorter
+    piece of it); else the file is someone else's (their last line lacks a newline) and is left whole."""
+    if not tail:
+        return
+    start = starts.encode()
+    if not (tail.startswith(start) or start.startswith(tail)):
+        raise InvalidInputError(f"{path}: its last line ({tail[:40]!r}) is not one this command wrote; choose "
+                                "another output")
+    with open(path, "r+b") as handle:
+        handle.truncate(path.stat().st_size - len(tail))
 
 
 def _append(path: Path, text: str) -> None:
@@ -139,7 +150,8 @@ class JsonLines:
 
     def read(self) -> list[dict[str, Any]]:
         records = []
-        for number, line in enumerate(_complete_lines(self.path), 1):
+        lines, tail = _read_lines(self.path)
+        for number, line in enumerate(lines, 1):
             try:
                 record = json.loads(line)
             except ValueError:
@@ -151,6 +163,7 @@ class JsonLines:
                 raise InvalidInputError(f"{self.path}:{number} holds {list(record)}, this run writes {self.columns}: "
                                         "use the same --score setting, or another output")
             records.append(record)
+        _cut_tail(self.path, tail, '{"path": ')
         return records
 
     def append(self, records: Sequence[dict[str, Any]]) -> None:
@@ -164,12 +177,12 @@ class CsvFile:
         self.path, self.columns = path, list(columns)
 
     def read(self) -> list[dict[str, Any]]:
-        rows = list(csv.reader(_complete_lines(self.path)))
-        if not rows:
-            return []
-        if rows[0] != self.columns:
+        lines, tail = _read_lines(self.path)
+        rows = list(csv.reader(lines))
+        if rows and rows[0] != self.columns:
             raise InvalidInputError(f"{self.path} has columns {rows[0]}, this run writes {self.columns}: use the "
                                     "same --score setting, or another output")
+        _cut_tail(self.path, tail, "" if rows else ",".join(self.columns))  # under our header, any row start is ours
         return [dict(zip(self.columns, row)) for row in rows[1:]]
 
     def append(self, records: Sequence[dict[str, Any]]) -> None:

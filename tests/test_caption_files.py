@@ -111,6 +111,23 @@ def test_a_second_run_on_a_live_runs_output_touches_nothing(images, model_dir, t
     assert _caption(model_dir, [root], output) == 0  # once that run is gone, this one resumes its output
 
 
+@pytest.mark.parametrize("name, text", [
+    ("mine.jsonl", '{"id": 1, "text": "first"}\n{"id": 2, "text": "my last line, no newline"}'),
+    ("mine.jsonl", '{"id": 1, "text": "only line, no newline"}'),
+    ("mine.csv", "name,score\nx,1\ny,2"),
+    ("mine.csv", "just one line"),
+])
+def test_someone_elses_file_is_refused_whole(images, model_dir, tmp_path, capsys, name, text):
+    """An --output that is another tool's file, its last line without a newline: refused, and not a byte cut (that
+    line used to be cut off as this command's torn write before the file was found to be someone else's)."""
+    root, _, _ = images
+    output = tmp_path / name
+    output.write_text(text)
+    assert _caption(model_dir, [root], output) == 2
+    assert output.read_text() == text
+    assert "another output" in capsys.readouterr().err
+
+
 def test_torn_line_and_partly_written_chunk_resume_identically(images, model_dir, tmp_path):
     """What kill -9 leaves (a half-written line; a chunk whose records are partly on disk) is repaired."""
     root, good, _ = images
