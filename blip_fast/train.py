@@ -76,10 +76,12 @@ def claim_output_dir(output_dir: Path) -> OutputLock | None:
     """Fail early and clearly unless ``output_dir`` is this run's alone and every rank sees what rank 0 writes there.
 
     Rank 0 locks the folder (:func:`~blip_fast.output_lock.lock_folder`) and returns the lock, to hold while the run
-    lives: a second run into it (the command started twice), or a run into a folder of other files (no training
-    run's), stops with one line, on every rank, before it writes anything. Rank 0 writes the run files, the tokenizer and ``latest``, every rank its shards and
-    RNG/EMA files, and every rank reads them back (the tokenizer now, the checkpoint on ``--resume``): on several
-    machines, ``output_dir`` must be on a filesystem they share (as DeepSpeed's own checkpointing assumes).
+    lives: a second run into it (the command started twice), a run into a folder of other files (no training run's)
+    or one rank 0 cannot create stops on every rank with one line, before anything is written.
+
+    Rank 0 writes the run files, the tokenizer and ``latest``, every rank its shards and RNG/EMA files, and every rank
+    reads them back (the tokenizer now, the checkpoint on ``--resume``): on several machines, ``output_dir`` must be on
+    a filesystem they share (as DeepSpeed's own checkpointing assumes).
     """
     import torch.distributed as dist
 
@@ -89,7 +91,7 @@ def claim_output_dir(output_dir: Path) -> OutputLock | None:
         try:
             lock = lock_folder(output_dir, command_line(), ours=[checkpointing.LATEST_FILE,
                                                                  checkpointing.BLIP_CONFIG_FILE])
-        except errors.UserError as error:
+        except (errors.UserError, OSError) as error:  # every rank raises it: none waits for rank 0 below
             refused = error
     shared = [uuid.uuid4().hex, refused] if rank == 0 else [None, None]
     dist.broadcast_object_list(shared, src=0)

@@ -146,3 +146,20 @@ def test_output_dir_not_shared_by_every_rank_is_an_error(tmp_path, monkeypatch):
         train.claim_output_dir(tmp_path / "out")
     assert [path.name for path in (tmp_path / "out").iterdir()] == [LOCK_NAME]  # the marker is removed
     lock_folder(tmp_path / "out", "the next run").release()  # and the folder is free again
+
+
+def test_every_rank_stops_when_rank_0_cannot_take_the_output_dir(tmp_path, monkeypatch):
+    """What rank 0 met taking the folder (another run holds it, a folder of other files, no permission) reaches the
+    other ranks too: they raise the same error instead of waiting for rank 0 at the next collective."""
+    import torch.distributed as dist
+
+    from blip_fast import train
+
+    refused = PermissionError(13, "Permission denied", str(tmp_path / "out"))
+    monkeypatch.setattr(dist, "get_rank", lambda: 1)
+    monkeypatch.setattr(dist, "broadcast_object_list", lambda objects, src: objects.__setitem__(
+        slice(None), ["token", refused]))
+    monkeypatch.setattr(dist, "barrier", lambda: pytest.fail("rank 1 went on to the barrier"))
+    with pytest.raises(PermissionError, match="Permission denied"):
+        train.claim_output_dir(tmp_path / "out")
+    assert not (tmp_path / "out").exists()
