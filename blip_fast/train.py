@@ -45,6 +45,7 @@ import numpy as np
 import torch
 
 from blip_fast import errors
+from blip_fast.build_locks import watch_build_locks
 from blip_fast.data.workers import die_with_parent
 from blip_fast.determinism import use_deterministic_algorithms
 from blip_fast.launch import free_port, stop_with_parent
@@ -253,7 +254,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     if args.deterministic:
         use_deterministic_algorithms()
     default_single_process_env()
-    deepspeed.init_distributed()
+    with watch_build_locks():  # the first init builds DeepSpeed's CPU comm op; a killed build's lock hangs it
+        deepspeed.init_distributed()
     rank, world_size = dist.get_rank(), dist.get_world_size()
     _configure_logging(rank)
     if "OMP_NUM_THREADS" not in os.environ and not torch.cuda.is_available():
