@@ -321,8 +321,12 @@ def test_a_stopped_demo_leaves_no_process_behind(tmp_path, signum, status):
     same command started again is refused: one run per folder."""
     command = [sys.executable, "-m", "blip_fast.cli", "demo", "--scale", "tiny", "--seeds", "2", "--threads", "1",
                "--out-dir", str(tmp_path / "demo")]
-    demo = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    # As from a terminal: SIGINT at its default (a test runner started in the background ignores it, and children
+    # would inherit that), set in the child before it becomes the demo (no preexec_fn in a threaded process).
+    as_from_a_terminal = [sys.executable, "-c", "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+                          "os.execv(sys.executable, sys.argv[1:])", *command]
+    demo = subprocess.Popen(as_from_a_terminal, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
     try:
         training = lambda: sum("blip_fast.train" in line for line in _session(demo.pid)) == 2
         assert _wait_for(training, 120), f"no training ranks: {_session(demo.pid)}"
