@@ -268,8 +268,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     if tag is not None and not args.resume:
         raise options.ConfigError(f"{output_dir} already holds checkpoint {tag}: pass --resume to continue it, "
                                   "or choose another output_dir")
-    if tag is not None:  # before the model is built: a resume on another world size fails in seconds
-        checkpointing.check_world_size(output_dir, tag, world_size)
+    if tag is not None:  # before the model is built: a checkpoint not there, or of another world size, fails in seconds
+        checkpointing.check_resumable(output_dir, tag, world_size)
     if rank == 0:
         options.write_resolved(args, ds_config, output_dir)
 

@@ -198,6 +198,31 @@ def test_export_targets_that_would_mix_with_other_files_are_refused(tmp_path, ta
             checkpointing.check_export_target(tmp_path / "run", tmp_path / target)
 
 
+@pytest.mark.parametrize("latest, message", [
+    ("global_step8", "names checkpoint global_step8, but {run}/global_step8 is not there"),
+    ("global_step6", "names checkpoint global_step6, but {run}/global_step6 holds no model states"),
+    ("global_step4", None), ("global_step2", None),
+])
+def test_a_resume_from_a_checkpoint_that_is_not_there_says_so(tmp_path, latest, message):
+    """``latest`` naming a deleted (or emptied) checkpoint folder: one line listing the checkpoints that are there,
+    instead of DeepSpeed's bare AssertionError after the model is built."""
+    run = tmp_path / "run"
+    for tag, files in (("global_step2", ["mp_rank_00_model_states.pt"]), ("global_step6", []),
+                       ("global_step4", ["zero_pp_rank_0_mp_rank_00_model_states.pt",
+                                         "zero_pp_rank_0_mp_rank_00_optim_states.pt"])):
+        (run / tag).mkdir(parents=True)
+        for name in files:
+            (run / tag / name).write_bytes(b"")
+    (run / checkpointing.LATEST_FILE).write_text(latest)
+    if message is None:
+        checkpointing.check_resumable(run, latest, world_size=1)
+        return
+    with pytest.raises(options.ConfigError) as refused:
+        checkpointing.check_resumable(run, latest, world_size=1)
+    assert message.format(run=run) in str(refused.value)
+    assert "write the tag of a checkpoint that is there into latest (global_step2, global_step4)" in str(refused.value)
+
+
 def test_model_config_round_trip(tmp_path):
     from blip_fast.config import BlipConfig
 

@@ -138,15 +138,28 @@ def _remove_old_checkpoints(output_dir: Path, keep: int, current: str) -> None:
 _ZERO_PARTITION = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_\d+_optim_states\.pt$")
 
 
-def check_world_size(output_dir: str | os.PathLike, tag: str, world_size: int) -> None:
-    """Refuse, before DeepSpeed tries, to resume ZeRO optimizer partitions written by another number of ranks
-    (DeepSpeed cannot repartition them; without ZeRO a resume on another world size only reseeds the RNG)."""
-    tag_dir = Path(output_dir) / tag
-    saved = {int(match.group(1)) for path in tag_dir.iterdir() if (match := _ZERO_PARTITION.match(path.name))} \
-        if tag_dir.is_dir() else set()
-    if saved and len(saved) != world_size:
-        from blip_fast.training.options import ConfigError
+def _holds_model_states(tag_dir: Path) -> bool:
+    """Whether ``tag_dir`` is a DeepSpeed checkpoint (``mp_rank_00_model_states.pt``, or ZeRO's per-rank files)."""
+    return tag_dir.is_dir() and any(tag_dir.glob("*model_states.pt"))
 
+
+def check_resumable(output_dir: str | os.PathLike, tag: str, world_size: int) -> None:
+    """Refuse, before DeepSpeed tries (it fails with a bare assertion), to resume a checkpoint that is not there (its
+    folder deleted, ``latest`` edited) or ZeRO optimizer partitions written by another number of ranks (DeepSpeed
+    cannot repartition them; without ZeRO a resume on another world size only reseeds the RNG)."""
+    from blip_fast.training.options import ConfigError
+
+    tag_dir = Path(output_dir) / tag
+    if not _holds_model_states(tag_dir):
+        there = sorted((path.name for path in Path(output_dir).iterdir() if _TAG.match(path.name)
+                        and _holds_model_states(path)), key=lambda name: int(_TAG.match(name).group(1)))
+        raise ConfigError(
+            f"{Path(output_dir) / LATEST_FILE} names checkpoint {tag}, but {tag_dir} "
+            f"{'holds no model states' if tag_dir.is_dir() else 'is not there'}: restore it, write the tag of a "
+            f"checkpoint that is there into {LATEST_FILE} ({', '.join(there) or 'none is'}), or start afresh in "
+            "another output_dir")
+    saved = {int(match.group(1)) for path in tag_dir.iterdir() if (match := _ZERO_PARTITION.match(path.name))}
+    if saved and len(saved) != world_size:
         raise ConfigError(
             f"{tag_dir} holds ZeRO optimizer partitions of {len(saved)} ranks, and this run has {world_size}: resume "
             f"with the launcher and rank count that wrote it (e.g. the same `deepspeed --num_gpus {len(saved)} ...` "
@@ -159,7 +172,7 @@ def load_checkpoint(engine, output_dir: str | os.PathLike, tag: str) -> tuple[di
     RNG streams were restored (not when the checkpoint was written by another number of ranks)."""
     import deepspeed.comm as dist
 
-    check_world_size(output_dir, tag, dist.get_world_size())
+    check_resumable(output_dir, tag, dist.get_world_size())
     load_path, client_state = engine.load_checkpoint(
         str(output_dir), tag=tag, load_module_strict=True, load_optimizer_states=True, load_lr_scheduler_states=False
     )
