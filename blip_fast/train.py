@@ -29,6 +29,7 @@ One step = one optimizer step over ``gradient_accumulation_steps`` micro batches
 from __future__ import annotations
 
 import argparse
+import collections.abc
 import dataclasses
 import json
 import logging
@@ -146,6 +147,22 @@ def _training_captions(dataset) -> list[str]:
     if hasattr(dataset, "synthetic"):
         return dataset.synthetic.captions() + dataset.synthetic.vocabulary()
     return list(dataset.captions)
+
+
+def _check_not_empty(dataset: Any, args: argparse.Namespace) -> None:
+    """A training set with no usable sample (every record skipped: a wrong --image_root, records without an image)
+    is one line saying why, not the sampler's traceback."""
+    if not isinstance(dataset, collections.abc.Sized) or len(dataset) > 0:
+        return
+    skipped = dict(getattr(dataset, "skipped", {}) or {})
+    source = " ".join(map(str, args.annotations)) or args.data
+    if not skipped:
+        raise options.ConfigError(f"{source} holds no training sample")
+    reasons = ", ".join(f"{count} {reason}" for reason, count in sorted(skipped.items()))
+    raise options.ConfigError(f"{source}: every record was skipped ({reasons}; the warnings above name the first "
+                              "ones), so there is nothing to train on" + (
+                                  f": are the image paths relative to --image_root {args.image_root!r}?"
+                                  if "missing_image" in skipped else ""))
 
 
 def build_tokenizer(args: argparse.Namespace, dataset, output_dir: Path, rank: int, source_dir: str | Path | None):
@@ -277,6 +294,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     source = None if args.init_from is None else tasks.InitSource(
         args.init_from, args.tokenizer_dir if os.path.isfile(args.init_from) else None)
     dataset = (task.dataset or build_dataset)(args, _image_size(args, source))
+    _check_not_empty(dataset, args)
     tokenizer = build_tokenizer(args, dataset, output_dir, rank,
                                 args.tokenizer_dir if source is None else source.tokenizer_dir)
     config = build_model_config(args, tokenizer, source)

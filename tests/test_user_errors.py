@@ -189,6 +189,29 @@ def test_a_folder_of_other_files_is_no_output_folder(tmp_path, capsys, command):
     assert (tmp_path / "config.yaml").read_text() == "mine: 1\n"
 
 
+@pytest.mark.parametrize("records, expected", [
+    ([{"caption": "no image"}], "every record was skipped (1 bad_record; the warnings above name the first ones), so "
+                                "there is nothing to train on"),
+    ([{"image": "x.png", "caption": "a"}, {"image": "y.png", "caption": ["b", "c"]}],
+     "every record was skipped (2 missing_image; the warnings above name the first ones), so there is nothing to "
+     "train on: are the image paths relative to --image_root"),
+    ([], "holds no training sample"),
+])
+def test_a_training_set_with_no_usable_sample_is_one_line(tmp_path, capsys, records, expected):
+    """A wrong --image_root (every image missing) or records without images: one line saying so and where to look,
+    not the sampler's "dataset is empty" traceback."""
+    from blip_fast.train import main as train_main
+
+    annotations = tmp_path / "train.json"
+    annotations.write_text(json.dumps(records))
+    code = train_main(["--config", str(ROOT / "configs" / "tiny-cpu.yaml"), "--output_dir", str(tmp_path / "out"),
+                       "--deepspeed_config", str(ROOT / "configs" / "ds_zero2.json"), "--data", "blip_json",
+                       "--annotations", str(annotations), "--image_root", str(tmp_path / "images")])
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("blip_fast.train: error:")]
+    assert code == 2 and lines == [f"blip_fast.train: error: {annotations}{':' if records else ''} {expected}"
+                                   + (f" {str(tmp_path / 'images')!r}?" if "image_root" in expected else "")]
+
+
 # ---------------------------------------------------------------------------------------------------- item 9: --help
 @pytest.mark.parametrize("command", ["caption", "capfilt", "evaluate", "convert", "demo"])
 def test_help_shows_the_defaults(command, capsys):
