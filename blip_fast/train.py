@@ -357,8 +357,11 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     progress = tqdm(total=total_steps, initial=step, disable=rank != 0 or not args.progress_bar,
                     desc=task.name, dynamic_ncols=True)
     interval_start, interval_steps, throughput = time.perf_counter(), 0, []
-    logger.info("training steps %d..%d of %d per epoch: %d ranks x %d micro batch x %d accumulation, %s",
-                step, total_steps, steps_per_epoch, world_size, micro_batch, accumulation, dtype)
+    if step >= total_steps:  # a finished run started again (or with fewer steps): its exports are written again
+        logger.info("the checkpoint is at step %d, the run has %d steps: nothing to train", step, total_steps)
+    else:
+        logger.info("training steps %d..%d of %d per epoch: %d ranks x %d micro batch x %d accumulation, %s",
+                    step, total_steps, steps_per_epoch, world_size, micro_batch, accumulation, dtype)
 
     while step < total_steps:
         epoch, first = divmod(step, steps_per_epoch)

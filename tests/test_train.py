@@ -524,6 +524,12 @@ def test_single_process_and_torchrun_launch(launcher, tmp_path):
                             timeout=LAUNCH_TIMEOUT)
     _remove_shm(port)
     assert result.returncode != 0 and "pass --resume" in result.stdout + result.stderr
+    if launcher == "python":  # a finished run resumed with fewer steps trains nothing, and says so
+        port = free_port()
+        log = _run(_train_command(launcher, port, output_dir, "--resume", "--max_steps", "2", *extra),
+                   tmp_path / "again.log", port)
+        assert "the checkpoint is at step 3, the run has 2 steps: nothing to train" in log
+        assert checkpointing.latest_tag(output_dir) == "global_step3" and len(_metrics(output_dir)) == 3
 
 
 @pytest.mark.slow
