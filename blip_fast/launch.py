@@ -17,7 +17,7 @@ import socket
 import subprocess
 import sys
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from time import monotonic, sleep
 from typing import IO, Any
 
@@ -76,20 +76,6 @@ def sigterm_raises() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def stop(processes: Iterable[subprocess.Popen], grace_seconds: float = 10.0) -> None:
-    """SIGTERM every process still running, wait up to ``grace_seconds`` for all of them, SIGKILL the rest."""
-    processes = [process for process in processes if process.poll() is None]
-    for process in processes:
-        process.terminate()
-    deadline = monotonic() + grace_seconds
-    for process in processes:
-        try:
-            process.wait(timeout=max(deadline - monotonic(), 0.0))
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
 class ChildProcesses:
     """The processes one job starts, from any of its threads: :meth:`stop` ends them all, and every later
     :meth:`start` (a thread that had not started its child yet) raises :class:`~blip_fast.errors.Terminated`."""
@@ -109,10 +95,19 @@ class ChildProcesses:
             return process
 
     def stop(self, grace_seconds: float = 10.0) -> None:
+        """SIGTERM every child still running, wait up to ``grace_seconds`` for all of them, SIGKILL the rest."""
         with self._lock:
             self._stopped = True
-            processes = list(self._processes)
-        stop(processes, grace_seconds)
+            running = [process for process in self._processes if process.poll() is None]
+        for process in running:
+            process.terminate()
+        deadline = monotonic() + grace_seconds
+        for process in running:
+            try:
+                process.wait(timeout=max(deadline - monotonic(), 0.0))
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
 
 
 def run_ranks(command: Sequence[str], ranks: int, environment: dict[str, str], output: IO[str],

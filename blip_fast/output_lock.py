@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import socket
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from types import TracebackType
 
@@ -52,14 +52,20 @@ def lock_folder(folder: str | os.PathLike, command: str, ours: Iterable[str] = (
     hold one of ``ours`` (what this kind of run writes first) or an earlier run's lock: the run would write among a
     folder of other files (a user's project, their home), so that is refused (:class:`InvalidInputError`)."""
     folder = Path(folder)
-    if folder.is_dir():
-        names = sorted(path.name for path in folder.iterdir())
-        if names and not {LOCK_NAME, *ours} & set(names):
-            listed = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
-            raise InvalidInputError(f"{folder} holds other files ({listed}): this run would write among them; choose "
-                                    "a new or empty folder, or one this command made, to resume it")
+    names = other_files(folder, {LOCK_NAME, *ours}.__contains__)
+    if names:
+        listed = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+        raise InvalidInputError(f"{folder} holds other files ({listed}): this run would write among them; choose "
+                                "a new or empty folder, or one this command made, to resume it")
     folder.mkdir(parents=True, exist_ok=True)
     return _lock(folder / LOCK_NAME, folder, command)
+
+
+def other_files(folder: Path, is_ours: Callable[[str], bool]) -> list[str]:
+    """The sorted names in ``folder`` when it holds files and none that ``is_ours`` (what the command writes there):
+    a folder of someone else's files, which a run must not write among. Empty for a new, empty or own folder."""
+    names = sorted(path.name for path in folder.iterdir()) if folder.is_dir() else []
+    return [] if any(map(is_ours, names)) else names
 
 
 def lock_output_file(path: str | os.PathLike, command: str) -> OutputLock:

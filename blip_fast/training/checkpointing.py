@@ -51,6 +51,7 @@ from blip_fast.atomic_files import atomic_write, atomic_write_text
 from blip_fast.checkpoint import BIN_WEIGHTS, CONFIG_NAME, GENERATION_CONFIG_NAME, SAFE_WEIGHTS
 from blip_fast.config import BlipConfig, TextConfig, VisionConfig
 from blip_fast.errors import InvalidInputError
+from blip_fast.output_lock import other_files
 
 logger = logging.getLogger("blip_fast")
 
@@ -272,7 +273,7 @@ def check_export_target(output_dir: str | os.PathLike, target: str | os.PathLike
     if out == run or (run in out.parents and run / EXPORT_DIR not in (out, *out.parents)):
         raise InvalidInputError(f"{target} lies in the training run {output_dir}: the export would mix with its "
                                 f"checkpoints; choose a folder outside it, or under {Path(output_dir) / EXPORT_DIR}")
-    if out.is_dir() and any(out.iterdir()) and not any(_written_by_export(path.name) for path in out.iterdir()):
+    if other_files(out, _written_by_export):
         raise InvalidInputError(f"{target} holds other files and no earlier export: the model would mix with them; "
                                 "choose a new or empty folder")
 
