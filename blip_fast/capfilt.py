@@ -76,11 +76,12 @@ from blip_fast.capfilt_io import (
     Unit,
     UnitWriter,
     check_options,
+    claim_unit,
+    lock_unit,
     manifest_path,
     merge,
     normalised,
     prepare_output,
-    remove_temporaries,
 )
 from blip_fast.captioning import Captioner
 from blip_fast.data.transforms import BlipImageProcessor
@@ -441,20 +442,22 @@ def _run_units(models: CapFiltModels, units: list[Unit], options: CapFiltOptions
     text_thread = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="capfilt-text")
     with text_thread, tqdm(total=total, unit="img", desc="capfilt", disable=not options.progress) as progress:
         for unit in units:
-            writer = BackgroundWriter(UnitWriter(unit, output, source.output_shard(unit.index), fingerprint))
-            generator = torch.Generator(device=options.device).manual_seed(unit_seed(options.seed, unit.index))
-            in_flight = None
-            for start in range(0, len(unit.items), options.batch_size):
-                items = unit.items[start : start + options.batch_size]
-                batch = _caption_batch(models, items, next(batches), generator)
-                texts = text_thread.submit(_batch_texts, models, batch)
+            shard_name = source.output_shard(unit.index)
+            with claim_unit(output, unit.index, shard_name):
+                writer = BackgroundWriter(UnitWriter(unit, output, shard_name, fingerprint))
+                generator = torch.Generator(device=options.device).manual_seed(unit_seed(options.seed, unit.index))
+                in_flight = None
+                for start in range(0, len(unit.items), options.batch_size):
+                    items = unit.items[start : start + options.batch_size]
+                    batch = _caption_batch(models, items, next(batches), generator)
+                    texts = text_thread.submit(_batch_texts, models, batch)
+                    if in_flight is not None:
+                        _score_batch(models, writer, *in_flight)
+                    in_flight = (batch, texts)
+                    progress.update(len(items))
                 if in_flight is not None:
                     _score_batch(models, writer, *in_flight)
-                in_flight = (batch, texts)
-                progress.update(len(items))
-            if in_flight is not None:
-                _score_batch(models, writer, *in_flight)
-            writer.commit()
+                writer.commit()
 
 
 def run_capfilt(options: CapFiltOptions) -> dict[str, Any]:
@@ -463,7 +466,8 @@ def run_capfilt(options: CapFiltOptions) -> dict[str, Any]:
 
     Everything that can be checked without the models is checked before they load: the input exists and is not
     inside the output, the output folder is safe to write, the options match a pinned earlier run's (see
-    :mod:`blip_fast.capfilt_io`); :class:`~blip_fast.capfilt_io.CapFiltError` says what is wrong."""
+    :mod:`blip_fast.capfilt_io`), no other live run holds a unit this rank would write;
+    :class:`~blip_fast.capfilt_io.CapFiltError` (or ``OutputInUseError``) says what is wrong."""
     rank, world = _rank_and_world(options)
     source = CapFiltInput(options.input, options.image_root, options.images_per_part)
     output = prepare_output(options.output, source.files)
@@ -472,11 +476,10 @@ def run_capfilt(options: CapFiltOptions) -> dict[str, Any]:
     check_options(output, options.fingerprint())
     mine = [unit for unit in range(len(source)) if unit % world == rank]
     pending = [unit for unit in mine if not manifest_path(output, unit).is_file()]
+    for unit in pending:  # another run on any of them stops this one before the models load
+        lock_unit(output, unit).release()
     if pending:
         source.check_images(options.max_error_rate)
-    for unit in pending:
-        remove_temporaries(output, unit, source.output_shard(unit))
-    if pending:
         models = CapFiltModels.from_options(options)
         _run_units(models, [source.unit(unit) for unit in pending], options, source)
     summary = merge(output, len(source), source.is_json, options.fingerprint())

@@ -14,6 +14,7 @@ Safety rules, all checked before any work (:func:`open_input`, :func:`prepare_ou
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import io
 import json
@@ -21,7 +22,7 @@ import os
 import tarfile
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,7 @@ from blip_fast.data.datasets import (
     split_member_name,
 )
 from blip_fast.errors import UserError
+from blip_fast.output_lock import OutputInUseError, OutputLock, command_line, lock_file
 
 MARKER_FILE, CONFIG_FILE = "capfilt_output.json", "capfilt_config.json"
 #: Error reasons whose record still gave a scored image (it is captioned without its web caption).
@@ -258,7 +260,7 @@ def prepare_output(output: str | os.PathLike, input_files: Sequence[str]) -> Pat
             handle.write(json.dumps({"written_by": "blip-fast capfilt", "resume": "rerun the same command"}) + "\n")
     except FileExistsError:
         pass
-    for folder in (output / "parts", output / "manifest"):
+    for folder in (output / "parts", output / "manifest", output / "locks"):
         folder.mkdir(exist_ok=True)
     return output
 
@@ -390,6 +392,25 @@ def _jsonl(records: Sequence[dict[str, Any]]) -> str:
 
 def manifest_path(output: Path, unit: int) -> Path:
     return output / "manifest" / f"unit-{unit:05d}.json"
+
+
+def lock_unit(output: Path, unit: int) -> OutputLock:
+    """Hold ``unit`` of ``output`` for this process (:func:`~blip_fast.output_lock.lock_file`): one folder takes
+    all ranks of a run, so a second run on it (the command started twice, or resumed with another world size while
+    the first still works) must meet the first on the unit, not on the folder."""
+    return lock_file(output / "locks" / f"unit-{unit:05d}.lock", f"{output} (unit {unit})", command_line())
+
+
+@contextlib.contextmanager
+def claim_unit(output: Path, unit: int, shard_name: str | None) -> Iterator[None]:
+    """Write ``unit`` under its lock: refused while another run holds it or once another run finished it (both
+    runs would write it), and cleared of what a killed run left half-written (never of a live run's files)."""
+    with lock_unit(output, unit):
+        if manifest_path(output, unit).is_file():
+            raise OutputInUseError(f"{output}: unit {unit} was finished by another run while this one ran; stop the "
+                                   "other run (rerunning the command afterwards resumes both's work)")
+        remove_temporaries(output, unit, shard_name)
+        yield
 
 
 def remove_temporaries(output: Path, unit: int, shard_name: str | None) -> None:

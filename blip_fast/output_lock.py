@@ -5,7 +5,8 @@ would each redo the other's work and overwrite its checkpoints, or cut the other
 :func:`lock_folder` takes an exclusive ``flock`` on ``<folder>/.blip_fast.lock`` (:func:`lock_output_file`: on
 ``.<name>.lock`` beside the file) and holds it while the run lives: the kernel releases it when the process ends,
 however it ends (``kill -9`` included), so a crashed run never leaves a stale lock and its rerun resumes. The file
-names the holder (pid, host, command) for the error the second run gives. ``flock`` is POSIX; on network filesystems
+names the holder (pid, host, command) for the error the second run gives. CapFilt, whose ranks share one folder,
+locks each unit of work instead (:func:`lock_file`; ``capfilt_io.claim_unit``). ``flock`` is POSIX; on network filesystems
 it holds within one machine only. Elsewhere (Windows) there is no lock.
 """
 
@@ -58,7 +59,7 @@ def lock_folder(folder: str | os.PathLike, command: str, ours: Iterable[str] = (
         raise InvalidInputError(f"{folder} holds other files ({listed}): this run would write among them; choose "
                                 "a new or empty folder, or one this command made, to resume it")
     folder.mkdir(parents=True, exist_ok=True)
-    return _lock(folder / LOCK_NAME, folder, command)
+    return lock_file(folder / LOCK_NAME, folder, command)
 
 
 def other_files(folder: Path, is_ours: Callable[[str], bool]) -> list[str]:
@@ -71,10 +72,12 @@ def other_files(folder: Path, is_ours: Callable[[str], bool]) -> list[str]:
 def lock_output_file(path: str | os.PathLike, command: str) -> OutputLock:
     """:func:`lock_folder` for one output file (its folder must exist): the lock is ``.<name>.lock`` beside it."""
     path = Path(path)
-    return _lock(path.with_name(f".{path.name}.lock"), path, command)
+    return lock_file(path.with_name(f".{path.name}.lock"), path, command)
 
 
-def _lock(lock_path: Path, output: Path, command: str) -> OutputLock:
+def lock_file(lock_path: Path, output: str | os.PathLike, command: str) -> OutputLock:
+    """Lock ``lock_path`` (created if needed; its folder must exist) for this process, recording ``command`` as the
+    holder; raises :class:`OutputInUseError` naming ``output`` and the holder when a live run already has it."""
     try:
         import fcntl
     except ImportError:  # not POSIX

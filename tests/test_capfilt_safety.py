@@ -17,7 +17,7 @@ import numpy as np
 import PIL.Image
 import pytest
 
-from blip_fast import capfilt
+from blip_fast import capfilt, capfilt_io
 from blip_fast.cli import main
 from blip_fast.data.datasets import WebDatasetShards
 from blip_fast.tokenizer import pre_caption
@@ -249,3 +249,39 @@ def test_workers_die_with_the_parent(model_dirs, tmp_path):  # noqa: F811
     for pid in survivors:
         os.kill(pid, signal.SIGKILL)
     assert not survivors, f"{len(survivors)} of {len(workers)} DataLoader workers outlived their parent"
+
+
+# ---------------------------------------------------------------------------------------------------- one run per unit
+def test_a_second_run_stops_on_the_unit_a_live_run_writes_and_touches_nothing(model_dirs, shards, tmp_path,  # noqa: F811
+                                                                              capsys, no_models):
+    """The same command started twice (two terminals, a retrying scheduler): the second stops before its models load,
+    naming the first, and leaves the unit the first is writing -- its half-written shard included -- alone."""
+    out = capfilt_io.prepare_output(tmp_path / "out", [])
+    half_written = out / ".00000.tar.partial"
+    half_written.write_bytes(b"the live run's first samples")
+    with capfilt_io.lock_unit(out, 0):
+        code, _, err = run(capfilt_args(model_dirs, shards, out), capsys)
+    assert code == 2 and "Traceback" not in err
+    assert f"{out} (unit 0) is in use by another run (pid {os.getpid()} on" in err
+    assert half_written.read_bytes() == b"the live run's first samples"
+    assert not list((out / "manifest").iterdir()) and not list((out / "parts").iterdir())
+
+
+def test_a_unit_another_run_finished_meanwhile_stops_this_run_and_keeps_its_work(model_dirs, shards, tmp_path,  # noqa: F811
+                                                                                 capsys, monkeypatch):
+    """Two runs whose units overlap (one resumed with another world size while the first still works): when the
+    other finishes a unit this run was about to write, this run stops there with its finished units kept."""
+    load = capfilt.CapFiltModels.from_options
+
+    def load_while_another_run_finishes_unit_1(options):
+        models = load(options)
+        capfilt_io.manifest_path(Path(options.output), 1).write_text('{"written_by": "the other run"}\n')
+        return models
+
+    monkeypatch.setattr(capfilt.CapFiltModels, "from_options", load_while_another_run_finishes_unit_1)
+    out = tmp_path / "out"
+    code, _, err = run(capfilt_args(model_dirs, shards, out), capsys)
+    assert code == 2 and f"{out}: unit 1 was finished by another run while this one ran" in err
+    assert json.loads((out / "manifest" / "unit-00000.json").read_text())["unit"] == 0  # this run's, kept
+    assert (out / "manifest" / "unit-00001.json").read_text() == '{"written_by": "the other run"}\n'
+    assert not (out / "00001.tar").exists() and not (out / "summary.json").exists()
