@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import re
 from collections.abc import Mapping
 from typing import Any, TypeVar
@@ -101,7 +102,7 @@ def _read_file(path: str) -> dict[str, torch.Tensor]:
             return load_file(path, device="cpu")
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # safetensors header, unpickling, zip, truncation, missing shard: all the same to us
-        raise CheckpointError(f"cannot read {path}: {type(error).__name__}: {error}") from error
+        raise CheckpointError(f"cannot read {path}: {_why_unreadable(path, error)}") from error
     if isinstance(obj, Mapping) and isinstance(obj.get("model"), Mapping):
         obj = obj["model"]  # original BLIP: {"model": state_dict, "optimizer": ..., "config": ..., "epoch": ...}
     if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
@@ -422,6 +423,32 @@ def load_training_state(model: nn.Module, state: Mapping[str, torch.Tensor], sou
     lines = [f"  {name}: {', '.join(items)}" for name, items in report.items() if items]
     logger.info("%s -> %s (tensors per group):\n%s", source, type(model).__name__, "\n".join(lines))
     return report
+
+
+#: The first bytes of what ``torch.save`` writes: a zip archive (torch >= 1.6), or a pickle (protocol 2+).
+_TORCH_SAVE_MAGIC = (b"PK\x03\x04", b"\x80")
+
+
+def _why_unreadable(path: str, error: Exception) -> str:
+    """One line on why ``path`` did not load: torch's weights-only refusal is a page that suggests unpickling the
+    file in full, which blip_fast never does (the file could run code)."""
+    if not path.endswith(".safetensors"):
+        try:
+            with open(path, "rb") as handle:
+                head = handle.read(4)
+        except OSError:
+            head = _TORCH_SAVE_MAGIC[0]
+        if not head:
+            return "the file is empty"
+        if not head.startswith(_TORCH_SAVE_MAGIC):
+            return "not a PyTorch checkpoint (torch.save writes a zip archive or a pickle) nor .safetensors"
+        forbidden = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(error))
+        if isinstance(error, pickle.UnpicklingError) and forbidden:
+            return (f"it holds Python objects beyond tensors and plain containers ({forbidden.group(1)}), which "
+                    "blip_fast does not unpickle (that can run code from the file); if you trust the file, save its "
+                    "state dict alone: torch.save(torch.load(PATH, weights_only=False)['model'], 'model.pth')")
+    first_line = re.sub(r"\x1b\[[0-9;]*m", "", str(error)).strip().split("\n", 1)[0]
+    return f"{type(error).__name__}: {first_line}"
 
 
 def _read_json(path: str) -> dict[str, Any]:

@@ -123,6 +123,26 @@ def test_corrupt_checkpoint(models, tmp_path, capsys):
     assert_user_error(*run(["convert", corrupt, tmp_path / "out"], capsys), f"cannot read {corrupt}")
 
 
+def _namespace_checkpoint(path):
+    torch.save({"model": {"x": torch.ones(1)}, "args": argparse.Namespace(lr=1e-4)}, path)
+
+
+@pytest.mark.parametrize("name,write,fragment", [
+    ("annotations.pth", lambda path: path.write_text('[{"image": "a.jpg", "caption": "a dog"}]'),
+     "not a PyTorch checkpoint (torch.save writes a zip archive or a pickle) nor .safetensors"),
+    ("empty.pth", lambda path: path.write_bytes(b""), "the file is empty"),
+    ("args.pth", _namespace_checkpoint, "it holds Python objects beyond tensors and plain containers "
+     "(argparse.Namespace), which blip_fast does not unpickle"),
+    ("model.safetensors", lambda path: path.write_text("{}" * 10), "SafetensorError"),
+])
+def test_a_file_that_is_no_checkpoint_is_one_line_saying_what_it_is(tmp_path, capsys, name, write, fragment):
+    """Not torch's page-long weights-only refusal, whose advice (unpickle it in full) blip_fast never follows."""
+    path = tmp_path / name
+    write(path)
+    assert_user_error(*run(["convert", path, tmp_path / "out"], capsys), f"cannot read {path}: {fragment}")
+    assert not (tmp_path / "out").exists()
+
+
 def test_debug_shows_the_traceback(models, capsys, monkeypatch):
     argv = ["caption", models["image"], "--model", models["captioner"], "--max-length", "1000"]
     with pytest.raises(errors.UserError, match="exceeds the 64 text positions"):
