@@ -63,11 +63,12 @@ _FILE_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors", ".ckpt", ".json", ".txt
 
 
 def looks_like_repo_id(name: str) -> bool:
-    """``name`` or ``namespace/name`` made of the characters the Hub allows (``validate_repo_id``'s rule)."""
+    """``name`` or ``namespace/name`` made of the characters the Hub allows, each starting and ending with a word
+    character (``validate_repo_id``'s rule): ``./model`` is a path, not an id."""
     if name.endswith(_FILE_SUFFIXES):
         return False
     parts = name.split("/")
-    return 1 <= len(parts) <= 2 and all(re.fullmatch(r"[\w.-]{1,96}", part) for part in parts) and (
+    return 1 <= len(parts) <= 2 and all(re.fullmatch(r"\w([\w.-]{0,94}\w)?", part) for part in parts) and (
         ".." not in name and "--" not in name and not name.endswith(".git")
     )
 

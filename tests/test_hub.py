@@ -47,6 +47,9 @@ def test_local_paths_pass_through_and_impossible_ids_fail(tmp_path):
         hub.resolve(tmp_path / "a" / "b" / "c")
     assert hub.looks_like_repo_id("Salesforce/blip-vqa-base") and hub.looks_like_repo_id("bert-base-uncased")
     assert not hub.looks_like_repo_id("a/b/c") and not hub.looks_like_repo_id("a--b/c")
+    assert hub.looks_like_repo_id("a") and hub.looks_like_repo_id("org/blip_v1.0")
+    for path in ("./model", "models/.hidden", "-model", "model-", "org/model.", ".", "a/"):
+        assert not hub.looks_like_repo_id(path), path
 
 
 def test_cached_id_loads_like_transformers(cache, saved_repo, offline):
