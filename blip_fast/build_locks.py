@@ -1,8 +1,9 @@
 """Extension builds waiting on a lock a killed build left behind: say so, instead of hanging without a word.
 
 torch's JIT extension builds (DeepSpeed's ops: its CPU communication op at a run's first ``init_distributed``, about a
-minute on two cores) take a ``lock`` file in their build folder and remove it when done. A build killed by SIGKILL or
-a plain SIGTERM leaves it there, and every later build waits on it forever, printing nothing.
+minute on two cores) take a ``lock`` file in their build folder and remove it when done, or when an exception unwinds
+the build (``blip_fast.train`` turns SIGTERM into one there). A build killed by SIGKILL, or by a plain SIGTERM,
+leaves it, and every later build waits on it forever, printing nothing.
 :func:`watch_build_locks` warns, naming the file, when such a wait lasts and the lock is older than a build takes.
 """
 

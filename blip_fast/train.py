@@ -49,7 +49,7 @@ from blip_fast import errors
 from blip_fast.build_locks import watch_build_locks
 from blip_fast.data.workers import die_with_parent
 from blip_fast.determinism import use_deterministic_algorithms
-from blip_fast.launch import free_port, stop_with_parent
+from blip_fast.launch import free_port, sigterm_raises, stop_with_parent
 from blip_fast.output_lock import OutputLock, command_line, lock_folder
 from blip_fast.training import checkpointing, options, tasks
 from blip_fast.training.schedule import alpha_ramp, learning_rate
@@ -271,7 +271,10 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     if args.deterministic:
         use_deterministic_algorithms()
     default_single_process_env()
-    with watch_build_locks():  # the first init builds DeepSpeed's CPU comm op; a killed build's lock hangs it
+    # The first init builds DeepSpeed's CPU comm op. A build that SIGTERM kills outright leaves its lock, on which
+    # every later run would wait: SIGTERM unwinds instead (torch's build removes the lock), and a wait on a lock that
+    # SIGKILL left is named.
+    with sigterm_raises(), watch_build_locks():
         deepspeed.init_distributed()
     rank, world_size = dist.get_rank(), dist.get_world_size()
     _configure_logging(rank)

@@ -10,6 +10,7 @@ build/torch_extensions, shared by every launch, ~25 s once).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -24,6 +25,7 @@ import pytest
 import torch
 import yaml
 
+from blip_fast.errors import UserError
 from blip_fast.launch import free_port
 from blip_fast.training import checkpointing, options
 from blip_fast.training.schedule import alpha_ramp, blip_step_lr, cosine_lr, learning_rate
@@ -70,6 +72,21 @@ def test_yaml_errors_name_the_key(tmp_path):
             options.parse_args(["--config", str(config)])
     with pytest.raises(ValueError, match="deepspeed_config"):
         options.parse_args([])
+
+
+@pytest.mark.parametrize("make,message", [
+    (lambda path: path.mkdir(), "config {path} is a folder; give the YAML file"),
+    (lambda path: path.write_bytes(b"\xff\xfeinit_lr: 1"), "config {path} is not a YAML text file (not UTF-8: "
+                                                             "invalid start byte at byte 0)"),
+    (lambda path: path.write_text("init_lr: [1\n"), "config {path} is not valid YAML: while parsing a flow sequence "
+                                                     'in "{path}", line 1, column 10 expected'),
+], ids=["folder", "not-utf8", "syntax"])
+def test_an_unreadable_config_is_one_line(tmp_path, make, message):
+    path = tmp_path / "train.yaml"
+    make(path)
+    with pytest.raises(UserError) as error:
+        options.parse_args(["--config", str(path)])
+    assert message.format(path=path) in str(error.value) and "\n" not in str(error.value)
 
 
 def test_shipped_configs_parse_and_resolve():
@@ -562,3 +579,31 @@ def test_a_second_run_into_a_busy_output_dir_is_refused(tmp_path):
         first.wait()
         _remove_shm(port)
     lock_folder(output_dir, "the next run").release()  # kill -9 left no stale lock
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_run_stopped_while_it_builds_deepspeeds_op_leaves_no_build_lock(tmp_path, stop):
+    """A first run stopped (kill, Ctrl-C, a stopped demo) while DeepSpeed JIT-builds its CPU comm op: the build's
+    lock file goes with it. Left behind, every later run on the machine would wait on it forever."""
+    extensions, port = tmp_path / "torch_extensions", free_port()
+    lock = extensions / "deepspeed_shm_comm" / "lock"
+    with open(tmp_path / "run.log", "w") as log:
+        process = subprocess.Popen(_train_command("python", port, tmp_path / "run"), stdout=log,
+                                   stderr=subprocess.STDOUT, env={**_env(), "TORCH_EXTENSIONS_DIR": str(extensions)},
+                                   cwd=tmp_path, start_new_session=True)
+    try:
+        deadline = time.monotonic() + LAUNCH_TIMEOUT
+        while not lock.exists():
+            assert process.poll() is None, (tmp_path / "run.log").read_text()[-4000:]
+            assert time.monotonic() < deadline, "the build never started"
+            time.sleep(0.02)
+        process.send_signal(stop)
+        returncode = process.wait(timeout=60)
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # its group may be gone already
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+        _remove_shm(port)
+    assert returncode == {signal.SIGTERM: 143, signal.SIGINT: 130}[stop], (tmp_path / "run.log").read_text()[-4000:]
+    assert not lock.exists(), "the stopped build left its lock"

@@ -202,14 +202,21 @@ def _coerce_one(action: argparse.Action, value: Any, key: str, source: str) -> A
 
 def _read_file(path: str | os.PathLike, what: str, language: str, load: Callable[[Any], Any],
                syntax_errors: tuple) -> Any:
-    """``load(handle)`` of ``path``; a missing or unparsable file is a user error naming ``what`` it is."""
+    """``load(handle)`` of ``path``; a missing, unreadable or unparsable file is a one-line user error naming
+    ``what`` it is."""
     try:
         with open(path, encoding="utf-8") as handle:
             return load(handle)
     except FileNotFoundError:
         raise MissingFileError(f"{what} {path} does not exist") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{what} {path} is a folder; give the {language} file") from None
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"{what} {path} is not a {language} text file (not UTF-8: {error.reason} at byte "
+                          f"{error.start})") from None
     except syntax_errors as error:
-        raise ConfigError(f"{what} {path} is not valid {language}: {error}") from None
+        where = " ".join(str(error).split())  # parsers' messages span lines (YAML marks the spot with several)
+        raise ConfigError(f"{what} {path} is not valid {language}: {where}") from None
 
 
 def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
