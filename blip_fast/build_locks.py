@@ -42,15 +42,23 @@ def stale_build_locks(older_than_s: float, root: Path | None = None) -> list[tup
     return found
 
 
+#: How long a wait lasts before :func:`watch_build_locks` looks for stale locks, and how old a lock must be to count
+#: as one (a build takes about a minute).
+WARN_AFTER_S = 120.0
+
+
 def _print_warning(message: str) -> None:
     print(f"blip_fast: warning: {message}", file=sys.stderr, flush=True)
 
 
 @contextmanager
-def watch_build_locks(after_s: float = 120.0, older_than_s: float = 120.0,
+def watch_build_locks(after_s: float | None = None, older_than_s: float | None = None,
                       warn: Callable[[str], None] = _print_warning) -> Iterator[None]:
     """Within: if the block still runs after ``after_s`` seconds, ``warn`` once about each build lock older than
-    ``older_than_s`` (a build takes about a minute: such a lock was most likely left by a killed one)."""
+    ``older_than_s`` (both default to :data:`WARN_AFTER_S`; a build takes about a minute: such a lock was most likely
+    left by a killed one)."""
+    after_s = WARN_AFTER_S if after_s is None else after_s
+    older_than_s = WARN_AFTER_S if older_than_s is None else older_than_s
     done = threading.Event()
 
     def watch() -> None:

@@ -408,7 +408,7 @@ def claim_unit(output: Path, unit: int, shard_name: str | None) -> Iterator[None
     with lock_unit(output, unit):
         if manifest_path(output, unit).is_file():
             raise OutputInUseError(f"{output}: unit {unit} was finished by another run while this one ran; stop the "
-                                   "other run (rerunning the command afterwards resumes both's work)")
+                                   "other run, then rerun the command: it resumes from what both finished")
         remove_temporaries(output, unit, shard_name)
         yield
 

@@ -52,6 +52,7 @@ from typing import Any
 
 from blip_fast import errors
 from blip_fast.atomic_files import atomic_write_text
+from blip_fast.build_locks import watch_build_locks
 from blip_fast.data.synthetic import (
     COLORS,
     COUNT_WORDS,
@@ -323,7 +324,9 @@ def _train(run: SeedRun, name: str, options: dict[str, Any], batch: int | None =
         command += [f"--{key}", *map(str, values)]
     log_path = run.run_dir / f"{name}.log"
     environment = {**os.environ, "OMP_NUM_THREADS": str(run.threads // ranks)}
-    with open(log_path, "a", encoding="utf-8") as log:
+    # A stage waiting on a build lock that a killed run left says so in its log, which the user does not see: the
+    # seed says it too.
+    with open(log_path, "a", encoding="utf-8") as log, watch_build_locks():
         returncode = run_ranks(command, ranks, environment, log)
     if returncode != 0:
         tail = "".join(log_path.read_text(encoding="utf-8").splitlines(keepends=True)[-20:])

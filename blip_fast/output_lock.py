@@ -6,8 +6,8 @@ would each redo the other's work and overwrite its checkpoints, or cut the other
 ``.<name>.lock`` beside the file) and holds it while the run lives: the kernel releases it when the process ends,
 however it ends (``kill -9`` included), so a crashed run never leaves a stale lock and its rerun resumes. The file
 names the holder (pid, host, command) for the error the second run gives. CapFilt, whose ranks share one folder,
-locks each unit of work instead (:func:`lock_file`; ``capfilt_io.claim_unit``). ``flock`` is POSIX; on network filesystems
-it holds within one machine only. Elsewhere (Windows) there is no lock.
+locks each unit of work instead (:func:`lock_file`; ``capfilt_io.claim_unit``). ``flock`` is POSIX; on network
+filesystems it holds within one machine only. Elsewhere (Windows) there is no lock.
 """
 
 from __future__ import annotations

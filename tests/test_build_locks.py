@@ -46,3 +46,22 @@ def test_a_short_wait_says_nothing(extensions):
         pass
     time.sleep(0.7)
     assert warnings == []
+
+
+def test_a_demo_stage_waiting_on_a_stale_lock_says_so_where_the_user_looks(extensions, tmp_path, monkeypatch,
+                                                                          capsys):
+    """A training stage's own warning goes to its log file; the demo's seed process, whose output the user sees,
+    warns too."""
+    from blip_fast import build_locks, demo
+
+    def stage_waiting_on_the_lock(command, ranks, environment, log):
+        time.sleep(0.6)  # init_distributed, waiting
+        log.write('{"summary": {"final_step": 0}}\n')
+        return 0
+
+    monkeypatch.setattr(build_locks, "WARN_AFTER_S", 0.2)
+    monkeypatch.setattr(demo, "run_ranks", stage_waiting_on_the_lock)
+    run = demo.SeedRun(tmp_path / "seed", tmp_path / "data", demo.SCALES["tiny"], seed=0, threads=1)
+    run.run_dir.mkdir()
+    assert demo._train(run, "pretrain_noisy", {}) == {"final_step": 0}
+    assert f"waiting on {extensions / 'deepspeed_shm_comm' / 'lock'}, an extension build lock" in capsys.readouterr().err
