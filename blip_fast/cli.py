@@ -360,7 +360,7 @@ def _add_demo_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seed runs at once (default: up to two per core)")
     parser.add_argument("--native-cpu", action="store_true",
                         help="let torch's CPU libraries use every instruction set this CPU has (by default ATen, MKL "
-                             "and oneDNN are capped at AVX2, so any x86-64 CPU with AVX2 gives the same numbers); "
+                             "and oneDNN are capped at AVX2, so any Intel CPU with AVX2 gives the same numbers); "
                              "the numbers then follow this CPU's instruction sets")
     parser.add_argument("--tasks", nargs="+", choices=["bootstrap", "vqa", "nlvr"], default=["bootstrap"],
                         help="bootstrap: pre-train, CapFilt, pre-train again; vqa, nlvr: pre-train on captions, then "

@@ -16,12 +16,13 @@ What the paper does with 129M web images and COCO, on drawn scenes whose wrong c
 
 The data is one fixed synthetic benchmark; a run *seed* draws everything else (model initialisation, data order,
 dropout and ITM negatives, CapFilt's sampling), one independent stream per component (:func:`component_seed`).
-Same command, seed and thread count -> byte-identical ``results.json`` on every x86-64 CPU with AVX2: the tokenizer
+Same command, seed and thread count -> byte-identical ``results.json`` on every Intel CPU with AVX2: the tokenizer
 vocabulary is trained deterministically, every random stream is seeded, DataLoader batches arrive in sampler order,
 torch runs with ``use_deterministic_algorithms``, and the seed runs with ATen, MKL and oneDNN capped at AVX2
 (``determinism.portable_cpu_environment``; ``portable_cpu=False`` lets them use the whole CPU, and the numbers then
-follow its instruction sets). The thread count and the CPU numerics are part of the result (they change how sums are
-split), so both are recorded; timings live apart, in ``timing.json``.
+follow its instruction sets). Other vendors' CPUs reproduce their own numbers: MKL's cap holds on Intel CPUs only.
+The thread count and the CPU numerics (vendor included) are part of the result (they change how sums are split), so
+both are recorded; timings live apart, in ``timing.json``.
 
 Each seed runs in its own process (``python -m blip_fast.demo``, under ``<out>/seed-<S>/``), several at once when
 ``--seeds N`` asks for more than one; training runs as ``blip_fast.train`` subprocesses of it (the real entry point:
@@ -273,7 +274,7 @@ class SeedRun:
     scale: DemoScale
     seed: int
     threads: int
-    #: Run with every CPU library capped at AVX2 (the same numbers on every x86-64 CPU with AVX2), set in the seed
+    #: Run with every CPU library capped at AVX2 (the same numbers on every Intel CPU with AVX2), set in the seed
     #: process's environment by :func:`run_demo`.
     portable_cpu: bool = True
 

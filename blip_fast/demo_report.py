@@ -71,10 +71,11 @@ def _show(stats: dict[str, Any], digits: int = 1, sign: bool = False) -> str:
 
 def _numerics(cpu: dict[str, Any]) -> str:
     """How the CPU libraries ran (``determinism.cpu_numerics``), in words."""
+    vendor = f", on a {cpu['cpu_vendor']} CPU" if cpu.get("cpu_vendor") else ""
     if cpu["mkl_cbwr"] or cpu["onednn_max_cpu_isa"]:
         return (f"CPU libraries capped at {cpu['aten_capability']} (ATen), {cpu['mkl_cbwr'] or 'uncapped'} (MKL), "
-                f"{cpu['onednn_max_cpu_isa'] or 'uncapped'} (oneDNN)")
-    return f"CPU libraries uncapped (ATen {cpu['aten_capability']}: numbers of this instruction set)"
+                f"{cpu['onednn_max_cpu_isa'] or 'uncapped'} (oneDNN){vendor}")
+    return f"CPU libraries uncapped (ATen {cpu['aten_capability']}: numbers of this instruction set){vendor}"
 
 
 def write_report(path: Path, results: dict[str, Any], timing: dict[str, Any]) -> None:

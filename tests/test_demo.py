@@ -143,7 +143,8 @@ def test_stage_batch_is_the_same_global_batch_on_one_or_two_ranks(threads, batch
         _ds_config(SeedRun(tmp_path, tmp_path, SCALES["full"], 0, 2), "stage", 16, 12)
 
 
-PORTABLE_NUMERICS = {"aten_capability": "AVX2", "mkl_cbwr": "AVX2", "onednn_max_cpu_isa": "AVX2"}
+PORTABLE_NUMERICS = {"aten_capability": "AVX2", "mkl_cbwr": "AVX2", "onednn_max_cpu_isa": "AVX2",
+                     "cpu_vendor": "GenuineIntel"}
 
 
 def _seed_result(seed, shift, cpu=PORTABLE_NUMERICS):
@@ -192,7 +193,7 @@ def test_summarize_reports_mean_std_and_per_seed_values(tmp_path):
     assert "| image->text R@1 | 10.0 ± 0.0 | 14.0 ± 1.0 | +4.0 ± 1.0 | yes |" in report
     assert "| 91.0 ± 1.0 | 95.0 ± 0.0 |" in report and "1.0 min wall for 3 seed(s)" in report
     assert "| 2 | 10 / 9 |" in report
-    assert "CPU libraries capped at AVX2 (ATen), AVX2 (MKL), AVX2 (oneDNN)" in report
+    assert "CPU libraries capped at AVX2 (ATen), AVX2 (MKL), AVX2 (oneDNN), on a GenuineIntel CPU" in report
     assert "| shape | 20.0 ± 0.0 | 24.0 ± 1.0 |" in report and "shape 14.3" in report
     write_report(tmp_path / "single.md", single, {**timing, "per_seed": {5: timing["per_seed"][0]}})
     single_report = (tmp_path / "single.md").read_text()

@@ -13,6 +13,7 @@ import torch
 from blip_fast.determinism import (
     CUBLAS_WORKSPACE,
     PORTABLE_CPU_ENVIRONMENT,
+    cpu_vendor,
     portable_cpu_environment,
     use_deterministic_algorithms,
 )
@@ -58,17 +59,12 @@ def _probe(environment: dict[str, str]) -> dict:
     return json.loads(output.splitlines()[-1])
 
 
-def _cpuinfo(field: str) -> list[str]:
-    """The first ``field`` line of /proc/cpuinfo, split into words (empty off Linux)."""
+def _cpu_flags() -> set[str]:
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return []
-    return next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith(field)), [])
-
-
-def _cpu_flags() -> set[str]:
-    return set(_cpuinfo("flags"))
+        return set()
+    return set(next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), []))
 
 
 @pytest.mark.skipif("avx2" not in _cpu_flags(), reason="needs an x86-64 CPU with AVX2 (Linux)")
@@ -78,12 +74,13 @@ def test_portable_numerics_do_not_depend_on_the_instruction_sets_the_cpu_has():
     for) -- MKL's only on Intel's: on other vendors' CPUs it runs its AVX2 code uncapped too (measured on an AMD EPYC
     with AVX-512)."""
     portable = _probe(portable_cpu_environment())
-    assert portable["numerics"] == {"aten_capability": "AVX2", "mkl_cbwr": "AVX2", "onednn_max_cpu_isa": "AVX2"}
+    assert portable["numerics"] == {"aten_capability": "AVX2", "mkl_cbwr": "AVX2", "onednn_max_cpu_isa": "AVX2",
+                                    "cpu_vendor": cpu_vendor()}
     assert _probe({**portable_cpu_environment(), "MKL_ENABLE_INSTRUCTIONS": "AVX2"}) == portable
     if "avx512f" in _cpu_flags():
         native = _probe({})
         assert native["numerics"]["aten_capability"].startswith("AVX512")
-        uses_avx512 = {"onednn", "aten", *(["mkl"] if _cpuinfo("vendor_id") == ["GenuineIntel"] else [])}
+        uses_avx512 = {"onednn", "aten", *(["mkl"] if cpu_vendor() == "GenuineIntel" else [])}
         assert {name for name in portable["digests"] if native["digests"][name] != portable["digests"][name]} == (
             uses_avx512)
 
