@@ -464,7 +464,7 @@ def run_seed(run: SeedRun, log: Callable[[str], None] = print) -> dict[str, Any]
     numerics = cpu_numerics()
     _check_settings(run_dir / "run.json", {"scale": asdict(run.scale), "seed": run.seed, "threads": run.threads,
                                            "cpu": numerics},
-                    "of another seed, scale, thread count or CPU numerics (--native-cpu)")
+                    "of another seed, scale, thread count or CPU numerics (--native-cpu, or a CPU of another vendor)")
     torch.set_num_threads(run.threads)
     use_deterministic_algorithms()
     device = "cuda" if torch.cuda.is_available() else "cpu"  # training picks its accelerator itself

@@ -1,6 +1,7 @@
 """``blip-fast demo``: its pieces, byte-identical reruns of the whole loop (tiny scale, in CI), and (opt-in:
 BLIP_FAST_SMALL_DEMO=1) the small run, where BLIP's bootstrapping loop must reproduce the paper's direction."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -24,10 +25,11 @@ from blip_fast.demo import (
     component_seed,
     parallel_plan,
     reference_captions,
+    run_seed,
     write_datasets,
 )
 from blip_fast.demo_report import COMPARED, summarize, write_plot, write_report
-from blip_fast.determinism import portable_cpu_environment
+from blip_fast.determinism import cpu_numerics, portable_cpu_environment
 
 
 @pytest.mark.parametrize(
@@ -141,6 +143,19 @@ def test_stage_batch_is_the_same_global_batch_on_one_or_two_ranks(threads, batch
     assert (config["train_micro_batch_size_per_gpu"], config["gradient_accumulation_steps"]) == expected
     with pytest.raises(ValueError, match="no multiple of 12 images x 2 ranks"):
         _ds_config(SeedRun(tmp_path, tmp_path, SCALES["full"], 0, 2), "stage", 16, 12)
+
+
+def test_a_seed_folder_started_on_another_vendors_cpu_is_not_resumed(tmp_path):
+    """MKL's cap holds on Intel CPUs only: a seed begun on one vendor's CPU and resumed on another's would mix two
+    draws in one result."""
+    run = SeedRun(tmp_path / "seed-0", tmp_path / "data", SCALES["tiny"], seed=0, threads=1)
+    run.run_dir.mkdir()
+    begun = {"scale": dataclasses.asdict(run.scale), "seed": 0, "threads": 1,
+             "cpu": {**cpu_numerics(), "cpu_vendor": "AnotherVendor"}}
+    (run.run_dir / "run.json").write_text(json.dumps(begun))
+    with pytest.raises(ValueError, match=r"CPU numerics \(--native-cpu, or a CPU of another vendor\)"):
+        run_seed(run, log=lambda line: None)
+    assert sorted(path.name for path in run.run_dir.iterdir()) == ["run.json"]
 
 
 PORTABLE_NUMERICS = {"aten_capability": "AVX2", "mkl_cbwr": "AVX2", "onednn_max_cpu_isa": "AVX2",
