@@ -153,7 +153,8 @@ def test_a_seed_folder_started_on_another_vendors_cpu_is_not_resumed(tmp_path):
     begun = {"scale": dataclasses.asdict(run.scale), "seed": 0, "threads": 1,
              "cpu": {**cpu_numerics(), "cpu_vendor": "AnotherVendor"}}
     (run.run_dir / "run.json").write_text(json.dumps(begun))
-    with pytest.raises(ValueError, match=r"CPU numerics \(--native-cpu, or a CPU of another vendor\)"):
+    with pytest.raises(ValueError, match=r"CPU numerics \(--native-cpu, or a CPU of another vendor\) \(.*run.json: "
+                                         rf'cpu.cpu_vendor: "AnotherVendor" there, {json.dumps(cpu_numerics()["cpu_vendor"])} here\)'):
         run_seed(run, log=lambda line: None)
     assert sorted(path.name for path in run.run_dir.iterdir()) == ["run.json"]
 
