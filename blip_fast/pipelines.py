@@ -52,6 +52,7 @@ def optimize_pipeline(pipe: Any, optimize_model: Callable[[nn.Module], blip.Blip
             f"(task {task!r}) runs a {name}"
             + (": pass the model itself, blip_fast.optimize(pipe.model)" if name == "BlipForImageTextRetrieval" else "")
         )
+    _check_loaded_task(pipe, model)
     fast = optimize_model(model)
     for attribute in CARRIED_ATTRIBUTES:
         if hasattr(model, attribute):
@@ -61,10 +62,25 @@ def optimize_pipeline(pipe: Any, optimize_model: Callable[[nn.Module], blip.Blip
     return optimized
 
 
+def _check_loaded_task(pipe: Any, model: nn.Module) -> None:
+    """Refuse a pipeline that loaded another BLIP task's checkpoint into its model: transformers reports the weights
+    it lacks and runs their random values (a retrieval checkpoint's captions come from a random text decoder)."""
+    name = type(model).__name__
+    loaded = [arch for arch in getattr(model.config, "architectures", None) or [] if arch.startswith("Blip")]
+    if loaded and name not in loaded:
+        raise TypeError(
+            f"this {type(pipe).__name__} loaded a {loaded[0]} checkpoint into a {name}, whose weights it lacks are "
+            f"random (transformers' load report lists them): give it a {name} checkpoint"
+            + (", or pass model=BlipForQuestionAnswering.from_pretrained(...) and its processor"
+               if loaded[0] == "BlipForQuestionAnswering" else "")
+        )
+
+
 def pipeline(*args: Any, **kwargs: Any) -> Any:
     """``transformers.pipeline(*args, **kwargs)`` running on blip_fast's engine (:func:`blip_fast.optimize` of it).
 
-    A pipeline of a model that is not BLIP captioning or VQA is a ``TypeError`` naming its task and model.
+    A pipeline of a model that is not BLIP captioning or VQA, or one that loaded another BLIP task's checkpoint into
+    its model, is a ``TypeError`` naming its task and model.
     """
     import transformers
 

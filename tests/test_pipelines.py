@@ -7,6 +7,8 @@ Tiny random models with the real bert-base-uncased vocab, saved by transformers 
 tasks the installed transformers has; tests/test_hf_versions.py runs this file under transformers 4.57 too.
 """
 
+import re
+
 import pytest
 import torch
 
@@ -161,6 +163,24 @@ def test_pipeline_of_another_model_is_refused(build):
     with pytest.raises(TypeError, match=r"image-classification.*ViTForImageClassification"):
         build("image-classification", model=transformers.ViTForImageClassification(config),
               image_processor=transformers.ViTImageProcessor(size={"height": 16, "width": 16}))
+
+
+@pytest.mark.parametrize("build", [
+    lambda *args, **kwargs: blip_fast.optimize(transformers.pipeline(*args, **kwargs)),
+    blip_fast.pipeline,
+], ids=["optimize", "import_swap"])
+@pytest.mark.parametrize("checkpoint, hint", [
+    ("BlipForImageTextRetrieval", "give it a BlipForConditionalGeneration checkpoint"),
+    ("BlipForQuestionAnswering", "or pass model=BlipForQuestionAnswering.from_pretrained(...) and its processor"),
+])
+def test_a_pipeline_that_loaded_another_tasks_checkpoint_is_refused(repos, tmp_path, bert_vocab_dir, build,
+                                                                    checkpoint, hint):
+    """transformers loads a retrieval (or VQA) checkpoint into its captioning model with a load report and runs the
+    layers the checkpoint lacks at their random values; the optimized pipeline refuses instead."""
+    directory = repos.get(checkpoint) or tiny_hf_repo(checkpoint, tmp_path / checkpoint, bert_vocab_dir / "vocab.txt")
+    with pytest.raises(TypeError, match=rf"loaded a {checkpoint} checkpoint into a BlipForConditionalGeneration, "
+                                        rf"whose weights it lacks are random .*{re.escape(hint)}"):
+        build("image-text-to-text", model=str(directory))
 
 
 def test_retrieval_pipeline_points_to_the_model():
