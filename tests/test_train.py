@@ -215,6 +215,34 @@ def test_export_targets_that_would_mix_with_other_files_are_refused(tmp_path, ta
             checkpointing.check_export_target(tmp_path / "run", tmp_path / target)
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--checkpoint", "{run}/nope"], "{run}/nope: no such folder (give a blip_fast.train output_dir or one of its "
+                                     "global_stepN folders)"),
+    (["--checkpoint", "{run}/global_step9"], "{run}/global_step9: no such folder"),
+    (["--checkpoint", "{run}", "--tag", "global_step9"], "checkpoint {run}/global_step9 does not exist (this run "
+                                                         "has: global_step2, global_step4)"),
+    (["--checkpoint", "{run}"], None),
+    (["--checkpoint", "{models}"], "{models} has no `latest` file: not a DeepSpeed checkpoint directory"),
+], ids=["missing", "missing-tag-folder", "missing-tag", "found", "no-latest"])
+def test_export_of_a_checkpoint_that_is_not_there_is_one_line(tmp_path, capsys, argv, message):
+    from blip_fast.train import main
+
+    run = tmp_path / "run"
+    for step in (2, 4):
+        (run / f"global_step{step}").mkdir(parents=True)
+        (run / f"global_step{step}" / "mp_rank_00_model_states.pt").write_bytes(b"")
+    (run / "latest").write_text("global_step4")
+    (tmp_path / "models").mkdir()
+    where = {"run": run, "models": tmp_path / "models"}
+    argv = ["export", *[arg.format(**where) for arg in argv], "--out", str(tmp_path / "out")]
+    if message is None:  # the checkpoint resolves: the export goes on to read the run (this fake one has no config)
+        assert checkpointing.resolve_checkpoint(argv[2]) == (run, "global_step4")
+        return
+    code = main(argv)
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and message.format(**where) in line and not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("latest, message", [
     ("global_step8", "names checkpoint global_step8, but {run}/global_step8 is not there"),
     ("global_step6", "names checkpoint global_step6, but {run}/global_step6 holds no model states"),

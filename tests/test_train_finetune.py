@@ -280,7 +280,7 @@ def _images(data: dict, count: int) -> list:
     return [load_image(data["root"] / record["image"]) for record in data["records"][:count]]
 
 
-def test_exported_captioner_reproduces_the_trainer(finetuned, data, tmp_path):
+def test_exported_captioner_reproduces_the_trainer(finetuned, data, tmp_path, capsys):
     """The export dir loads with Captioner.from_pretrained and gives the trained model's loss and greedy captions;
     `python -m blip_fast.train export` writes the same dir again."""
     from blip_fast import BlipForConditionalGeneration
@@ -316,8 +316,11 @@ def test_exported_captioner_reproduces_the_trainer(finetuned, data, tmp_path):
 
     assert main(["export", "--checkpoint", str(output_dir), "--out", str(tmp_path / "again")]) == 0
     assert {path.name for path in (tmp_path / "again").iterdir()} == EXPORT_FILES
-    with pytest.raises(ValueError, match="exports to \\['captioning'\\], not \\['vqa'\\]"):
-        main(["export", "--checkpoint", str(output_dir), "--out", str(tmp_path / "vqa"), "--task", "vqa"])
+    capsys.readouterr()
+    assert main(["export", "--checkpoint", str(output_dir), "--out", str(tmp_path / "vqa"), "--task", "vqa"]) == 2
+    [line] = capsys.readouterr().err.strip().splitlines()  # one line, no traceback
+    assert line.endswith("error: a captioning checkpoint exports to ['captioning'], not ['vqa']")
+    assert not (tmp_path / "vqa").exists()
 
 
 def test_exported_filter_reproduces_the_trainer(finetuned, data):

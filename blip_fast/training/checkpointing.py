@@ -50,7 +50,7 @@ import torch
 from blip_fast.atomic_files import atomic_write, atomic_write_text
 from blip_fast.checkpoint import BIN_WEIGHTS, CONFIG_NAME, GENERATION_CONFIG_NAME, SAFE_WEIGHTS
 from blip_fast.config import BlipConfig, TextConfig, VisionConfig
-from blip_fast.errors import InvalidInputError
+from blip_fast.errors import InvalidInputError, MissingFileError
 from blip_fast.output_lock import other_files
 
 logger = logging.getLogger("blip_fast")
@@ -144,6 +144,12 @@ def _holds_model_states(tag_dir: Path) -> bool:
     return tag_dir.is_dir() and any(tag_dir.glob("*model_states.pt"))
 
 
+def saved_tags(output_dir: str | os.PathLike) -> list[str]:
+    """The tags of the checkpoints in ``output_dir`` that hold model states, oldest first."""
+    return sorted((path.name for path in Path(output_dir).iterdir() if _TAG.match(path.name)
+                   and _holds_model_states(path)), key=lambda name: int(_TAG.match(name).group(1)))
+
+
 def check_resumable(output_dir: str | os.PathLike, tag: str, world_size: int) -> None:
     """Refuse, before DeepSpeed tries (it fails with a bare assertion), to resume a checkpoint that is not there (its
     folder deleted, ``latest`` edited) or ZeRO optimizer partitions written by another number of ranks (DeepSpeed
@@ -152,13 +158,11 @@ def check_resumable(output_dir: str | os.PathLike, tag: str, world_size: int) ->
 
     tag_dir = Path(output_dir) / tag
     if not _holds_model_states(tag_dir):
-        there = sorted((path.name for path in Path(output_dir).iterdir() if _TAG.match(path.name)
-                        and _holds_model_states(path)), key=lambda name: int(_TAG.match(name).group(1)))
         raise ConfigError(
             f"{Path(output_dir) / LATEST_FILE} names checkpoint {tag}, but {tag_dir} "
             f"{'holds no model states' if tag_dir.is_dir() else 'is not there'}: restore it, write the tag of a "
-            f"checkpoint that is there into {LATEST_FILE} ({', '.join(there) or 'none is'}), or start afresh in "
-            "another output_dir")
+            f"checkpoint that is there into {LATEST_FILE} ({', '.join(saved_tags(output_dir)) or 'none is'}), or "
+            "start afresh in another output_dir")
     saved = {int(match.group(1)) for path in tag_dir.iterdir() if (match := _ZERO_PARTITION.match(path.name))}
     if saved and len(saved) != world_size:
         raise ConfigError(
@@ -222,7 +226,7 @@ def write_model_config(output_dir: str | os.PathLike, config: BlipConfig) -> Non
 def read_model_config(output_dir: str | os.PathLike) -> BlipConfig:
     path = Path(output_dir) / BLIP_CONFIG_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"no {BLIP_CONFIG_FILE} in {output_dir}: not an output directory of blip_fast.train")
+        raise MissingFileError(f"no {BLIP_CONFIG_FILE} in {output_dir}: not an output directory of blip_fast.train")
     return config_from_dict(json.loads(path.read_text(encoding="utf-8")))
 
 
@@ -230,14 +234,18 @@ def read_model_config(output_dir: str | os.PathLike) -> BlipConfig:
 def resolve_checkpoint(path: str | os.PathLike, tag: str | None = None) -> tuple[Path, str]:
     """(output_dir, tag) for an output dir (its ``latest`` unless ``tag``) or a ``global_stepN`` dir itself."""
     path = Path(path)
-    if tag is None and _TAG.match(path.name) and path.is_dir():
+    if not path.is_dir():
+        raise MissingFileError(f"{path}: no such folder (give a blip_fast.train output_dir or one of its "
+                               "global_stepN folders)")
+    if tag is None and _TAG.match(path.name):
         return path.parent, path.name
     if tag is None:
         tag = latest_tag(path)
         if tag is None:
-            raise FileNotFoundError(f"{path} has no `{LATEST_FILE}` file: not a DeepSpeed checkpoint directory")
+            raise MissingFileError(f"{path} has no `{LATEST_FILE}` file: not a DeepSpeed checkpoint directory")
     if not (path / tag).is_dir():
-        raise FileNotFoundError(f"checkpoint {path / tag} does not exist")
+        raise MissingFileError(f"checkpoint {path / tag} does not exist (this run has: "
+                               f"{', '.join(saved_tags(path)) or 'none'})")
     return path, tag
 
 

@@ -48,7 +48,7 @@ from torch import nn
 from blip_fast import checkpoint, hub
 from blip_fast.config import BlipConfig
 from blip_fast.data import BlipCollator
-from blip_fast.errors import MissingFileError
+from blip_fast.errors import InvalidInputError, MissingFileError
 from blip_fast.tokenizer import TOKENIZER_FILE, VOCAB_FILE, BlipTokenizer
 from blip_fast.training import checkpointing, options
 from blip_fast.training.options import ConfigError
@@ -374,7 +374,8 @@ class TrainingTask:
             return list(self.export_tasks[: self.default_exports])
         unsupported = sorted(set(requested) - set(self.export_tasks))
         if unsupported:
-            raise ValueError(f"a {self.name} checkpoint exports to {list(self.export_tasks)}, not {unsupported}")
+            raise InvalidInputError(f"a {self.name} checkpoint exports to {list(self.export_tasks)}, not "
+                                    f"{unsupported}")
         return list(requested)
 
 
