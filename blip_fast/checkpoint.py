@@ -433,14 +433,10 @@ def _why_unreadable(path: str, error: Exception) -> str:
     """One line on why ``path`` did not load: torch's weights-only refusal is a page that suggests unpickling the
     file in full, which blip_fast never does (the file could run code)."""
     if not path.endswith(".safetensors"):
-        try:
-            with open(path, "rb") as handle:
-                head = handle.read(4)
-        except OSError:
-            head = _TORCH_SAVE_MAGIC[0]
-        if not head:
+        head = _first_bytes(path, 4)
+        if head == b"":
             return "the file is empty"
-        if not head.startswith(_TORCH_SAVE_MAGIC):
+        if head is not None and not head.startswith(_TORCH_SAVE_MAGIC):
             return "not a PyTorch checkpoint (torch.save writes a zip archive or a pickle) nor .safetensors"
         forbidden = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(error))
         if isinstance(error, pickle.UnpicklingError) and forbidden:
@@ -449,6 +445,15 @@ def _why_unreadable(path: str, error: Exception) -> str:
                     "state dict alone: torch.save(torch.load(PATH, weights_only=False)['model'], 'model.pth')")
     first_line = re.sub(r"\x1b\[[0-9;]*m", "", str(error)).strip().split("\n", 1)[0]
     return f"{type(error).__name__}: {first_line}"
+
+
+def _first_bytes(path: str, count: int) -> bytes | None:
+    """The first ``count`` bytes of ``path``, None when it cannot be read (torch's own error then says why)."""
+    try:
+        with open(path, "rb") as handle:
+            return handle.read(count)
+    except OSError:
+        return None
 
 
 def _read_json(path: str) -> dict[str, Any]:

@@ -43,13 +43,18 @@ def portable_cpu_environment(machine: str | None = None) -> dict[str, str]:
     return dict(PORTABLE_CPU_ENVIRONMENT) if machine in ("x86_64", "amd64") else {}
 
 
-def cpu_vendor() -> str | None:
-    """The CPU's vendor id (``GenuineIntel``, ``AuthenticAMD``), None where ``/proc/cpuinfo`` does not say."""
+def cpuinfo(field: str) -> str | None:
+    """The value of the first ``field`` line of ``/proc/cpuinfo`` (its first CPU's), None where it does not say."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as handle:
-            return next((line.split(":", 1)[1].strip() for line in handle if line.startswith("vendor_id")), None)
+            return next((line.split(":", 1)[1].strip() for line in handle if line.startswith(field)), None)
     except OSError:
         return None
+
+
+def cpu_vendor() -> str | None:
+    """The CPU's vendor id (``GenuineIntel``, ``AuthenticAMD``), None where ``/proc/cpuinfo`` does not say."""
+    return cpuinfo("vendor_id")
 
 
 def cpu_numerics() -> dict[str, str | None]:

@@ -5,7 +5,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +13,7 @@ from blip_fast.determinism import (
     CUBLAS_WORKSPACE,
     PORTABLE_CPU_ENVIRONMENT,
     cpu_vendor,
+    cpuinfo,
     portable_cpu_environment,
     use_deterministic_algorithms,
 )
@@ -60,11 +60,7 @@ def _probe(environment: dict[str, str]) -> dict:
 
 
 def _cpu_flags() -> set[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    return set(next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), []))
+    return set((cpuinfo("flags") or "").split())
 
 
 @pytest.mark.skipif("avx2" not in _cpu_flags(), reason="needs an x86-64 CPU with AVX2 (Linux)")
