@@ -445,19 +445,26 @@ def _run_units(models: CapFiltModels, units: list[Unit], options: CapFiltOptions
             shard_name = source.output_shard(unit.index)
             with claim_unit(output, unit.index, shard_name):
                 writer = BackgroundWriter(UnitWriter(unit, output, shard_name, fingerprint))
-                generator = torch.Generator(device=options.device).manual_seed(unit_seed(options.seed, unit.index))
-                in_flight = None
-                for start in range(0, len(unit.items), options.batch_size):
-                    items = unit.items[start : start + options.batch_size]
-                    batch = _caption_batch(models, items, next(batches), generator)
-                    texts = text_thread.submit(_batch_texts, models, batch)
-                    if in_flight is not None:
-                        _score_batch(models, writer, *in_flight)
-                    in_flight = (batch, texts)
-                    progress.update(len(items))
-                if in_flight is not None:
-                    _score_batch(models, writer, *in_flight)
+                _caption_unit(models, unit, writer, batches, text_thread, progress, options)
                 writer.commit()
+
+
+def _caption_unit(models: CapFiltModels, unit: Unit, writer: BackgroundWriter,
+                  batches: Iterator[list[dict[str, Any]]], text_thread: concurrent.futures.Executor,
+                  progress: tqdm, options: CapFiltOptions) -> None:
+    """Caption and score ``unit``'s batches (the next ones ``batches`` yields) into ``writer``, two in flight."""
+    generator = torch.Generator(device=options.device).manual_seed(unit_seed(options.seed, unit.index))
+    in_flight = None
+    for start in range(0, len(unit.items), options.batch_size):
+        items = unit.items[start : start + options.batch_size]
+        batch = _caption_batch(models, items, next(batches), generator)
+        texts = text_thread.submit(_batch_texts, models, batch)
+        if in_flight is not None:
+            _score_batch(models, writer, *in_flight)
+        in_flight = (batch, texts)
+        progress.update(len(items))
+    if in_flight is not None:
+        _score_batch(models, writer, *in_flight)
 
 
 def run_capfilt(options: CapFiltOptions) -> dict[str, Any]:
