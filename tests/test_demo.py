@@ -9,7 +9,9 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from blip_fast.data.synthetic import SyntheticNoisyDataset
@@ -302,6 +304,26 @@ def test_attribute_probe_scores_each_attribute_on_held_out_scenes():
     accuracy = probe(steps=2, train=64, test=16)
     assert set(accuracy) == {"shape", "count", "position"}
     assert all(value * 16 / 100 == pytest.approx(round(value * 16 / 100)) for value in accuracy.values())
+
+
+@pytest.mark.parametrize("layout", ["demo", "one-anywhere", "one-centred"])
+def test_attribute_probe_layouts_redraw_the_demos_scenes(layout):
+    """The probe's --layout keeps each scene's shape and colour and only takes away places to sit: one shape, and
+    for one-centred always in the centre; "demo" is the demo's own images."""
+    from benchmarks.demo_attribute_probe import ATTRIBUTES, _scenes
+    from blip_fast.data.synthetic import POSITIONS, SHAPES
+
+    images, labels = _scenes(12, 0, 32, layout)
+    dataset = SyntheticNoisyDataset(12, 0.0, seed=DATA_SEED, image_size=32)
+    columns = list(ATTRIBUTES)
+    assert labels[:, columns.index("shape")].tolist() == [SHAPES.index(dataset.scene(i).shape) for i in range(12)]
+    demo_pixels = torch.stack([torch.from_numpy(np.asarray(dataset.image(i))) for i in range(12)]).permute(0, 3, 1, 2)
+    same_as_demo = torch.equal(images, (demo_pixels.float() / 255 - 0.5) / 0.25)
+    assert same_as_demo == (layout == "demo")
+    if layout != "demo":
+        assert set(labels[:, columns.index("count")].tolist()) == {0}
+    if layout == "one-centred":
+        assert set(labels[:, columns.index("position")].tolist()) == {POSITIONS.index("center")}
 
 
 def _session(session_id: int) -> list[str]:
