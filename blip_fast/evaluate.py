@@ -432,14 +432,17 @@ def caption_images(
 # ==================================================================== annotation files and models
 def read_annotations(path: str | os.PathLike, image_root: str | os.PathLike) -> tuple[list[str], list[list[str]]]:
     """A BLIP/COCO-Karpathy test json ``[{"image": path, "caption": str | [str, ...]}]`` -> (image paths joined to
-    ``image_root``, raw captions per image). Bad records and missing image files are errors naming them."""
+    ``image_root``, raw captions per image). Records naming the same image (a training-style json, one record per
+    caption) are one image with all their captions: scored apart, each copy would count the others' captions as
+    wrong matches. Bad records and missing image files are errors naming them."""
     try:
         records = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, ValueError) as error:
-        raise EvaluationInputError(f"cannot read annotations {os.fspath(path)!r}: {error}") from error
+        hint = " (a json list is needed, not JSON Lines)" if str(error).startswith("Extra data") else ""
+        raise EvaluationInputError(f"cannot read annotations {os.fspath(path)!r}: {error}{hint}") from error
     if not isinstance(records, list) or not records:
         raise EvaluationInputError(f"{os.fspath(path)}: expected a non-empty json list of {{image, caption}} records")
-    image_paths, captions = [], []
+    captions_by_image: dict[str, list[str]] = {}
     for position, record in enumerate(records):
         where = f"{os.fspath(path)}[{position}]"
         if not isinstance(record, dict) or not isinstance(record.get("image"), str):
@@ -450,12 +453,11 @@ def read_annotations(path: str | os.PathLike, image_root: str | os.PathLike) -> 
             isinstance(caption, str) for caption in record_captions
         ):
             raise EvaluationInputError(f"{where}: 'caption' must be a string or a non-empty list of strings")
-        image_path = os.path.join(os.fspath(image_root), record["image"])
-        if not os.path.isfile(image_path):
+        image_path = os.path.normpath(os.path.join(os.fspath(image_root), record["image"]))
+        if image_path not in captions_by_image and not os.path.isfile(image_path):
             raise EvaluationInputError(f"{where}: image file {image_path!r} not found")
-        image_paths.append(image_path)
-        captions.append(record_captions)
-    return image_paths, captions
+        captions_by_image.setdefault(image_path, []).extend(record_captions)
+    return list(captions_by_image), list(captions_by_image.values())
 
 
 def clean_captions(captions: Sequence[Sequence[str]], where: str = "annotations") -> list[list[str]]:

@@ -3,6 +3,7 @@ pycocoevalcap's BLEU/CIDEr scorers and hand-computed values; then ``blip-fast ev
 
 import json
 import math
+import os
 import random
 
 import numpy as np
@@ -319,3 +320,37 @@ def test_cli_bad_input_names_the_file(cli_setup, tmp_path, capsys, task, problem
     assert main(_evaluate_args(task, model, annotations, paths["root"], "--max-length", "6")) == 2
     error = capsys.readouterr().err
     assert (f"{annotations}[2]" if problem == "bad_record" else str(bad)) in error
+
+
+def test_records_repeating_an_image_are_one_image_with_all_its_captions(cli_setup, tmp_path):
+    """A training-style json (one record per caption, BLIP's train files and CapFilt's output) evaluates as the
+    COCO-style json of the same pairs: scored apart, each copy of an image would count its other captions wrong."""
+    paths = cli_setup
+    grouped = json.loads(paths["annotations"].read_text())
+    per_caption = [{"image": ("./" if turn else "") + record["image"], "caption": record["caption"][turn]}
+                   for turn in range(2) for record in grouped]
+    per_caption_json = tmp_path / "train_style.json"
+    per_caption_json.write_text(json.dumps(per_caption))
+    image_paths, captions = evaluate.read_annotations(per_caption_json, paths["root"])
+    assert (image_paths, captions) == evaluate.read_annotations(paths["annotations"], paths["root"])
+    assert image_paths == [os.path.join(paths["root"], record["image"]) for record in grouped]
+    assert captions == [record["caption"] for record in grouped]
+
+    reports = []
+    for annotations in (paths["annotations"], per_caption_json):
+        out = tmp_path / f"{annotations.stem}.metrics.json"
+        args = _evaluate_args("retrieval", paths["retrieval_model"], annotations, paths["root"], "--k-test", "3",
+                              "--out", str(out))
+        assert main(args) == 0
+        reports.append(json.loads(out.read_text()))
+    assert [(report["num_images"], report["num_texts"]) for report in reports] == [(5, 10), (5, 10)]
+    assert reports[1]["metrics"] == reports[0]["metrics"]
+
+
+def test_json_lines_annotations_are_named_as_such(cli_setup, tmp_path, capsys):
+    paths = cli_setup
+    lines = tmp_path / "test.jsonl"
+    lines.write_text("".join(json.dumps(record) + "\n" for record in json.loads(paths["annotations"].read_text())))
+    assert main(_evaluate_args("caption", paths["caption_model"], lines, paths["root"])) == 2
+    error = capsys.readouterr().err
+    assert str(lines) in error and "not JSON Lines" in error and len(error.strip().splitlines()) == 1
