@@ -74,6 +74,61 @@ def test_yaml_errors_name_the_key(tmp_path):
         options.parse_args([])
 
 
+@pytest.mark.parametrize("flags,message", [
+    (["--noise_fraction", "1.5"], "noise_fraction must lie in [0, 1], got 1.5"),
+    (["--alpha", "2"], "alpha must lie in [0, 1], got 2.0"),
+    (["--alpha", "-1"], "alpha must lie in [0, 1], got -1.0"),
+    (["--drop_path_rate", "1.5"], "drop_path_rate must lie in [0, 1), got 1.5"),
+    (["--flip_prob", "2"], "flip_prob must lie in [0, 1], got 2.0"),
+    (["--crop_scale", "0.9", "0.1"], "crop_scale must satisfy 0 < low <= high <= 1, got [0.9, 0.1]"),
+    (["--crop_scale", "0", "1"], "crop_scale must satisfy 0 < low <= high <= 1, got [0.0, 1.0]"),
+    (["--betas", "1.5", "0.9"], "betas must each lie in [0, 1), got [1.5, 0.9]"),
+    (["--init_lr", "0"], "init_lr must be > 0, got 0.0"),
+    (["--warmup_lr", "-1"], "warmup_lr must be >= 0, got -1.0"),
+    (["--min_lr", "1"], "min_lr 1.0 is above init_lr 0.001: the schedule decays from init_lr towards min_lr"),
+    (["--lr_decay_rate", "0"], "lr_decay_rate must lie in (0, 1], got 0.0"),
+    (["--lr_decay_rate", "2"], "lr_decay_rate must lie in (0, 1], got 2.0"),
+    (["--weight_decay", "-1"], "weight_decay must be >= 0, got -1.0"),
+    (["--num_samples", "-5"], "num_samples must be > 0, got -5"),
+    (["--num_workers", "-1"], "num_workers must be >= 0, got -1"),
+    (["--keep_checkpoints", "-1"], "keep_checkpoints must be >= 0, got -1"),
+    (["--micro_batch_size", "0"], "micro_batch_size must be > 0, got 0"),
+    (["--gradient_accumulation_steps", "0"], "gradient_accumulation_steps must be > 0, got 0"),
+    (["--max_steps", "0"], "max_steps must be > 0, got 0"),
+    (["--seed", "-1"], "seed must lie in [0, 2**31), got -1"),
+    (["--image_size", "30"], "image_size 30 does not fit model tiny: vision image_size 30 is not a multiple of "
+                             "patch_size 8"),
+    (["--image_size", "0"], "image_size must be > 0, got 0"),
+], ids=lambda value: " ".join(value) if isinstance(value, list) else None)
+def test_an_option_out_of_its_range_stops_the_run_before_it_writes(tmp_path, capsys, flags, message):
+    """Each of these used to start DeepSpeed, write the output folder and then stop with a traceback, or (alpha,
+    init_lr 0, min_lr above init_lr, lr_decay_rate, keep_checkpoints) train on without a word."""
+    from blip_fast.train import main as train_main
+
+    output_dir = tmp_path / "run"
+    code = train_main(["--config", str(TINY), "--output_dir", str(output_dir), *flags])
+    assert (code, capsys.readouterr().err.strip()) == (2, f"blip_fast.train: error: {message}")
+    assert not output_dir.exists()
+
+
+@pytest.mark.parametrize("flags,value", [
+    ([], False), (["--resume"], True), (["--no-resume"], False), (["--resume", "false"], False),
+    (["--resume", "True"], True), (["--resume", "no", "--seed", "3"], False), (["--resume", "1"], True),
+])
+def test_a_flag_takes_true_or_false_like_its_yaml_key(flags, value):
+    assert options.parse_args(["--config", str(TINY), *flags]).resume is value
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--resume", "maybe"], "--resume: expected true or false, got 'maybe'"),
+    (["--no-resume", "false"], "--no-resume takes no value, got 'false'"),
+])
+def test_a_flag_with_a_value_that_is_no_truth_value_is_one_line(capsys, flags, message):
+    with pytest.raises(SystemExit) as exit_info:
+        options.parse_args(["--config", str(TINY), *flags])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("make,message", [
     (lambda path: path.mkdir(), "config {path} is a folder; give the YAML file"),
     (lambda path: path.write_bytes(b"\xff\xfeinit_lr: 1"), "config {path} is not a YAML text file (not UTF-8: "

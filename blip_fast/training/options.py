@@ -43,8 +43,47 @@ class ConfigError(InvalidInputError):
     """A training option, YAML file or ds_config that cannot be used; the message names the option or file."""
 
 
+class BoolFlag(argparse.Action):
+    """``--name`` / ``--no-name``, or ``--name true|false``: every YAML key is also a flag, and a YAML line
+    ``resume: false`` gets typed as ``--resume false`` as often as ``--no-resume``."""
+
+    VALUES = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False, "0": False}
+
+    def __init__(self, option_strings: list[str], dest: str, default: Any = None, help: str | None = None) -> None:
+        negated = [f"--no-{option[2:]}" for option in option_strings if option.startswith("--")]
+        super().__init__([*option_strings, *negated], dest, nargs="?", default=default, help=help,
+                         metavar="true|false")
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, value: str | None,
+                 option_string: str | None = None) -> None:
+        if option_string is not None and option_string.startswith("--no-"):
+            if value is not None:
+                parser.error(f"{option_string} takes no value, got {value!r}")
+            setattr(namespace, self.dest, False)
+        elif value is None:
+            setattr(namespace, self.dest, True)
+        elif value.lower() in self.VALUES:
+            setattr(namespace, self.dest, self.VALUES[value.lower()])
+        else:
+            parser.error(f"{option_string}: expected true or false, got {value!r}")
+
+    def format_usage(self) -> str:
+        return " | ".join(self.option_strings)
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """``--name [true|false], --no-name`` for a :class:`BoolFlag` (argparse would give ``--no-name`` a value too)."""
+
+    def _format_action_invocation(self, action: argparse.Action) -> str:
+        if isinstance(action, BoolFlag):
+            plain = [option for option in action.option_strings if not option.startswith("--no-")]
+            negated = [option for option in action.option_strings if option.startswith("--no-")]
+            return ", ".join([f"{option} [{action.metavar}]" for option in plain] + negated)
+        return super()._format_action_invocation(action)
+
+
 def _add_options(parser: argparse.ArgumentParser) -> None:
-    bool_flag = argparse.BooleanOptionalAction
+    bool_flag = BoolFlag
 
     task = parser.add_argument_group("task")
     task.add_argument("--task", default="pretrain", choices=TRAINING_TASKS,
@@ -157,6 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m blip_fast.train",
         description="BLIP pre-training (ITC + ITM + LM) and retrieval/caption/VQA/NLVR2 fine-tuning with DeepSpeed. "
                     "Also: `python -m blip_fast.train export ...`.",
+        formatter_class=_HelpFormatter,
     )
     parser.add_argument("--config", default=None, help="YAML file of option defaults (flags override it)")
     # The deepspeed launcher passes --local_rank=N; torch.distributed.launch spells it --local-rank.
@@ -171,7 +211,7 @@ def _coerce(action: argparse.Action, value: Any, key: str, source: str) -> Any:
     """A YAML value converted as argparse would convert the flag (PyYAML reads ``3e-4`` as a string)."""
     if value is None:
         return None
-    if action.nargs == 0:  # flags (BooleanOptionalAction, store_true)
+    if isinstance(action, BoolFlag) or action.nargs == 0:  # flags (BoolFlag, store_true)
         if not isinstance(value, bool):
             raise ConfigError(f"{source}: {key} must be true or false, got {value!r}")
         return value
@@ -261,18 +301,32 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
+#: option -> (whether a value is usable, what the message says it must be); ``None`` (unset) always passes.
+_RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    **{name: (lambda value: value > 0, "be > 0") for name in (
+        "epochs", "save_every_steps", "log_every_steps", "queue_size", "max_text_length", "vocab_size", "max_steps",
+        "num_samples", "init_lr", "image_size", "micro_batch_size", "gradient_accumulation_steps")},
+    **{name: (lambda value: value >= 0, "be >= 0") for name in (
+        "warmup_steps", "warmup_lr", "min_lr", "weight_decay", "num_workers", "keep_checkpoints")},
+    **{name: (lambda value: 0.0 <= value <= 1.0, "lie in [0, 1]") for name in ("noise_fraction", "alpha", "flip_prob")},
+    **{name: (lambda value: 0.0 <= value < 1.0, "lie in [0, 1)") for name in ("momentum", "drop_path_rate")},
+    "lr_decay_rate": (lambda value: 0.0 < value <= 1.0, "lie in (0, 1]"),
+    "seed": (lambda value: 0 <= value < 2**31, "lie in [0, 2**31)"),
+    "crop_scale": (lambda pair: 0.0 < pair[0] <= pair[1] <= 1.0, "satisfy 0 < low <= high <= 1"),
+    "betas": (lambda pair: all(0.0 <= beta < 1.0 for beta in pair), "each lie in [0, 1)"),
+}
+
+
 def check_args(args: argparse.Namespace) -> None:
-    """Cross-option checks that argparse cannot express, and the defaults that depend on other options."""
-    positive = ("epochs", "save_every_steps", "log_every_steps", "queue_size", "max_text_length", "vocab_size")
-    for name in positive:
-        if getattr(args, name) <= 0:
-            raise ConfigError(f"{name} must be > 0, got {getattr(args, name)}")
-    if args.max_steps is not None and args.max_steps <= 0:
-        raise ConfigError(f"max_steps must be > 0 when given, got {args.max_steps}")
-    if args.warmup_steps < 0:
-        raise ConfigError(f"warmup_steps must be >= 0, got {args.warmup_steps}")
-    if not 0.0 <= args.momentum < 1.0:
-        raise ConfigError(f"momentum must lie in [0, 1), got {args.momentum}")
+    """Cross-option checks that argparse cannot express, and the defaults that depend on other options. Every
+    check runs before a process group starts or a file is written, so a mistake costs no run."""
+    for name, (usable, requirement) in _RANGES.items():
+        value = getattr(args, name)
+        if value is not None and not usable(value):
+            raise ConfigError(f"{name} must {requirement}, got {value}")
+    if args.min_lr > args.init_lr:
+        raise ConfigError(f"min_lr {args.min_lr} is above init_lr {args.init_lr}: the schedule decays from init_lr "
+                          "towards min_lr")
     if args.data == "blip_json" and not args.annotations:
         raise ConfigError("data=blip_json needs annotations (json files) and image_root")
     if args.data == "webdataset" and not args.shards:
@@ -292,6 +346,13 @@ def check_args(args: argparse.Namespace) -> None:
                           "fine-tuning keeps the tokenizer of init_from")
     if args.task == "pretrain" and args.model is None and args.init_from is None:
         args.model = "tiny"
+    if args.image_size is not None and args.init_from is None:
+        from blip_fast.config import BlipConfig  # dataclasses only: parsing still imports no model code
+
+        try:
+            BlipConfig.from_name(args.model, image_size=args.image_size)
+        except ValueError as error:
+            raise ConfigError(f"image_size {args.image_size} does not fit model {args.model}: {error}") from None
     if args.output_dir is None:
         args.output_dir = f"output/{args.task}"
     if args.init_from is not None and os.path.realpath(args.init_from) == os.path.realpath(args.output_dir):
