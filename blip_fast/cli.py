@@ -13,6 +13,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -22,6 +23,7 @@ from blip_fast.launch import sigterm_raises
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 PROG = "blip-fast"
+EVALUATION_TASKS = ("retrieval", "caption", "vqa", "nlvr")
 
 
 def _device_and_dtype(device: str, dtype: str, local_rank: int | None = None) -> tuple[torch.device, torch.dtype]:
@@ -240,7 +242,7 @@ def _capfilt(args: argparse.Namespace) -> int:
 
 
 def _add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--task", choices=["retrieval", "caption", "vqa", "nlvr"], required=True,
+    parser.add_argument("--task", choices=EVALUATION_TASKS, required=True,
                         help="what to evaluate")
     parser.add_argument("--model", required=True, type=errors.model_dir,
                         help="BLIP model of that task: HuggingFace-layout directory or hub id")
@@ -299,11 +301,23 @@ def _run_evaluation(args: argparse.Namespace, device: torch.device, dtype: torch
     return run_nlvr_evaluation(**inputs, annotations=args.annotations)
 
 
+def _is_evaluation_report(data: Any) -> bool:
+    return isinstance(data, dict) and data.get("task") in EVALUATION_TASKS
+
+
+def _is_vqa_result_file(data: Any) -> bool:
+    """The official VQA result format that ``--results`` writes: ``[{"question_id", "answer"}, ...]``."""
+    return isinstance(data, list) and all(isinstance(record, dict) and set(record) == {"question_id", "answer"}
+                                          for record in data)
+
+
 def _evaluate(args: argparse.Namespace) -> int:
     from blip_fast import evaluate
 
     inputs = [*args.annotations, *([args.answer_list] if args.answer_list else [])]
     errors.check_outputs_spare_inputs({"--out": args.out, "--results": args.results}, inputs)
+    errors.check_replaceable("--out", args.out, _is_evaluation_report)
+    errors.check_replaceable("--results", args.results, _is_vqa_result_file)
     for path in (args.out, args.results):  # before the evaluation: a folder that cannot be made must not lose it
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)

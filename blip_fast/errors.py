@@ -12,11 +12,13 @@ lines build their parsers with :class:`ArgumentParser` and run through :func:`ru
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 #: Exit status of a user error (argparse's own).
 EXIT_USER_ERROR = 2
@@ -158,6 +160,20 @@ def check_outputs_spare_inputs(outputs: dict[str, Path | None], inputs: Sequence
     for flag, path in outputs.items():
         if path is not None and os.path.realpath(path) in given:
             raise UserError(f"{flag} {path} is one of the input files; writing it would destroy it: give another name")
+
+
+def check_replaceable(flag: str, path: Path | None, written_here: Callable[[Any], bool]) -> None:
+    """Refuse an output file that exists and is not this command's (``written_here`` of its parsed JSON is false):
+    a rerun may replace its own report, never another tool's json or a model's ``config.json``."""
+    if path is None or not path.exists():
+        return
+    try:
+        ours = written_here(json.loads(path.read_text(encoding="utf-8")))
+    except (OSError, UnicodeDecodeError, ValueError):
+        ours = False
+    if not ours:
+        raise UserError(f"{flag} {path} exists and is not a file this command wrote; writing it would destroy it: "
+                        "give a new name (or delete it first)")
 
 
 existing_dir = _type("existing directory", _existing_dir)

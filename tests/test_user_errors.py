@@ -158,6 +158,29 @@ def test_evaluation_results_are_written_before_they_are_printed(models, tmp_path
             "--image-root", models["image_root"], "--k-test", "2", "--out", out]
     assert run(argv, capsys)[0] == 0
     assert json.loads(out.read_text())["k_test"] == 2
+    assert run([*argv[:-3], "3", "--out", out], capsys)[0] == 0  # a rerun replaces its own report
+    assert json.loads(out.read_text())["k_test"] == 3
+
+
+@pytest.mark.parametrize("flag", ["--out", "--results"])
+@pytest.mark.parametrize("victim", ["a model's config.json", "another json", "a text file", "an empty file",
+                                    "the other flag's kind of file"])
+def test_evaluation_output_over_a_file_it_did_not_write_is_refused(models, tmp_path, capsys, flag, victim):
+    """`--out` replaces only an earlier evaluation report and `--results` only a VQA result file: anything else
+    (here the captioner's config.json, which evaluating the VQA model does not read) stays as it was."""
+    other_kind = [{"question_id": 1, "answer": "two"}] if flag == "--out" else {"task": "vqa", "num_questions": 1}
+    path = {"a model's config.json": models["captioner"] / "config.json", "another json": tmp_path / "a.json",
+            "a text file": tmp_path / "notes.txt", "an empty file": tmp_path / "empty.json",
+            "the other flag's kind of file": tmp_path / "other.json"}[victim]
+    content = {"another json": '{"a": 1}', "a text file": "notes", "an empty file": "",
+               "the other flag's kind of file": json.dumps(other_kind)}.get(victim)
+    if content is not None:
+        path.write_text(content)
+    before = path.read_bytes()
+    argv = ["evaluate", "--task", "vqa", "--model", models["vqa"], "--annotations", models["annotations"],
+            "--image-root", models["image_root"], flag, path]
+    assert_user_error(*run(argv, capsys), f"{flag} {path} exists and is not a file this command wrote")
+    assert path.read_bytes() == before
 
 
 def test_training_config_error_is_one_line(tmp_path, capsys):
