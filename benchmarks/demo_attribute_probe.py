@@ -3,8 +3,9 @@ labels (shape, count, position: a linear head on the class token, no captions), 
 reports held-out accuracy next to a uniform guess. An upper bound on what pre-training can teach the ViT about each
 attribute at the demo's data size and step budget.
 
-`--layout` redraws the same scenes with fewer places a shape can sit (one shape, anywhere or always centred): it
-shows whether shape is hard to see or hard to find at every offset of the 8-pixel patch grid.
+`--layout` redraws the same scenes with fewer places a shape can sit (one shape, anywhere or always centred), or
+with each shape centred on its own patch of the scene's region (`grid`): it shows whether shape is hard to see or
+hard to find at every offset from the ViT's patch grid.
 
     python -m benchmarks.demo_attribute_probe --steps 400 --position-std 0.5 --lr 5e-4 --layout one-centred
 """
@@ -18,11 +19,22 @@ import random
 from collections.abc import Callable, Sequence
 
 import numpy as np
+import PIL.Image
 import torch
 import torch.nn.functional as F
 
 from blip_fast.config import BlipConfig
-from blip_fast.data.synthetic import COUNT_WORDS, POSITIONS, SHAPES, Scene, SyntheticNoisyDataset, draw_scene
+from blip_fast.data.synthetic import (
+    COUNT_WORDS,
+    POSITIONS,
+    REGIONS,
+    SHAPES,
+    Scene,
+    SyntheticNoisyDataset,
+    draw_background,
+    draw_scene,
+    draw_shape,
+)
 from blip_fast.demo import DATA_SEED, SCALES
 from blip_fast.modeling.vit import BlipVisionModel
 
@@ -33,25 +45,45 @@ ATTRIBUTES = {
     "position": (len(POSITIONS), lambda scene: POSITIONS.index(scene.position)),
 }
 
-#: layout -> how a demo scene is redrawn (None: as the demo draws it)
+#: layout -> how a demo scene is redrawn (None: as the demo draws it; "grid" is drawn by :func:`draw_on_grid`)
 LAYOUTS: dict[str, Callable[[Scene], Scene] | None] = {
     "demo": None,
     "one-anywhere": lambda scene: dataclasses.replace(scene, count=1),
     "one-centred": lambda scene: dataclasses.replace(scene, count=1, position="center"),
+    "grid": lambda scene: scene,  # same scene, other placement
 }
 
 
-def _scenes(train: int, test: int, image_size: int, layout: str = "demo") -> tuple[torch.Tensor, torch.Tensor]:
+def draw_on_grid(scene: Scene, rng: random.Random, size: int, patch_size: int) -> PIL.Image.Image:
+    """``scene`` with each shape centred on a patch of its own, drawn from the patches whose centres lie in the
+    scene's region: the ViT sees every shape at one offset from its patch grid (background as the demo's)."""
+    cells = size // patch_size
+    x0, y0, x1, y1 = REGIONS[scene.position]
+    inside = [(row, column) for row in range(cells) for column in range(cells)
+              if x0 <= (column + 0.5) / cells <= x1 and y0 <= (row + 0.5) / cells <= y1]
+    image = draw_background(scene, size)
+    for row, column in rng.sample(inside, scene.count):
+        draw_shape(image, scene.shape, (column + 0.5) * patch_size, (row + 0.5) * patch_size, 0.4 * patch_size,
+                   scene.color)
+    return image
+
+
+def _draw(dataset: SyntheticNoisyDataset, index: int, scene: Scene, layout: str, patch_size: int) -> PIL.Image.Image:
+    if LAYOUTS[layout] is None:
+        return dataset.image(index)
+    rng, size = random.Random(f"probe-layout/{index}"), dataset.image_size
+    return draw_on_grid(scene, rng, size, patch_size) if layout == "grid" else draw_scene(scene, rng, size)
+
+
+def _scenes(train: int, test: int, image_size: int, layout: str = "demo",
+            patch_size: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
     """Images (normalised to about unit scale) and their attribute labels ``[N, 3]``: the demo's scenes, same seed,
     drawn in ``layout``."""
     dataset = SyntheticNoisyDataset(train + test, 0.0, seed=DATA_SEED, image_size=image_size)
-    redraw = LAYOUTS[layout]
-    scenes = [dataset.scene(index) if redraw is None else redraw(dataset.scene(index)) for index in range(train + test)]
-    pixels = np.stack([
-        np.asarray(dataset.image(index) if redraw is None
-                   else draw_scene(scene, random.Random(f"probe-layout/{index}"), image_size))
-        for index, scene in enumerate(scenes)
-    ])
+    redraw = LAYOUTS[layout] or (lambda scene: scene)
+    scenes = [redraw(dataset.scene(index)) for index in range(train + test)]
+    pixels = np.stack([np.asarray(_draw(dataset, index, scene, layout, patch_size))
+                       for index, scene in enumerate(scenes)])
     images = (torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255 - 0.5) / 0.25
     labels = torch.tensor([[label(scene) for _, label in ATTRIBUTES.values()] for scene in scenes])
     return images, labels
@@ -61,7 +93,7 @@ def probe(steps: int, image_size: int = 32, patch_size: int = 8, lr: float = 2e-
           batch: int = 32, train: int = 2000, test: int = 200, seed: int = 0, layout: str = "demo") -> dict[str, float]:
     """Held-out accuracy (%) per attribute after ``steps`` AdamW steps (linear warmup over 20) on ``train`` scenes."""
     torch.manual_seed(seed)
-    images, labels = _scenes(train, test, image_size, layout)
+    images, labels = _scenes(train, test, image_size, layout, patch_size)
     vision = dataclasses.replace(BlipConfig.tiny(image_size=image_size).vision, patch_size=patch_size)
     model = BlipVisionModel(vision)
     with torch.no_grad():
@@ -96,7 +128,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--layout", choices=sorted(LAYOUTS), default="demo",
                         help="demo: the demo's scenes as drawn; one-anywhere: one shape in the scene's region; "
-                             "one-centred: one shape in the centre")
+                             "one-centred: one shape in the centre; grid: each shape centred on a patch of its own "
+                             "in the scene's region")
     args = parser.parse_args(argv)
     accuracy = probe(args.steps, args.image_size, args.patch_size, args.lr, args.position_std, seed=args.seed,
                      layout=args.layout)

@@ -306,24 +306,34 @@ def test_attribute_probe_scores_each_attribute_on_held_out_scenes():
     assert all(value * 16 / 100 == pytest.approx(round(value * 16 / 100)) for value in accuracy.values())
 
 
-@pytest.mark.parametrize("layout", ["demo", "one-anywhere", "one-centred"])
+@pytest.mark.parametrize("layout", ["demo", "one-anywhere", "one-centred", "grid"])
 def test_attribute_probe_layouts_redraw_the_demos_scenes(layout):
-    """The probe's --layout keeps each scene's shape and colour and only takes away places to sit: one shape, and
-    for one-centred always in the centre; "demo" is the demo's own images."""
+    """The probe's --layout keeps each scene's shape and colour and only moves the shapes: one shape (one-*), always
+    in the centre (one-centred), or each on a patch of its own (grid: the scene's count and region); "demo" is the
+    demo's own images."""
     from benchmarks.demo_attribute_probe import ATTRIBUTES, _scenes
-    from blip_fast.data.synthetic import POSITIONS, SHAPES
+    from blip_fast.data.synthetic import COLORS, POSITIONS, SHAPES
 
-    images, labels = _scenes(12, 0, 32, layout)
+    images, labels = _scenes(12, 0, 32, layout, patch_size=8)
     dataset = SyntheticNoisyDataset(12, 0.0, seed=DATA_SEED, image_size=32)
     columns = list(ATTRIBUTES)
     assert labels[:, columns.index("shape")].tolist() == [SHAPES.index(dataset.scene(i).shape) for i in range(12)]
     demo_pixels = torch.stack([torch.from_numpy(np.asarray(dataset.image(i))) for i in range(12)]).permute(0, 3, 1, 2)
     same_as_demo = torch.equal(images, (demo_pixels.float() / 255 - 0.5) / 0.25)
     assert same_as_demo == (layout == "demo")
-    if layout != "demo":
+    if layout.startswith("one-"):
         assert set(labels[:, columns.index("count")].tolist()) == {0}
     if layout == "one-centred":
         assert set(labels[:, columns.index("position")].tolist()) == {POSITIONS.index("center")}
+    if layout == "grid":  # each shape is one same-sized blob centred on an 8-pixel patch
+        pixels = (images * 0.25 + 0.5) * 255
+        for index in range(12):
+            scene = dataset.scene(index)
+            colour = torch.tensor(COLORS[scene.color], dtype=torch.float32).view(3, 1, 1)
+            shape_pixels = ((pixels[index] - colour).abs().amax(0) < 1).float()
+            per_patch = shape_pixels.view(4, 8, 4, 8).sum((1, 3))
+            assert int((per_patch > 0).sum()) == scene.count
+            assert len(set(per_patch[per_patch > 0].tolist())) == 1
 
 
 def _session(session_id: int) -> list[str]:

@@ -40,7 +40,7 @@ PATTERNS = ("plain", "striped", "checkered", "dotted")
 COUNT_WORDS = {1: "one", 2: "two", 3: "three"}
 
 # Where the group of shapes sits, as (x0, y0, x1, y1) fractions of the image side.
-_REGIONS = {
+REGIONS = {
     "left": (0.0, 0.1, 0.48, 0.9), "right": (0.52, 0.1, 1.0, 0.9), "top": (0.1, 0.0, 0.9, 0.48),
     "bottom": (0.1, 0.52, 0.9, 1.0), "center": (0.22, 0.22, 0.78, 0.78),
 }
@@ -136,8 +136,8 @@ def _shade(color: tuple[int, int, int]) -> tuple[int, int, int]:
     return tuple(round(channel + 0.35 * (target - channel)) for channel in color)
 
 
-def draw_scene(scene: Scene, rng: random.Random, size: int) -> PIL.Image.Image:
-    """Draw `scene` as a `size` x `size` RGB image; `rng` places the shapes (jittered, non-overlapping)."""
+def draw_background(scene: Scene, size: int) -> PIL.Image.Image:
+    """A `size` x `size` RGB image of `scene`'s background colour and pattern, without the shapes."""
     image = PIL.Image.new("RGB", (size, size), COLORS[scene.background])
     draw = PIL.ImageDraw.Draw(image)
     tone, step = _shade(COLORS[scene.background]), max(size // 8, 2)
@@ -153,14 +153,29 @@ def draw_scene(scene: Scene, rng: random.Random, size: int) -> PIL.Image.Image:
         for y in range(step // 2, size, step):
             for x in range(step // 2, size, step):
                 draw.ellipse((x - dot, y - dot, x + dot, y + dot), fill=tone)
+    return image
 
+
+def draw_shape(image: PIL.Image.Image, shape: str, cx: float, cy: float, half: float, color: str) -> None:
+    """One `shape` of `color` centred at (cx, cy) in a box of side 2 * `half`, drawn onto `image`."""
+    draw, fill, box = PIL.ImageDraw.Draw(image), COLORS[color], (cx - half, cy - half, cx + half, cy + half)
+    if shape == "circle":
+        draw.ellipse(box, fill=fill)
+    elif shape == "square":
+        draw.rectangle(box, fill=fill)
+    else:
+        draw.polygon(_shape_points(shape, cx, cy, half), fill=fill)
+
+
+def draw_scene(scene: Scene, rng: random.Random, size: int) -> PIL.Image.Image:
+    """Draw `scene` as a `size` x `size` RGB image; `rng` places the shapes (jittered, non-overlapping)."""
+    image = draw_background(scene, size)
     # The group lies along the region's long axis, one cell per shape; each shape is jittered inside its cell.
-    x0, y0, x1, y1 = (fraction * size for fraction in _REGIONS[scene.position])
+    x0, y0, x1, y1 = (fraction * size for fraction in REGIONS[scene.position])
     horizontal = (x1 - x0) >= (y1 - y0)
     cell = ((x1 - x0) if horizontal else (y1 - y0)) / scene.count
     across = (y1 - y0) if horizontal else (x1 - x0)
     half_max = 0.4 * min(cell, across)
-    fill = COLORS[scene.color]
     for k in range(scene.count):
         half = half_max * rng.uniform(0.75, 1.0)
         # 1.5 px kept free at each cell border, so neighbouring shapes never touch and stay countable.
@@ -168,13 +183,7 @@ def draw_scene(scene: Scene, rng: random.Random, size: int) -> PIL.Image.Image:
         along = (k + 0.5) * cell + rng.uniform(-slack_along, slack_along)
         offset = across / 2 + rng.uniform(-slack_across, slack_across)
         cx, cy = (x0 + along, y0 + offset) if horizontal else (x0 + offset, y0 + along)
-        box = (cx - half, cy - half, cx + half, cy + half)
-        if scene.shape == "circle":
-            draw.ellipse(box, fill=fill)
-        elif scene.shape == "square":
-            draw.rectangle(box, fill=fill)
-        else:
-            draw.polygon(_shape_points(scene.shape, cx, cy, half), fill=fill)
+        draw_shape(image, scene.shape, cx, cy, half, scene.color)
     return image
 
 
