@@ -45,12 +45,12 @@ ATTRIBUTES = {
     "position": (len(POSITIONS), lambda scene: POSITIONS.index(scene.position)),
 }
 
-#: layout -> how a demo scene is redrawn (None: as the demo draws it; "grid" is drawn by :func:`draw_on_grid`)
-LAYOUTS: dict[str, Callable[[Scene], Scene] | None] = {
-    "demo": None,
+#: layout -> which scene is drawn ("demo" is the demo's own image; "grid" places shapes with :func:`draw_on_grid`)
+LAYOUTS: dict[str, Callable[[Scene], Scene]] = {
+    "demo": lambda scene: scene,
     "one-anywhere": lambda scene: dataclasses.replace(scene, count=1),
     "one-centred": lambda scene: dataclasses.replace(scene, count=1, position="center"),
-    "grid": lambda scene: scene,  # same scene, other placement
+    "grid": lambda scene: scene,
 }
 
 
@@ -69,7 +69,7 @@ def draw_on_grid(scene: Scene, rng: random.Random, size: int, patch_size: int) -
 
 
 def _draw(dataset: SyntheticNoisyDataset, index: int, scene: Scene, layout: str, patch_size: int) -> PIL.Image.Image:
-    if LAYOUTS[layout] is None:
+    if layout == "demo":
         return dataset.image(index)
     rng, size = random.Random(f"probe-layout/{index}"), dataset.image_size
     return draw_on_grid(scene, rng, size, patch_size) if layout == "grid" else draw_scene(scene, rng, size)
@@ -80,8 +80,7 @@ def _scenes(train: int, test: int, image_size: int, layout: str = "demo",
     """Images (normalised to about unit scale) and their attribute labels ``[N, 3]``: the demo's scenes, same seed,
     drawn in ``layout``."""
     dataset = SyntheticNoisyDataset(train + test, 0.0, seed=DATA_SEED, image_size=image_size)
-    redraw = LAYOUTS[layout] or (lambda scene: scene)
-    scenes = [redraw(dataset.scene(index)) for index in range(train + test)]
+    scenes = [LAYOUTS[layout](dataset.scene(index)) for index in range(train + test)]
     pixels = np.stack([np.asarray(_draw(dataset, index, scene, layout, patch_size))
                        for index, scene in enumerate(scenes)])
     images = (torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255 - 0.5) / 0.25
