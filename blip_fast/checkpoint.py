@@ -425,6 +425,43 @@ def load_training_state(model: nn.Module, state: Mapping[str, torch.Tensor], sou
     return report
 
 
+def read_vision_init(path: str | os.PathLike, vision: VisionConfig) -> dict[str, torch.Tensor]:
+    """An image classifier's ViT as BLIP's image encoder, under ``vision_model.`` names: BLIP starts pre-training
+    from a ViT trained on ImageNet (the original loads DeiT's weights into its ``visual_encoder``). Reads a timm/DeiT
+    state dict (``blocks.N.*``, bare or under ``"model"`` as DeiT ships it), the original's ``visual_encoder.*`` or
+    ours / HuggingFace's ``vision_model.*``. What is no ViT weight (the classifier head) is dropped with a log line;
+    the position table is resized to ``vision``'s grid; any other misfit is a :class:`CheckpointError` naming it."""
+    from blip_fast.modeling.vit import BlipVisionModel
+
+    path = os.fspath(path)
+    state, dropped = {}, []
+    for key, tensor in _read_file(path).items():
+        name = key if key.startswith(("vision_model.", "visual_encoder.")) else f"visual_encoder.{key}"
+        name = _rename_vision(name)
+        if name.startswith("vision_model."):
+            state[name] = tensor
+        else:
+            dropped.append(key)
+    if not state:
+        raise CheckpointError(f"{path} holds no ViT weights (timm's blocks.N.*, BLIP's visual_encoder.* or our "
+                              "vision_model.*)")
+    if dropped:
+        logger.info("%s: dropped what is no image-encoder weight: %s", path, ", ".join(sorted(dropped)))
+    with torch.device("meta"):
+        holder = nn.Module()
+        holder.vision_model = BlipVisionModel(vision)
+    return _fit(holder, state, path, resize_pos_embed=True, strict=True)
+
+
+def load_vision_init(trainer: nn.Module, path: str | os.PathLike) -> None:
+    """Start a pre-training ``trainer``'s ViT, and its momentum copy, from :func:`read_vision_init`'s weights."""
+    state = read_vision_init(path, trainer.config.vision)
+    momentum = {"visual_encoder_m." + key.removeprefix("vision_model."): tensor for key, tensor in state.items()}
+    trainer.load_state_dict({**state, **momentum}, strict=False)
+    logger.info("%s -> %s: the image encoder and its momentum copy (%d tensors each)", path,
+                type(trainer).__name__, len(state))
+
+
 #: The first bytes of what ``torch.save`` writes: a zip archive (torch >= 1.6), or a pickle (protocol 2+).
 _TORCH_SAVE_MAGIC = (b"PK\x03\x04", b"\x80")
 

@@ -53,11 +53,15 @@ def summarize(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
                          "clear_gain": None if gain["std"] is None else gain["mean"] > 2 * gain["std"]})
     named = [{"attribute": attribute, **{model: spread([result[when]["captions"][f"names_{attribute}"]
                                                          for result in per_seed])
-                                          for model, when in (("noisy", "before"), ("bootstrapped", "after"))}}
+                                          for model, when in (("noisy", "before"), ("bootstrapped", "after"))},
+              "synthetic": spread([result["filter"]["synthetic_names"][attribute] for result in per_seed])}
              for attribute in CAPTION_ATTRIBUTES]
     return {
         "seeds": [result["seed"] for result in per_seed], "threads": first["threads"], "cpu": first["cpu"],
-        "torch": first["torch"], "scale": first["scale"], "compared": compared, "caption_attributes": named,
+        "torch": first["torch"], "scale": first["scale"],
+        "vision_init": {label: spread([result["vision_init"]["held_out_accuracy"][label] for result in per_seed])
+                        for label in first["vision_init"]["held_out_accuracy"]},
+        "compared": compared, "caption_attributes": named,
         "filter": {key: spread([result["filter"][key] for result in per_seed]) for key in FILTER_KEYS},
         "examples": [{"references": before["references"], "noisy": before["caption"], "bootstrapped": after["caption"]}
                      for before, after in zip(first["before"]["examples"], first["after"]["examples"])],
@@ -90,7 +94,10 @@ def write_report(path: Path, results: dict[str, Any], timing: dict[str, Any]) ->
         f"{scale['web_images']} noisy web images ({100 * scale['noise_fraction']:.0f}% wrong captions), "
         f"{scale['clean_images']} clean images for fine-tuning, {scale['test_images']} retrieval and "
         f"{scale['caption_test_images']} caption test images ({scale['references_per_image']} references each); "
-        f"tiny BLIP at {scale['image_size']} px. "
+        f"tiny BLIP at {scale['image_size']} px, its ViT started from a classifier trained on "
+        f"{scale['vision_init_images']} labelled scenes of its own (BLIP's: ImageNet), which names the "
+        + " and the ".join(f"{label} of {_show(accuracy)}%" for label, accuracy in results["vision_init"].items())
+        + " of held-out scenes. "
         f"Retrieval: ITC top-{scale['k_test']} reranked by ITM + ITC. Numbers: {over}; "
         f"{results['threads']} torch thread(s) per run, torch {results['torch']}, {_numerics(results['cpu'])}.",
         "",
@@ -112,9 +119,9 @@ def write_report(path: Path, results: dict[str, Any], timing: dict[str, Any]) ->
         "What the captions name right (% of caption test images; a uniform guess: "
         + ", ".join(f"{attribute} {chance:.1f}" for attribute, chance in CAPTION_ATTRIBUTES.items()) + "):",
         "",
-        "| attribute | noisy | bootstrapped |",
-        "|---|---|---|",
-        *(f"| {row['attribute']} | {_show(row['noisy'])} | {_show(row['bootstrapped'])} |"
+        "| attribute | noisy | bootstrapped | CapFilt's synthetic captions (of the web images) |",
+        "|---|---|---|---|",
+        *(f"| {row['attribute']} | {_show(row['noisy'])} | {_show(row['bootstrapped'])} | {_show(row['synthetic'])} |"
           for row in results["caption_attributes"]),
         "",
         f"## Example captions (caption test images, seed {seeds[0]})",

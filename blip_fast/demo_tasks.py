@@ -4,7 +4,8 @@ What BLIP does after pre-training, at demo size on a CPU:
 
 1. draw scenes with clean captions, VQA questions with ten human answers each (:mod:`blip_fast.data.synthetic_tasks`)
    and NLVR2 statements about image pairs; train a WordPiece vocab on all their text;
-2. pre-train a tiny BLIP (ITC + ITM + LM) on the captions;
+2. pre-train a tiny BLIP (ITC + ITM + LM) on the captions, its ViT started from the bootstrapping demo's shape and
+   colour classifier (:mod:`blip_fast.demo_vision`; BLIP's starts from ImageNet);
 3. VQA: score the pre-trained question encoder + answer decoder on unseen images (BLIP's answer ranking over the
    answer list, the official VQA accuracy), fine-tune it with the answer-weighted loss, score it again (ranking and
    generation), next to two baselines: a random answer and each question kind's most common training answer;
@@ -29,7 +30,7 @@ from blip_fast import errors
 from blip_fast.atomic_files import atomic_write_text
 from blip_fast.data import synthetic_tasks
 from blip_fast.data.synthetic import SyntheticNoisyDataset
-from blip_fast.demo import SETTINGS_FILE, SeedRun, Stages, _check_settings, _train
+from blip_fast.demo import SETTINGS_FILE, VISION_INIT, SeedRun, Stages, _check_settings, _train
 from blip_fast.output_lock import command_line, lock_folder
 
 DEMO_TASKS = ("vqa", "nlvr")
@@ -54,16 +55,20 @@ class TaskDemoScale:
     nlvr_epochs: int
     micro_batch: int = 32
     queue_size: int = 128
-    image_size: int = 64  # pixels: the drawn scenes and the model's input
+    image_size: int = 40  # pixels: the drawn scenes and the model's input (as the bootstrapping demo's)
+    # The ViT pre-training starts from, as the bootstrapping demo's (demo_vision): a classifier of this many labelled
+    # scenes, trained for this many steps.
+    vision_init_images: int = 2000
+    vision_init_steps: int = 400
 
 
 SCALES = {
     "full": TaskDemoScale(pretrain_images=1200, train_images=800, test_images=200, pretrain_epochs=6,
                           questions_per_image=3, nlvr_train_pairs=1600, nlvr_test_pairs=400, vqa_epochs=4,
-                          nlvr_epochs=4, image_size=32),
+                          nlvr_epochs=4),
     "small": TaskDemoScale(pretrain_images=600, train_images=400, test_images=100, pretrain_epochs=4,
                            questions_per_image=3, nlvr_train_pairs=640, nlvr_test_pairs=200, vqa_epochs=3,
-                           nlvr_epochs=3, image_size=32),
+                           nlvr_epochs=3),
 }
 
 
@@ -176,6 +181,8 @@ def run_task_demo(out_dir: str | os.PathLike = "blip_fast_demo", tasks: Sequence
 def _run_tasks(out_dir: Path, tasks: Sequence[str], scale: TaskDemoScale, log: Callable[[str], None]) -> dict[str, Any]:
     import torch
 
+    from blip_fast.demo_vision import pretrain_vision
+
     _check_settings(out_dir / SETTINGS_FILE, asdict(scale), "of another scale")
     threads = max(1, os.cpu_count() or 1)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -184,13 +191,15 @@ def _run_tasks(out_dir: Path, tasks: Sequence[str], scale: TaskDemoScale, log: C
     run = SeedRun(out_dir, data_dir, scale, TRAIN_SEED, threads)  # _train reads its folders, micro_batch and threads
 
     files = stages.run("data", lambda: {"files": write_task_data(data_dir, scale)})["files"]
+    vision_init = stages.run("pretrain_vision", lambda: pretrain_vision(
+        out_dir / VISION_INIT, scale.image_size, scale.vision_init_images, scale.vision_init_steps, TRAIN_SEED))
     stages.run("pretrain", lambda: _train(run, "pretrain", {
         "task": "pretrain", "annotations": files["pretrain"], "tokenizer_dir": files["tokenizer"],
         "epochs": scale.pretrain_epochs, "init_lr": 2e-3, "warmup_lr": 1e-5, "warmup_steps": 20, "min_lr": 1e-5,
         "lr_decay_rate": 0.85, "momentum": 0.99, "queue_size": scale.queue_size, "export_tasks": ["vqa"],
-        "seed": TRAIN_SEED}))
+        "vision_init": out_dir / VISION_INIT, "seed": TRAIN_SEED}))
     pretrained = out_dir / "pretrain"
-    results: dict[str, Any] = {"scale": asdict(scale), "tasks": list(tasks)}
+    results: dict[str, Any] = {"scale": asdict(scale), "tasks": list(tasks), "vision_init": vision_init}
     if "vqa" in tasks:
         answers = _read(files["answer_list"])
         results["vqa"] = {
@@ -224,7 +233,11 @@ def task_report(results: dict[str, Any]) -> str:
     scale = results["scale"]
     lines = ["# blip_fast downstream demo: VQA and NLVR2", "",
              f"A tiny BLIP ({scale['image_size']} px) pre-trained on {scale['pretrain_images']} captioned synthetic "
-             f"scenes, then fine-tuned; tested on {scale['test_images']} unseen scenes.", ""]
+             f"scenes, its ViT started from a classifier trained on {scale['vision_init_images']} labelled scenes of "
+             "its own (BLIP's: ImageNet), which names the "
+             + " and the ".join(f"{label} of {accuracy:.1f}%" for label, accuracy in
+                                results["vision_init"]["held_out_accuracy"].items())
+             + f" of held-out scenes; then fine-tuned; tested on {scale['test_images']} unseen scenes.", ""]
     if "vqa" in results:
         vqa = results["vqa"]
         lines += ["## VQA (official VQA accuracy, %)", "",

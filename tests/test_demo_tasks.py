@@ -50,8 +50,10 @@ def test_report_shows_before_after_and_baselines():
     results = {"scale": {**SCALES["small"].__dict__}, "tasks": ["vqa", "nlvr"], "seconds": {"data": 1.0},
                "vqa": {"baselines": {"random_answer": 3.0, "question_kind_prior": 20.0}, "before": {"rank": 5.0},
                        "after": {"rank": 60.0, "generate": 55.5}},
-               "nlvr": {"before": {"accuracy": 50.5}, "after": {"accuracy": 70.25}}}
+               "nlvr": {"before": {"accuracy": 50.5}, "after": {"accuracy": 70.25}},
+               "vision_init": {"images": 2000, "steps": 400, "held_out_accuracy": {"shape": 97.5, "color": 100.0}}}
     report = task_report(results)
+    assert "which names the shape of 97.5% and the color of 100.0% of held-out scenes" in report
     for row in ("| fine-tuned (rank) | 60.0 |", "| fine-tuned (generate) | 55.5 |", "| chance | 50.0 |",
                 "| fine-tuned | 70.2 |", "| most common answer of the question kind | 20.0 |"):
         assert row in report

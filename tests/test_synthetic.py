@@ -6,7 +6,7 @@ import random
 import numpy as np
 import pytest
 
-from blip_fast.data.synthetic import COLORS, PLURALS, SyntheticNoisyDataset
+from blip_fast.data.synthetic import COLORS, COUNT_WORDS, GRID, PLURALS, REGION_CELLS, SyntheticNoisyDataset
 from blip_fast.tokenizer import BlipTokenizer, pre_caption
 
 
@@ -67,6 +67,30 @@ def test_images_are_rgb_of_the_requested_size(image_size):
     assert image.mode == "RGB" and image.size == (image_size, image_size)
 
 
+def test_regions_are_disjoint_cells_with_room_for_every_count():
+    cells = [cell for region in REGION_CELLS.values() for cell in region]
+    assert len(cells) == len(set(cells)) and all(0 <= row < GRID and 0 <= column < GRID for row, column in cells)
+    assert min(len(region) for region in REGION_CELLS.values()) >= max(COUNT_WORDS)
+
+
+def test_each_shape_sits_alone_on_a_patch_of_its_region_at_one_offset():
+    """At the demo's 40 px the tiny ViT's 8 px patches see each shape on a patch of its own, on the cells of the
+    scene's region, every shape drawn with the same pixels wherever it sits (one offset from the patch grid)."""
+    patch = 8
+    size = GRID * patch
+    synthetic = SyntheticNoisyDataset(100, noise_fraction=0.0, seed=3, image_size=size)
+    footprints: dict[str, set[bytes]] = {}
+    for index in range(100):
+        scene = synthetic.scene(index)
+        mask = (np.asarray(synthetic.image(index)) == np.asarray(COLORS[scene.color])).all(-1)
+        patches = mask.reshape(GRID, patch, GRID, patch).transpose(0, 2, 1, 3)
+        occupied = {(row, column) for row in range(GRID) for column in range(GRID) if patches[row, column].any()}
+        assert len(occupied) == scene.count and occupied <= set(REGION_CELLS[scene.position]), (index, scene)
+        for row, column in occupied:
+            footprints.setdefault(scene.shape, set()).add(patches[row, column].tobytes())
+    assert {shape: len(drawn) for shape, drawn in footprints.items()} == dict.fromkeys(footprints, 1)
+
+
 @pytest.mark.parametrize(("num_samples", "noise_fraction"), [(1, 0.3), (97, 0.3), (1000, 0.05), (10, 0.0), (13, 1.0)])
 def test_noise_fraction_is_exact(num_samples, noise_fraction):
     synthetic = SyntheticNoisyDataset(num_samples, noise_fraction=noise_fraction, seed=3)
@@ -91,7 +115,7 @@ def test_noisy_captions_describe_another_scene_and_keep_the_truth():
     assert noisy_count == 90
 
 
-@pytest.mark.parametrize("image_size", [64, 97])
+@pytest.mark.parametrize("image_size", [40, 64, 97])
 def test_pixels_show_the_captioned_count_colour_and_position(image_size):
     """The shape colour appears in exactly `count` separate blobs, grouped where the caption says."""
     synthetic = SyntheticNoisyDataset(150, noise_fraction=0.0, seed=2, image_size=image_size)

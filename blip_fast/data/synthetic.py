@@ -1,10 +1,10 @@
 """The built-in synthetic noisy image-text dataset: drawn scenes, compositional captions, known label noise.
 
-Each sample is a small RGB scene -- one to three shapes of one colour grouped in one region of a plain or patterned
-background -- and a caption that describes it ("Two red circles on the left of a striped blue background."). A
-`noise_fraction` of the samples get a *wrong* caption instead, one that describes another scene (a different shape
-or colour), while the true caption is kept beside it: training sees web-like noise, and CapFilt can later be scored
-against the ground truth.
+Each sample is a small RGB scene -- one to three shapes of one colour, each on a cell of a 5 x 5 grid, in one region
+of a plain or patterned background -- and a caption that describes it ("Two red circles on the left of a striped blue
+background."). A `noise_fraction` of the samples get a *wrong* caption instead, one that describes another scene (a
+different shape or colour), while the true caption is kept beside it: training sees web-like noise, and CapFilt can
+later be scored against the ground truth.
 
 Everything is a pure function of `(seed, index)`: sample `i` has the same scene, pixels and captions whatever order
 or process asks for it, so the set needs no files (it is drawn on the fly by `SyntheticDataset`), yet can be written
@@ -39,10 +39,15 @@ POSITIONS = ("left", "right", "top", "bottom", "center")
 PATTERNS = ("plain", "striped", "checkered", "dotted")
 COUNT_WORDS = {1: "one", 2: "two", 3: "three"}
 
-# Where the group of shapes sits, as (x0, y0, x1, y1) fractions of the image side.
-REGIONS = {
-    "left": (0.0, 0.1, 0.48, 0.9), "right": (0.52, 0.1, 1.0, 0.9), "top": (0.1, 0.0, 0.9, 0.48),
-    "bottom": (0.1, 0.52, 0.9, 1.0), "center": (0.22, 0.22, 0.78, 0.78),
+#: The scene is a GRID x GRID board; each shape sits centred on a cell of its own. With image_size a multiple of
+#: GRID x the ViT's patch size (40 px for the tiny ViT's 8 px patches), every shape then shows the same offset from
+#: the patch grid: a ViT must otherwise learn each shape again at every offset, which the demo's tiny one cannot in
+#: its budget (benchmarks/demo_attribute_probe.py measures both).
+GRID = 5
+#: Each region's cells as (row, column): disjoint, so the cells of a group say where it is (corners stay empty).
+REGION_CELLS = {
+    "left": ((1, 0), (2, 0), (3, 0)), "right": ((1, 4), (2, 4), (3, 4)), "top": ((0, 1), (0, 2), (0, 3)),
+    "bottom": ((4, 1), (4, 2), (4, 3)), "center": ((1, 2), (2, 1), (2, 2), (2, 3), (3, 2)),
 }
 _WHERE = {  # "... {where}", and "... {where} of a ... background"
     "left": ("on the left", "on the left side"), "right": ("on the right", "on the right side"),
@@ -168,22 +173,10 @@ def draw_shape(image: PIL.Image.Image, shape: str, cx: float, cy: float, half: f
 
 
 def draw_scene(scene: Scene, rng: random.Random, size: int) -> PIL.Image.Image:
-    """Draw `scene` as a `size` x `size` RGB image; `rng` places the shapes (jittered, non-overlapping)."""
-    image = draw_background(scene, size)
-    # The group lies along the region's long axis, one cell per shape; each shape is jittered inside its cell.
-    x0, y0, x1, y1 = (fraction * size for fraction in REGIONS[scene.position])
-    horizontal = (x1 - x0) >= (y1 - y0)
-    cell = ((x1 - x0) if horizontal else (y1 - y0)) / scene.count
-    across = (y1 - y0) if horizontal else (x1 - x0)
-    half_max = 0.4 * min(cell, across)
-    for k in range(scene.count):
-        half = half_max * rng.uniform(0.75, 1.0)
-        # 1.5 px kept free at each cell border, so neighbouring shapes never touch and stay countable.
-        slack_along, slack_across = max(cell / 2 - half - 1.5, 0.0), max(across / 2 - half - 1.5, 0.0)
-        along = (k + 0.5) * cell + rng.uniform(-slack_along, slack_along)
-        offset = across / 2 + rng.uniform(-slack_across, slack_across)
-        cx, cy = (x0 + along, y0 + offset) if horizontal else (x0 + offset, y0 + along)
-        draw_shape(image, scene.shape, cx, cy, half, scene.color)
+    """Draw `scene` as a `size` x `size` RGB image; `rng` picks the cells of its region the shapes sit on."""
+    image, cell = draw_background(scene, size), size / GRID
+    for row, column in rng.sample(REGION_CELLS[scene.position], scene.count):
+        draw_shape(image, scene.shape, (column + 0.5) * cell, (row + 0.5) * cell, 0.375 * cell, scene.color)
     return image
 
 

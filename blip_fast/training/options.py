@@ -95,6 +95,10 @@ def _add_options(parser: argparse.ArgumentParser) -> None:
                       help="fine-tuning: a blip_fast.train output dir (pre-training or the same task; its `latest` or "
                            "a global_stepN dir) or an HF-layout dir of the task's model; model config and tokenizer "
                            "come from it. Any task (pre-training too): an original BLIP .pth, with --tokenizer_dir")
+    task.add_argument("--vision_init", default=None,
+                      help="pre-training: the image encoder's initial weights, as BLIP starts from a ViT trained on "
+                           "ImageNet: a timm/DeiT ViT state dict (.pth or .safetensors), BLIP's visual_encoder.* or "
+                           "our vision_model.*; the classifier head is dropped, the position table resized")
     task.add_argument("--prompt", default="a picture of ",
                       help="captioning: text put before every caption and masked from the loss (BLIP's)")
     task.add_argument("--negative_all_rank", action=bool_flag, default=False,
@@ -338,6 +342,13 @@ def check_args(args: argparse.Namespace) -> None:
     if args.task == "pretrain" and args.init_from is not None and not os.path.isfile(args.init_from):
         raise ConfigError("init_from is for fine-tuning (tasks retrieval, captioning, vqa, nlvr); pre-training "
                           "starts from random weights or continues an original BLIP .pth")
+    if args.vision_init is not None:
+        if args.task != "pretrain" or args.init_from is not None:
+            raise ConfigError("vision_init starts pre-training's image encoder from a classifier's ViT: it goes with "
+                              "task pretrain and without init_from (which holds an image encoder of its own)")
+        if not os.path.isfile(args.vision_init):
+            raise MissingFileError(f"vision_init {args.vision_init}: no such file (a ViT state dict: .pth or "
+                                   ".safetensors)")
     if args.task != "pretrain" and args.init_from is None:
         raise ConfigError(f"task {args.task} fine-tunes a model: pass --init_from (a pre-training output dir or an "
                           "HF-layout task dir)")

@@ -190,6 +190,8 @@ def _build_pretrainer(config: BlipConfig, args: argparse.Namespace, source: Init
                              negatives_by_image_id=args.negatives_by_image_id)
     if source is not None:  # continuing the original's pre-training from its .pth
         source.load_training_state(trainer)
+    if args.vision_init is not None:  # BLIP's ViT trained on ImageNet
+        checkpoint.load_vision_init(trainer, args.vision_init)
     return trainer
 
 
