@@ -33,7 +33,7 @@ VISION_DATA_SEED = 9
 #: trained to name shapes learns to ignore colour, and pre-training's few hundred steps do not bring it back (seed 0's
 #: CapFilt captions then named the colour of 11.5% of the images).
 LABELS = {"shape": SHAPES, "color": tuple(sorted(COLORS))}
-#: Scenes held out of the classifier's training to report how well it names shapes.
+#: Scenes held out of the classifier's training, to report how well it names each label.
 HELD_OUT = 200
 
 
