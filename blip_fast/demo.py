@@ -71,6 +71,10 @@ from blip_fast.determinism import portable_cpu_environment
 from blip_fast.launch import ChildProcesses, run_ranks, sigterm_raises, stop_with_parent
 from blip_fast.output_lock import command_line, lock_folder
 
+#: The ViT both pre-trainings start from, as BLIP's from ImageNet: trained to name the shape and colour of this many
+#: labelled scenes of a set of its own, for this many steps (demo_vision).
+VISION_INIT_IMAGES, VISION_INIT_STEPS = 2000, 400
+
 
 @dataclass(frozen=True)
 class DemoScale:
@@ -101,10 +105,8 @@ class DemoScale:
     pretrain_rank_batch: int = 16
     k_test: int = 16
     references_per_image: int = 3
-    # The ViT both pre-trainings start from, as BLIP's from ImageNet: trained to name the shape and colour of this many
-    # labelled scenes of a set of its own, for this many steps (demo_vision).
-    vision_init_images: int = 2000
-    vision_init_steps: int = 400
+    vision_init_images: int = VISION_INIT_IMAGES
+    vision_init_steps: int = VISION_INIT_STEPS
     # Pixels, the drawn scenes' and the model's input: one 8 px ViT patch per cell of the scenes' 5 x 5 board, so
     # every shape sits at the same offset from the patch grid (see synthetic.GRID).
     image_size: int = 40
@@ -355,7 +357,7 @@ def _train(run: SeedRun, name: str, options: dict[str, Any], batch: int | None =
     return json.loads(summary_lines[-1])["summary"]
 
 
-def _pretrain_options(run: SeedRun, annotations: list[Path], **extra: Any) -> dict[str, Any]:
+def _pretrain_options(run: SeedRun, annotations: list[Path], vision_init: Path, **extra: Any) -> dict[str, Any]:
     """BLIP's pre-training recipe at demo size: LR warmup then per-epoch decay, with a higher peak LR (1e-3) and a
     faster momentum encoder (0.99) because the run is a few hundred steps, not BLIP's hundreds of thousands. The peak
     LR trades retrieval against captions (three seeds and one default run each, README): at 2e-3 and 1.5e-3 one
@@ -365,12 +367,12 @@ def _pretrain_options(run: SeedRun, annotations: list[Path], **extra: Any) -> di
     bootstrapped data holds a web and a synthetic caption for about half its images while the ITC queue holds a
     tenth of the data (BLIP's: 0.04%), so with BLIP's one-positive ITC true captions keep turning up as negatives;
     the bootstrapped pre-training of two seeds (1 and 2, at 2e-3) then reached text->image R@5 72.5 and 53.2, with
-    this 84.7 and 76.7."""
+    this 84.7 and 76.7. The ViT starts from ``vision_init`` (the seed's classifier, :data:`VISION_INIT`)."""
     scale = run.scale
     return {"task": "pretrain", "annotations": annotations, "epochs": scale.pretrain_epochs, "init_lr": 1e-3,
             "warmup_lr": 1e-5, "warmup_steps": 20, "min_lr": 1e-5, "lr_decay_rate": 0.85, "momentum": 0.99,
             "queue_size": scale.queue_size, "negatives_by_image_id": True,
-            "export_tasks": ["captioning", "retrieval"], "vision_init": run.run_dir / VISION_INIT,
+            "export_tasks": ["captioning", "retrieval"], "vision_init": vision_init,
             "seed": component_seed(run.seed, "pretrain"), **extra}
 
 
@@ -483,8 +485,8 @@ def pretrain_again(run: SeedRun, stages: Stages, captions: Path, noisy_dir: Path
     of optimizer steps as the noisy pre-training, so only the data differs -- fine-tune its captioner the same way
     (seed included), and evaluate them (retrieval; captions)."""
     stages.run("pretrain_bootstrapped", lambda: _train(run, "pretrain_bootstrapped", _pretrain_options(
-        run, [captions, splits["clean"]], tokenizer_dir=noisy_dir / "tokenizer", epochs=100, max_steps=steps,
-        vision_init=noisy_dir.parent / VISION_INIT), rank_batch=run.scale.pretrain_rank_batch))
+        run, [captions, splits["clean"]], noisy_dir.parent / VISION_INIT, tokenizer_dir=noisy_dir / "tokenizer",
+        epochs=100, max_steps=steps), rank_batch=run.scale.pretrain_rank_batch))
     stages.run("finetune_captioner_bootstrapped", lambda: _train(run, "captioner_bootstrapped", _finetune_options(
         run, "captioning", run.run_dir / "pretrain_bootstrapped", splits["clean"])))
     return stages.run("evaluate_bootstrapped", lambda: _evaluate(
@@ -516,7 +518,7 @@ def run_seed(run: SeedRun, log: Callable[[str], None] = print) -> dict[str, Any]
         run_dir / VISION_INIT, run.scale.image_size, run.scale.vision_init_images, run.scale.vision_init_steps,
         component_seed(run.seed, "vision_init")))
     noisy = stages.run("pretrain_noisy", lambda: _train(run, "pretrain_noisy", _pretrain_options(
-        run, [splits["web"], splits["clean"]]), rank_batch=run.scale.pretrain_rank_batch))
+        run, [splits["web"], splits["clean"]], run_dir / VISION_INIT), rank_batch=run.scale.pretrain_rank_batch))
     stages.run("finetune_captioner", lambda: _train(run, "captioner", _finetune_options(
         run, "captioning", run_dir / "pretrain_noisy", splits["clean"])))
     stages.run("finetune_filter", lambda: _train(run, "filter", _finetune_options(

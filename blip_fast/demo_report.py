@@ -73,6 +73,14 @@ def _show(stats: dict[str, Any], digits: int = 1, sign: bool = False) -> str:
     return text if stats["std"] is None else f"{text} ± {stats['std']:.{digits}f}"
 
 
+def vision_init_sentence(images: int, accuracies: dict[str, str]) -> str:
+    """How a demo's ViT started, for its report: ``accuracies`` maps each classifier label to its held-out accuracy,
+    formatted."""
+    return (f"its ViT started from a classifier trained on {images} labelled scenes of its own (BLIP's: ImageNet), "
+            "which names the " + " and the ".join(f"{label} of {accuracy}%" for label, accuracy in accuracies.items())
+            + " of held-out scenes")
+
+
 def _numerics(cpu: dict[str, Any]) -> str:
     """How the CPU libraries ran (``determinism.cpu_numerics``), in words."""
     vendor = f", on a {cpu['cpu_vendor']} CPU" if cpu.get("cpu_vendor") else ""
@@ -94,10 +102,10 @@ def write_report(path: Path, results: dict[str, Any], timing: dict[str, Any]) ->
         f"{scale['web_images']} noisy web images ({100 * scale['noise_fraction']:.0f}% wrong captions), "
         f"{scale['clean_images']} clean images for fine-tuning, {scale['test_images']} retrieval and "
         f"{scale['caption_test_images']} caption test images ({scale['references_per_image']} references each); "
-        f"tiny BLIP at {scale['image_size']} px, its ViT started from a classifier trained on "
-        f"{scale['vision_init_images']} labelled scenes of its own (BLIP's: ImageNet), which names the "
-        + " and the ".join(f"{label} of {_show(accuracy)}%" for label, accuracy in results["vision_init"].items())
-        + " of held-out scenes. "
+        f"tiny BLIP at {scale['image_size']} px, "
+        + vision_init_sentence(scale["vision_init_images"],
+                               {label: _show(accuracy) for label, accuracy in results["vision_init"].items()})
+        + ". "
         f"Retrieval: ITC top-{scale['k_test']} reranked by ITM + ITC. Numbers: {over}; "
         f"{results['threads']} torch thread(s) per run, torch {results['torch']}, {_numerics(results['cpu'])}.",
         "",

@@ -30,7 +30,17 @@ from blip_fast import errors
 from blip_fast.atomic_files import atomic_write_text
 from blip_fast.data import synthetic_tasks
 from blip_fast.data.synthetic import SyntheticNoisyDataset
-from blip_fast.demo import SETTINGS_FILE, VISION_INIT, SeedRun, Stages, _check_settings, _train
+from blip_fast.demo import (
+    SETTINGS_FILE,
+    VISION_INIT,
+    VISION_INIT_IMAGES,
+    VISION_INIT_STEPS,
+    SeedRun,
+    Stages,
+    _check_settings,
+    _train,
+)
+from blip_fast.demo_report import vision_init_sentence
 from blip_fast.output_lock import command_line, lock_folder
 
 DEMO_TASKS = ("vqa", "nlvr")
@@ -56,10 +66,8 @@ class TaskDemoScale:
     micro_batch: int = 32
     queue_size: int = 128
     image_size: int = 40  # pixels: the drawn scenes and the model's input (as the bootstrapping demo's)
-    # The ViT pre-training starts from, as the bootstrapping demo's (demo_vision): a classifier of this many labelled
-    # scenes, trained for this many steps.
-    vision_init_images: int = 2000
-    vision_init_steps: int = 400
+    vision_init_images: int = VISION_INIT_IMAGES  # the ViT pre-training starts from, as the bootstrapping demo's
+    vision_init_steps: int = VISION_INIT_STEPS
 
 
 SCALES = {
@@ -233,11 +241,9 @@ def task_report(results: dict[str, Any]) -> str:
     scale = results["scale"]
     lines = ["# blip_fast downstream demo: VQA and NLVR2", "",
              f"A tiny BLIP ({scale['image_size']} px) pre-trained on {scale['pretrain_images']} captioned synthetic "
-             f"scenes, its ViT started from a classifier trained on {scale['vision_init_images']} labelled scenes of "
-             "its own (BLIP's: ImageNet), which names the "
-             + " and the ".join(f"{label} of {accuracy:.1f}%" for label, accuracy in
-                                results["vision_init"]["held_out_accuracy"].items())
-             + f" of held-out scenes; then fine-tuned; tested on {scale['test_images']} unseen scenes.", ""]
+             "scenes, " + vision_init_sentence(scale["vision_init_images"], {
+                 label: f"{accuracy:.1f}" for label, accuracy in results["vision_init"]["held_out_accuracy"].items()})
+             + f"; then fine-tuned; tested on {scale['test_images']} unseen scenes.", ""]
     if "vqa" in results:
         vqa = results["vqa"]
         lines += ["## VQA (official VQA accuracy, %)", "",
