@@ -387,10 +387,10 @@ def _run(argv: Sequence[str]) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run one command; user errors are one line on stderr and exit status 2 (under a launcher, from each node's
-    first rank only: every rank was given the same arguments)."""
+    """Run one command; user errors are one line on stderr and exit status 2 (under a launcher, once per node:
+    :func:`blip_fast.errors.report_delay`)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    return errors.run_main(_run, argv, PROG, quiet=os.environ.get("LOCAL_RANK", "0") != "0")
+    return errors.run_main(_run, argv, PROG, delay_s=errors.report_delay())
 
 
 if __name__ == "__main__":

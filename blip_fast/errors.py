@@ -16,6 +16,7 @@ import json
 import math
 import os
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -256,32 +257,54 @@ def report(prog: str, error: BaseException) -> None:
     print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
 
 
+#: How long a rank that does not report waits before it reports its own error (:func:`report_delay`).
+FOLLOWER_REPORT_DELAY_S = 10.0
+
+
+def report_delay() -> float:
+    """Under a launcher, each node's first rank reports a user error at once and the other ranks wait
+    :data:`FOLLOWER_REPORT_DELAY_S`: every rank reads the same options and data, so they usually fail alike, and the
+    first rank's exit makes the launcher stop the others. A rank that fails first must not win that race (the
+    launcher would stop the reporting rank before its line is out), and one that fails alone still says why."""
+    return FOLLOWER_REPORT_DELAY_S if os.environ.get("LOCAL_RANK", "0") != "0" else 0.0
+
+
 def run_main(main: Callable[[Sequence[str]], int], argv: Sequence[str], prog: str,
-             quiet: bool = False) -> int:
-    """``main(argv)``'s exit status, with user errors as one line and status 2 (``quiet``: no line, e.g. on ranks
-    other than the one that reports). OS errors (permissions, a full disk) are one line too, status 1; Ctrl-C is
-    status 130, SIGTERM (where :func:`blip_fast.launch.sigterm_raises` turned it into :class:`Terminated`) 143."""
+             delay_s: float = 0.0) -> int:
+    """``main(argv)``'s exit status, with user errors as one line and status 2. OS errors (permissions, a full
+    disk) are one line too, status 1; Ctrl-C is status 130, SIGTERM (where :func:`blip_fast.launch.sigterm_raises`
+    turned it into :class:`Terminated`) 143. ``delay_s`` > 0 (a rank that does not report, see
+    :func:`report_delay`): an error's line comes after that wait, unless a signal ends the wait, and the
+    interruption lines are left to the reporting rank (the signal reaches every rank)."""
     debug = debug_enabled(argv)
     try:
         return main(argv)
     except UserError as error:
         if debug:
             raise
-        if not quiet:
-            report(prog, error)
-        return EXIT_USER_ERROR
+        return _report_after(delay_s, prog, error, EXIT_USER_ERROR)
     except OSError as error:
         if debug:
             raise
-        if not quiet:
-            report(prog, error)
-            print(f"{prog}: (set {DEBUG_ENV}=1 for the traceback)", file=sys.stderr)
-        return EXIT_FAILED
+        return _report_after(delay_s, prog, error, EXIT_FAILED, f"(set {DEBUG_ENV}=1 for the traceback)")
     except KeyboardInterrupt:
-        if not quiet:
+        if not delay_s:
             print(f"{prog}: interrupted", file=sys.stderr)
         return 130
     except Terminated:
-        if not quiet:
+        if not delay_s:
             print(f"{prog}: terminated", file=sys.stderr)
         return EXIT_TERMINATED
+
+
+def _report_after(delay_s: float, prog: str, error: BaseException, status: int, *hints: str) -> int:
+    """Report ``error`` after ``delay_s`` and return ``status``; a signal in the wait returns it unreported."""
+    if delay_s:
+        try:
+            time.sleep(delay_s)
+        except (KeyboardInterrupt, Terminated):
+            return status
+    report(prog, error)
+    for hint in hints:
+        print(f"{prog}: {hint}", file=sys.stderr)
+    return status

@@ -518,12 +518,12 @@ def _main(argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Train (or export); user errors are one line on stderr and exit status 2. Under a launcher only each node's
-    first rank prints them (every rank reads the same options), so the launcher shows the line once per node, with
-    no ``[rankN]:`` tracebacks."""
+    """Train (or export); user errors are one line on stderr and exit status 2, with no ``[rankN]:`` tracebacks.
+    Under a launcher each node's first rank prints the line and the others wait before they do
+    (:func:`blip_fast.errors.report_delay`), so an error every rank hits shows once per node."""
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        return errors.run_main(_main, argv, "blip_fast.train", quiet=os.environ.get("LOCAL_RANK", "0") != "0")
+        return errors.run_main(_main, argv, "blip_fast.train", delay_s=errors.report_delay())
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

@@ -5,6 +5,8 @@ no traceback, and found before any work. Also: a model of the wrong task is refu
 import argparse
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -363,3 +365,73 @@ def test_convert_of_a_pretraining_checkpoint_needs_a_task(models, tmp_path, caps
     assert_user_error(*run(["convert", pth, tmp_path / "out", "--config", models["vqa"]], capsys),
                       "is a pre-training checkpoint", "--task")
     assert run(["convert", pth, tmp_path / "out", "--config", models["vqa"], "--task", "vqa"], capsys)[0] == 0
+
+
+@pytest.mark.parametrize("raised, status, lines", [
+    (errors.InvalidInputError("queue_size 50 is no multiple of 16"), errors.EXIT_USER_ERROR,
+     ["prog: error: queue_size 50 is no multiple of 16"]),
+    (PermissionError("cannot write out/"), errors.EXIT_FAILED,
+     ["prog: error: cannot write out/", f"prog: (set {errors.DEBUG_ENV}=1 for the traceback)"]),
+])
+def test_a_rank_that_does_not_report_says_its_error_after_the_wait(capsys, monkeypatch, raised, status, lines):
+    """The wait comes before the line (the reporting rank's line first); a rank still running after it failed alone."""
+    waits = []
+
+    def sleep(seconds):
+        waits.append((seconds, capsys.readouterr().err))
+
+    def fail(argv):
+        raise raised
+
+    monkeypatch.setattr(errors.time, "sleep", sleep)
+    assert errors.run_main(fail, [], "prog", delay_s=7.5) == status
+    assert waits == [(7.5, "")] and capsys.readouterr().err.splitlines() == lines
+
+
+@pytest.mark.parametrize("signal_error", [KeyboardInterrupt, errors.Terminated])
+def test_a_signal_in_the_wait_stops_the_rank_without_a_line(capsys, monkeypatch, signal_error):
+    def sleep(seconds):
+        raise signal_error()
+
+    def fail(argv):
+        raise errors.InvalidInputError("bad")
+
+    monkeypatch.setattr(errors.time, "sleep", sleep)
+    assert errors.run_main(fail, [], "prog", delay_s=1.0) == errors.EXIT_USER_ERROR
+    assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("delay_s, expected", [(0.0, "prog: interrupted\n"), (1.0, "")])
+def test_only_the_reporting_rank_says_it_was_interrupted(capsys, delay_s, expected):
+    def interrupted(argv):
+        raise KeyboardInterrupt
+
+    assert errors.run_main(interrupted, [], "prog", delay_s=delay_s) == 130
+    assert capsys.readouterr().err == expected
+
+
+@pytest.mark.parametrize("local_rank, delay_s", [(None, 0.0), ("0", 0.0), ("1", errors.FOLLOWER_REPORT_DELAY_S)])
+def test_report_delay_follows_the_local_rank(monkeypatch, local_rank, delay_s):
+    if local_rank is None:
+        monkeypatch.delenv("LOCAL_RANK", raising=False)
+    else:
+        monkeypatch.setenv("LOCAL_RANK", local_rank)
+    assert errors.report_delay() == delay_s
+
+
+def test_an_error_every_rank_hits_shows_once_when_another_rank_hits_it_first(tmp_path):
+    """Under torchrun, rank 1 fails two seconds before rank 0: the launcher stops the others as soon as one rank
+    exits, so a rank 1 that exited at once would take rank 0's line with it (the CI failure of stop 27)."""
+    script = tmp_path / "fail.py"
+    script.write_text("import os, sys, time\n"
+                      "from blip_fast import errors\n"
+                      "def main(argv):\n"
+                      "    time.sleep(2.0 if os.environ['LOCAL_RANK'] == '0' else 0.0)\n"
+                      "    raise errors.InvalidInputError('queue_size 50 is not a multiple of 16')\n"
+                      "sys.exit(errors.run_main(main, [], 'fail', delay_s=errors.report_delay()))\n")
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             str(script)], capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert output.count("fail: error: queue_size 50 is not a multiple of 16") == 1, output
