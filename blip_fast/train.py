@@ -165,6 +165,15 @@ def _check_not_empty(dataset: Any, args: argparse.Namespace) -> None:
                                   if "missing_image" in skipped else ""))
 
 
+def _check_queue_fits(args: argparse.Namespace, task: tasks.TrainingTask, micro_batch: int, world_size: int) -> None:
+    """The ITC queue (pre-training, retrieval) takes each step's gathered features in whole: its size must be a
+    multiple of the global micro batch. Checked before the model is built."""
+    global_batch = micro_batch * world_size
+    if task.alpha_ramp_epochs is not None and args.queue_size % global_batch:
+        raise options.ConfigError(f"queue_size {args.queue_size} is not a multiple of the global micro batch "
+                                  f"{global_batch} ({micro_batch} per rank x {world_size} ranks)")
+
+
 def build_tokenizer(args: argparse.Namespace, dataset, output_dir: Path, rank: int, source_dir: str | Path | None):
     """The run's tokenizer, saved to ``output_dir/tokenizer`` by rank 0 and read back by every rank: the one in
     ``source_dir`` (``--tokenizer_dir``, or the ``--init_from`` model's), else one trained on the captions."""
@@ -298,6 +307,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         args.init_from, args.tokenizer_dir if os.path.isfile(args.init_from) else None)
     dataset = (task.dataset or build_dataset)(args, _image_size(args, source))
     _check_not_empty(dataset, args)
+    _check_queue_fits(args, task, options.rank_micro_batch(ds_config, world_size), world_size)
     tokenizer = build_tokenizer(args, dataset, output_dir, rank,
                                 args.tokenizer_dir if source is None else source.tokenizer_dir)
     config = build_model_config(args, tokenizer, source)
@@ -321,9 +331,6 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
 
     micro_batch, accumulation = engine.train_micro_batch_size_per_gpu(), engine.gradient_accumulation_steps()
     global_batch = micro_batch * world_size
-    if task.alpha_ramp_epochs is not None and args.queue_size % global_batch:
-        raise options.ConfigError(f"queue_size {args.queue_size} is not a multiple of the global micro batch {global_batch} "
-                                  f"({micro_batch} per rank x {world_size} ranks)")
     sampler = ResumableSampler(len(dataset), micro_batch, world_size, rank, seed=args.seed, shuffle=True,
                                drop_last=True)
     steps_per_epoch = len(sampler) // accumulation

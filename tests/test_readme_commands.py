@@ -84,8 +84,10 @@ def test_readme_training_commands_run_as_written(tmp_path):
     assert lines[-1].startswith("blip_fast.train: error: ") and "ZeRO optimizer partitions of 2 ranks" in lines[-1]
     assert "deepspeed --num_gpus 2" in lines[-1]
 
-    # A config error found after the ranks started: one line from rank 0, no [rankN]: tracebacks.
+    # A config error found after the ranks started: one line from rank 0, no [rankN]: tracebacks, before the
+    # tokenizer and model are built.
     result = _run([*first, "--queue_size", "50", "--output_dir", "output/bad"], tmp_path)
     output = result.stdout + result.stderr
     assert result.returncode != 0 and "Traceback" not in output and "[rank0]:" not in output
     assert output.count("blip_fast.train: error: queue_size 50 is not a multiple of the global micro batch 16") == 1
+    assert "trained a WordPiece vocab" not in output, "the batch geometry is checked before the tokenizer and model"

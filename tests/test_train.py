@@ -182,6 +182,29 @@ def test_ds_config_auto_is_rejected_by_key(tmp_path):
         options.resolve_ds_config({"train_micro_batch_size_per_gpu": 1, "optimizer": {"type": "AdamW"}})
 
 
+@pytest.mark.parametrize("world_size", [1, 2, 4])
+@pytest.mark.parametrize("batch", [{"train_micro_batch_size_per_gpu": 4},
+                                   {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 3},
+                                   {"train_batch_size": 48},
+                                   {"train_batch_size": 48, "gradient_accumulation_steps": 3},
+                                   {"train_batch_size": 48, "train_micro_batch_size_per_gpu": 4}])
+def test_rank_micro_batch_is_what_deepspeed_derives(monkeypatch, world_size, batch):
+    """The micro batch known before the model is built equals DeepSpeed's own (its config class, at that world size)."""
+    import deepspeed.comm
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    monkeypatch.setattr(deepspeed.comm, "get_rank", lambda *args, **kwargs: 0)
+    monkeypatch.setattr(deepspeed.comm, "get_world_size", lambda *args, **kwargs: world_size)
+    expected = DeepSpeedConfig(dict(batch)).train_micro_batch_size_per_gpu
+    assert options.rank_micro_batch(batch, world_size) == expected
+
+
+def test_a_train_batch_that_does_not_split_over_the_ranks_is_one_line():
+    with pytest.raises(options.ConfigError, match="train_batch_size 48 is not a multiple of "
+                                                  "gradient_accumulation_steps 5 x 2 ranks"):
+        options.rank_micro_batch({"train_batch_size": 48, "gradient_accumulation_steps": 5}, 2)
+
+
 def test_resolved_config_reloads_to_the_same_options(tmp_path):
     args = options.parse_args(["--config", str(TINY), "--init_lr", "2e-3", "--output_dir", str(tmp_path)])
     ds = options.load_ds_config(args.deepspeed_config)

@@ -422,6 +422,20 @@ def load_ds_config(path: str | os.PathLike, micro_batch_size: int | None = None,
     return resolve_ds_config(config, path, micro_batch_size, gradient_accumulation_steps)
 
 
+def rank_micro_batch(ds_config: dict[str, Any], world_size: int) -> int:
+    """Images per rank and micro step, as ``deepspeed.initialize`` will derive them from a resolved ds_config
+    (``train_batch_size = micro batch x gradient_accumulation_steps x ranks``): known before the model is built, so
+    a batch that does not fit the run fails in seconds."""
+    if "train_micro_batch_size_per_gpu" in ds_config:
+        return int(ds_config["train_micro_batch_size_per_gpu"])
+    accumulation = int(ds_config.get("gradient_accumulation_steps", 1))
+    total = int(ds_config["train_batch_size"])
+    if total % (accumulation * world_size):
+        raise ConfigError(f"ds_config: train_batch_size {total} is not a multiple of gradient_accumulation_steps "
+                          f"{accumulation} x {world_size} ranks")
+    return total // (accumulation * world_size)
+
+
 def resolve_ds_config(config: dict[str, Any], source: str = "ds_config", micro_batch_size: int | None = None,
                       gradient_accumulation_steps: int | None = None) -> dict[str, Any]:
     config = copy.deepcopy(config)
