@@ -2,8 +2,8 @@
 bootstrapped sets and compares the captioners' attributes, background pattern included:
 
 - ``web-only``: CapFilt's kept web captions alone (no synthetic captions; BLIP's Table 1 "filter only");
-- ``oracle``: those plus only the synthetic captions that name the object colour, the background colour and the
-  background pattern right (a filter that sees what the benchmark knows).
+- ``oracle``: those plus only the synthetic captions that name the object colour and shape, the background colour
+  and the background pattern right (a filter that sees what the benchmark knows).
 
 Each arm pre-trains from the same initial weights for the same steps with the seed's tokenizer, scale, seed and thread
 count (``blip_fast.demo.pretrain_again``) and CPU numerics (this process takes the seeds' recorded AVX2 caps), in
@@ -49,9 +49,10 @@ def background_attributes(caption: str) -> tuple[str | None, str | None]:
 
 
 def names_what_it_sees(caption: str, scene: Scene) -> bool:
-    """The caption names the object colour, the background colour and its pattern right (what the demo's model can
-    learn; shape, count and position it cannot: README)."""
-    return (demo.caption_attributes(caption)["colour"] == scene.color
+    """The caption names the object's colour and shape, the background colour and its pattern right (what the
+    demo's model can learn; count and position it cannot: README)."""
+    named = demo.caption_attributes(caption)
+    return ((named["colour"], named["shape"]) == (scene.color, scene.shape)
             and background_attributes(caption) == (scene.background, scene.pattern))
 
 

@@ -47,9 +47,11 @@ def test_ablated_sets_keep_web_captions_and_only_right_synthetic_ones():
     scene = dataset.scene(0)
     other_pattern = next(p for p in ("striped", "dotted") if p != scene.pattern)
     wrong = dataclasses.replace(scene, pattern=other_pattern)
+    wrong_shape = dataclasses.replace(scene, shape=next(s for s in ("star", "cross") if s != scene.shape))
     rows = [{"image": "a.png", "source": "web", "caption": render_caption(wrong, random.Random(0))},
             {"image": "a.png", "source": "synthetic", "caption": render_caption(scene, random.Random(1))},
-            {"image": "a.png", "source": "synthetic", "caption": render_caption(wrong, random.Random(2))}]
+            {"image": "a.png", "source": "synthetic", "caption": render_caption(wrong, random.Random(2))},
+            {"image": "a.png", "source": "synthetic", "caption": render_caption(wrong_shape, random.Random(3))}]
     scenes = {"a.png": scene}
     assert ablated_captions(rows, scenes, "web-only") == rows[:1]
     assert ablated_captions(rows, scenes, "oracle") == rows[:2]
