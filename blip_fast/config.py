@@ -219,16 +219,36 @@ class BlipConfig:
 
 
 def _read_config_json(path: str | os.PathLike) -> dict[str, Any]:
-    path = os.fspath(path)
+    path = folder = os.fspath(path)
     if os.path.isdir(path):
         path = os.path.join(path, "config.json")
     try:
         with open(path, encoding="utf-8") as handle:
             return json.load(handle)
     except FileNotFoundError:
-        raise MissingFileError(f"no config.json at {path}") from None
+        inside = _model_folders_inside(folder) if os.path.isdir(folder) else []
+        hint = f"; model folders inside it: {', '.join(inside)}" if inside else ""
+        raise MissingFileError(f"no config.json at {path}{hint}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise InvalidInputError(f"{path} is not valid JSON: {error}") from None
+
+
+def _model_folders_inside(folder: str, depth: int = 2, limit: int = 3, scanned: int = 100) -> list[str]:
+    """Up to ``limit`` folders within ``depth`` levels below ``folder`` that hold a config.json, in name order: a
+    training run's folder keeps its models in ``export/<task>``, and users pass the run's folder. At most
+    ``scanned`` folders are read per level (a dataset's thousands of folders are not walked for a hint)."""
+    found, level = [], [folder]
+    for _ in range(depth):
+        level = sorted(os.path.join(parent, name) for parent in level for name in _subfolders(parent))[:scanned]
+        found += [child for child in level if os.path.isfile(os.path.join(child, "config.json"))]
+    return sorted(found)[:limit]
+
+
+def _subfolders(folder: str) -> list[str]:
+    try:
+        return [entry.name for entry in os.scandir(folder) if entry.is_dir() and not entry.name.startswith(".")]
+    except OSError:
+        return []
 
 
 def _check_heads(where: str, hidden_size: int, num_heads: int) -> None:

@@ -119,6 +119,24 @@ def test_cuda_device_on_a_cpu_torch(models, capsys):
     assert_user_error(code, stderr, "device 'cuda' is not available here")
 
 
+def test_a_folder_above_the_models_names_the_model_folders_in_it(models, tmp_path, capsys):
+    """A run's folder given for the model it exported (``<run>/export/<task>``): the error lists what is there."""
+    expected = ", ".join(sorted(str(models[name]) for name in ("captioner", "filter", "vqa")))
+    assert_user_error(*run(["caption", models["image"], "--model", models["root"]], capsys),
+                      f"no config.json at {models['root'] / 'config.json'}; model folders inside it: {expected}")
+    run_dir = tmp_path / "run"
+    for task in ("retrieval", "captioning"):
+        (run_dir / "export" / task).mkdir(parents=True)
+        (run_dir / "export" / task / "config.json").write_text("{}")
+    (run_dir / "checkpoints" / "global_step5").mkdir(parents=True)
+    assert_user_error(*run(["caption", models["image"], "--model", run_dir], capsys),
+                      f"model folders inside it: {run_dir}/export/captioning, {run_dir}/export/retrieval")
+    (run_dir / "images").mkdir()
+    code, stderr = run(["caption", models["image"], "--model", run_dir / "images"], capsys)
+    assert_user_error(code, stderr, f"no config.json at {run_dir / 'images' / 'config.json'}")
+    assert "inside it" not in stderr
+
+
 def test_corrupt_checkpoint(models, tmp_path, capsys):
     corrupt = tmp_path / "model.pth"
     corrupt.write_bytes(b"PK\x03\x04 not a checkpoint")
