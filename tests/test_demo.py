@@ -287,10 +287,10 @@ def test_same_seed_and_threads_give_byte_identical_results(tmp_path):
         assert (tmp_path / "both" / name).stat().st_size > 0
 
 
-# One thread makes the small run's numbers machine-independent but costs ~22 CPU-minutes on one core: beyond CI's
-# 25-minute budget for the whole suite.
+# One thread makes the small run's numbers machine-independent; it takes ~8 minutes on one core (8.1 on a 2-core AMD
+# EPYC, 2026-12-01), which with the ~12 of the rest would leave CI's 25-minute budget for the suite no margin.
 small_demo_opt_in = pytest.mark.skipif(not os.environ.get("BLIP_FAST_SMALL_DEMO"), reason="the small demo takes about "
-                                       "22 minutes on one core: set BLIP_FAST_SMALL_DEMO=1 to run it")
+                                       "8 minutes on one core: set BLIP_FAST_SMALL_DEMO=1 to run it")
 
 
 @pytest.fixture(scope="module")
