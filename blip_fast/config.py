@@ -219,14 +219,15 @@ class BlipConfig:
 
 
 def _read_config_json(path: str | os.PathLike) -> dict[str, Any]:
-    path = folder = os.fspath(path)
-    if os.path.isdir(path):
-        path = os.path.join(path, "config.json")
+    path = os.fspath(path)
+    folder = path if os.path.isdir(path) else None
+    if folder is not None:
+        path = os.path.join(folder, "config.json")
     try:
         with open(path, encoding="utf-8") as handle:
             return json.load(handle)
     except FileNotFoundError:
-        inside = _model_folders_inside(folder) if os.path.isdir(folder) else []
+        inside = _model_folders_inside(folder) if folder is not None else []
         hint = f"; model folders inside it: {', '.join(inside)}" if inside else ""
         raise MissingFileError(f"no config.json at {path}{hint}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as error:

@@ -6,12 +6,11 @@ import json
 import sys
 from pathlib import Path
 
-from benchmarks.demo_capfilt_ablation import background_attributes
+from benchmarks.demo_capfilt_ablation import _web_scenes, background_attributes
 from blip_fast import demo
-from blip_fast.data.synthetic import SyntheticNoisyDataset
 
-out, scale = Path(sys.argv[1]), demo.SCALES["full"]
-web = SyntheticNoisyDataset(scale.web_images, 0.0, seed=demo.DATA_SEED, image_size=scale.image_size)
+out = Path(sys.argv[1])
+scenes = _web_scenes(out, demo.SCALES["full"])
 rows = {}
 for seed in (0, 1, 2):
     scored = (out / f"seed-{seed}" / "capfilt" / "scored.jsonl").read_text().splitlines()
@@ -19,7 +18,7 @@ for seed in (0, 1, 2):
     for record in map(json.loads, scored):
         if record["source"] == "web":
             continue
-        scene = web.scene(int(Path(record["image"]).stem))
+        scene = scenes[record["image"]]
         named = demo.caption_attributes(record["caption"])
         background, pattern = background_attributes(record["caption"])
         groups["kept" if record["kept"] else "dropped"].append({
