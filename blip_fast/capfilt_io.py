@@ -37,7 +37,7 @@ from blip_fast.data.datasets import (
     scan_tar,
     split_member_name,
 )
-from blip_fast.errors import UserError
+from blip_fast.errors import InvalidInputError, UserError
 from blip_fast.output_lock import OutputInUseError, OutputLock, command_line, lock_file
 
 MARKER_FILE, CONFIG_FILE = "capfilt_output.json", "capfilt_config.json"
@@ -135,8 +135,8 @@ class CapFiltInput:
                 raise CapFiltError(f"--input {source}: no such file")
             try:
                 self.entries = read_annotation_file(Path(source))
-            except (ValueError, UnicodeDecodeError) as error:
-                raise CapFiltError(f"--input {source}: not a BLIP json/jsonl annotation file ({error})") from None
+            except InvalidInputError as error:
+                raise CapFiltError(f"--input {error}") from None
             starts = range(0, len(self.entries), images_per_part)
             self.unit_names = [f"{self.source}[{start}:{start + images_per_part}]" for start in starts]
             self.images_per_part = images_per_part

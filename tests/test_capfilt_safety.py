@@ -110,6 +110,14 @@ def test_missing_input_is_an_error_before_any_work(model_dirs, shards, tmp_path,
     assert not (tmp_path / "out").exists()
 
 
+def test_a_truncated_json_input_is_one_line_naming_its_line(model_dirs, tmp_path, capsys, no_models):  # noqa: F811
+    (tmp_path / "web.json").write_text('[{"image": "a.png", "caption": "x"},')
+    code, _, err = run(capfilt_args(model_dirs, tmp_path / "web.json", tmp_path / "out"), capsys)
+    assert code == 2 and "Traceback" not in err
+    assert f"--input {tmp_path / 'web.json'}, line 1 column 37: not valid json (Expecting value)" in err
+    assert not (tmp_path / "out").exists()
+
+
 def test_json_without_image_root_is_refused_before_work(model_dirs, data, tmp_path, capsys, no_models):  # noqa: F811
     code, _, err = run(capfilt_args(model_dirs, data["json"], tmp_path / "out"), capsys)
     assert code == 2 and "10 of the first 10 images of" in err and "no --image-root given" in err

@@ -28,6 +28,7 @@ from blip_fast.data import (
     expand_urls,
     sample_rng,
 )
+from blip_fast.errors import InvalidInputError
 from blip_fast.tokenizer import BlipTokenizer, pre_caption
 
 
@@ -225,6 +226,25 @@ def test_caption_lists_expand_and_image_ids_follow_distinct_images(tmp_path):
     items = [dataset[index] for index in range(len(dataset))]
     assert [item["caption"] for item in items] == ["a dog", "the dog runs", "a cat", "again a", "cee", "b2"]
     assert [item["image_id"] for item in items] == [0, 0, 1, 0, 2, 1]
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("train.json", b'[{"image": "a.png", "caption": "x"},', ", line 1 column 37: not valid json (Expecting value)"),
+    ("train.json", b'{"image": "a.png"}\n{"image": "b.png"}\n',
+     ", line 2 column 1: not valid json (Extra data) (one record per line is JSON Lines: name the file .jsonl)"),
+    ("train.jsonl", b'{"image": "a.png"}\n\n{bad\n',
+     ", line 3: not valid json (Expecting property name enclosed in double quotes)"),
+    ("train.json", b"\xff\xfe[]", ": not UTF-8 text (byte 0), so no json annotation file"),
+    ("train.json", b'{"images": []}', ": a BLIP annotation file holds a json list of records, got dict"),
+])
+def test_an_annotation_file_that_is_no_record_list_names_itself_and_the_line(tmp_path, name, content, message):
+    """json's own errors name neither the file nor, for JSON Lines, the line; a tired user's truncated or mislabelled
+    file must say both (the line numbers count blank lines, as an editor does)."""
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(InvalidInputError) as error:
+        BlipJsonDataset([path], tmp_path, transform=None)
+    assert str(error.value) == f"{path}{message}"
 
 
 def test_captions_are_cleaned_and_cut_to_max_words(tmp_path):

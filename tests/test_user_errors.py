@@ -275,6 +275,20 @@ def test_a_training_set_with_no_usable_sample_is_one_line(tmp_path, capsys, reco
                                    + (f" {str(tmp_path / 'images')!r}?" if "image_root" in expected else "")]
 
 
+def test_a_truncated_annotation_file_is_one_line_naming_it(tmp_path, capsys):
+    """A json cut short by a full disk: one line naming the file and where it ends, not json's traceback."""
+    from blip_fast.train import main as train_main
+
+    annotations = tmp_path / "train.json"
+    annotations.write_text('[{"image": "a.png", "caption": "a red circle"},\n')
+    code = train_main(["--config", str(ROOT / "configs" / "tiny-cpu.yaml"), "--output_dir", str(tmp_path / "out"),
+                       "--deepspeed_config", str(ROOT / "configs" / "ds_zero2.json"), "--data", "blip_json",
+                       "--annotations", str(annotations), "--image_root", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert f"blip_fast.train: error: {annotations}, line 2 column 1: not valid json (Expecting value)" in err
+
+
 # ---------------------------------------------------------------------------------------------------- item 9: --help
 @pytest.mark.parametrize("command", ["caption", "capfilt", "evaluate", "convert", "demo"])
 def test_help_shows_the_defaults(command, capsys):

@@ -173,14 +173,30 @@ class SyntheticDataset(_MapDataset):
 
 
 def read_annotation_file(path: Path) -> list[Any]:
-    """A BLIP/COCO-Karpathy json list, or jsonl (one record per line, as CapFilt can write)."""
-    text = path.read_text(encoding="utf-8")
+    """A BLIP/COCO-Karpathy json list, or jsonl (one record per line, as CapFilt can write). A file that is no such
+    list (truncated, not text, one json object) is an :class:`InvalidInputError` naming the file and the line: json's
+    own message names neither."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise InvalidInputError(f"{path}: not UTF-8 text (byte {error.start}), so no json annotation file") from None
     if path.suffix == ".jsonl":
-        return [json.loads(line) for line in text.splitlines() if line.strip()]
-    data = json.loads(text)
+        return [_json_value(line, path, number) for number, line in enumerate(text.splitlines(), 1) if line.strip()]
+    data = _json_value(text, path)
     if not isinstance(data, list):
-        raise ValueError(f"{path}: a BLIP annotation file holds a json list of records, got {type(data).__name__}")
+        raise InvalidInputError(f"{path}: a BLIP annotation file holds a json list of records, got "
+                                f"{type(data).__name__}")
     return data
+
+
+def _json_value(text: str, path: Path, line: int | None = None) -> Any:
+    """``text`` parsed as json; an error names ``path`` and the line (``line``: the jsonl line ``text`` is)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        where = f"line {line}" if line is not None else f"line {error.lineno} column {error.colno}"
+        hint = " (one record per line is JSON Lines: name the file .jsonl)" if error.msg == "Extra data" else ""
+        raise InvalidInputError(f"{path}, {where}: not valid json ({error.msg}){hint}") from None
 
 
 class BlipJsonDataset(_MapDataset):
