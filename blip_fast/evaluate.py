@@ -453,6 +453,9 @@ def read_annotations(path: str | os.PathLike, image_root: str | os.PathLike) -> 
             isinstance(caption, str) for caption in record_captions
         ):
             raise EvaluationInputError(f"{where}: 'caption' must be a string or a non-empty list of strings")
+        if empty := [turn for turn, caption in enumerate(record_captions, 1) if not caption.strip()]:
+            raise EvaluationInputError(f"{where}: caption {empty[0]} is empty (a reference or query must say "
+                                       "something)")
         image_path = os.path.normpath(os.path.join(os.fspath(image_root), record["image"]))
         if image_path not in captions_by_image and not os.path.isfile(image_path):
             raise EvaluationInputError(f"{where}: image file {image_path!r} not found")

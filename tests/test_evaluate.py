@@ -306,7 +306,7 @@ def test_cli_caption_reports_the_library_metrics(cli_setup, tmp_path):
 
 
 @pytest.mark.parametrize("task", ["retrieval", "caption"])
-@pytest.mark.parametrize("problem", ["missing", "corrupt", "bad_record"])
+@pytest.mark.parametrize("problem", ["missing", "corrupt", "bad_record", "empty_caption"])
 def test_cli_bad_input_names_the_file(cli_setup, tmp_path, capsys, task, problem):
     paths = cli_setup
     records = json.loads(paths["annotations"].read_text())
@@ -314,12 +314,15 @@ def test_cli_bad_input_names_the_file(cli_setup, tmp_path, capsys, task, problem
     if problem == "corrupt":
         bad.write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
     records[2] = {"image": str(bad), "caption": 7} if problem == "bad_record" else {"image": str(bad), "caption": "x"}
+    if problem == "empty_caption":  # a real image, its second reference blank
+        records[2] = {"image": records[1]["image"], "caption": ["a thing", " "]}
     annotations = tmp_path / "test.json"
     annotations.write_text(json.dumps(records))
     model = paths["retrieval_model" if task == "retrieval" else "caption_model"]
     assert main(_evaluate_args(task, model, annotations, paths["root"], "--max-length", "6")) == 2
     error = capsys.readouterr().err
-    assert (f"{annotations}[2]" if problem == "bad_record" else str(bad)) in error
+    expected = {"bad_record": f"{annotations}[2]", "empty_caption": f"{annotations}[2]: caption 2 is empty"}
+    assert expected.get(problem, str(bad)) in error
 
 
 def test_records_repeating_an_image_are_one_image_with_all_its_captions(cli_setup, tmp_path):
