@@ -166,12 +166,11 @@ def _check_not_empty(dataset: Any, args: argparse.Namespace) -> None:
 
 
 def _check_queue_fits(args: argparse.Namespace, task: tasks.TrainingTask, micro_batch: int, world_size: int) -> None:
-    """The ITC queue (pre-training, retrieval) takes each step's gathered features in whole: its size must be a
-    multiple of the global micro batch. Checked before the model is built."""
-    global_batch = micro_batch * world_size
-    if task.alpha_ramp_epochs is not None and args.queue_size % global_batch:
-        raise options.ConfigError(f"queue_size {args.queue_size} is not a multiple of the global micro batch "
-                                  f"{global_batch} ({micro_batch} per rank x {world_size} ranks)")
+    """The ITC queue's size rule (pre-training, retrieval), checked before the tokenizer and model are built."""
+    from blip_fast.modeling.pretrain import queue_misfit
+
+    if task.has_itc_queue and (misfit := queue_misfit(args.queue_size, micro_batch, world_size)):
+        raise options.ConfigError(misfit)
 
 
 def build_tokenizer(args: argparse.Namespace, dataset, output_dir: Path, rank: int, source_dir: str | Path | None):
@@ -291,6 +290,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", world_size)))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_ranks))
     ds_config = options.load_ds_config(args.deepspeed_config, args.micro_batch_size, args.gradient_accumulation_steps)
+    args.compile = options.resolve_compile(args.compile, ds_config)
     output_dir = Path(args.output_dir)
     output_lock = claim_output_dir(output_dir)  # held until training returns (or the process ends)
     tag = checkpointing.latest_tag(output_dir)
@@ -315,9 +315,6 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         checkpointing.write_model_config(output_dir, config)
     model = task.build_model(config, args, source, tokenizer)
     if args.compile:
-        if ds_config.get("zero_optimization", {}).get("stage", 0) == 3:
-            raise ValueError("--compile works with ZeRO stages 0-2: ZeRO-3 gathers each layer's weights in hooks "
-                             "that a compiled layer would trace; pass --no-compile")
         from blip_fast.modeling.compile import compile_layers
 
         logger.info("compiled %d layers (torch.compile, regional)", compile_layers(model))

@@ -89,5 +89,5 @@ def test_readme_training_commands_run_as_written(tmp_path):
     result = _run([*first, "--queue_size", "50", "--output_dir", "output/bad"], tmp_path)
     output = result.stdout + result.stderr
     assert result.returncode != 0 and "Traceback" not in output and "[rank0]:" not in output
-    assert output.count("blip_fast.train: error: queue_size 50 is not a multiple of the global micro batch 16") == 1
+    assert output.count("blip_fast.train: error: queue_size 50 is not a multiple of the global batch 16") == 1
     assert "trained a WordPiece vocab" not in output, "the batch geometry is checked before the tokenizer and model"

@@ -205,6 +205,27 @@ def test_a_train_batch_that_does_not_split_over_the_ranks_is_one_line():
         options.rank_micro_batch({"train_batch_size": 48, "gradient_accumulation_steps": 5}, 2)
 
 
+@pytest.mark.parametrize("requested, cuda, stage, expected", [
+    (None, True, 2, True), (None, True, 3, False), (None, False, 2, False), (None, True, None, True),
+    (False, True, 2, False), (False, True, 3, False), (True, False, 0, True),
+])
+def test_compile_defaults_to_cuda_except_under_zero3(monkeypatch, requested, cuda, stage, expected):
+    """The default on a GPU under ZeRO-3 is eager (it was compile, which then failed after the model was built)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    ds_config = {} if stage is None else {"zero_optimization": {"stage": stage}}
+    assert options.resolve_compile(requested, ds_config) is expected
+
+
+def test_compile_asked_for_under_zero3_is_one_line_before_the_model(tmp_path, capsys):
+    from blip_fast.train import main as train_main
+
+    code = train_main(["--config", str(TINY), "--output_dir", str(tmp_path / "out"), "--compile",
+                       "--deepspeed_config", str(ROOT / "configs" / "ds_zero3.json")])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err and "trained a WordPiece vocab" not in err
+    assert "blip_fast.train: error: --compile works with ZeRO stages 0-2" in err
+
+
 def test_resolved_config_reloads_to_the_same_options(tmp_path):
     args = options.parse_args(["--config", str(TINY), "--init_lr", "2e-3", "--output_dir", str(tmp_path)])
     ds = options.load_ds_config(args.deepspeed_config)

@@ -26,6 +26,16 @@ from blip_fast.modeling.text import BlipTextLMHeadModel, BlipTextModel, CrossCon
 from blip_fast.modeling.vit import BlipVisionModel
 
 
+def queue_misfit(queue_size: int, rank_batch: int, world_size: int) -> str | None:
+    """Why an ITC queue of ``queue_size`` cannot take each step's features whole (BLIP enqueues every rank's
+    gathered batch at once), or None when it can. Training checks it before building the model."""
+    global_batch = rank_batch * world_size
+    if queue_size % global_batch:
+        return (f"queue_size {queue_size} is not a multiple of the global batch {global_batch} ({rank_batch} per "
+                f"rank x {world_size} ranks)")
+    return None
+
+
 @dataclass
 class PretrainOutput(ModelOutput):
     loss: torch.Tensor
@@ -149,11 +159,8 @@ class MomentumContrastiveModel(nn.Module):
     def enqueue(self, image_feat_m: torch.Tensor, text_feat_m: torch.Tensor, image_ids: torch.Tensor | None) -> None:
         """Write every rank's momentum features ``[B, D]`` (all-gathered, rank order) at the queue pointer."""
         global_batch = image_feat_m.shape[0] * distributed.world_size()
-        if self.queue_size % global_batch:
-            raise ValueError(
-                f"queue_size {self.queue_size} is not a multiple of the global batch {global_batch} "
-                f"({image_feat_m.shape[0]} per rank x {distributed.world_size()} ranks)"
-            )
+        if misfit := queue_misfit(self.queue_size, image_feat_m.shape[0], distributed.world_size()):
+            raise ValueError(misfit)
         positions = (self.ptr_queue + torch.arange(global_batch, device=self.ptr_queue.device)) % self.queue_size
         self.image_queue[:, positions] = distributed.all_gather_no_grad(image_feat_m).t().to(self.image_queue.dtype)
         self.text_queue[:, positions] = distributed.all_gather_no_grad(text_feat_m).t().to(self.text_queue.dtype)

@@ -121,7 +121,8 @@ def _add_options(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--max_text_length", type=int, default=30, help="caption tokens incl. [CLS]/[SEP] (BLIP: 30)")
     model.add_argument("--compile", action=bool_flag, default=None,
                        help="regional torch.compile of the ViT blocks and text layers, text padded to max_text_length "
-                            "(default: on with CUDA; off on CPU, where inductor compiles for minutes); ZeRO stage 0-2")
+                            "(default: on with CUDA; off on CPU, where inductor compiles for minutes, and under ZeRO-3, "
+                            "which it does not support)")
 
     pretrain = parser.add_argument_group("pre-training objectives")
     pretrain.add_argument("--queue_size", type=int, default=57600,
@@ -369,10 +370,6 @@ def check_args(args: argparse.Namespace) -> None:
     if args.init_from is not None and os.path.realpath(args.init_from) == os.path.realpath(args.output_dir):
         raise ConfigError(f"output_dir {args.output_dir} is the init_from model's folder: this run's checkpoints, "
                           "config and tokenizer would go over the model it starts from; choose another output_dir")
-    if args.compile is None:
-        import torch
-
-        args.compile = torch.cuda.is_available()
     if args.gpu_decode and args.task in ANNOTATION_TASKS:
         raise ConfigError(f"gpu_decode is for the image-text tasks; task {args.task} decodes its images in the "
                           "DataLoader workers")
@@ -420,6 +417,19 @@ def load_ds_config(path: str | os.PathLike, micro_batch_size: int | None = None,
     path = os.fspath(path)
     config = _read_file(path, "ds_config", "JSON", json.load, (json.JSONDecodeError,))
     return resolve_ds_config(config, path, micro_batch_size, gradient_accumulation_steps)
+
+
+def resolve_compile(requested: bool | None, ds_config: dict[str, Any]) -> bool:
+    """``--compile`` for this ds_config: by default on with CUDA, except under ZeRO-3, which gathers each layer's
+    weights in hooks that a compiled layer would trace; asked for under ZeRO-3, a :class:`ConfigError` before the
+    model is built."""
+    import torch
+
+    zero3 = ds_config.get("zero_optimization", {}).get("stage", 0) == 3
+    if requested and zero3:
+        raise ConfigError("--compile works with ZeRO stages 0-2: ZeRO-3 gathers each layer's weights in hooks that a "
+                          "compiled layer would trace; pass --no-compile")
+    return requested if requested is not None else torch.cuda.is_available() and not zero3
 
 
 def rank_micro_batch(ds_config: dict[str, Any], world_size: int) -> int:

@@ -370,6 +370,11 @@ class TrainingTask:
     #: ``--data`` (synthetic, BLIP json captions or webdataset shards).
     dataset: Callable[[argparse.Namespace, int], torch.utils.data.Dataset] | None = None
 
+    @property
+    def has_itc_queue(self) -> bool:
+        """Whether the task trains ITC against a feature queue (its ``--queue_size`` then applies)."""
+        return self.alpha_ramp_epochs is not None
+
     def exports(self, requested: Sequence[str] | None) -> list[str]:
         """The ``export_tasks`` option resolved: None -> this task's defaults; others must be exportable."""
         if requested is None:
