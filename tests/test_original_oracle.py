@@ -199,7 +199,7 @@ def _build_from_original(task: str, pth: str, *flags: str):
     config_file = {"pretrain": configs / "tiny-cpu-retrieval.yaml", "vqa": configs / "base-vqa.yaml",
                    "nlvr": configs / "base-nlvr.yaml"}.get(task, configs / f"tiny-cpu-{task}.yaml")
     if task in ("vqa", "nlvr"):
-        flags = (*flags, "--annotations", "unread.json")
+        flags = (*flags, "--annotations", str(FIXTURES / pth))  # must exist, is never read
     args = options.parse_args(["--config", str(config_file), "--task", task, "--init_from", str(FIXTURES / pth),
                                "--tokenizer_dir", str(FIXTURES), "--queue_size", "8", *flags])
     source = tasks.InitSource(args.init_from, args.tokenizer_dir)

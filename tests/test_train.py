@@ -144,14 +144,16 @@ def test_an_unreadable_config_is_one_line(tmp_path, make, message):
     assert message.format(path=path) in str(error.value) and "\n" not in str(error.value)
 
 
-def test_shipped_configs_parse_and_resolve():
+def test_shipped_configs_parse_and_resolve(tmp_path):
     tiny = options.parse_args(["--config", str(TINY)])
     assert (tiny.model, tiny.image_size, tiny.queue_size, tiny.data) == ("tiny", 64, 64, "synthetic")
     ds = options.load_ds_config(tiny.deepspeed_config)
     assert ds["train_micro_batch_size_per_gpu"] * 2 * 15 == tiny.num_samples  # 15 steps per epoch on 2 ranks
     assert tiny.queue_size % (ds["train_micro_batch_size_per_gpu"] * 2) == 0
 
-    base = options.parse_args(["--config", str(CONFIGS / "base-224-pretrain.yaml"), "--annotations", "x.json"])
+    (tmp_path / "x.json").write_text("[]")
+    base = options.parse_args(["--config", str(CONFIGS / "base-224-pretrain.yaml"), "--annotations",
+                               str(tmp_path / "x.json")])
     assert (base.model, base.image_size, base.queue_size, base.alpha) == ("base", 224, 57600, 0.4)
     assert (base.init_lr, base.warmup_lr, base.warmup_steps, base.min_lr, base.lr_decay_rate) == (
         3e-4, 1e-6, 3000, 1e-6, 0.9)

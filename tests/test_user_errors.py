@@ -275,6 +275,23 @@ def test_a_training_set_with_no_usable_sample_is_one_line(tmp_path, capsys, reco
                                    + (f" {str(tmp_path / 'images')!r}?" if "image_root" in expected else "")]
 
 
+@pytest.mark.parametrize("name, expected", [("trian.json", "no such file"),
+                                            ("images", "no such file (it is a folder: name the json files in it)")])
+def test_a_missing_annotation_file_is_one_line_before_any_output(tmp_path, capsys, name, expected):
+    """A typo'd --annotations: refused while parsing, before DeepSpeed starts or the output folder is made."""
+    from blip_fast.train import main as train_main
+
+    (tmp_path / "train.json").write_text("[]")
+    (tmp_path / "images").mkdir()
+    code = train_main(["--config", str(ROOT / "configs" / "tiny-cpu.yaml"), "--output_dir", str(tmp_path / "out"),
+                       "--deepspeed_config", str(ROOT / "configs" / "ds_zero2.json"), "--data", "blip_json",
+                       "--annotations", str(tmp_path / "train.json"), str(tmp_path / name),
+                       "--image_root", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 2 and f"blip_fast.train: error: annotations {tmp_path / name}: {expected}" in err
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_truncated_annotation_file_is_one_line_naming_it(tmp_path, capsys):
     """A json cut short by a full disk: one line naming the file and where it ends, not json's traceback."""
     from blip_fast.train import main as train_main

@@ -334,6 +334,9 @@ def check_args(args: argparse.Namespace) -> None:
                           "towards min_lr")
     if args.data == "blip_json" and not args.annotations:
         raise ConfigError("data=blip_json needs annotations (json files) and image_root")
+    if args.data == "blip_json" and (missing := [path for path in args.annotations if not os.path.isfile(path)]):
+        raise MissingFileError(f"annotations {missing[0]}: no such file" + (
+            " (it is a folder: name the json files in it)" if os.path.isdir(missing[0]) else ""))
     if args.data == "webdataset" and not args.shards:
         raise ConfigError("data=webdataset needs shards")
     if args.task in ANNOTATION_TASKS and args.data != "blip_json":
