@@ -204,8 +204,19 @@ def check_task(source: str, model_cls: type, state: Mapping[str, torch.Tensor]) 
     _check_task(source, model_cls, detect_task(state), "by its weights")
 
 
+#: ``transformers`` classes whose checkpoints are no BLIP task model: HF's ``BlipModel`` holds the ITC encoders
+#: alone (no captioning decoder, ITM head or answer decoder), the others are one tower or another model family.
+_NOT_TASK_MODELS = ("BlipModel", "BlipVisionModel", "BlipTextModel", "BlipTextLMHeadModel", "Blip2", "InstructBlip")
+
+
 def _check_architecture(directory: str, config_json: Mapping[str, Any], model_cls: type) -> None:
     architectures = config_json.get("architectures") or []
+    other = next((name for name in architectures if name.startswith(_NOT_TASK_MODELS)), None)
+    wanted = _task_of_class(model_cls.__name__)
+    if other is not None and wanted is not None:
+        raise CheckpointError(f"{directory} holds a {other} (config.json's architectures), which is not one of BLIP's "
+                              f"task models ({', '.join(TASKS.values())}): use a {wanted} checkpoint "
+                              f"({model_cls.__name__}) here")
     found = next((task for name in architectures if (task := _task_of_class(name))), None)
     if found is not None and model_cls.__name__ not in architectures:
         _check_task(directory, model_cls, found, f"config.json names {architectures[0]}")

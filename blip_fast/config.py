@@ -174,10 +174,15 @@ class BlipConfig:
 
         Missing keys take HuggingFace's class defaults (not ours), since ``save_pretrained`` omits them.
         """
+        where = "config.json"
         if not isinstance(hf_config, dict):
+            where = os.fspath(hf_config)
+            where = os.path.join(where, "config.json") if os.path.isdir(where) else where
             hf_config = _read_config_json(hf_config)
         if hf_config.get("model_type", cls.model_type) != cls.model_type:
-            raise ValueError(f"config.json has model_type {hf_config.get('model_type')!r}, expected 'blip'")
+            raise InvalidInputError(f"{where} has model_type {hf_config.get('model_type')!r}, not 'blip': no BLIP "
+                                    "model (BlipForConditionalGeneration, BlipForImageTextRetrieval or "
+                                    "BlipForQuestionAnswering)")
         vision_src = {**_HF_VISION_DEFAULTS, **(hf_config.get("vision_config") or {})}
         text_src = {**_HF_TEXT_DEFAULTS, **(hf_config.get("text_config") or {})}
         vision = VisionConfig(**{name: vision_src[name] for name in _HF_VISION_DEFAULTS})

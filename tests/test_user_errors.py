@@ -350,6 +350,32 @@ def test_vqa_model_is_refused_as_captioner(models, capsys):
     assert_user_error(code, stderr, "is a vqa model (config.json names BlipForQuestionAnswering), not a captioning")
 
 
+@pytest.mark.parametrize("hf_class", ["BlipModel", "BlipVisionModel"])
+def test_a_transformers_model_without_blip_task_heads_is_named_not_listed_key_by_key(models, tmp_path, capsys,
+                                                                                      hf_class):
+    """HF's BlipModel (the ITC encoders alone) or its ViT alone, saved by transformers, passed as a captioner or a
+    filter: one line naming what it is, where the loader listed 100+ unexpected tensors or raised a traceback."""
+    import transformers
+    from tiny_models import tiny_hf_config
+
+    config = tiny_hf_config()
+    model = getattr(transformers, hf_class)(config.vision_config if hf_class == "BlipVisionModel" else config)
+    model.save_pretrained(tmp_path / "hf")
+    capsys.readouterr()  # transformers' deprecation notice for BlipModel
+    if hf_class == "BlipModel":  # a blip model_type: named by its architectures
+        expected = [f"holds a {hf_class} (config.json's architectures), which is not one of BLIP's task models"]
+        wanted = {"caption": "use a captioning checkpoint (BlipForConditionalGeneration) here",
+                  "retrieval": "use a retrieval checkpoint (BlipForImageTextRetrieval) here"}
+    else:  # one tower alone: another model_type
+        expected = [f"{tmp_path / 'hf' / 'config.json'} has model_type 'blip_vision_model', not 'blip': no BLIP model"]
+        wanted = {"caption": "", "retrieval": ""}
+    caption = run(["caption", models["image"], "--model", tmp_path / "hf"], capsys)
+    assert_user_error(*caption, *expected, wanted["caption"])
+    retrieval = run(["evaluate", "--task", "retrieval", "--model", tmp_path / "hf", "--annotations",
+                     models["annotations"], "--image-root", models["image_root"]], capsys)
+    assert_user_error(*retrieval, *expected, wanted["retrieval"])
+
+
 def test_vqa_model_is_refused_as_capfilt_captioner(models, tmp_path, capsys):
     argv = ["capfilt", "--captioner", models["vqa"], "--filter", models["filter"], "--input", models["annotations"],
             "--image-root", models["image_root"], "--output", tmp_path / "out", "--workers", "0", "--no-progress"]
