@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import glob
 import io
+import itertools
 import json
 import os
 import tarfile
@@ -28,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from blip_fast.atomic_files import atomic_write_text
+from blip_fast.caption_files import is_image_file
 from blip_fast.data.datasets import (
     IMAGE_EXTENSIONS,
     expand_urls,
@@ -101,7 +103,12 @@ def _shard_names(source: str) -> list[str]:
     if os.path.isdir(source):
         names = sorted(glob.glob(os.path.join(glob.escape(source), "*.tar")))
         if not names:
-            raise CapFiltError(f"--input {source}: the folder holds no .tar shards")
+            with os.scandir(source) as entries:
+                images = sum(1 for entry in itertools.islice(entries, 10_000) if is_image_file(entry.name))
+            hint = (f" but images ({images}{'+' if images == 10_000 else ''}): CapFilt reads image-text pairs, so "
+                    "name the images and their web captions in a BLIP json (--input FILE.json --image-root "
+                    f"{source})" if images else "")
+            raise CapFiltError(f"--input {source}: the folder holds no .tar shards{hint}")
     else:
         names = expand_urls(source)
         if names == [source] and not os.path.exists(source):

@@ -46,7 +46,8 @@ LIST_EXTENSION = ".txt"
 OUTPUT_FORMATS = (".jsonl", ".csv", ".parquet")
 
 
-def _is_image(path: str) -> bool:
+def is_image_file(path: str) -> bool:
+    """Whether ``path`` names an image by its extension (the files ``blip-fast caption`` takes from a folder)."""
     return os.path.splitext(path)[1].lower() in IMAGE_EXTENSIONS
 
 
@@ -55,7 +56,7 @@ def _walk(folder: str) -> Iterator[str]:
     """Image files under ``folder``, recursively, in sorted order (sub-folders and files sorted by name)."""
     for root, dirs, files in os.walk(folder):
         dirs.sort()
-        yield from (os.path.join(root, name) for name in sorted(files) if _is_image(name))
+        yield from (os.path.join(root, name) for name in sorted(files) if is_image_file(name))
 
 
 def _read_list(list_file: str) -> Iterator[str]:
@@ -76,14 +77,14 @@ def _expand(item: str) -> Iterator[str]:
         yield from _walk(item)
     elif item.lower().endswith(LIST_EXTENSION) and os.path.isfile(item):
         yield from _read_list(item)
-    elif os.path.isfile(item) or (_is_image(item) and not glob.has_magic(item)):
+    elif os.path.isfile(item) or (is_image_file(item) and not glob.has_magic(item)):
         yield item  # a named image, even if missing or broken: the errors file says why
     elif glob.has_magic(item):
         matches = sorted(glob.glob(item, recursive=True))
         if not matches:
             raise MissingFileError(f"{item!r} matches no files")
         for match in matches:
-            yield from _walk(match) if os.path.isdir(match) else [match] if _is_image(match) else []
+            yield from _walk(match) if os.path.isdir(match) else [match] if is_image_file(match) else []
     else:
         raise MissingFileError(f"{item}: no such file or folder (give images, folders, glob patterns or "
                                f"{LIST_EXTENSION} lists of paths)")

@@ -110,6 +110,17 @@ def test_missing_input_is_an_error_before_any_work(model_dirs, shards, tmp_path,
     assert not (tmp_path / "out").exists()
 
 
+def test_a_folder_of_images_as_input_says_how_to_pair_them_with_captions(model_dirs, tmp_path, capsys,  # noqa: F811
+                                                                        no_models):
+    (tmp_path / "photos").mkdir()
+    for name in ("a.jpg", "b.PNG", "notes.txt"):
+        (tmp_path / "photos" / name).write_bytes(b"x")
+    code, _, err = run(capfilt_args(model_dirs, tmp_path / "photos", tmp_path / "out"), capsys)
+    assert code == 2 and f"--input {tmp_path / 'photos'}: the folder holds no .tar shards but images (2): CapFilt " \
+        f"reads image-text pairs, so name the images and their web captions in a BLIP json (--input FILE.json " \
+        f"--image-root {tmp_path / 'photos'})" in err
+
+
 def test_a_truncated_json_input_is_one_line_naming_its_line(model_dirs, tmp_path, capsys, no_models):  # noqa: F811
     (tmp_path / "web.json").write_text('[{"image": "a.png", "caption": "x"},')
     code, _, err = run(capfilt_args(model_dirs, tmp_path / "web.json", tmp_path / "out"), capsys)
