@@ -127,7 +127,9 @@ def _blocking_file(path: Path) -> Path | None:
     return None
 
 
-def _output_dir(text: str) -> Path:
+def check_output_dir(text: str) -> Path:
+    """``text`` as a folder to write into; a :class:`UserError` when it, or a folder it would be made in, is a
+    file."""
     path = Path(text)
     if path.exists() and not path.is_dir():
         raise UserError(f"{text} is a file; give a folder (new or empty) for the output")
@@ -180,7 +182,7 @@ def check_replaceable(flag: str, path: Path | None, written_here: Callable[[Any]
 existing_dir = _type("existing directory", _existing_dir)
 model_dir = _type("model folder or hub id", _model_dir)
 existing_file = _type("existing file", _existing_file)
-output_dir = _type("output folder", _output_dir)
+output_dir = _type("output folder", check_output_dir)
 output_file = _type("output file", _output_file)
 
 

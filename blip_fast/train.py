@@ -490,7 +490,8 @@ def export_main(argv: list[str]) -> list[str]:
                                      description="Export a training checkpoint as HuggingFace-layout task models.")
     parser.add_argument("--checkpoint", required=True, help="output_dir (uses `latest`) or a global_stepN dir")
     parser.add_argument("--tag", default=None, help="checkpoint tag inside --checkpoint (default: latest)")
-    parser.add_argument("--out", required=True, help="target dir (one task) or parent of one dir per task")
+    parser.add_argument("--out", required=True, type=errors.output_dir,
+                        help="target dir (one task) or parent of one dir per task")
     parser.add_argument("--task", nargs="+", default=None, choices=options.EXPORT_TASKS,
                         help="task models to write (default: the run's first: captioning after pre-training, the "
                              "fine-tuned task's model after fine-tuning)")

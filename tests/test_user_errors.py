@@ -292,6 +292,29 @@ def test_a_missing_annotation_file_is_one_line_before_any_output(tmp_path, capsy
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("command", ["train", "export"])
+def test_a_file_as_the_output_folder_is_one_line_before_any_work(tmp_path, capsys, command):
+    """``--output_dir notes.txt`` (training) or ``--out model.safetensors`` (export): refused while parsing, the file
+    untouched; training failed on the mkdir after DeepSpeed started, export after loading the checkpoint."""
+    from blip_fast.train import main as train_main
+
+    victim = tmp_path / "notes.txt"
+    victim.write_text("mine\n")
+    if command == "train":
+        argv = ["--config", str(ROOT / "configs" / "tiny-cpu.yaml"), "--output_dir", str(victim),
+                "--deepspeed_config", str(ROOT / "configs" / "ds_zero2.json")]
+        expected = f"blip_fast.train: error: output_dir {victim} is a file; give a folder (new or empty)"
+    else:
+        argv = ["export", "--checkpoint", str(tmp_path), "--out", str(victim)]
+        expected = f"error: argument --out: {victim} is a file; give a folder (new or empty)"
+    try:
+        code = train_main(argv)
+    except SystemExit as exit_:  # argparse's exit
+        code = exit_.code
+    assert code == 2 and expected in capsys.readouterr().err
+    assert victim.read_text() == "mine\n"
+
+
 def test_a_truncated_annotation_file_is_one_line_naming_it(tmp_path, capsys):
     """A json cut short by a full disk: one line naming the file and where it ends, not json's traceback."""
     from blip_fast.train import main as train_main

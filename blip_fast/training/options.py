@@ -23,7 +23,14 @@ import yaml
 
 from blip_fast.atomic_files import atomic_write_text
 from blip_fast.data.workers import default_workers
-from blip_fast.errors import ArgumentParser, InvalidInputError, MissingFileError, add_debug_flag
+from blip_fast.errors import (
+    ArgumentParser,
+    InvalidInputError,
+    MissingFileError,
+    UserError,
+    add_debug_flag,
+    check_output_dir,
+)
 
 #: The keys of :data:`blip_fast.training.tasks.TASKS` (kept here so that parsing imports no model code).
 TRAINING_TASKS = ("pretrain", "retrieval", "captioning", "vqa", "nlvr")
@@ -370,6 +377,10 @@ def check_args(args: argparse.Namespace) -> None:
             raise ConfigError(f"image_size {args.image_size} does not fit model {args.model}: {error}") from None
     if args.output_dir is None:
         args.output_dir = f"output/{args.task}"
+    try:
+        check_output_dir(args.output_dir)
+    except UserError as error:
+        raise ConfigError(f"output_dir {error}") from None
     if args.init_from is not None and os.path.realpath(args.init_from) == os.path.realpath(args.output_dir):
         raise ConfigError(f"output_dir {args.output_dir} is the init_from model's folder: this run's checkpoints, "
                           "config and tokenizer would go over the model it starts from; choose another output_dir")
