@@ -173,6 +173,16 @@ def _check_queue_fits(args: argparse.Namespace, task: tasks.TrainingTask, micro_
         raise options.ConfigError(misfit)
 
 
+def _check_fills_a_step(dataset: Any, args: argparse.Namespace, step_samples: int) -> None:
+    """Every optimizer step takes ``step_samples`` (a micro batch on every rank, accumulated) and drops an epoch's
+    remainder: a smaller training set is one line, not the sampler's traceback."""
+    if isinstance(dataset, collections.abc.Sized) and len(dataset) < step_samples:
+        source = " ".join(map(str, args.annotations)) or args.data
+        raise options.ConfigError(f"{source}: {len(dataset)} training samples do not fill one optimizer step of "
+                                  f"{step_samples} (ranks x micro batch x gradient accumulation): lower the batch in "
+                                  "the ds_config or train on more data")
+
+
 def build_tokenizer(args: argparse.Namespace, dataset, output_dir: Path, rank: int, source_dir: str | Path | None):
     """The run's tokenizer, saved to ``output_dir/tokenizer`` by rank 0 and read back by every rank: the one in
     ``source_dir`` (``--tokenizer_dir``, or the ``--init_from`` model's), else one trained on the captions."""
@@ -307,7 +317,9 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         args.init_from, args.tokenizer_dir if os.path.isfile(args.init_from) else None)
     dataset = (task.dataset or build_dataset)(args, _image_size(args, source))
     _check_not_empty(dataset, args)
-    _check_queue_fits(args, task, options.rank_micro_batch(ds_config, world_size), world_size)
+    micro_batch, accumulation = options.batch_geometry(ds_config, world_size)
+    _check_queue_fits(args, task, micro_batch, world_size)
+    _check_fills_a_step(dataset, args, micro_batch * world_size * accumulation)
     tokenizer = build_tokenizer(args, dataset, output_dir, rank,
                                 args.tokenizer_dir if source is None else source.tokenizer_dir)
     config = build_model_config(args, tokenizer, source)
@@ -331,8 +343,6 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     sampler = ResumableSampler(len(dataset), micro_batch, world_size, rank, seed=args.seed, shuffle=True,
                                drop_last=True)
     steps_per_epoch = len(sampler) // accumulation
-    if steps_per_epoch == 0:
-        raise options.ConfigError(f"{len(dataset)} samples give no optimizer step of {global_batch * accumulation} samples")
     total_steps = args.epochs * steps_per_epoch
     if args.max_steps is not None:
         total_steps = min(total_steps, args.max_steps)

@@ -190,21 +190,23 @@ def test_ds_config_auto_is_rejected_by_key(tmp_path):
                                    {"train_batch_size": 48},
                                    {"train_batch_size": 48, "gradient_accumulation_steps": 3},
                                    {"train_batch_size": 48, "train_micro_batch_size_per_gpu": 4}])
-def test_rank_micro_batch_is_what_deepspeed_derives(monkeypatch, world_size, batch):
-    """The micro batch known before the model is built equals DeepSpeed's own (its config class, at that world size)."""
+def test_batch_geometry_is_what_deepspeed_derives(monkeypatch, world_size, batch):
+    """The micro batch and accumulation known before the model is built equal DeepSpeed's own (its config class, at
+    that world size)."""
     import deepspeed.comm
     from deepspeed.runtime.config import DeepSpeedConfig
 
     monkeypatch.setattr(deepspeed.comm, "get_rank", lambda *args, **kwargs: 0)
     monkeypatch.setattr(deepspeed.comm, "get_world_size", lambda *args, **kwargs: world_size)
-    expected = DeepSpeedConfig(dict(batch)).train_micro_batch_size_per_gpu
-    assert options.rank_micro_batch(batch, world_size) == expected
+    derived = DeepSpeedConfig(dict(batch))
+    expected = derived.train_micro_batch_size_per_gpu, derived.gradient_accumulation_steps
+    assert options.batch_geometry(batch, world_size) == expected
 
 
-def test_a_train_batch_that_does_not_split_over_the_ranks_is_one_line():
-    with pytest.raises(options.ConfigError, match="train_batch_size 48 is not a multiple of "
-                                                  "gradient_accumulation_steps 5 x 2 ranks"):
-        options.rank_micro_batch({"train_batch_size": 48, "gradient_accumulation_steps": 5}, 2)
+@pytest.mark.parametrize("given", ["gradient_accumulation_steps", "train_micro_batch_size_per_gpu"])
+def test_a_train_batch_that_does_not_split_over_the_ranks_is_one_line(given):
+    with pytest.raises(options.ConfigError, match=f"train_batch_size 48 is not a multiple of {given} 5 x 2 ranks"):
+        options.batch_geometry({"train_batch_size": 48, given: 5}, 2)
 
 
 @pytest.mark.parametrize("requested, cuda, stage, expected", [

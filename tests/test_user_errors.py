@@ -275,6 +275,28 @@ def test_a_training_set_with_no_usable_sample_is_one_line(tmp_path, capsys, reco
                                    + (f" {str(tmp_path / 'images')!r}?" if "image_root" in expected else "")]
 
 
+def test_a_training_set_smaller_than_one_step_is_one_line_before_the_model(tmp_path, capsys):
+    """Three images against a step of 2 ranks x 8: one line saying what a step takes (the sampler raised a
+    traceback after the model was built)."""
+    import PIL.Image
+
+    from blip_fast.train import main as train_main
+
+    for name in ("a.png", "b.png", "c.png"):
+        PIL.Image.new("RGB", (16, 16)).save(tmp_path / name)
+    annotations = tmp_path / "train.json"
+    annotations.write_text(json.dumps([{"image": name, "caption": "a red circle"} for name in ("a.png", "b.png", "c.png")]))
+    (tmp_path / "ds.json").write_text(json.dumps({"train_micro_batch_size_per_gpu": 4,
+                                                  "gradient_accumulation_steps": 2}))
+    code = train_main(["--config", str(ROOT / "configs" / "tiny-cpu.yaml"), "--output_dir", str(tmp_path / "out"),
+                       "--deepspeed_config", str(tmp_path / "ds.json"), "--data", "blip_json",
+                       "--annotations", str(annotations), "--image_root", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err and "trained a WordPiece vocab" not in err
+    assert (f"blip_fast.train: error: {annotations}: 3 training samples do not fill one optimizer step of 8 (ranks x "
+            "micro batch x gradient accumulation)") in err
+
+
 @pytest.mark.parametrize("name, expected", [("trian.json", "no such file"),
                                             ("images", "no such file (it is a folder: name the json files in it)")])
 def test_a_missing_annotation_file_is_one_line_before_any_output(tmp_path, capsys, name, expected):

@@ -446,18 +446,27 @@ def resolve_compile(requested: bool | None, ds_config: dict[str, Any]) -> bool:
     return requested if requested is not None else torch.cuda.is_available() and not zero3
 
 
-def rank_micro_batch(ds_config: dict[str, Any], world_size: int) -> int:
-    """Images per rank and micro step, as ``deepspeed.initialize`` will derive them from a resolved ds_config
-    (``train_batch_size = micro batch x gradient_accumulation_steps x ranks``): known before the model is built, so
-    a batch that does not fit the run fails in seconds."""
-    if "train_micro_batch_size_per_gpu" in ds_config:
-        return int(ds_config["train_micro_batch_size_per_gpu"])
-    accumulation = int(ds_config.get("gradient_accumulation_steps", 1))
-    total = int(ds_config["train_batch_size"])
-    if total % (accumulation * world_size):
-        raise ConfigError(f"ds_config: train_batch_size {total} is not a multiple of gradient_accumulation_steps "
-                          f"{accumulation} x {world_size} ranks")
-    return total // (accumulation * world_size)
+def batch_geometry(ds_config: dict[str, Any], world_size: int) -> tuple[int, int]:
+    """(images per rank and micro step, micro steps per optimizer step), as ``deepspeed.initialize`` will derive them
+    from a resolved ds_config (``train_batch_size = micro batch x gradient_accumulation_steps x ranks``): known
+    before the model is built, so a batch that does not fit the run or its data fails in seconds."""
+    accumulation = ds_config.get("gradient_accumulation_steps")
+    if "train_micro_batch_size_per_gpu" not in ds_config:
+        accumulation = int(accumulation or 1)
+        total = int(ds_config["train_batch_size"])
+        return _split(total, accumulation, world_size, "gradient_accumulation_steps"), accumulation
+    micro = int(ds_config["train_micro_batch_size_per_gpu"])
+    if accumulation is None and "train_batch_size" in ds_config:
+        accumulation = _split(int(ds_config["train_batch_size"]), micro, world_size, "train_micro_batch_size_per_gpu")
+    return micro, int(accumulation or 1)
+
+
+def _split(total: int, per_rank: int, world_size: int, name: str) -> int:
+    """``train_batch_size`` over ``per_rank`` (the ds_config's ``name``) x ``world_size`` ranks."""
+    if total % (per_rank * world_size):
+        raise ConfigError(f"ds_config: train_batch_size {total} is not a multiple of {name} {per_rank} x "
+                          f"{world_size} ranks")
+    return total // (per_rank * world_size)
 
 
 def resolve_ds_config(config: dict[str, Any], source: str = "ds_config", micro_batch_size: int | None = None,
