@@ -95,6 +95,7 @@ def test_yaml_errors_name_the_key(tmp_path):
     (["--micro_batch_size", "0"], "micro_batch_size must be > 0, got 0"),
     (["--gradient_accumulation_steps", "0"], "gradient_accumulation_steps must be > 0, got 0"),
     (["--max_steps", "0"], "max_steps must be > 0, got 0"),
+    (["--max_text_length", "2"], "max_text_length must be >= 3 ([CLS], a token, [SEP]), got 2"),
     (["--seed", "-1"], "seed must lie in [0, 2**31), got -1"),
     (["--image_size", "30"], "image_size 30 does not fit model tiny: vision image_size 30 is not a multiple of "
                              "patch_size 8"),

@@ -134,6 +134,20 @@ def test_prompt_collator_prepends_the_prompt(pretrained):
     assert torch.equal(batch["input_ids"][0, : len(prompt)], prompt)
 
 
+@pytest.mark.parametrize("max_text_length", [5, 6])
+def test_max_text_length_must_leave_a_caption_token_after_the_prompt(pretrained, max_text_length):
+    """[DEC] + "a picture of " (4 tokens) + one caption token + [SEP] = 6: at 5 the loss would see no caption token,
+    and the run trained on nothing without a word."""
+    tokenizer = BlipTokenizer.from_pretrained(pretrained / "tokenizer")
+    assert tasks.prompt_length(tokenizer, "a picture of ") == 4
+    if max_text_length == 6:
+        _build("captioning", pretrained, "--max_text_length", "6")
+        return
+    with pytest.raises(options.ConfigError, match=r"max_text_length 5 leaves no caption token after the prompt "
+                                                  r"'a picture of ' \(4 tokens with \[DEC\]\) and \[SEP\]"):
+        _build("captioning", pretrained, "--max_text_length", "5")
+
+
 def test_init_from_pretraining_copies_the_task_weights(pretrained):
     """Each tensor of the built trainer against the pre-training checkpoint: captioning takes ViT + decoder;
     retrieval takes everything but the queues (momentum encoders and temperature included), queues start fresh."""

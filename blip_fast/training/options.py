@@ -316,12 +316,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 #: option -> (whether a value is usable, what the message says it must be); ``None`` (unset) always passes.
 _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     **{name: (lambda value: value > 0, "be > 0") for name in (
-        "epochs", "save_every_steps", "log_every_steps", "queue_size", "max_text_length", "vocab_size", "max_steps",
+        "epochs", "save_every_steps", "log_every_steps", "queue_size", "vocab_size", "max_steps",
         "num_samples", "init_lr", "image_size", "micro_batch_size", "gradient_accumulation_steps")},
     **{name: (lambda value: value >= 0, "be >= 0") for name in (
         "warmup_steps", "warmup_lr", "min_lr", "weight_decay", "num_workers", "keep_checkpoints")},
     **{name: (lambda value: 0.0 <= value <= 1.0, "lie in [0, 1]") for name in ("noise_fraction", "alpha", "flip_prob")},
     **{name: (lambda value: 0.0 <= value < 1.0, "lie in [0, 1)") for name in ("momentum", "drop_path_rate")},
+    "max_text_length": (lambda value: value >= 3, "be >= 3 ([CLS], a token, [SEP])"),
     "lr_decay_rate": (lambda value: 0.0 < value <= 1.0, "lie in (0, 1]"),
     "seed": (lambda value: 0 <= value < 2**31, "lie in [0, 2**31)"),
     "crop_scale": (lambda pair: 0.0 < pair[0] <= pair[1] <= 1.0, "satisfy 0 < low <= high <= 1"),

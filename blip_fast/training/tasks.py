@@ -232,7 +232,11 @@ def _build_captioner(config: BlipConfig, args: argparse.Namespace, source: InitS
                      tokenizer: BlipTokenizer) -> nn.Module:
     from blip_fast.modeling.finetune import BlipCaptionTrainer
 
-    return BlipCaptionTrainer(source.task_model("captioning", config), prompt_length(tokenizer, args.prompt))
+    skipped = prompt_length(tokenizer, args.prompt)
+    if skipped + 2 > args.max_text_length:  # [DEC], the prompt, one caption token, [SEP]
+        raise ConfigError(f"max_text_length {args.max_text_length} leaves no caption token after the prompt "
+                          f"{args.prompt!r} ({skipped} tokens with [DEC]) and [SEP]: raise it (BLIP: 30)")
+    return BlipCaptionTrainer(source.task_model("captioning", config), skipped)
 
 
 def _build_vqa(config: BlipConfig, args: argparse.Namespace, source: InitSource,
