@@ -40,8 +40,10 @@ class CheckpointError(UserError, ValueError):
 SAFE_WEIGHTS, SAFE_INDEX = "model.safetensors", "model.safetensors.index.json"
 BIN_WEIGHTS, BIN_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
 CONFIG_NAME, GENERATION_CONFIG_NAME = "config.json", "generation_config.json"
-# Any file an earlier save may have left that a loader could pick up instead of ours.
-_STALE_WEIGHTS = re.compile(r"^(model(-\d{5}-of-\d{5})?\.safetensors|pytorch_model(-\d{5}-of-\d{5})?\.bin)(\.index\.json)?$")
+# The weights files of an HF model folder: a save removes those an earlier save left (a loader could pick them up
+# instead of ours), and a load refuses one named alone (the folder's config.json holds what the file does not).
+_HF_WEIGHT_FILES = re.compile(
+    r"^(model(-\d{5}-of-\d{5})?\.safetensors|pytorch_model(-\d{5}-of-\d{5})?\.bin)(\.index\.json)?$")
 
 POS_EMBED = "vision_model.embeddings.position_embedding"
 
@@ -565,6 +567,10 @@ def load_pretrained(
         state = _read_dir(path, use_safetensors)
         generation_defaults = _read_generation_defaults(os.path.join(path, GENERATION_CONFIG_NAME))
     elif os.path.isfile(path):
+        folder = os.path.dirname(path) or "."
+        if _HF_WEIGHT_FILES.match(os.path.basename(path)) and os.path.isfile(os.path.join(folder, CONFIG_NAME)):
+            raise CheckpointError(f"{path} is the weights file of the model folder {folder}, whose {CONFIG_NAME} holds "
+                                  f"what the file alone does not (attention heads, token ids): pass {folder}")
         state = _rename_original(_read_file(path))
         check_task(path, model_cls, state)
         config = config or infer_config(state, path, tokenizer, heads)
@@ -689,7 +695,7 @@ def save_pretrained(model: nn.Module, out_dir: str | os.PathLike, safe_serializa
     if generation_defaults:
         _write_json(os.path.join(out_dir, GENERATION_CONFIG_NAME), dict(generation_defaults))
     for name in os.listdir(out_dir):
-        if name != weights_name and _STALE_WEIGHTS.match(name):
+        if name != weights_name and _HF_WEIGHT_FILES.match(name):
             os.unlink(os.path.join(out_dir, name))
     _write_model_card(out_dir, type(model).__name__, model.config)
     return out_dir

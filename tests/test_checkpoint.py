@@ -230,6 +230,25 @@ def test_save_is_atomic_and_removes_stale_weights(tmp_path, monkeypatch):
     assert (tmp_path / "model.safetensors").read_bytes() == before
 
 
+@pytest.mark.parametrize("safe", [True, False])
+def test_the_weights_file_of_a_model_folder_named_alone_is_refused(tmp_path, safe):
+    """``from_pretrained("model/model.safetensors")``: the file alone lacks the folder's head counts, and loading it
+    as a bare state dict silently built a model with guessed heads (the demo's 128-wide model: 2 instead of its 4)
+    that computes something else. The folder is named instead; the same file outside a model folder still loads as a
+    bare state dict."""
+    model = randomize(blip.BlipForImageTextRetrieval(TINY), seed=1)
+    save_pretrained(model, tmp_path / "model", safe_serialization=safe)
+    weights = tmp_path / "model" / ("model.safetensors" if safe else "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match=re.escape(f"{weights} is the weights file of the model folder "
+                                                        f"{tmp_path / 'model'}, whose config.json holds")):
+        load_pretrained(blip.BlipForImageTextRetrieval, weights)
+    alone = tmp_path / "alone" / weights.name
+    alone.parent.mkdir()
+    alone.write_bytes(weights.read_bytes())
+    assert load_pretrained(blip.BlipForImageTextRetrieval, alone, config=TINY).state_dict().keys() == \
+        model.state_dict().keys()
+
+
 # ---------------------------------------------------------------------------------------------------- original .pth
 @pytest.mark.parametrize("wrap", [True, False])
 @pytest.mark.parametrize("task", TASKS)
