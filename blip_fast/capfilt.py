@@ -203,7 +203,9 @@ class CapFiltModels:
         filter_model = BlipForImageTextRetrieval.from_pretrained(options.filter, torch_dtype=dtype,
                                                                  device=options.device)
         processor = BlipImageProcessor.for_model_dir(options.filter, filter_model.config.vision.image_size)
-        return cls(captioner, filter_model, BlipTokenizer.from_pretrained(options.filter), processor, options)
+        filter_tokenizer = BlipTokenizer.from_pretrained(options.filter)
+        filter_tokenizer.check_fits(filter_model.config.text, os.fspath(options.filter))
+        return cls(captioner, filter_model, filter_tokenizer, processor, options)
 
     def decoding(self) -> dict[str, Any]:
         """The captioner's ``generate`` arguments: BLIP's nucleus sampling, or its beam search (no repetition

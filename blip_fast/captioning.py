@@ -42,6 +42,7 @@ class Captioner:
         directory = resolve(directory, HubOptions(**hub_kwargs), files="model")
         model = BlipForConditionalGeneration.from_pretrained(directory, torch_dtype=dtype, device=device)
         tokenizer = BlipTokenizer.from_pretrained(directory)
+        tokenizer.check_fits(model.config.text, os.fspath(directory))
         processor = BlipImageProcessor.for_model_dir(directory, model.config.vision.image_size)
         return cls(model, processor, tokenizer, prompt)
 

@@ -483,6 +483,7 @@ def load_task_model(
     directory = resolve(directory)
     model = model_class.from_pretrained(directory, torch_dtype=dtype, device=device)
     tokenizer = BlipTokenizer.from_pretrained(directory)
+    tokenizer.check_fits(model.config.text, os.fspath(directory))
     processor = BlipImageProcessor.for_model_dir(directory, model.config.vision.image_size)
     return model, tokenizer, processor
 

@@ -14,15 +14,18 @@ import os
 import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
 from tokenizers import AddedToken, Tokenizer, decoders, normalizers, pre_tokenizers, processors
 from tokenizers.models import WordPiece
 
-from blip_fast.errors import MissingFileError
+from blip_fast.errors import InvalidInputError, MissingFileError
 from blip_fast.wordpiece import train_wordpiece_vocab
+
+if TYPE_CHECKING:
+    from blip_fast.config import TextConfig
 
 PAD_TOKEN, UNK_TOKEN, CLS_TOKEN, SEP_TOKEN, MASK_TOKEN = "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"
 DEC_TOKEN, ENC_TOKEN = "[DEC]", "[ENC]"
@@ -286,6 +289,20 @@ class BlipTokenizer:
 
     def __len__(self) -> int:
         return self.vocab_size
+
+    def check_fits(self, text: TextConfig, where: str) -> None:
+        """Refuse to pair this tokenizer with a model (``text``: its text config) whose [DEC], [SEP] or [PAD] ids
+        differ, or whose embeddings have fewer rows than it has tokens: its ids would select other embeddings, and
+        the model would caption and score nonsense without an error. ``where`` names the model folder."""
+        wanted = {DEC_TOKEN: text.bos_token_id, SEP_TOKEN: text.sep_token_id, PAD_TOKEN: text.pad_token_id}
+        found = {token: self._tokenizer.token_to_id(token) for token in wanted}
+        wrong = [f"{token} is id {found[token]} here, {token_id} in the model" for token, token_id in wanted.items()
+                 if found[token] != token_id]
+        if self.vocab_size > text.vocab_size:
+            wrong.append(f"{self.vocab_size} tokens for the model's {text.vocab_size} embeddings")
+        if wrong:
+            raise InvalidInputError(f"the tokenizer in {where} does not fit its model ({'; '.join(wrong)}): is it "
+                                    "another model's tokenizer.json or vocab.txt?")
 
     def token_to_id(self, token: str) -> int:
         """Id of `token`; `KeyError` when it is not in the vocab."""

@@ -271,3 +271,28 @@ def test_trained_tokenizer_loads_in_transformers(trained, tmp_path):
 )
 def test_pre_caption(caption, max_words, expected):
     assert pre_caption(caption, max_words=max_words) == expected
+
+
+@pytest.mark.parametrize("change, message", [
+    ({}, None),
+    ({"bos_token_id": 5}, "[DEC] is id 30522 here, 5 in the model"),
+    ({"sep_token_id": 3, "pad_token_id": 1}, "[SEP] is id 102 here, 3 in the model; [PAD] is id 0 here, 1 in the model"),
+    ({"vocab_size": 30523, "enc_token_id": 1}, "30524 tokens for the model's 30523 embeddings"),
+])
+def test_a_tokenizer_that_does_not_fit_its_model_is_refused(bert_vocab_dir, change, message):
+    """BLIP's bert-base tokenizer against BLIP's text config (its ids: [DEC] 30522, [SEP] 102, [PAD] 0, 30524
+    embeddings), and against configs that differ: another model's tokenizer would select other embedding rows."""
+    import dataclasses
+
+    from blip_fast.config import TextConfig
+    from blip_fast.errors import InvalidInputError
+
+    tokenizer = BlipTokenizer.from_pretrained(bert_vocab_dir)
+    text = dataclasses.replace(TextConfig(), **change)
+    if message is None:
+        tokenizer.check_fits(text, "model")
+        return
+    with pytest.raises(InvalidInputError) as error:
+        tokenizer.check_fits(text, "model")
+    assert str(error.value) == (f"the tokenizer in model does not fit its model ({message}): is it another model's "
+                                "tokenizer.json or vocab.txt?")

@@ -421,6 +421,20 @@ def test_a_transformers_model_without_blip_task_heads_is_named_not_listed_key_by
     assert_user_error(*retrieval, *expected, wanted["retrieval"])
 
 
+def test_another_models_tokenizer_in_a_model_folder_is_refused(models, bert_vocab_dir, tmp_path, capsys):
+    """A captioner folder whose tokenizer files were swapped for bert-base-uncased's (a copy from the wrong folder):
+    its ids select other embedding rows, and the captions were nonsense without an error."""
+    import shutil
+
+    folder = tmp_path / "captioner"
+    shutil.copytree(models["captioner"], folder)
+    for name in ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json"):
+        (folder / name).unlink(missing_ok=True)
+    shutil.copy(bert_vocab_dir / "vocab.txt", folder / "vocab.txt")
+    assert_user_error(*run(["caption", models["image"], "--model", folder], capsys),
+                      f"the tokenizer in {folder} does not fit its model ([DEC] is id 30522 here")
+
+
 def test_vqa_model_is_refused_as_capfilt_captioner(models, tmp_path, capsys):
     argv = ["capfilt", "--captioner", models["vqa"], "--filter", models["filter"], "--input", models["annotations"],
             "--image-root", models["image_root"], "--output", tmp_path / "out", "--workers", "0", "--no-progress"]
