@@ -8,6 +8,7 @@ import torch
 
 import blip_fast
 from blip_fast.data.transforms import BlipImageProcessor
+from blip_fast.errors import InvalidInputError
 from tests.hub_fixtures import hf_processor, save_as_transformers_4
 from tests.test_transforms import random_image
 
@@ -107,9 +108,13 @@ def test_every_layout_loads_with_its_settings(bert_vocab_dir, tmp_path, layout):
     image = random_image("RGB", (40, 40))
     expected = hf(image, "a dog", return_tensors="pt")
     assert_same(blip_fast.BlipProcessor.from_pretrained(directory)(image, "a dog", return_tensors="pt"), expected)
-    loaded = BlipImageProcessor.for_model_dir(directory, image_size=384)
+    loaded = BlipImageProcessor.for_model_dir(directory, image_size=24)
     assert loaded.image_mean == (0.5, 0.5, 0.5) and loaded.size == (24, 24)
     assert BlipImageProcessor.from_pretrained(directory) == loaded
+    # Saved settings that resize to another size than the model takes: refused when the model loads, not at its
+    # first forward (the position table would not fit).
+    with pytest.raises(InvalidInputError, match=r"resizes images to 24x24, but the model in .* takes 384x384"):
+        BlipImageProcessor.for_model_dir(directory, image_size=384)
 
 
 def _saved(processor, directory):

@@ -289,7 +289,12 @@ class BlipImageProcessor:
         carry none), which is logged: a model trained with other settings would be fed wrong pixels."""
         config, path = saved_config(Path(directory))
         if config is not None:
-            return cls.from_dict(config, where=str(path))
+            processor = cls.from_dict(config, where=str(path))
+            if processor.do_resize and processor.size != (image_size, image_size):
+                raise InvalidInputError(f"{path} resizes images to {processor.size[0]}x{processor.size[1]}, but the "
+                                        f"model in {os.fspath(directory)} takes {image_size}x{image_size}: correct "
+                                        "its size, or remove it to use BLIP's preprocessing at the model's size")
+            return processor
         logger.warning("%s has no %s or %s: using BLIP's preprocessing (%dx%d bicubic, CLIP mean/std)",
                        os.fspath(directory), PREPROCESSOR_CONFIG_FILE, PROCESSOR_CONFIG_FILE, image_size, image_size)
         return cls(size=image_size)
