@@ -526,8 +526,14 @@ def _read_generation_defaults(path: str) -> dict[str, Any]:
     if not os.path.isfile(path):
         return {}
     from blip_fast.generate_args import settings_of
+    from blip_fast.generation import GenerationSettings
 
-    return settings_of(_read_json(path), path, strict=False)
+    settings = settings_of(_read_json(path), path, strict=False)
+    try:  # checked when the model loads, naming the file, not at its first generate()
+        GenerationSettings.from_kwargs(**settings)
+    except (TypeError, ValueError) as error:
+        raise CheckpointError(f"{path}: {error}") from None
+    return settings
 
 
 # ---------------------------------------------------------------------------------------------------- public API

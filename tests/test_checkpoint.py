@@ -155,6 +155,21 @@ def test_hf_dir_loads_exactly(tmp_path, task, layout):
         assert ids.shape[0] == 2 and (ids[:, 0] == 97).all()
 
 
+@pytest.mark.parametrize("settings, message", [
+    ({"num_beams": 0}, "num_beams and num_return_sequences must be >= 1"),
+    ({"do_sample": True, "top_p": 1.5}, "top_p must be in (0, 1], got 1.5"),
+    ({"num_beams": 2, "num_return_sequences": 3}, "num_return_sequences (3) > num_beams (2)"),
+])
+def test_unusable_decoding_settings_fail_the_load_naming_the_file(tmp_path, settings, message):
+    """A hand-edited generation_config.json: the load names the file (the error came at the first generate(),
+    naming nothing)."""
+    hf_dir(tmp_path, "BlipForConditionalGeneration", "safetensors")
+    (tmp_path / "generation_config.json").write_text(json.dumps(settings))
+    with pytest.raises(CheckpointError) as error:
+        load_pretrained(blip.BlipForConditionalGeneration, tmp_path)
+    assert str(error.value) == f"{tmp_path / 'generation_config.json'}: {message}"
+
+
 @pytest.mark.parametrize(("dtype", "hf_compat"), [(torch.float16, None), (torch.bfloat16, False), (None, True)])
 def test_dtype_device_and_compat_flag(tmp_path, dtype, hf_compat):
     source = hf_dir(tmp_path, "BlipForConditionalGeneration", "safetensors")
