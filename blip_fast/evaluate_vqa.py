@@ -43,6 +43,8 @@ def read_answer_list(path: str | os.PathLike) -> list[str]:
         raise AnnotationError(f"{os.fspath(path)}: an answer list is a non-empty json list of answer strings")
     if len(set(answers)) != len(answers):
         raise AnnotationError(f"{os.fspath(path)}: the answer list repeats answers")
+    if blank := [index for index, answer in enumerate(answers) if not answer.strip()]:
+        raise AnnotationError(f"{os.fspath(path)}[{blank[0]}]: a blank answer (ranking would pick it as an answer)")
     return answers
 
 

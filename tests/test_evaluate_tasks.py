@@ -141,6 +141,8 @@ def test_bad_inputs_are_one_clear_error(task_dir, tmp_path, capsys):
          "--image-root", str(tmp_path)])
     answers = synthetic.write_json(tmp_path / "answers.json", ["yes", "yes"])
     assert "answer list repeats answers" in error_of(_vqa_command(task_dir, "--answer-list", str(answers)))
+    answers = synthetic.write_json(tmp_path / "blank.json", ["yes", " ", "no"])
+    assert f"{answers}[1]: a blank answer" in error_of(_vqa_command(task_dir, "--answer-list", str(answers)))
 
 
 @pytest.mark.parametrize("flag", ["--results", "--out"])
