@@ -286,7 +286,9 @@ class BlipImageProcessor:
     def for_model_dir(cls, directory: str | os.PathLike, image_size: int) -> BlipImageProcessor:
         """The one loader of a model directory's image processor: its saved settings (either transformers
         layout), else BLIP's preprocessing at the model's `image_size` (original checkpoints and bare weight dirs
-        carry none), which is logged: a model trained with other settings would be fed wrong pixels."""
+        carry none), which is logged: a model trained with other settings would be fed wrong pixels. Saved settings
+        that resize to another size than `image_size` are an `InvalidInputError`: the model's position table would
+        not fit its input."""
         config, path = saved_config(Path(directory))
         if config is not None:
             processor = cls.from_dict(config, where=str(path))
