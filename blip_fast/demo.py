@@ -454,24 +454,12 @@ def _check_settings(path: Path, settings: dict[str, Any], what: str) -> None:
     """Refuse to resume a folder made with other settings (its finished stages would mix into this run), naming
     each setting that differs."""
     if path.is_file():
-        differences = _differences(json.loads(path.read_text(encoding="utf-8")), settings)
+        differences = errors.differences(json.loads(path.read_text(encoding="utf-8")), settings)
         if differences:
             raise errors.InvalidInputError(f"{path.parent} holds a demo {what} ({path}: {'; '.join(differences)}): "
                                            "use another --out-dir")
     path.parent.mkdir(parents=True, exist_ok=True)
     _write_json(path, settings)
-
-
-def _differences(found: dict[str, Any], wanted: dict[str, Any], prefix: str = "") -> list[str]:
-    """``"key: X there, Y here"`` for each (nested) key whose value differs."""
-    lines = []
-    for key in sorted(set(found) | set(wanted)):
-        there, here = found.get(key), wanted.get(key)
-        if isinstance(there, dict) and isinstance(here, dict):
-            lines += _differences(there, here, f"{prefix}{key}.")
-        elif there != here:
-            lines.append(f"{prefix}{key}: {json.dumps(there)} there, {json.dumps(here)} here")
-    return lines
 
 
 #: CapFilt summary fields that measure time, not what it did: kept out of results.json.

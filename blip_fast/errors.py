@@ -17,7 +17,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -163,6 +163,19 @@ def check_outputs_spare_inputs(outputs: dict[str, Path | None], inputs: Sequence
     for flag, path in outputs.items():
         if path is not None and os.path.realpath(path) in given:
             raise UserError(f"{flag} {path} is one of the input files; writing it would destroy it: give another name")
+
+
+def differences(there: Mapping[str, Any], here: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """``"key: X there, Y here"`` for each (nested) key whose value differs: what an error refusing to resume a run
+    with other settings names."""
+    lines = []
+    for key in sorted(set(there) | set(here)):
+        old, new = there.get(key), here.get(key)
+        if isinstance(old, Mapping) and isinstance(new, Mapping):
+            lines += differences(old, new, f"{prefix}{key}.")
+        elif old != new:
+            lines.append(f"{prefix}{key}: {json.dumps(old)} there, {json.dumps(new)} here")
+    return lines
 
 
 def check_replaceable(flag: str, path: Path | None, written_here: Callable[[Any], bool]) -> None:

@@ -173,6 +173,21 @@ def _check_queue_fits(args: argparse.Namespace, task: tasks.TrainingTask, micro_
         raise options.ConfigError(misfit)
 
 
+def _check_resume_options(args: argparse.Namespace, task: tasks.TrainingTask, output_dir: Path) -> None:
+    """Refuse to resume ``output_dir`` as another task, model preset or resolution, or (with an ITC queue) another
+    queue length than its saved config.yaml says: the checkpoint holds that module, and DeepSpeed would fail on its
+    state dict after this run had replaced the run's config.yaml."""
+    path = output_dir / options.RESOLVED_CONFIG_FILE
+    if not path.is_file():
+        return
+    fixed = ("task", "model", "image_size", *(("queue_size",) if task.has_itc_queue else ()))
+    saved = options.read_yaml(path)
+    if changed := errors.differences({key: saved[key] for key in fixed if key in saved},
+                                     {key: getattr(args, key) for key in fixed if key in saved}):
+        raise options.ConfigError(f"{output_dir} holds a run with other options ({path}: {'; '.join(changed)}): "
+                                  "resume it with its own, or start afresh in another output_dir")
+
+
 def _check_fills_a_step(dataset: Any, args: argparse.Namespace, step_samples: int) -> None:
     """Every optimizer step takes ``step_samples`` (a micro batch on every rank, accumulated) and drops an epoch's
     remainder: a smaller training set is one line, not the sampler's traceback."""
@@ -309,6 +324,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                                   "or choose another output_dir")
     if tag is not None:  # before the model is built: a checkpoint not there, or of another world size, fails in seconds
         checkpointing.check_resumable(output_dir, tag, world_size)
+        _check_resume_options(args, task, output_dir)  # before config.yaml is replaced
     if rank == 0:
         options.write_resolved(args, ds_config, output_dir)
 
@@ -323,6 +339,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     tokenizer = build_tokenizer(args, dataset, output_dir, rank,
                                 args.tokenizer_dir if source is None else source.tokenizer_dir)
     config = build_model_config(args, tokenizer, source)
+    if tag is not None:
+        checkpointing.check_same_model(output_dir, config)
     if rank == 0:
         checkpointing.write_model_config(output_dir, config)
     model = task.build_model(config, args, source, tokenizer)

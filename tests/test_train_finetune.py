@@ -8,8 +8,10 @@ through `python -m blip_fast.train` with tests/test_train.py's launch helpers; o
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
+import re
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +21,7 @@ import torch.nn.functional as F
 
 from blip_fast.data import BlipEvalTransform, BlipImageProcessor, SyntheticNoisyDataset, load_image
 from blip_fast.data.synthetic import render_caption
+from blip_fast.errors import UserError
 from blip_fast.launch import free_port
 from blip_fast.tokenizer import BlipTokenizer
 from blip_fast.training import checkpointing, options, tasks
@@ -146,6 +149,37 @@ def test_max_text_length_must_leave_a_caption_token_after_the_prompt(pretrained,
     with pytest.raises(options.ConfigError, match=r"max_text_length 5 leaves no caption token after the prompt "
                                                   r"'a picture of ' \(4 tokens with \[DEC\]\) and \[SEP\]"):
         _build("captioning", pretrained, "--max_text_length", "5")
+
+
+def test_resuming_a_run_as_another_task_is_refused_and_keeps_its_files(pretrained, tmp_path, capsys):
+    """``--resume`` of a pre-training run with a fine-tuning command (another task, queue): one line naming the
+    options that differ, and the run's config.yaml and blip_config.json as they were. The resume failed on DeepSpeed's
+    state dict, after it had rewritten both (a later export then took the run for the other task)."""
+    import shutil
+
+    from blip_fast.train import main as train_main
+
+    run = tmp_path / "pretrain"
+    shutil.copytree(pretrained, run)
+    saved = {name: (run / name).read_bytes() for name in ("config.yaml", "blip_config.json")}
+    (tmp_path / "train.json").write_text("[]")  # never read
+    code = train_main(["--config", str(_config("captioning")), "--output_dir", str(run), "--resume", "--init_from",
+                       str(pretrained / "export" / "captioning"), "--data", "blip_json", "--annotations",
+                       str(tmp_path / "train.json"), "--image_root", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 2 and f"blip_fast.train: error: {run} holds a run with other options ({run / 'config.yaml'}: " in err
+    assert 'model: "tiny" there, null here; task: "pretrain" there, "captioning" here): resume it with its own' in err
+    assert {name: (run / name).read_bytes() for name in saved} == saved
+
+
+def test_resuming_as_another_model_names_what_differs(pretrained, tmp_path):
+    config = checkpointing.read_model_config(pretrained)
+    wider = config.replace(vision=dataclasses.replace(config.vision, image_size=2 * config.vision.image_size))
+    checkpointing.check_same_model(pretrained, config)
+    with pytest.raises(UserError, match=re.escape(f"{pretrained} holds a checkpoint of another model "
+                                                  f"({pretrained / 'blip_config.json'}: vision.image_size: "
+                                                  f"{config.vision.image_size} there, {wider.vision.image_size} here)")):
+        checkpointing.check_same_model(pretrained, wider)
 
 
 def test_init_from_pretraining_copies_the_task_weights(pretrained):

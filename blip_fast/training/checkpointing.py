@@ -50,7 +50,7 @@ import torch
 from blip_fast.atomic_files import atomic_write, atomic_write_text
 from blip_fast.checkpoint import BIN_WEIGHTS, CONFIG_NAME, GENERATION_CONFIG_NAME, SAFE_WEIGHTS
 from blip_fast.config import BlipConfig, TextConfig, VisionConfig
-from blip_fast.errors import InvalidInputError, MissingFileError
+from blip_fast.errors import InvalidInputError, MissingFileError, differences
 from blip_fast.output_lock import other_files
 
 logger = logging.getLogger("blip_fast")
@@ -217,6 +217,17 @@ def config_to_dict(config: BlipConfig) -> dict[str, Any]:
 def config_from_dict(data: dict[str, Any]) -> BlipConfig:
     data = dict(data)
     return BlipConfig(vision=VisionConfig(**data.pop("vision")), text=TextConfig(**data.pop("text")), **data)
+
+
+def check_same_model(output_dir: str | os.PathLike, config: BlipConfig) -> None:
+    """Refuse to resume ``output_dir`` as another model than the one its checkpoint holds (another init_from, preset
+    or resolution), before this run's config replaces the one saved there: DeepSpeed would fail on the state dict."""
+    path = Path(output_dir) / BLIP_CONFIG_FILE
+    if not path.is_file():
+        return
+    if changed := differences(config_to_dict(read_model_config(output_dir)), config_to_dict(config)):
+        raise InvalidInputError(f"{output_dir} holds a checkpoint of another model ({path}: {'; '.join(changed)}): "
+                                "resume it with the options that started it, or start afresh in another output_dir")
 
 
 def write_model_config(output_dir: str | os.PathLike, config: BlipConfig) -> None:
