@@ -89,6 +89,7 @@ from blip_fast.data.workers import die_with_parent
 from blip_fast.hub import resolve
 from blip_fast.modeling.blip import BlipForImageTextRetrieval
 from blip_fast.modeling.vit import vision_states
+from blip_fast.task_models import load_task_model
 from blip_fast.tokenizer import BlipTokenizer, pre_caption
 
 #: BLIP tokenises ITM texts to at most 35 tokens (``blip_retrieval.py``: ``max_length=35``).
@@ -200,11 +201,8 @@ class CapFiltModels:
         dtype = getattr(torch, options.dtype)
         captioner = Captioner.from_pretrained(options.captioner, options.device, dtype, options.prompt)
         captioner.check_lengths(options.max_length, options.min_length)
-        filter_model = BlipForImageTextRetrieval.from_pretrained(options.filter, torch_dtype=dtype,
-                                                                 device=options.device)
-        processor = BlipImageProcessor.for_model_dir(options.filter, filter_model.config.vision.image_size)
-        filter_tokenizer = BlipTokenizer.from_pretrained(options.filter)
-        filter_tokenizer.check_fits(filter_model.config.text, os.fspath(options.filter))
+        filter_model, filter_tokenizer, processor = load_task_model(BlipForImageTextRetrieval, options.filter,
+                                                                    options.device, dtype)
         return cls(captioner, filter_model, filter_tokenizer, processor, options)
 
     def decoding(self) -> dict[str, Any]:

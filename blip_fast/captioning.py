@@ -37,13 +37,11 @@ class Captioner:
     ) -> Captioner:
         """Model, tokenizer and image processor from one HuggingFace-layout directory or hub id (``hub_kwargs``:
         ``cache_dir``, ``revision``, ``local_files_only``, ``token``)."""
-        from blip_fast.hub import HubOptions, resolve
+        from blip_fast.hub import HubOptions
+        from blip_fast.task_models import load_task_model
 
-        directory = resolve(directory, HubOptions(**hub_kwargs), files="model")
-        model = BlipForConditionalGeneration.from_pretrained(directory, torch_dtype=dtype, device=device)
-        tokenizer = BlipTokenizer.from_pretrained(directory)
-        tokenizer.check_fits(model.config.text, os.fspath(directory))
-        processor = BlipImageProcessor.for_model_dir(directory, model.config.vision.image_size)
+        model, tokenizer, processor = load_task_model(BlipForConditionalGeneration, directory, device, dtype,
+                                                      HubOptions(**hub_kwargs))
         return cls(model, processor, tokenizer, prompt)
 
     def check_lengths(self, max_length: int, min_length: int = 0) -> None:

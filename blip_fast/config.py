@@ -176,8 +176,7 @@ class BlipConfig:
         """
         where = "config.json"
         if not isinstance(hf_config, dict):
-            where = os.fspath(hf_config)
-            where = os.path.join(where, "config.json") if os.path.isdir(where) else where
+            where = _config_json_path(hf_config)
             hf_config = _read_config_json(hf_config)
         if hf_config.get("model_type", cls.model_type) != cls.model_type:
             raise InvalidInputError(f"{where} has model_type {hf_config.get('model_type')!r}, not 'blip': no BLIP "
@@ -223,11 +222,15 @@ class BlipConfig:
         return config
 
 
-def _read_config_json(path: str | os.PathLike) -> dict[str, Any]:
+def _config_json_path(path: str | os.PathLike) -> str:
+    """The config.json a model folder (or the file itself) names."""
     path = os.fspath(path)
-    folder = path if os.path.isdir(path) else None
-    if folder is not None:
-        path = os.path.join(folder, "config.json")
+    return os.path.join(path, "config.json") if os.path.isdir(path) else path
+
+
+def _read_config_json(path: str | os.PathLike) -> dict[str, Any]:
+    folder = os.fspath(path) if os.path.isdir(path) else None
+    path = _config_json_path(path)
     try:
         with open(path, encoding="utf-8") as handle:
             return json.load(handle)

@@ -25,7 +25,7 @@ from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import PIL.Image
 import torch
@@ -37,6 +37,7 @@ from blip_fast.data.transforms import BlipImageProcessor, load_image
 from blip_fast.distributed import world_size
 from blip_fast.errors import InvalidInputError
 from blip_fast.modeling.blip import BlipForImageTextRetrieval
+from blip_fast.task_models import load_task_model
 from blip_fast.tokenizer import BlipTokenizer, pre_caption
 
 #: BLIP's retrieval evaluation tokenises test captions to at most 35 tokens and cleans them with max_words=30.
@@ -47,7 +48,6 @@ NOT_RERANKED = -100.0
 RECALL_KS = (1, 5, 10)
 
 ImageSource = PIL.Image.Image | str | os.PathLike
-Model = TypeVar("Model", bound=torch.nn.Module)
 
 
 class EvaluationInputError(InvalidInputError):
@@ -470,22 +470,6 @@ def clean_captions(captions: Sequence[Sequence[str]], where: str = "annotations"
         if not all(image_captions):
             raise EvaluationInputError(f"{where}[{image}]: a caption is empty after cleaning")
     return cleaned
-
-
-def load_task_model(
-    model_class: type[Model], directory: str | os.PathLike, device: torch.device | str = "cpu",
-    dtype: torch.dtype = torch.float32,
-) -> tuple[Model, BlipTokenizer, BlipImageProcessor]:
-    """A task model of ``model_class``, its tokenizer and image processor (saved, else the model's resolution) from
-    one directory or hub id."""
-    from blip_fast.hub import resolve
-
-    directory = resolve(directory)
-    model = model_class.from_pretrained(directory, torch_dtype=dtype, device=device)
-    tokenizer = BlipTokenizer.from_pretrained(directory)
-    tokenizer.check_fits(model.config.text, os.fspath(directory))
-    processor = BlipImageProcessor.for_model_dir(directory, model.config.vision.image_size)
-    return model, tokenizer, processor
 
 
 def load_retrieval_model(

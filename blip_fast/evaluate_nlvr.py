@@ -15,8 +15,9 @@ import torch
 
 from blip_fast.data.nlvr import SENTENCE_MAX_WORDS, NLVRStatement, read_nlvr
 from blip_fast.data.transforms import BlipImageProcessor, load_image
-from blip_fast.evaluate import EvaluationInputError, _progress, load_task_model
+from blip_fast.evaluate import EvaluationInputError, _progress
 from blip_fast.modeling.blip import BlipForNLVR
+from blip_fast.task_models import load_task_model
 from blip_fast.tokenizer import BlipTokenizer, pre_caption
 
 

@@ -25,8 +25,9 @@ import torch
 from blip_fast.atomic_files import atomic_write_text
 from blip_fast.data.transforms import BlipImageProcessor, load_image
 from blip_fast.data.vqa import QUESTION_MAX_LENGTH, AnnotationError, VQAQuestion, read_json, read_vqa
-from blip_fast.evaluate import EvaluationInputError, _progress, load_task_model
+from blip_fast.evaluate import EvaluationInputError, _progress
 from blip_fast.modeling.blip import BlipForQuestionAnswering
+from blip_fast.task_models import load_task_model
 from blip_fast.tokenizer import BlipTokenizer, pre_question
 from blip_fast.vqa_accuracy import vqa_accuracy
 

@@ -149,13 +149,18 @@ def _training_captions(dataset) -> list[str]:
     return list(dataset.captions)
 
 
+def _data_source(args: argparse.Namespace) -> str:
+    """How a data error names the training data: its annotation files, else the ``--data`` kind."""
+    return " ".join(map(str, args.annotations)) or args.data
+
+
 def _check_not_empty(dataset: Any, args: argparse.Namespace) -> None:
     """A training set with no usable sample (every record skipped: a wrong --image_root, records without an image)
     is one line saying why, not the sampler's traceback."""
     if not isinstance(dataset, collections.abc.Sized) or len(dataset) > 0:
         return
     skipped = dict(getattr(dataset, "skipped", {}) or {})
-    source = " ".join(map(str, args.annotations)) or args.data
+    source = _data_source(args)
     if not skipped:
         raise options.ConfigError(f"{source} holds no training sample")
     reasons = ", ".join(f"{count} {reason}" for reason, count in sorted(skipped.items()))
@@ -192,8 +197,7 @@ def _check_fills_a_step(dataset: Any, args: argparse.Namespace, step_samples: in
     """Every optimizer step takes ``step_samples`` (a micro batch on every rank, accumulated) and drops an epoch's
     remainder: a smaller training set is one line, not the sampler's traceback."""
     if isinstance(dataset, collections.abc.Sized) and len(dataset) < step_samples:
-        source = " ".join(map(str, args.annotations)) or args.data
-        raise options.ConfigError(f"{source}: {len(dataset)} training samples do not fill one optimizer step of "
+        raise options.ConfigError(f"{_data_source(args)}: {len(dataset)} training samples do not fill one optimizer step of "
                                   f"{step_samples} (ranks x micro batch x gradient accumulation): lower the batch in "
                                   "the ds_config or train on more data")
 
