@@ -198,16 +198,17 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _block_sizes(rows: int, columns: int, dim: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
+def _block_sizes(rows: int, columns: int, dim: int) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_D, num_warps). The interpreter pays ~5 ms per program for tl.rand, so it gets few
     programs with large blocks. On the GPU, 64-row tiles give 2 * B / 64 programs (128 at B=4096, one wave); each
     element of a tile carries a 64-bit Philox counter, so 4 warps spill (255 registers, 416 B of stack per thread in
-    fp16 on sm_90) while 8 warps do not; fp32 tiles (3xTF32 products) also halve BLOCK_N to stay out of local
-    memory (tests/test_itm_negatives_kernel.py compiles each for sm_90 and checks)."""
+    fp16 on sm_90) while 8 warps do not, and 32-column tiles keep every dtype out of local memory under both Triton
+    3.6 (torch 2.11's, the GPU machine's: 64 columns spill 64 B in fp16) and 3.9 (tests/test_itm_negatives_kernel.py
+    compiles each for sm_90 under every Triton it finds and checks)."""
     pow2 = triton.next_power_of_2
     if _interpreting():
         return min(max(pow2(rows), 16), 1024), min(max(pow2(columns), 16), 256), min(max(pow2(dim), 16), 256), 4
-    return 64, 32 if dtype == torch.float32 else 64, min(max(pow2(dim), 16), 64), 8
+    return 64, 32, min(max(pow2(dim), 16), 64), 8
 
 
 def hard_negatives(
@@ -263,7 +264,7 @@ def hard_negatives(
         row_ids = column_ids = image_feat  # never read (HAS_IDS=False); any pointer will do
     if out is None:
         out = torch.empty((2, rows), dtype=torch.int64, device=device)
-    block_m, block_n, block_d, num_warps = _block_sizes(rows, columns, dim, dtype)
+    block_m, block_n, block_d, num_warps = _block_sizes(rows, columns, dim)
     if blocks is not None:
         block_m, block_n, block_d = blocks
     grid = (triton.cdiv(rows, block_m), 2)

@@ -57,7 +57,10 @@ def test_compiled_layers_equal_eager(monkeypatch):
             assert_close(value, oracle, rtol=1e-5, atol=1e-6)
         assert grads.keys() == expected_grads.keys()
         for name, gradient in expected_grads.items():
-            assert_close(grads[name], gradient, rtol=1e-4, atol=1e-6, name=name)
+            # A gradient element summed from terms of the tensor's scale carries fp32 rounding of that scale, not of
+            # its own size: under torch 2.11's inductor one of vision_proj's 512 was off by 4e-6 at scale 4.
+            scale = float(gradient.abs().max())
+            assert_close(grads[name], gradient, rtol=1e-4, atol=max(1e-5 * scale, 1e-6), name=name)
         if seed == 0:
             graphs = counters["stats"]["unique_graphs"]
     # One graph per distinct call signature, not per layer: ViT (grad, no grad), text (ITC with grad and without,

@@ -24,6 +24,7 @@ import torch
 
 from blip_fast import ops
 from tests.tiny_models import additive, assert_close, decode_attention_inputs, poison_kernel_outputs, sdpa
+from tests.triton_compile import each_triton, run_offline
 
 kernel = pytest.importorskip("blip_fast.kernels.decode_attention")
 
@@ -198,10 +199,10 @@ for arch, dtype, shared_limit in cases:
 """
 
 
-def test_kernels_compile_for_sm90_and_sm80():
+@each_triton
+def test_kernels_compile_for_sm90_and_sm80(triton_site):
     pytest.importorskip("triton.backends.nvidia")
-    result = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_offline(_COMPILE_SCRIPT, triton_site, timeout=300)
 
 
 # ------------------------------------------------------------------------------------------------ GPU only

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from blip_fast import decode_ops, ops
 from tests.tiny_models import assert_close, poison_kernel_outputs
+from tests.triton_compile import each_triton, run_offline
 
 triton = pytest.importorskip("triton")
 from blip_fast.kernels import decode_attention as cross_kernel  # noqa: E402
@@ -323,8 +324,7 @@ compile_sm90(sampling._gumbel_noise_kernel, dict(out_ptr="*fp32", seed_ptr="*i64
 """
 
 
-def test_kernels_compile_for_sm90():
+@each_triton
+def test_kernels_compile_for_sm90(triton_site):
     pytest.importorskip("triton.backends.nvidia")
-    from tests.triton_compile import run_offline
-
-    run_offline(_COMPILE_SCRIPT)
+    run_offline(_COMPILE_SCRIPT, triton_site)

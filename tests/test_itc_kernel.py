@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from blip_fast import ops
 from tests.tiny_models import assert_close, poison_kernel_outputs
-from tests.triton_compile import run_offline
+from tests.triton_compile import each_triton, run_offline
 
 itc = pytest.importorskip("blip_fast.kernels.itc")
 
@@ -421,9 +421,10 @@ compile_kernel(itc._itc_backward_columns_kernel, arch, dtype, name, constexprs, 
 """
 
 
-def test_kernels_compile_for_sm90_pipelined_without_spills():
+@each_triton
+def test_kernels_compile_for_sm90_pipelined_without_spills(triton_site):
     pytest.importorskip("triton.backends.nvidia")
-    run_offline(_COMPILE_SCRIPT)
+    run_offline(_COMPILE_SCRIPT, triton_site)
 
 
 # ------------------------------------------------------------------------------------------------ GPU only

@@ -19,7 +19,7 @@ pytest.importorskip("triton")
 
 from blip_fast import ops  # noqa: E402
 from blip_fast.kernels import itm_negatives  # noqa: E402
-from tests.triton_compile import run_offline  # noqa: E402
+from tests.triton_compile import each_triton, run_offline  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 POISON = -7
@@ -329,7 +329,7 @@ from tests.triton_compile import compile_like_launch, resource_usage
 fn = itm_negatives._hard_negatives_kernel
 names = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 for arch, dtype in ((90, torch.float16), (90, torch.bfloat16), (90, torch.float32), (80, torch.float32)):
-    block_m, block_n, block_d, num_warps = itm_negatives._block_sizes(4096, 4096, 256, dtype)
+    block_m, block_n, block_d, num_warps = itm_negatives._block_sizes(4096, 4096, 256)
     constexprs = dict(HAS_IDS=True, FP32_DOT=dtype == torch.float32, UPCAST=False, BLOCK_M=block_m,
                       BLOCK_N=block_n, BLOCK_D=block_d)
     element = "*" + names[dtype]
@@ -344,6 +344,7 @@ for arch, dtype in ((90, torch.float16), (90, torch.bfloat16), (90, torch.float3
 """
 
 
-def test_kernel_compiles_for_sm90_and_sm80_without_spills():
+@each_triton
+def test_kernel_compiles_for_sm90_and_sm80_without_spills(triton_site):
     pytest.importorskip("triton.backends.nvidia")
-    run_offline(_COMPILE_SCRIPT)
+    run_offline(_COMPILE_SCRIPT, triton_site)

@@ -7,6 +7,10 @@ lets Triton vectorise loads and software-pipeline them with ``cp.async``. A comp
 a kernel no GPU runs (fp16 ITC loses its pipelining, say) and would let a regression through, so these helpers
 always pass them. Compiles run in a fresh process (:func:`run_offline`): under ``TRITON_INTERPRET=1``,
 ``@triton.jit`` yields interpreter objects that cannot be compiled.
+
+Each compile test runs under the venv's Triton and under every other one ``.ci/run`` installs into
+``build/triton-<version>`` (``pip --target``): 3.6 is torch 2.11's and the GPU machine's, and its register
+allocation differs (a tile that fits under 3.9 spilled under 3.6).
 """
 
 from __future__ import annotations
@@ -19,15 +23,30 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 #: Shared memory per block: H100/H200 (sm_90) and A100 (sm_80).
 SHARED_LIMIT = {90: 232448, 80: 166912}
 
 
-def run_offline(script: str, timeout: int = 600) -> None:
-    """Run ``script`` (which imports this module's compile helpers) in a fresh interpreter-free process."""
+#: Triton installs to compile under: the venv's (None) and each ``build/triton-<version>`` folder.
+TRITON_SITES = [None, *sorted(path.parents[1] for path in ROOT.glob("build/triton-*/triton/__init__.py"))]
+#: ``@each_triton``: parametrize a compile test over :data:`TRITON_SITES` (argument ``triton_site``).
+each_triton = pytest.mark.parametrize("triton_site", TRITON_SITES,
+                                      ids=lambda site: site.name if site else "triton-venv")
+
+
+def run_offline(script: str, triton_site: Path | None = None, timeout: int = 600) -> None:
+    """Run ``script`` (which imports this module's compile helpers) in a fresh interpreter-free process, under the
+    Triton installed in ``triton_site`` (a ``pip --target`` folder; default: the venv's)."""
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9 warns when unset; 1 is what launches use today
+    if triton_site is not None:
+        env["PYTHONPATH"] = os.pathsep.join([str(triton_site), str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+        version = triton_site.name.removeprefix("triton-")
+        script = (f"import triton\nassert triton.__version__.startswith({version + '.'!r}), triton.__file__\n"
+                  + script)
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=timeout, cwd=ROOT,
                             env=env)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
