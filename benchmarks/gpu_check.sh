@@ -15,13 +15,15 @@
 # Steps run in order of value, each killed at its budget (a step may use what earlier steps left unused, never
 # later steps' time). Steps past the total budget run only on time left over. Environment: PYTHON (default
 # python3), BLIP_FAST_GPU_CHECK_STEPS=a,b (only these), BLIP_FAST_GPU_CHECK_BUDGET_S (total, default 480 / 180),
-# BLIP_FAST_GPU_CHECK_BUDGET_SCALE=N (every budget times N, for a rehearsal on a slow or shared machine).
+# BLIP_FAST_GPU_CHECK_BUDGET_SCALE=N (every budget times N, for a rehearsal on a slow or shared machine),
+# BLIP_FAST_GPU_CHECK_WHEELS (default .whl: wheels to install first, see benchmarks/gpu_wheels.sh).
 set -uo pipefail
 
 # ---------------------------------------------------------------------------------------------- the steps
 # step NAME FULL_S QUICK_S COMMAND...  (QUICK_S 0: not in --quick). Adding a check is one line here.
 # between FUNCTION                     (runs in this shell between steps: state the later steps need)
 checks() {
+    between use_carried_wheels
     step environment 15 15 "$PY" -m benchmarks.gpu_env --stage machine --out "$WORK"
     between prepare_build
     step build 120 0 "${BUILD[@]}"
@@ -32,7 +34,8 @@ checks() {
         tests/test_gpu_parity.py tests/test_decode_engine.py tests/test_decode_attention_cuda.py \
         tests/test_pretrain.py tests/test_capfilt_images.py tests/test_fp8.py --junitxml="$WORK/tests_core.xml"
     step tests_kernels 50 40 "$PY" -m pytest "${PYTEST[@]}" "${XDIST[@]}" -m gpu tests/test_itc_kernel.py \
-        tests/test_itm_negatives_kernel.py tests/test_decode_attention_kernel.py --junitxml="$WORK/tests_kernels.xml"
+        tests/test_itm_negatives_kernel.py tests/test_decode_attention_kernel.py tests/test_lm_head_loss.py \
+        --junitxml="$WORK/tests_kernels.xml"
     # The real CLI (DataLoader workers, pinned memory, lazily captured CUDA graphs) on tar shards; tiny models, one
     # run (--repeats 0): the path is the point here, the throughput of base models is bench_capfilt's.
     step capfilt_cli 35 30 "$PY" -m benchmarks.capfilt_cli "${CAPFILT_CLI[@]}" --out "$WORK" --name capfilt_cli
@@ -119,6 +122,20 @@ hide_missing_packages() {
 }
 
 # ---------------------------------------------------------------------------------------------- between steps
+use_carried_wheels() {
+    # What the GPU machine lacks (liger-kernel, the LM loss's CUDA kernel), fetched here by benchmarks/gpu_wheels.sh
+    # into .whl/ and carried: installed into the work folder, first on PYTHONPATH (the environment step lists it).
+    local wheels=("${BLIP_FAST_GPU_CHECK_WHEELS:-$ROOT/.whl}"/*.whl) site
+    [ -e "${wheels[0]}" ] || return 0
+    site="$(dirname "$WORK")/site"  # beside the work folder: not packed into the archive
+    if "$PY" -m pip install --no-index --no-deps --no-compile --target "$site" "${wheels[@]}" \
+        >"$WORK/logs/wheels.log" 2>&1; then
+        export PYTHONPATH="$site:$PYTHONPATH"
+    else
+        echo "carried wheels not installed (see logs/wheels.log)"
+    fi
+}
+
 prepare_build() {
     # csrc/cuda_env.py: a CUDA_HOME that really holds a toolkit, TORCH_CUDA_ARCH_LIST = this GPU's capability.
     "$PY" csrc/cuda_env.py >"$WORK/logs/cuda_env.txt" 2>&1
@@ -303,7 +320,7 @@ main() {
         case $1 in
             --quick) QUICK=1 ;;
             --plan) plan_only=1 ;;
-            -h | --help) sed -n '2,20p' "$0"; exit 0 ;;
+            -h | --help) sed -n '2,19p' "$0"; exit 0 ;;
             -*) echo "unknown option $1" >&2; exit 2 ;;
             *) break ;;
         esac

@@ -24,7 +24,7 @@ from typing import Any
 REPO_ROOT = Path(__file__).resolve().parents[1]
 #: Distributions whose versions are reported (read from their metadata: importing deepspeed alone takes seconds).
 PACKAGES = ("triton", "transformers", "numpy", "tokenizers", "safetensors", "pytest", "pytest-xdist", "deepspeed",
-            "webdataset", "flash-attn", "xformers", "timm")
+            "webdataset", "liger-kernel", "flash-attn", "xformers", "timm")
 
 
 def _version(distribution: str) -> str:

@@ -12,6 +12,7 @@ import re
 import subprocess
 import sys
 import tarfile
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -112,8 +113,10 @@ def test_dry_run_returns_three_files_with_every_log_and_row(tmp_path):
     """The CPU rehearsal through a few real steps (the full list is measured by running the script itself). Budgets
     times 4: this checks what comes back, not this shared machine's speed."""
     out = tmp_path / "out"
+    wheels = tmp_path / "wheels"  # a carried wheel (benchmarks/gpu_wheels.sh) goes first on the path
+    _metadata_only_wheel(wheels, "liger_kernel", "0.0.0+carried")
     env = {**os.environ, "BLIP_FAST_GPU_CHECK_DRY": "1", "PYTHON": sys.executable, "OMP_NUM_THREADS": "1",
-           "BLIP_FAST_GPU_CHECK_BUDGET_SCALE": "4",
+           "BLIP_FAST_GPU_CHECK_BUDGET_SCALE": "4", "BLIP_FAST_GPU_CHECK_WHEELS": str(wheels),
            "BLIP_FAST_GPU_CHECK_STEPS": "environment,build,backends,decode_attention", "TMPDIR": str(tmp_path)}
     result = subprocess.run(["bash", str(SCRIPT), "--quick", str(out)], capture_output=True, text=True, timeout=400,
                             env=env)
@@ -128,6 +131,19 @@ def test_dry_run_returns_three_files_with_every_log_and_row(tmp_path):
     assert {row["engine"] for row in rows} == {"eager_hf", "sdpa"} and all("median_ms" in row for row in rows)
     summary = (out / "summary.md").read_text()
     assert "blip_fast_C" in summary and "backends_on_cpu" in summary and "Decode-step cross-attention" in summary
+    assert "**liger-kernel**: 0.0.0+carried" in summary, summary
+
+
+def _metadata_only_wheel(folder, name: str, version: str) -> None:
+    """A wheel holding only its metadata: installed, it names ``name`` at ``version`` and imports nothing."""
+    folder.mkdir()
+    info = f"{name}-{version}.dist-info"
+    files = {f"{info}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n",
+             f"{info}/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"}
+    record = "".join(f"{path},,\n" for path in files) + f"{info}/RECORD,,\n"
+    with zipfile.ZipFile(folder / f"{name}-{version}-py3-none-any.whl", "w") as wheel:
+        for path, text in {**files, f"{info}/RECORD": record}.items():
+            wheel.writestr(path, text)
 
 
 # ------------------------------------------------------------------------------------------------ harness
