@@ -55,9 +55,20 @@ def optimize_model(hf_model: nn.Module) -> blip.BlipPreTrainedModel:
     return model.train(hf_model.training)
 
 
+def _major_minor(transformers_version: str) -> tuple[int, int]:
+    major, minor = (int(part) for part in re.findall(r"\d+", transformers_version)[:2])
+    return major, minor
+
+
 def sorts_sampled_beams(transformers_version: str) -> bool:
     """Whether that transformers version ranks beam sampling's drawn candidates by score before picking the
     ones that may end (5.24 and later) or keeps them in draw order (4.x to 5.23): blip_fast's
     ``sort_sampled_beams`` generate() argument reproducing it."""
-    major, minor = (int(part) for part in re.findall(r"\d+", transformers_version)[:2])
-    return (major, minor) >= (5, 24)
+    return _major_minor(transformers_version) >= (5, 24)
+
+
+def composites_alpha(transformers_version: str) -> bool:
+    """Whether that transformers version's image processors composite transparent images onto white (5.21 and
+    later) or drop the alpha with PIL's ``convert("RGB")`` (4.x to 5.20): blip_fast's ``alpha_on_white``
+    (:class:`blip_fast.BlipImageProcessor`) reproducing it."""
+    return _major_minor(transformers_version) >= (5, 21)

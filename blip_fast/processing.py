@@ -38,12 +38,15 @@ class BlipProcessor:
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any) -> BlipProcessor:
         """Load from a directory or hub id (``cache_dir``, ``revision``, ``local_files_only``, ``token``,
         ``force_download``), reading what any transformers version writes: ``preprocessor_config.json`` (4.x, the
-        hub repos) or ``processor_config.json`` (5.x), and the tokenizer files."""
+        hub repos) or ``processor_config.json`` (5.x), and the tokenizer files. ``alpha_on_white=False`` converts
+        transparent images as transformers did before 5.21 (:class:`BlipImageProcessor`)."""
         options = HubOptions.pop_from(kwargs)
+        alpha_on_white = kwargs.pop("alpha_on_white", True)
         if kwargs:
             raise TypeError(f"BlipProcessor.from_pretrained got unsupported arguments {sorted(kwargs)}")
         directory = resolve(pretrained_model_name_or_path, options, files="processor")
-        return cls(BlipImageProcessor.from_pretrained(directory), BlipTokenizer.from_pretrained(directory))
+        return cls(BlipImageProcessor.from_pretrained(directory, alpha_on_white=alpha_on_white),
+                   BlipTokenizer.from_pretrained(directory))
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> list[str]:
         """Write ``preprocessor_config.json`` and the tokenizer files: the layout of the hub's BLIP repos, which

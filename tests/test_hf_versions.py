@@ -3,8 +3,8 @@ last 4.x).
 
 ``.ci/run`` installs each, with the huggingface_hub and tokenizers it needs, into ``build/transformers-<version>``
 with ``pip --target``, outside the venv; this runs the parity suites under each in a subprocess. Where no such
-folder exists the test skips. The HF behaviour that differs between them is explicit in blip_fast
-(``sort_sampled_beams``).
+folder exists the test skips. The HF behaviours that differ between them are explicit in blip_fast
+(``sort_sampled_beams``, ``alpha_on_white``).
 """
 
 from __future__ import annotations
@@ -17,7 +17,10 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SUITES = ["tests/test_hf_parity.py", "tests/test_generation.py", "tests/test_interop.py"]
+SUITES = ["tests/test_hf_parity.py", "tests/test_generation.py", "tests/test_interop.py",
+          "tests/test_generate_outputs.py"]
+#: transformers 5 only: the image processor against HF's (transformers 4 cannot read 1x1 images, for one).
+SUITES_5 = ["tests/test_transforms.py", "tests/test_processing.py"]
 #: transformers 4 only: its "image-to-text" and "visual-question-answering" pipelines are gone in 5 (the rest of
 #: test_pipelines.py runs under the venv's transformers).
 SUITES_4 = ["tests/test_pipelines.py::test_image_to_text_pipeline",
@@ -35,7 +38,7 @@ def test_parity_suites_under_another_transformers(init):
     version = subprocess.run([sys.executable, "-c", "import transformers; print(transformers.__version__)"],
                              capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
     assert version.stdout.startswith(site.name.removeprefix("transformers-") + "."), version.stdout + version.stderr
-    suites = SUITES + (SUITES_4 if site.name.startswith("transformers-4.") else [])
+    suites = SUITES + (SUITES_4 if site.name.startswith("transformers-4.") else SUITES_5)
     result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *suites],
                             capture_output=True, text=True, env=env, cwd=ROOT, timeout=1800)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]

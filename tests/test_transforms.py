@@ -9,8 +9,11 @@ import pytest
 import torch
 
 from blip_fast.data import BlipImageProcessor, ImageLoadError, load_image
+from blip_fast.interop import composites_alpha
 
 transformers = pytest.importorskip("transformers")
+#: Our processor converted as the installed transformers converts transparent images (changed in 5.21).
+INSTALLED = dict(alpha_on_white=composites_alpha(transformers.__version__))
 
 ATOL = 1e-6
 SIZES = [(1, 1), (7, 13), (500, 333)]  # PIL (width, height): a pixel, odd primes, a typical photo
@@ -57,7 +60,7 @@ def assert_pixels_equal(ours, images, hf, **call_kwargs):
 
 @pytest.fixture(scope="module")
 def default_pair():
-    return BlipImageProcessor(), hf_processor()
+    return BlipImageProcessor(**INSTALLED), hf_processor()
 
 
 @pytest.mark.parametrize("size", SIZES, ids=lambda size: f"{size[0]}x{size[1]}")
@@ -69,13 +72,24 @@ def test_pil_modes_match_hf(default_pair, mode, size):
     assert ours(image)["pixel_values"].shape == (1, 3, 384, 384)
 
 
-def test_rgba_is_composited_on_white(default_pair):
-    """HF (and so we) paint transparent pixels white, where the original BLIP's convert("RGB") keeps the colour."""
-    ours, _ = default_pair
+@pytest.mark.parametrize("alpha_on_white, colour", [(True, (1.0, 1.0, 1.0)), (False, (1.0, 0.0, 0.0))])
+@pytest.mark.parametrize("kind", ["pil", "array"])
+def test_transparent_pixels_by_alpha_on_white(alpha_on_white, colour, kind):
+    """transformers 5.21+ (and our default) paint a transparent red pixel white; before 5.21 transformers, like the
+    original BLIP's convert("RGB"), kept the red (for arrays too, where it had no RGBA conversion)."""
+    ours = BlipImageProcessor(alpha_on_white=alpha_on_white)
     transparent_red = PIL.Image.new("RGBA", (5, 5), (255, 0, 0, 0))
-    pixels = ours(transparent_red, return_tensors="np")["pixel_values"][0]
-    expected = (1.0 - np.array(ours.image_mean)) / np.array(ours.image_std)
+    image = transparent_red if kind == "pil" else np.asarray(transparent_red)
+    pixels = ours(image, return_tensors="np")["pixel_values"][0]
+    expected = (np.array(colour) - np.array(ours.image_mean)) / np.array(ours.image_std)
     np.testing.assert_allclose(pixels[:, 2, 2], expected, atol=ATOL)
+    assert BlipImageProcessor().alpha_on_white
+
+
+@pytest.mark.parametrize("version, composites", [("4.57.6", False), ("5.20.0", False), ("5.21.0", True),
+                                                   ("5.24.1.dev0", True)])
+def test_composites_alpha_from_5_21(version, composites):
+    assert composites_alpha(version) is composites
 
 
 def test_batch_of_mixed_images_matches_hf(default_pair):
@@ -106,6 +120,8 @@ def array_input(kind: str) -> np.ndarray | torch.Tensor:
      "float_integer_valued"],
 )
 def test_array_inputs_match_hf(default_pair, kind):
+    if kind in ("rgba_uint8", "grey_chw", "float_rgba") and not composites_alpha(transformers.__version__):
+        pytest.skip(f"transformers {transformers.__version__} cannot read this array (5.21 can)")
     ours, hf = default_pair
     assert_pixels_equal(ours, array_input(kind), hf)
 
@@ -126,7 +142,7 @@ def test_array_inputs_match_hf(default_pair, kind):
 @pytest.mark.parametrize("kind", ["pil_rgba", "float_unit"])
 def test_settings_match_hf(ours_kwargs, hf_kwargs, kind):
     image = random_image("RGBA", (23, 17)) if kind == "pil_rgba" else array_input(kind)
-    assert_pixels_equal(BlipImageProcessor(**ours_kwargs), image, hf_processor(**hf_kwargs))
+    assert_pixels_equal(BlipImageProcessor(**INSTALLED, **ours_kwargs), image, hf_processor(**hf_kwargs))
 
 
 def test_output_container_and_formats(default_pair):
@@ -177,8 +193,9 @@ def test_save_pretrained_loads_in_transformers(tmp_path):
     assert dict(hf.size) == {"height": 224, "width": 160}
     assert tuple(hf.image_mean) == ours.image_mean and tuple(hf.image_std) == ours.image_std
     assert int(hf.resample) == 2 and hf.rescale_factor == ours.rescale_factor
-    assert_pixels_equal(ours, random_image("RGBA", (31, 9)), hf)
+    assert_pixels_equal(ours.with_settings(**INSTALLED), random_image("RGBA", (31, 9)), hf)
     assert BlipImageProcessor.from_pretrained(tmp_path) == ours
+    assert BlipImageProcessor.from_pretrained(tmp_path, alpha_on_white=False) == ours.with_settings(alpha_on_white=False)
 
 
 def test_from_pretrained_reads_transformers_save(tmp_path):

@@ -121,10 +121,12 @@ def read_image_header(data: bytes, name: str) -> tuple[int, int, bool]:
     return width, height, decodable
 
 
-def _pil_to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
-    """RGB the way transformers does it: any transparency (an alpha band, or a palette/L `transparency`
-    entry) is composited onto white; other modes (L, P, CMYK, I;16, ...) use PIL's `convert("RGB")`."""
-    if "A" in image.getbands() or image.info.get("transparency") is not None:
+def _pil_to_rgb(image: PIL.Image.Image, alpha_on_white: bool = True) -> PIL.Image.Image:
+    """RGB the way transformers does it. With `alpha_on_white` (transformers 5.21 and later) any transparency (an
+    alpha band, or a palette/L `transparency` entry) is composited onto white; without it (transformers up to 5.20,
+    and the original BLIP) PIL's `convert("RGB")` drops the alpha and keeps the colour beneath, as it converts every
+    other mode (L, P, CMYK, I;16, ...)."""
+    if alpha_on_white and ("A" in image.getbands() or image.info.get("transparency") is not None):
         white = PIL.Image.new("RGBA", image.size, (255, 255, 255, 255))
         return PIL.Image.alpha_composite(white, image.convert("RGBA")).convert("RGB")
     return image.convert("RGB")
@@ -141,12 +143,15 @@ def _array_to_hwc(array: np.ndarray) -> np.ndarray:
     raise ValueError(f"cannot find the channel dim (1, 3 or 4 channels) of an image with shape {array.shape}")
 
 
-def _array_to_rgb(hwc: np.ndarray) -> np.ndarray:
-    """[H, W, C] -> [H, W, 3] like transformers' numpy path: grey repeated, RGBA composited onto white."""
+def _array_to_rgb(hwc: np.ndarray, alpha_on_white: bool = True) -> np.ndarray:
+    """[H, W, C] -> [H, W, 3] like transformers' numpy path: grey repeated, RGBA composited onto white (or, without
+    `alpha_on_white`, its alpha dropped as PIL drops it: transformers before 5.21 refused RGBA arrays)."""
     if hwc.shape[-1] == 1:
         return np.repeat(hwc, 3, axis=-1)
     if hwc.shape[-1] != 4:
         return hwc
+    if not alpha_on_white:
+        return hwc[..., :3]
     if np.issubdtype(hwc.dtype, np.floating) and (hwc.min() < 0.0 or hwc.max() > 1.0):
         raise ValueError(f"a float RGBA image must lie in [0, 1], got [{hwc.min()}, {hwc.max()}]")
     white = 255 if np.issubdtype(hwc.dtype, np.integer) else 1.0
@@ -226,7 +231,10 @@ class BlipImageProcessor:
     """Images -> `pixel_values` FloatTensor [B, 3, H, W], numerically equal to transformers' BlipImageProcessor.
 
     Defaults are BLIP's: 384x384 bicubic, rescale 1/255, OpenAI CLIP mean/std. `size` is (height, width) or an
-    int for a square; `resample` a PIL resampling filter (3 = bicubic).
+    int for a square; `resample` a PIL resampling filter (3 = bicubic). `alpha_on_white` picks the RGB conversion of
+    transparent images, which transformers changed in 5.21: composited onto white (True, 5.21 on) or the alpha
+    dropped, keeping the colour beneath (False: up to 5.20, and the original BLIP's `convert("RGB")`). It is a
+    library behaviour, not a saved setting (:func:`blip_fast.interop.composites_alpha` gives a version's).
     """
 
     size: tuple[int, int] | int = (384, 384)
@@ -238,6 +246,7 @@ class BlipImageProcessor:
     rescale_factor: float = 1 / 255
     do_normalize: bool = True
     do_convert_rgb: bool = True
+    alpha_on_white: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "size", _size_pair(self.size))
@@ -252,11 +261,13 @@ class BlipImageProcessor:
         BLIP repos, our saves) or the `image_processor` entry of `processor_config.json` (transformers 5).
 
         Takes a directory or a hub id with transformers' download keywords (`cache_dir`, `revision`,
-        `local_files_only`, `token`, `force_download`); missing (or null) keys take transformers' defaults.
+        `local_files_only`, `token`, `force_download`), and `alpha_on_white`; missing (or null) keys take
+        transformers' defaults.
         """
         from blip_fast.hub import HubOptions, resolve
 
         options = HubOptions.pop_from(kwargs)
+        alpha_on_white = kwargs.pop("alpha_on_white", True)
         if kwargs:
             raise TypeError(f"BlipImageProcessor.from_pretrained got unsupported arguments {sorted(kwargs)}")
         directory = Path(resolve(pretrained_model_name_or_path, options, files="image_processor"))
@@ -264,7 +275,7 @@ class BlipImageProcessor:
         if config is None:
             raise FileNotFoundError(f"no {PREPROCESSOR_CONFIG_FILE} or {PROCESSOR_CONFIG_FILE} in "
                                     f"{os.fspath(directory)!r}")
-        return cls.from_dict(config, where=str(path))
+        return cls.from_dict(config, where=str(path)).with_settings(alpha_on_white=alpha_on_white)
 
     @classmethod
     def from_dict(cls, config: dict[str, Any], where: str = "image processor config") -> BlipImageProcessor:
@@ -343,12 +354,12 @@ class BlipImageProcessor:
     def _process_one(self, image: ImageInput) -> np.ndarray:
         """One image -> float32 [C, H, W]."""
         if isinstance(image, PIL.Image.Image):
-            hwc = np.asarray(_pil_to_rgb(image) if self.do_convert_rgb else image)
+            hwc = np.asarray(_pil_to_rgb(image, self.alpha_on_white) if self.do_convert_rgb else image)
             hwc = hwc[..., None] if hwc.ndim == 2 else hwc
         else:
             array = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
             hwc = _array_to_hwc(array)
-            hwc = _array_to_rgb(hwc) if self.do_convert_rgb else hwc
+            hwc = _array_to_rgb(hwc, self.alpha_on_white) if self.do_convert_rgb else hwc
         if self.do_resize:
             hwc = _pil_resize(hwc, self.size, self.resample)
         if self.do_normalize and hwc.shape[-1] != len(self.image_mean):
