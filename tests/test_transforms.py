@@ -14,6 +14,7 @@ from blip_fast.interop import composites_alpha
 transformers = pytest.importorskip("transformers")
 #: Our processor converted as the installed transformers converts transparent images (changed in 5.21).
 INSTALLED = dict(alpha_on_white=composites_alpha(transformers.__version__))
+HF_MAJOR = int(transformers.__version__.split(".")[0])
 
 ATOL = 1e-6
 SIZES = [(1, 1), (7, 13), (500, 333)]  # PIL (width, height): a pixel, odd primes, a typical photo
@@ -66,6 +67,8 @@ def default_pair():
 @pytest.mark.parametrize("size", SIZES, ids=lambda size: f"{size[0]}x{size[1]}")
 @pytest.mark.parametrize("mode", MODES)
 def test_pil_modes_match_hf(default_pair, mode, size):
+    if size == (1, 1) and HF_MAJOR < 5:
+        pytest.skip("transformers 4 cannot tell a 1x1 image's channel axis")
     ours, hf = default_pair
     image = random_image(mode, size)
     assert_pixels_equal(ours, image, hf)
@@ -94,7 +97,8 @@ def test_composites_alpha_from_5_21(version, composites):
 
 def test_batch_of_mixed_images_matches_hf(default_pair):
     ours, hf = default_pair
-    images = [random_image(mode, size, seed) for seed, (mode, size) in enumerate(zip(MODES, SIZES * 4))]
+    sizes = SIZES if HF_MAJOR >= 5 else SIZES[1:]  # transformers 4 cannot tell a 1x1 image's channel axis
+    images = [random_image(mode, size, seed) for seed, (mode, size) in enumerate(zip(MODES, sizes * 5))]
     assert_pixels_equal(ours, images, hf)
 
 
