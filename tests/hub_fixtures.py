@@ -58,7 +58,10 @@ def hf_processor(vocab_file: Path, image_size: int = IMAGE_SIZE, **image_kwargs)
 
 def save_as_transformers_4(processor_dir: Path) -> None:
     """Rewrite a transformers-5 processor save in the layout transformers 4 writes (and the hub repos hold):
-    ``preprocessor_config.json`` instead of ``processor_config.json``."""
+    ``preprocessor_config.json`` instead of ``processor_config.json``. A save by transformers 4 is left as it is."""
+    if not (processor_dir / "processor_config.json").exists():
+        assert (processor_dir / "preprocessor_config.json").exists(), f"no processor config in {processor_dir}"
+        return
     config = json.loads((processor_dir / "processor_config.json").read_text())
     (processor_dir / "preprocessor_config.json").write_text(json.dumps(config["image_processor"], indent=2))
     (processor_dir / "processor_config.json").unlink()

@@ -18,8 +18,11 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SUITES = ["tests/test_hf_parity.py", "tests/test_generation.py", "tests/test_interop.py",
-          "tests/test_generate_outputs.py", "tests/test_transforms.py"]
-#: transformers 5 only: the processor saved by transformers 5 (processor_config.json) against ours.
+          "tests/test_generate_outputs.py", "tests/test_transforms.py",
+          # model folders and hub repos as that version writes them, loaded by blip_fast
+          "tests/test_checkpoint.py", "tests/test_hub.py", "tests/test_model_cards.py"]
+#: transformers 5 only: the processor saved by transformers 5 (processor_config.json) against ours (transformers 4
+#: also orders the processor's output keys differently).
 SUITES_5 = ["tests/test_processing.py"]
 #: transformers 4 only: its "image-to-text" and "visual-question-answering" pipelines are gone in 5 (the rest of
 #: test_pipelines.py runs under the venv's transformers).
