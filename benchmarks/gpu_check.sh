@@ -124,7 +124,7 @@ hide_missing_packages() {
 # ---------------------------------------------------------------------------------------------- between steps
 use_carried_wheels() {
     # What the GPU machine lacks (liger-kernel, the LM loss's CUDA kernel), fetched here by benchmarks/gpu_wheels.sh
-    # into .whl/ and carried: installed into the work folder, first on PYTHONPATH (the environment step lists it).
+    # into .whl/ and carried: installed beside the work folder, first on PYTHONPATH (the environment step lists it).
     local wheels=("${BLIP_FAST_GPU_CHECK_WHEELS:-$ROOT/.whl}"/*.whl) site
     [ -e "${wheels[0]}" ] || return 0
     site="$(dirname "$WORK")/site"  # beside the work folder: not packed into the archive
