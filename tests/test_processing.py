@@ -9,9 +9,8 @@ import torch
 import blip_fast
 from blip_fast.data.transforms import BlipImageProcessor
 from blip_fast.errors import InvalidInputError
-from blip_fast.interop import composites_alpha
 from tests.hub_fixtures import hf_processor, save_as_transformers_4
-from tests.test_transforms import random_image
+from tests.test_transforms import INSTALLED, random_image
 
 transformers = pytest.importorskip("transformers")
 
@@ -27,8 +26,7 @@ def processors(bert_vocab_dir, tmp_path_factory):
     hf.save_pretrained(directory)
     assert not (directory / "preprocessor_config.json").exists()
     # Transparent images converted as the installed transformers converts them (changed in 5.21).
-    return hf, blip_fast.BlipProcessor.from_pretrained(directory,
-                                                       alpha_on_white=composites_alpha(transformers.__version__))
+    return hf, blip_fast.BlipProcessor.from_pretrained(directory, **INSTALLED)
 
 
 def assert_same(ours, expected):
