@@ -92,6 +92,15 @@ def test_transparent_pixels_by_alpha_on_white(alpha_on_white, colour, kind):
     assert BlipImageProcessor().alpha_on_white
 
 
+@pytest.mark.parametrize("value", ["false", 0, None])
+def test_alpha_on_white_takes_a_bool_only(tmp_path, value):
+    BlipImageProcessor().save_pretrained(tmp_path)
+    for make in (lambda: BlipImageProcessor(alpha_on_white=value),
+                 lambda: BlipImageProcessor.from_pretrained(tmp_path, alpha_on_white=value)):
+        with pytest.raises(TypeError, match=f"alpha_on_white must be True or False, got {value!r}"):
+            make()
+
+
 @pytest.mark.parametrize("version, composites", [("4.57.6", False), ("5.20.0", False), ("5.21.0", True),
                                                    ("5.24.1.dev0", True)])
 def test_composites_alpha_from_5_21(version, composites):

@@ -253,6 +253,8 @@ class BlipImageProcessor:
         object.__setattr__(self, "image_mean", _channel_triple(self.image_mean))
         object.__setattr__(self, "image_std", _channel_triple(self.image_std))
         object.__setattr__(self, "resample", int(PIL.Image.Resampling(self.resample)))
+        if not isinstance(self.alpha_on_white, bool):  # "false" would otherwise read as true
+            raise TypeError(f"alpha_on_white must be True or False, got {self.alpha_on_white!r}")
 
     # ---------------------------------------------------------------- config files
     @classmethod
