@@ -149,6 +149,28 @@ def test_train_transform_converts_any_mode_to_rgb(mode):
     assert BlipTrainTransform(image_size=8)(image, random.Random(0)).shape == (3, 8, 8)
 
 
+@pytest.mark.parametrize("alpha_on_white, expected", [(False, (10, 200, 30)), (True, (255, 255, 255))])
+@pytest.mark.parametrize("path", ["pil", "encode"])
+def test_train_transform_keeps_the_colour_beneath_transparency_as_blip_trains(alpha_on_white, expected, path):
+    """BLIP's training datasets `convert("RGB")` (the colour beneath a transparent pixel); `alpha_on_white` is
+    transformers 5.21's processor instead. A fully transparent PNG, through the PIL and the GPU path's worker half."""
+    image = PIL.Image.new("RGBA", (20, 20), (10, 200, 30, 0))
+    transform = BlipTrainTransform(image_size=8, alpha_on_white=alpha_on_white, **RAW)
+    if path == "pil":
+        pixels = transform(image, random.Random(0))
+    else:
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        pixels = transform.encode(buffer.getvalue(), random.Random(0)).data.float()  # decoded uint8, uncropped
+    expected = torch.tensor(expected, dtype=torch.float32).view(3, 1, 1).expand_as(pixels)
+    torch.testing.assert_close(pixels, expected, atol=1e-3, rtol=0)
+
+
+def test_train_transform_refuses_a_non_bool_alpha_on_white():
+    with pytest.raises(TypeError, match="alpha_on_white must be True or False, got 'false'"):
+        BlipTrainTransform(alpha_on_white="false")
+
+
 def test_eval_transform_equals_the_processor():
     image = SyntheticNoisyDataset(1).image(0)
     expected = BlipImageProcessor(size=24)(image).pixel_values[0]

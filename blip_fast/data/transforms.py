@@ -132,6 +132,11 @@ def _pil_to_rgb(image: PIL.Image.Image, alpha_on_white: bool = True) -> PIL.Imag
     return image.convert("RGB")
 
 
+def _require_bool(name: str, value: object) -> None:
+    if not isinstance(value, bool):  # "false" would otherwise read as true
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+
+
 def _array_to_hwc(array: np.ndarray) -> np.ndarray:
     """[C, H, W] or [H, W, C] with C in (1, 3, 4) -> [H, W, C]; channels-first wins when both fit (as HF)."""
     if array.ndim != 3:
@@ -253,8 +258,7 @@ class BlipImageProcessor:
         object.__setattr__(self, "image_mean", _channel_triple(self.image_mean))
         object.__setattr__(self, "image_std", _channel_triple(self.image_std))
         object.__setattr__(self, "resample", int(PIL.Image.Resampling(self.resample)))
-        if not isinstance(self.alpha_on_white, bool):  # "false" would otherwise read as true
-            raise TypeError(f"alpha_on_white must be True or False, got {self.alpha_on_white!r}")
+        _require_bool("alpha_on_white", self.alpha_on_white)
 
     # ---------------------------------------------------------------- config files
     @classmethod
@@ -450,8 +454,9 @@ class BlipTrainTransform:
     Semantics are torchvision's (`RandomResizedCrop.get_params`): up to 10 tries of an area fraction uniform in
     `scale` and a log-uniform aspect ratio in `ratio`; a box that fits is placed uniformly; otherwise a centre crop
     of the whole image clamped to `ratio`. The crop is cut then resized with PIL bicubic; the flip happens with
-    probability `flip_prob`; `ToTensor` + `Normalize` in float32. Images of any mode are converted to RGB first
-    (transparency composited on white, as the eval processor does).
+    probability `flip_prob`; `ToTensor` + `Normalize` in float32. Images of any mode are converted to RGB first, as
+    BLIP's training datasets do (`convert("RGB")`: a transparent pixel keeps the colour beneath its alpha);
+    `alpha_on_white=True` composites transparency on white instead, as transformers' processor does from 5.21 on.
 
     `scale` defaults to BLIP's pre-training (0.2, 1.0) (`configs/pretrain.yaml: min_scale 0.2`); BLIP's fine-tuning
     configs (captioning, retrieval, VQA) use (0.5, 1.0). `random_augment=True` adds BLIP's `RandomAugment(2, 5)`
@@ -468,8 +473,10 @@ class BlipTrainTransform:
     mean: tuple[float, ...] = OPENAI_CLIP_MEAN
     std: tuple[float, ...] = OPENAI_CLIP_STD
     random_augment: bool = False
+    alpha_on_white: bool = False
 
     def __post_init__(self) -> None:
+        _require_bool("alpha_on_white", self.alpha_on_white)
         object.__setattr__(self, "image_size", _size_pair(self.image_size))
         object.__setattr__(self, "mean", _channel_triple(self.mean))
         object.__setattr__(self, "std", _channel_triple(self.std))
@@ -515,7 +522,7 @@ class BlipTrainTransform:
         if not isinstance(image, PIL.Image.Image):
             raise TypeError(f"BlipTrainTransform takes PIL images, got {type(image).__name__}")
         rng = random.Random() if rng is None else rng
-        image = _pil_to_rgb(image)
+        image = _pil_to_rgb(image, self.alpha_on_white)
         params = self.draw_params(image.width, image.height, rng)
         top, left, crop_height, crop_width = params.crop
         height, width = self.image_size
@@ -531,11 +538,11 @@ class BlipTrainTransform:
         pixels) and the parameters `__call__` would draw. Corrupt data raises `ImageLoadError` here, as `load_image`."""
         encoded = False
         if isinstance(source, PIL.Image.Image):
-            image = _pil_to_rgb(source)
+            image = _pil_to_rgb(source, self.alpha_on_white)
         else:
             width, height, encoded = read_image_header(source, name)
             if not encoded:
-                image = _pil_to_rgb(_decode(io.BytesIO(source), name))
+                image = _pil_to_rgb(_decode(io.BytesIO(source), name), self.alpha_on_white)
         if encoded:
             params = self.draw_params(width, height, rng)
             return EncodedImage(torch.frombuffer(bytearray(source), dtype=torch.uint8), True, params)

@@ -158,6 +158,9 @@ def _add_options(parser: argparse.ArgumentParser) -> None:
                       help="DataLoader worker processes per rank (default: up to 4, at most the usable CPUs)")
     data.add_argument("--random_augment", action=bool_flag, default=False,
                       help="BLIP's RandomAugment(2, 5) after the crop and flip (BLIP's pre-training and fine-tuning)")
+    data.add_argument("--alpha_on_white", action=bool_flag, default=False,
+                      help="composite transparent pixels on white (transformers' processor from 5.21 on) instead of "
+                           "keeping the colour beneath, as BLIP's training datasets' convert('RGB') does")
     data.add_argument("--gpu_decode", action=bool_flag, default=None,
                       help="workers read encoded images and draw the augmentation; decoding (nvJPEG) and the pixel "
                            "work run on the GPU (default: on with CUDA and torchvision; the PIL path otherwise)")

@@ -257,7 +257,7 @@ def train_transform(args: argparse.Namespace, image_size: int):
     from blip_fast.data import BlipTrainTransform
 
     return BlipTrainTransform(image_size=image_size, scale=tuple(args.crop_scale), flip_prob=args.flip_prob,
-                              random_augment=args.random_augment)
+                              random_augment=args.random_augment, alpha_on_white=args.alpha_on_white)
 
 
 # "replace": an unreadable image is swapped for the next readable one, so every rank keeps its full micro batch.
