@@ -86,6 +86,7 @@ from blip_fast.capfilt_io import (
 from blip_fast.captioning import Captioner
 from blip_fast.data.transforms import BlipImageProcessor
 from blip_fast.data.workers import die_with_parent
+from blip_fast.errors import environment_int
 from blip_fast.hub import resolve
 from blip_fast.modeling.blip import BlipForImageTextRetrieval
 from blip_fast.modeling.vit import vision_states
@@ -418,14 +419,15 @@ def _score_batch(models: CapFiltModels, writer: BackgroundWriter, batch: _Batch,
 
 
 def _rank_and_world(options: CapFiltOptions) -> tuple[int, int]:
-    rank = options.rank if options.rank is not None else int(os.environ.get("RANK", 0))
-    world = options.world_size if options.world_size is not None else int(os.environ.get("WORLD_SIZE", 1))
+    rank = options.rank if options.rank is not None else environment_int("RANK", 0)
+    world = options.world_size if options.world_size is not None else environment_int("WORLD_SIZE", 1)
     if not 0 <= rank < world:
         raise CapFiltError(f"rank {rank} is outside world size {world}")
     return rank, world
 
 
-def _run_units(models: CapFiltModels, units: list[Unit], options: CapFiltOptions, source: CapFiltInput) -> None:
+def _run_units(models: CapFiltModels, units: list[Unit], options: CapFiltOptions, source: CapFiltInput,
+               fingerprint: dict[str, Any]) -> None:
     stream = ImageStream([item for unit in units for item in unit.items], models.processors, not source.is_json,
                          decodes_on_device(options.image_decode, options.device, models.processors))
     loader = torch.utils.data.DataLoader(
@@ -433,7 +435,7 @@ def _run_units(models: CapFiltModels, units: list[Unit], options: CapFiltOptions
         collate_fn=_as_list, pin_memory=torch.device(options.device).type == "cuda",
         worker_init_fn=die_with_parent if options.workers else None,
     )
-    output, fingerprint = Path(options.output), options.fingerprint()
+    output = Path(options.output)
     batches: Iterator[list[dict[str, Any]]] = iter(loader)
     total = sum(len(unit.items) for unit in units)
     # Two batches in flight: while batch i's captions are decoded, cleaned and tokenised on the text thread, the
@@ -480,7 +482,8 @@ def run_capfilt(options: CapFiltOptions) -> dict[str, Any]:
     output = prepare_output(options.output, source.files)
     # Hub ids become their cached (or downloaded) snapshot folders: the pinned options name the models' commits.
     options = dataclasses.replace(options, captioner=resolve(options.captioner), filter=resolve(options.filter))
-    check_options(output, options.fingerprint())
+    fingerprint = {**options.fingerprint(), "input_listing": source.listing()}
+    check_options(output, fingerprint)
     mine = [unit for unit in range(len(source)) if unit % world == rank]
     pending = [unit for unit in mine if not manifest_path(output, unit).is_file()]
     for unit in pending:  # another run on any of them stops this one before the models load
@@ -488,7 +491,7 @@ def run_capfilt(options: CapFiltOptions) -> dict[str, Any]:
     if pending:
         source.check_images(options.max_error_rate)
         models = CapFiltModels.from_options(options)
-        _run_units(models, [source.unit(unit) for unit in pending], options, source)
+        _run_units(models, [source.unit(unit) for unit in pending], options, source, fingerprint)
     summary = merge(output, len(source), source.is_json, options.fingerprint())
     if summary is None:
         return {"merged": False, "rank": rank, "units_done_here": len(pending), "units_of_rank": len(mine)}

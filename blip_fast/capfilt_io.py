@@ -8,14 +8,16 @@ Safety rules, all checked before any work (:func:`open_input`, :func:`prepare_ou
 - no input lies inside the output folder, and the output folder is new, empty, or marked as CapFilt's by
   ``capfilt_output.json`` (written first); input shards map to output shards of the same name, so two input shards
   with one name are refused too;
-- the options that decide the output are pinned in ``capfilt_config.json`` only when the first unit is done (a
-  failed start leaves nothing to resume), and paths are compared absolute and normalised.
+- the options that decide the output, and the input's listing (each shard's name and size, or the json's records
+  and hash: a unit is its position in the listing), are pinned in ``capfilt_config.json`` only when the first unit
+  is done (a failed start leaves nothing to resume); paths are compared absolute and normalised.
 """
 
 from __future__ import annotations
 
 import contextlib
 import glob
+import hashlib
 import io
 import itertools
 import json
@@ -118,6 +120,11 @@ def _shard_names(source: str) -> list[str]:
         missing = [name for name in names if not os.path.isfile(name)]
         if missing:
             raise CapFiltError(f"{len(missing)} of the {len(names)} input shards do not exist: {_listing(missing)}")
+        others = [os.path.basename(name) for name in names if not is_shard_name(name)]
+        if others:  # img2dataset writes .parquet and _stats.json files beside its shards
+            what = "is neither a BLIP json (.json, .jsonl) nor a .tar shard" if names == [source] else \
+                f"matches files that are not .tar shards: {_listing(others)}; name the shards alone (e.g. '*.tar')"
+            raise CapFiltError(f"--input {source} {what}")
     names = [normalised(name) for name in names]
     by_name = Counter(os.path.basename(name) for name in names)
     clashes = sorted(name for name, count in by_name.items() if count > 1)
@@ -125,6 +132,22 @@ def _shard_names(source: str) -> list[str]:
         raise CapFiltError(f"input shards from different folders share the names {_listing(clashes)}; their output "
                            "shards (named after them) would collide: run each folder into its own --output")
     return names
+
+
+def is_shard_name(name: str) -> bool:
+    return name.lower().endswith(".tar")
+
+
+def is_json_name(name: str) -> bool:
+    return name.lower().endswith((".json", ".jsonl"))
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 class CapFiltInput:
@@ -135,7 +158,7 @@ class CapFiltInput:
         source = os.fspath(source)
         refuse_streams(source)
         self.source = normalised(source)
-        self.is_json = source.endswith((".json", ".jsonl"))
+        self.is_json = is_json_name(source)
         self.image_root = "" if image_root is None else os.fspath(image_root)
         if self.is_json:
             if not os.path.isfile(source):
@@ -144,6 +167,8 @@ class CapFiltInput:
                 self.entries = read_annotation_file(Path(source))
             except InvalidInputError as error:
                 raise CapFiltError(f"--input {error}") from None
+            if not self.entries:
+                raise CapFiltError(f"--input {source} holds no records: there is nothing to caption")
             starts = range(0, len(self.entries), images_per_part)
             self.unit_names = [f"{self.source}[{start}:{start + images_per_part}]" for start in starts]
             self.images_per_part = images_per_part
@@ -153,6 +178,13 @@ class CapFiltInput:
 
     def __len__(self) -> int:
         return len(self.unit_names)
+
+    def listing(self) -> dict[str, Any]:
+        """What the units are cut from, pinned with the options: a unit is a position in this listing, so a rerun
+        over a shard added, removed or rewritten, or a json edited, would map finished units onto other data."""
+        if self.is_json:
+            return {"records": len(self.entries), "sha256": _sha256(self.source)}
+        return {"shards": {os.path.basename(name): os.path.getsize(name) for name in self.unit_names}}
 
     def output_shard(self, index: int) -> str | None:
         """The output shard name of unit ``index``: its input shard's (None for json input)."""
@@ -202,13 +234,22 @@ class CapFiltInput:
             return
         if truncation:
             unit.error(shard, "truncated_shard", truncation)
-        groups: dict[str, list[tuple[str, int, int]]] = {}
+        samples: list[tuple[str, list[tuple[str, int, int]]]] = []  # webdataset's: a run of members of one key
         for name, offset, size in members:
             key_ext = split_member_name(name)
-            if key_ext is not None:
-                groups.setdefault(key_ext[0], []).append((name, offset, size))
+            if key_ext is None:
+                continue
+            if samples and samples[-1][0] == key_ext[0]:
+                samples[-1][1].append((name, offset, size))
+            else:
+                samples.append((key_ext[0], [(name, offset, size)]))
+        seen: set[str] = set()
         with open(shard, "rb") as handle:
-            for key, parts in groups.items():
+            for key, parts in samples:
+                if key in seen:  # its output sample would carry the key twice
+                    unit.error(f"{shard}:{key}", "bad_record", "the key of an earlier sample of the shard again")
+                    continue
+                seen.add(key)
                 self._add_shard_item(unit, key, parts, handle)
 
     @staticmethod
@@ -217,6 +258,10 @@ class CapFiltInput:
         parts: dict[str, tuple[int, int]] = {}
         for name, offset, size in members:
             parts.setdefault(split_member_name(name)[1], (offset, size))
+        if len(parts) < len(members):  # webdataset refuses such a sample ("duplicate file name")
+            repeated = sorted(name for name, count in Counter(name for name, *_ in members).items() if count > 1)
+            unit.error(where, "bad_record", f"members repeated: {_listing(repeated)}")
+            return
         extension = next((extension for extension in IMAGE_EXTENSIONS if extension in parts), None)
         if extension is None:
             unit.error(where, "missing_image", f"members: {sorted(parts)}")
@@ -279,9 +324,25 @@ def check_options(output: Path, fingerprint: dict[str, Any]) -> None:
         return
     found = json.loads(path.read_text(encoding="utf-8"))
     changed = sorted(name for name in set(found) | set(fingerprint) if found.get(name) != fingerprint.get(name))
+    if changed == ["input_listing"] and found.get("input_listing"):
+        change = _listing_change(found["input_listing"], fingerprint["input_listing"])
+        raise CapFiltError(f"--input {fingerprint['input']}: {change} since {path.parent} was started; it resumes the "
+                           "same input only: restore the input, or use a new --output")
     if changed:
         raise CapFiltError(f"{path}: this output was made with other options ({', '.join(changed)}); "
                            "use a new --output or the same options to resume")
+
+
+def _listing_change(before: dict[str, Any], now: dict[str, Any]) -> str:
+    if "shards" not in before or "shards" not in now:
+        return (f"the json now holds {now['records']} records ({before['records']} then)"
+                if now.get("records") != before.get("records") else "the json's content changed")
+    before, now = before["shards"], now["shards"]
+    added = [name for name in now if name not in before]
+    removed = [name for name in before if name not in now]
+    resized = [name for name in now if name in before and now[name] != before[name]]
+    return "; ".join(f"{what} {_listing(names)}" for what, names in
+                     (("shards added:", added), ("shards gone:", removed), ("shards rewritten:", resized)) if names)
 
 
 def pin_options(output: Path, fingerprint: dict[str, Any]) -> None:

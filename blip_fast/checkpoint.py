@@ -609,17 +609,22 @@ def model_from_state_dict(
     resize_pos_embed: bool = False,
 ) -> ModelT:
     """``model_cls(config)`` holding ``state`` (HF key names; training-only state and unused components dropped),
-    with the same checks as :func:`load_pretrained`; ``source`` names the origin in messages."""
+    with the same checks as :func:`load_pretrained`; ``source`` names the origin in messages. The model's
+    ``freshly_initialised`` names the modules the checkpoint did not hold (an NLVR2 model's head and merge layers when
+    it starts from a single cross-attention, as the original's fine-tuning does), which inference must not run."""
     twin = model_cls.__name__ == "BlipForNLVR" and not any(".crossattention.self0." in key for key in state)
     model = _empty_model(model_cls, config) if strict and not twin else model_cls(config)
+    fresh: tuple[str, ...] = ()
     if twin:
-        state = _twin_from_single(state, model, source)
+        state, fresh = _twin_from_single(state, model, source)
     state = _fit(model, dict(state), source, resize_pos_embed=resize_pos_embed, strict=strict)
     model.load_state_dict(state, strict=False)  # _fit has already checked every key and shape
+    model.freshly_initialised = fresh
     return model.eval()
 
 
-def _twin_from_single(state: Mapping[str, torch.Tensor], model: nn.Module, source: str) -> dict[str, torch.Tensor]:
+def _twin_from_single(state: Mapping[str, torch.Tensor], model: nn.Module,
+                      source: str) -> tuple[dict[str, torch.Tensor], tuple[str, ...]]:
     """NLVR2 from a checkpoint with one cross-attention per layer (pre-training, retrieval), as the original's NLVR
     loader: it initialises both of the pair's (``self`` -> ``self0``/``self1``, ``output.dense`` ->
     ``dense0``/``dense1``); the merge layers and a missing classifier head keep the model's fresh initialisation."""
@@ -635,9 +640,12 @@ def _twin_from_single(state: Mapping[str, torch.Tensor], model: nn.Module, sourc
             twin[key] = tensor
     fresh = {key: value for key, value in model.state_dict().items()
              if ".merge_layer." in key or (key.startswith("cls_head.") and key not in state)}
+    merges = len({key.rsplit(".", 1)[0] for key in fresh if ".merge_layer." in key})
+    modules = (*sorted({key.split(".")[0] for key in fresh if key.startswith("cls_head.")}),
+               *([f"{merges} cross-attention merge_layer{'s' * (merges > 1)}"] if merges else []))
     logger.info("%s: twin cross-attention initialised from the single one; freshly initialised: %s", source,
-                ", ".join(sorted({key.rsplit(".", 1)[0] for key in fresh})) or "nothing")
-    return {**twin, **fresh}
+                ", ".join(modules) or "nothing")
+    return {**twin, **fresh}, modules
 
 
 def _empty_model(model_cls: type[ModelT], config: BlipConfig) -> ModelT:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -221,7 +220,7 @@ def _add_capfilt_arguments(parser: argparse.ArgumentParser) -> None:
 def _capfilt(args: argparse.Namespace) -> int:
     from blip_fast.capfilt import CapFiltOptions, default_batch_size, run_capfilt
 
-    local_rank = args.local_rank if args.local_rank is not None else int(os.environ.get("LOCAL_RANK", 0))
+    local_rank = args.local_rank if args.local_rank is not None else errors.environment_int("LOCAL_RANK", 0)
     device, dtype = _device_and_dtype(args.device, args.dtype, local_rank)
     options = CapFiltOptions(
         captioner=args.captioner, filter=args.filter, input=args.input, output=args.output,
@@ -233,6 +232,9 @@ def _capfilt(args: argparse.Namespace) -> int:
     )
     summary = run_capfilt(options)
     print(json.dumps({key: value for key, value in summary.items() if key != "config"}, sort_keys=True))
+    if summary.get("merged") and not summary["records"]:
+        errors.report(PROG, errors.UserError(f"--input {args.input} holds no samples: there was nothing to caption"))
+        return errors.EXIT_FAILED
     if summary.get("merged") and summary["error_rate"] > args.max_error_rate:
         errors.report(PROG, errors.UserError(
             f"{summary['unusable']} of {summary['records']} input records ({summary['error_rate']:.1%}) could not be "

@@ -157,12 +157,30 @@ def _model_dir(text: str) -> str:
 
 
 def check_outputs_spare_inputs(outputs: dict[str, Path | None], inputs: Sequence[str | os.PathLike]) -> None:
-    """Refuse an output file (``{flag: path}``) that is one of the run's input files: writing it would destroy the
-    input (an evaluation's ``--results`` over its annotations, say)."""
+    """Refuse an output file (``{flag: path}``) that is one of the run's input files, or another output: writing it
+    would destroy the input (an evaluation's ``--results`` over its annotations, say) or the other output."""
     given = {os.path.realpath(path) for path in inputs}
+    written: dict[str, str] = {}
     for flag, path in outputs.items():
-        if path is not None and os.path.realpath(path) in given:
+        if path is None:
+            continue
+        if os.path.realpath(path) in given:
             raise UserError(f"{flag} {path} is one of the input files; writing it would destroy it: give another name")
+        other = written.setdefault(os.path.realpath(path), flag)
+        if other != flag:
+            raise UserError(f"{other} and {flag} name the same file {path}; one would replace the other: give each "
+                            "its own name")
+
+
+def environment_int(name: str, default: int) -> int:
+    """The integer in environment variable ``name`` (a launcher's ``RANK``, ``WORLD_SIZE``, ...), or ``default``."""
+    text = os.environ.get(name)
+    if text is None:
+        return default
+    try:
+        return int(text)
+    except ValueError:
+        raise UserError(f"environment variable {name} must be an integer, got {text!r}") from None
 
 
 def differences(there: Mapping[str, Any], here: Mapping[str, Any], prefix: str = "") -> list[str]:

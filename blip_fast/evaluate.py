@@ -463,12 +463,16 @@ def read_annotations(path: str | os.PathLike, image_root: str | os.PathLike) -> 
     return list(captions_by_image), list(captions_by_image.values())
 
 
-def clean_captions(captions: Sequence[Sequence[str]], where: str = "annotations") -> list[list[str]]:
-    """BLIP's ``pre_caption`` on every retrieval caption; one that cleans to nothing is an error (never dropped)."""
+def clean_captions(captions: Sequence[Sequence[str]], images: Sequence[str],
+                   where: str = "annotations") -> list[list[str]]:
+    """BLIP's ``pre_caption`` on every retrieval caption (``captions[i]`` are ``images[i]``'s); one that cleans to
+    nothing is an error (never dropped), naming its text and image: records of one image are merged by then."""
     cleaned = [[pre_caption(caption, CAPTION_MAX_WORDS) for caption in image_captions] for image_captions in captions]
-    for image, image_captions in enumerate(cleaned):
+    for image, raw, image_captions in zip(images, captions, cleaned):
         if not all(image_captions):
-            raise EvaluationInputError(f"{where}[{image}]: a caption is empty after cleaning")
+            text = raw[image_captions.index("")]
+            raise EvaluationInputError(f"{where}: the caption {text!r} of {image} is empty after cleaning (BLIP's "
+                                       "pre_caption turns .!\"()*#:;~ into spaces)")
     return cleaned
 
 
@@ -497,7 +501,7 @@ def run_retrieval_evaluation(
 ) -> dict[str, Any]:
     """``blip-fast evaluate --task retrieval``: a report with the recall@K metrics and what produced them."""
     image_paths, captions = read_annotations(annotations, image_root)
-    captions = clean_captions(captions, os.fspath(annotations))
+    captions = clean_captions(captions, image_paths, os.fspath(annotations))
     model, tokenizer, processor = load_retrieval_model(model_dir, device, dtype)
     metrics = evaluate_retrieval(model, tokenizer, processor, image_paths, captions, k_test, batch_size, itm_batch_size)
     return {"task": "retrieval", "model": os.fspath(model_dir), "annotations": os.fspath(annotations),
@@ -517,6 +521,8 @@ def run_caption_evaluation(
     """``blip-fast evaluate --task caption``: a report with BLEU-4/CIDEr-D, the decoding settings and every caption."""
     image_paths, references = read_annotations(annotations, image_root)
     captioner = Captioner.from_pretrained(model_dir, device=device, dtype=dtype, prompt=prompt)
+    if "max_length" in generate_kwargs:  # before any image is decoded
+        captioner.check_lengths(generate_kwargs["max_length"], generate_kwargs.get("min_length", 0))
     predictions = caption_images(captioner, image_paths, batch_size, **generate_kwargs)
     metrics = caption_metrics(dict(enumerate(predictions)), dict(enumerate(references)))
     return {"task": "caption", "model": os.fspath(model_dir), "annotations": os.fspath(annotations),

@@ -68,10 +68,11 @@ def model_dirs(tmp_path_factory, data):
     return captioner_dir, filter_dir
 
 
-def _write_shard(path: Path, members: list[tuple[str, bytes]]) -> None:
+def _write_shard(path: Path, members: list[tuple[str, bytes]], ordered: bool = False) -> None:
+    """A tar of ``members``, sorted by name unless ``ordered`` (kept as given)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with tarfile.open(path, "w") as tar:
-        for name, payload in sorted(members):
+        for name, payload in (members if ordered else sorted(members)):
             info = tarfile.TarInfo(name)
             info.size = len(payload)
             tar.addfile(info, io.BytesIO(payload))

@@ -1,5 +1,6 @@
 """CapFilt as a hostile user runs it (issue 11, items 1-5): output over its input, missing and unreadable input,
-a failed start, the webdataset round trip of its shards, and kill -9 with DataLoader workers."""
+a failed start, the webdataset round trip of its shards, and kill -9 with DataLoader workers; then input that changes
+between a run and its resume, and files that are not what their name or pattern suggests."""
 
 import hashlib
 import io
@@ -304,3 +305,110 @@ def test_a_unit_another_run_finished_meanwhile_stops_this_run_and_keeps_its_work
     assert json.loads((out / "manifest" / "unit-00000.json").read_text())["unit"] == 0  # this run's, kept
     assert (out / "manifest" / "unit-00001.json").read_text() == '{"written_by": "the other run"}\n'
     assert not (out / "00001.tar").exists() and not (out / "summary.json").exists()
+
+
+# ---------------------------------------------------------------------------------------------------- input that moves
+def _grow_json(path: Path) -> None:
+    records = json.loads(path.read_text())
+    path.write_text(json.dumps(records + [{"image": records[0]["image"], "caption": "a new record"}]))
+
+
+def _edit_json(path: Path) -> None:
+    records = json.loads(path.read_text())
+    path.write_text(json.dumps([{**records[0], "caption": "another caption"}, *records[1:]]))
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda folder: shutil.copy(folder / "00002.tar", folder / "00001.tar"), "shards added: 00001.tar"),
+    (lambda folder: (folder / "00000.tar").unlink(), "shards gone: 00000.tar"),
+    (lambda folder: (folder / "00002.tar").open("ab").write(b"\0" * 10240), "shards rewritten: 00002.tar"),
+])
+def test_a_resume_over_another_shard_listing_is_refused_and_keeps_the_output(model_dirs, shards, tmp_path, capsys,  # noqa: F811
+                                                                             change, message):
+    """Units are positions in the listing: a shard img2dataset adds meanwhile, or one the user deletes, would shift
+    every later unit onto another shard's finished work (one shard never captioned, another twice)."""
+    (shards / "00001.tar").unlink()
+    out = tmp_path / "out"
+    assert run(capfilt_args(model_dirs, shards, out), capsys)[0] == 0
+    before = digests(out)
+    change(shards)
+    code, _, err = run(capfilt_args(model_dirs, shards, out), capsys)
+    assert code == 2 and "Traceback" not in err
+    assert f"--input {shards}: {message} since {out} was started; it resumes the same input only" in err
+    assert digests(out) == before
+
+
+@pytest.mark.parametrize("change, message", [(_grow_json, "the json now holds 11 records (10 then)"),
+                                             (_edit_json, "the json's content changed")])
+def test_a_resume_over_an_edited_json_is_refused(model_dirs, data, tmp_path, capsys, change, message):  # noqa: F811
+    source = tmp_path / "web.json"
+    shutil.copy(data["json"], source)
+    out = tmp_path / "out"
+    args = capfilt_args(model_dirs, source, out, "--image-root", data["image_root"])
+    assert run(args, capsys)[0] == 0
+    change(source)
+    code, _, err = run(args, capsys)
+    assert code == 2 and f"--input {source}: {message} since {out} was started" in err
+
+
+# ---------------------------------------------------------------------------------------------------- not what it seems
+def test_a_pattern_over_an_img2dataset_folder_names_the_files_that_are_no_shards(model_dirs, shards, tmp_path,  # noqa: F811
+                                                                                 capsys, no_models):
+    for name in ("00000.parquet", "00000_stats.json", "00001.parquet"):
+        (shards / name).write_text("{}")
+    code, _, err = run(capfilt_args(model_dirs, f"{shards}/*", tmp_path / "out"), capsys)
+    assert code == 2 and f"--input {shards}/* matches files that are not .tar shards: 00000.parquet, " \
+        "00000_stats.json, 00001.parquet; name the shards alone (e.g. '*.tar')" in err
+    assert not (tmp_path / "out").exists()
+    code, _, err = run(capfilt_args(model_dirs, shards / "00000.parquet", tmp_path / "out"), capsys)
+    assert code == 2 and "00000.parquet is neither a BLIP json (.json, .jsonl) nor a .tar shard" in err
+
+
+def test_an_upper_case_json_name_is_read_as_json(model_dirs, data, tmp_path, capsys, no_models):  # noqa: F811
+    source = tmp_path / "WEB.JSON"
+    shutil.copy(data["json"], source)
+    code, _, err = run(capfilt_args(model_dirs, source, tmp_path / "out"), capsys)
+    assert code == 2 and "of the first 10 images of" in err and "no --image-root given" in err
+
+
+def test_a_repeated_key_is_an_error_record_and_every_output_shard_reads_back(model_dirs, data, tmp_path, capsys):  # noqa: F811
+    """webdataset groups a shard's adjacent members by key: a key that comes back later (a shard concatenated with
+    part of itself), or a member twice within one sample, would give an output sample webdataset refuses."""
+    wds = pytest.importorskip("webdataset")
+    (key_a, image_a, caption_a), (key_b, image_b, caption_b), (key_c, image_c, _) = data["samples"][:3]
+    _write_shard(tmp_path / "in" / "00000.tar", [
+        (f"{key_a}.png", image_a), (f"{key_a}.txt", caption_a.encode()),
+        (f"{key_b}.png", image_b), (f"{key_b}.txt", caption_b.encode()),
+        (f"{key_c}.png", image_c), (f"{key_c}.txt", b"one caption"), (f"{key_c}.txt", b"and another"),
+        (f"{key_a}.png", image_b), (f"{key_a}.txt", b"the first key again"),
+    ], ordered=True)
+    out = tmp_path / "out"
+    args = capfilt_args(model_dirs, tmp_path / "in", out, "--threshold", "0.0", "--max-error-rate", "0.9")
+    assert run(args, capsys)[0] == 0
+    errors = [(record["key"], record["reason"], record["detail"]) for record in
+              map(json.loads, (out / "errors.jsonl").read_text().splitlines())]
+    shard = str(tmp_path / "in" / "00000.tar")
+    assert errors == [(f"{shard}:{key_c}", "bad_record", f"members repeated: {key_c}.txt"),
+                      (f"{shard}:{key_a}", "bad_record", "the key of an earlier sample of the shard again")]
+    samples = list(wds.WebDataset(str(out / "00000.tar"), shardshuffle=False))
+    assert [sample["__key__"] for sample in samples] == [key_a, key_b]
+    assert samples[0]["png"] == image_a and json.loads(samples[0]["json"])["web_caption"] == caption_a
+
+
+def test_an_input_without_samples_says_so(model_dirs, tmp_path, capsys):  # noqa: F811
+    (tmp_path / "empty.json").write_text("[]")
+    code, _, err = run(capfilt_args(model_dirs, tmp_path / "empty.json", tmp_path / "out"), capsys)
+    assert code == 2 and f"--input {tmp_path / 'empty.json'} holds no records: there is nothing to caption" in err
+    assert not (tmp_path / "out").exists()
+    _write_shard(tmp_path / "in" / "00000.tar", [])
+    code, _, err = run(capfilt_args(model_dirs, tmp_path / "in", tmp_path / "out"), capsys)
+    assert code == 1 and f"--input {tmp_path / 'in'} holds no samples: there was nothing to caption" in err
+
+
+@pytest.mark.parametrize("variable", ["RANK", "WORLD_SIZE", "LOCAL_RANK"])
+def test_a_launcher_variable_that_is_no_integer_is_one_line(model_dirs, shards, tmp_path, capsys, monkeypatch,  # noqa: F811
+                                                            variable, no_models):
+    monkeypatch.setenv(variable, "abc")
+    code, _, err = run(capfilt_args(model_dirs, shards, tmp_path / "out"), capsys)
+    assert code == 2 and f"environment variable {variable} must be an integer, got 'abc'" in err
+    assert "Traceback" not in err

@@ -325,6 +325,34 @@ def test_cli_bad_input_names_the_file(cli_setup, tmp_path, capsys, task, problem
     assert expected.get(problem, str(bad)) in error
 
 
+def test_a_caption_empty_after_cleaning_is_named_by_its_text_and_image(cli_setup, tmp_path, capsys):
+    """Records of one image are merged before cleaning: the error names the caption and its image, not the merged
+    image's position (which is another record's)."""
+    paths = cli_setup
+    records = json.loads(paths["single_caption_annotations"].read_text())
+    annotations = tmp_path / "test.json"
+    annotations.write_text(json.dumps(records + [{"image": records[3]["image"], "caption": "!!!"}]))
+    assert main(_evaluate_args("retrieval", paths["retrieval_model"], annotations, paths["root"])) == 2
+    line, = capsys.readouterr().err.strip().splitlines()
+    image = os.path.normpath(paths["root"] / records[3]["image"])
+    assert f"{annotations}: the caption '!!!' of {image} is empty after cleaning" in line
+
+
+@pytest.mark.parametrize("lengths, message", [
+    (["--max-length", "1"], "max_length 1 leaves no room for a caption after the prompt"),
+    (["--max-length", "600"], "max_length 600 exceeds the"),
+    (["--min-length", "30", "--max-length", "5"], "min_length 30 is above max_length 5"),
+])
+def test_caption_lengths_the_model_cannot_decode_are_refused_before_any_image(cli_setup, tmp_path, capsys,
+                                                                               monkeypatch, lengths, message):
+    monkeypatch.setattr(evaluate, "caption_images", lambda *args, **kwargs: pytest.fail("images were captioned"))
+    paths = cli_setup
+    args = _evaluate_args("caption", paths["caption_model"], paths["annotations"], paths["root"], *lengths)
+    assert main(args) == 2
+    line, = capsys.readouterr().err.strip().splitlines()
+    assert message in line
+
+
 def test_records_repeating_an_image_are_one_image_with_all_its_captions(cli_setup, tmp_path):
     """A training-style json (one record per caption, BLIP's train files and CapFilt's output) evaluates as the
     COCO-style json of the same pairs: scored apart, each copy of an image would count its other captions wrong."""

@@ -16,7 +16,7 @@ from blip_fast.data.transforms import BlipImageProcessor, load_image
 from blip_fast.data.vqa import read_vqa
 from blip_fast.evaluate_nlvr import nlvr_accuracy
 from blip_fast.evaluate_vqa import answer_questions
-from blip_fast.modeling.blip import BlipForNLVR, BlipForQuestionAnswering
+from blip_fast.modeling.blip import BlipForImageTextRetrieval, BlipForNLVR, BlipForQuestionAnswering
 from blip_fast.tokenizer import BlipTokenizer, pre_caption, pre_question
 from blip_fast.vqa_accuracy import vqa_accuracy
 from tests.tiny_models import randomize_
@@ -161,6 +161,27 @@ def test_a_model_of_another_task_is_refused(task_dir, capsys, task, model, found
                  str(annotations), "--image-root", str(task_dir["root"]), "--mode", "generate"]) == 2
     line, = capsys.readouterr().err.strip().splitlines()
     assert f"{model} is a {found} model (config.json names" in line and f"not a {task} model" in line
+
+
+def test_nlvr_from_a_retrieval_checkpoint_is_refused_not_scored_with_a_random_head(task_dir, tmp_path, capsys):
+    """A retrieval model fine-tunes into NLVR2 (each twin cross-attention from its one, the head fresh), so it
+    loads as a BlipForNLVR; evaluating that would score a random head, differently on every run."""
+    config = BlipConfig.tiny(image_size=IMAGE_SIZE).for_tokenizer(task_dir["tokenizer"])
+    retrieval = tmp_path / "retrieval_model"
+    BlipForImageTextRetrieval(config).save_pretrained(retrieval)
+    task_dir["tokenizer"].save_pretrained(retrieval)
+    assert main(["evaluate", "--task", "nlvr", "--model", str(retrieval), "--annotations", str(task_dir["nlvr"]),
+                 "--image-root", str(task_dir["root"]), "--out", str(tmp_path / "report.json")]) == 2
+    line, = capsys.readouterr().err.strip().splitlines()
+    assert f"{retrieval} is no BlipForNLVR checkpoint: it lacks the cls_head, which would start random" in line
+    assert not (tmp_path / "report.json").exists()
+
+
+def test_out_and_results_naming_one_file_are_refused(task_dir, tmp_path, capsys):
+    same = tmp_path / "both.json"
+    assert main(_vqa_command(task_dir, "--mode", "generate", "--out", str(same), "--results", str(same))) == 2
+    line, = capsys.readouterr().err.strip().splitlines()
+    assert f"--out and --results name the same file {same}" in line and not same.exists()
 
 
 def test_malformed_vqa_json_names_the_file_and_line(task_dir, tmp_path, capsys):
