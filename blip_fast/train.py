@@ -193,6 +193,27 @@ def _check_resume_options(args: argparse.Namespace, task: tasks.TrainingTask, ou
                                   "resume it with its own, or start afresh in another output_dir")
 
 
+def _engine_kind(ds_config: dict[str, Any]) -> dict[str, str]:
+    """What a checkpoint's files depend on: ZeRO-1 and -2 share one layout, stage 0 and ZeRO-3 have their own, and
+    bf16 keeps its optimizer state in other files."""
+    stage = (ds_config.get("zero_optimization") or {}).get("stage", 0)
+    precision = next((name for name in ("bf16", "fp16") if (ds_config.get(name) or {}).get("enabled")), "fp32")
+    return {"ZeRO stage": {0: "0", 1: "1 or 2", 2: "1 or 2"}.get(stage, str(stage)), "precision": precision}
+
+
+def _check_resume_engine(ds_config: dict[str, Any], output_dir: Path) -> None:
+    """Refuse to resume a checkpoint written under another ZeRO stage or precision (its ``ds_config.json`` says
+    which) before the model is built: DeepSpeed fails on it with a bare assertion or a missing file."""
+    path = output_dir / options.RESOLVED_DS_CONFIG_FILE
+    if not path.is_file():
+        return
+    saved = json.loads(path.read_text(encoding="utf-8"))
+    if changed := errors.differences(_engine_kind(saved), _engine_kind(ds_config)):
+        raise options.ConfigError(f"{output_dir} holds checkpoints DeepSpeed cannot load under this ds_config ({path}: "
+                                  f"{'; '.join(changed)}): resume with --deepspeed_config {path}, or start afresh in "
+                                  "another output_dir")
+
+
 def _check_fills_a_step(dataset: Any, args: argparse.Namespace, step_samples: int) -> None:
     """Every optimizer step takes ``step_samples`` (a micro batch on every rank, accumulated) and drops an epoch's
     remainder: a smaller training set is one line, not the sampler's traceback."""
@@ -275,8 +296,14 @@ class _Meter:
 
     def add(self, output) -> None:
         values = torch.stack([output[name].detach().float() for name in self.loss_names])
-        self.sums = values if self.sums is None else self.sums + values
+        self.sums = values if self.sums is None else self.sums.to(values.device) + values  # restored on the CPU
         self.count += 1
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"sums": None if self.sums is None else self.sums.cpu(), "count": self.count}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.sums, self.count = state["sums"], state["count"]
 
     def mean_over_ranks(self) -> dict[str, float]:
         import torch.distributed as dist
@@ -322,15 +349,14 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     args.compile = options.resolve_compile(args.compile, ds_config)
     output_dir = Path(args.output_dir)
     output_lock = claim_output_dir(output_dir)  # held until training returns (or the process ends)
-    tag = checkpointing.latest_tag(output_dir)
+    tag = checkpointing.resume_tag(output_dir)
     if tag is not None and not args.resume:
         raise options.ConfigError(f"{output_dir} already holds checkpoint {tag}: pass --resume to continue it, "
                                   "or choose another output_dir")
     if tag is not None:  # before the model is built: a checkpoint not there, or of another world size, fails in seconds
         checkpointing.check_resumable(output_dir, tag, world_size)
-        _check_resume_options(args, task, output_dir)  # before config.yaml is replaced
-    if rank == 0:
-        options.write_resolved(args, ds_config, output_dir)
+        _check_resume_options(args, task, output_dir)
+        _check_resume_engine(ds_config, output_dir)
 
     _seed_all(args.seed)  # the same on every rank: identical initial weights and queues
     source = None if args.init_from is None else tasks.InitSource(
@@ -371,28 +397,31 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     geometry = {"world_size": world_size, "micro_batch_size": micro_batch, "gradient_accumulation_steps": accumulation,
                 "steps_per_epoch": steps_per_epoch}
 
-    step, rng_restored = 0, False
+    step, rank_state = 0, None
+    meter, metrics_path = _Meter(task.loss_names), output_dir / METRICS_FILE
     if args.resume and tag is not None:
-        state, rng_restored = checkpointing.load_checkpoint(engine, output_dir, tag)
+        state, rank_state = checkpointing.load_checkpoint(engine, output_dir, tag)
         if (state["micro_batch_size"] * state["world_size"], state["gradient_accumulation_steps"],
                 state["steps_per_epoch"]) != (global_batch, accumulation, steps_per_epoch):
             raise options.ConfigError(f"cannot resume {output_dir}/{tag} exactly: it ran with {state}, this run has "
                                       f"{geometry} (global micro batch, accumulation and dataset size must match)")
         step = state["global_step"]
-        if rank == 0:
-            _truncate_metrics(output_dir / METRICS_FILE, step)
         logger.info("resumed %s/%s at step %d (epoch %d)", output_dir, tag, step, state["epoch"])
     elif args.resume:
         logger.info("--resume: no checkpoint in %s yet, starting from step 0", output_dir)
-    if not rng_restored:
+    if rank == 0:  # only now, once every check passed: a refused resume leaves the run's files as they were
+        options.write_resolved(args, ds_config, output_dir)
+        _truncate_metrics(metrics_path, step)  # what a killed run logged past its checkpoint
+    if rank_state is None:
         # Per-rank dropout and negative-sampling streams, as BLIP seeds each rank (seed + rank).
         _seed_all(args.seed + rank + 1_000_003 * step)
+    elif "meter" in rank_state:  # the loss sums since the last log line, which the next line averages
+        meter.load_state_dict(rank_state["meter"])
 
     collator = task.collator(tokenizer, args)
     dtype, device = _compute_dtype(engine), engine.device
     # The GPU input path: batches carry encoded images and their drawn augmentation; pixels are made on the device.
     pixels_on_device = dataset.transform.tensor_transform() if args.gpu_decode else None
-    meter, metrics_path = _Meter(task.loss_names), output_dir / METRICS_FILE
     progress = tqdm(total=total_steps, initial=step, disable=rank != 0 or not args.progress_bar,
                     desc=task.name, dynamic_ncols=True)
     interval_start, interval_steps, throughput = time.perf_counter(), 0, []
@@ -424,8 +453,9 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                 alpha = alpha_ramp(args.alpha, epoch, step_in_epoch, steps_per_epoch, task.alpha_ramp_epochs)
             for _ in range(accumulation):
                 batch = next(batches)
-                if batch is None or len(batch["pixel_values"]) != micro_batch:
-                    raise RuntimeError("a micro batch lost samples: training datasets must use on_error='replace'")
+                if batch is None or len(batch["pixel_values"]) != micro_batch:  # "replace" found no readable image
+                    raise options.ConfigError(f"{_data_source(args)}: no image of the training set can be read (the "
+                                              "warnings above name the files)")
                 if pixels_on_device is not None:
                     batch["pixel_values"] = pixels_on_device.encoded_batch(batch.pop("images"), device, dtype)
                 output = engine(**task.forward_inputs(_on_device(batch, device, dtype), alpha))
@@ -460,7 +490,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                                 "sampler": {"epoch": step // steps_per_epoch,
                                             "step": step % steps_per_epoch * accumulation},
                                 "seed": args.seed, **geometry}
-                saved = checkpointing.save_checkpoint(engine, output_dir, step, client_state, args.keep_checkpoints)
+                saved = checkpointing.save_checkpoint(engine, output_dir, step, client_state, args.keep_checkpoints,
+                                                      rank_state={"meter": meter.state_dict()})
                 logger.info("saved %s", output_dir / saved)
         del batches, loader
     progress.close()
@@ -564,6 +595,17 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+            _remove_shm_buffer()
+
+
+def _remove_shm_buffer() -> None:
+    """Unlink this rank's DeepSpeed CPU all-reduce buffer (``/dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_<port>_
+    <rank>``, 69 MB), which DeepSpeed leaves behind until reboot. Every rank mapped every buffer when the process group
+    started, so the others keep theirs until they exit."""
+    names = ("MASTER_ADDR", "MASTER_PORT", "RANK")
+    if all(name in os.environ for name in names):
+        address, port, rank = (os.environ[name] for name in names)
+        Path(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{address}_{port}_{rank}").unlink(missing_ok=True)
 
 
 if __name__ == "__main__":

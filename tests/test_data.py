@@ -28,7 +28,7 @@ from blip_fast.data import (
     expand_urls,
     sample_rng,
 )
-from blip_fast.errors import InvalidInputError
+from blip_fast.errors import InvalidInputError, MissingFileError
 from blip_fast.tokenizer import BlipTokenizer, pre_caption
 
 
@@ -327,6 +327,21 @@ def test_replace_policy_keeps_the_batch_full(messy_json):
     assert dataset.skipped["unreadable_image"] == 2
 
 
+@pytest.mark.parametrize("bad_run", [17, 40])
+def test_replace_policy_steps_over_any_run_of_unreadable_images(tmp_path, bad_run):
+    """A folder whose download failed: more unreadable files in a row than any fixed number of tries. The next
+    readable sample (wrapping around) stands in; only a set with no readable image gives None."""
+    good = SyntheticNoisyDataset(1, image_size=16).image(0)
+    good.save(tmp_path / "good.png")
+    (tmp_path / "bad.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")
+    records = [{"image": "bad.jpg", "caption": f"bad {index}"} for index in range(bad_run)]
+    (tmp_path / "ann.json").write_text(json.dumps([*records, {"image": "good.png", "caption": "the good one"}]))
+    dataset = BlipJsonDataset(tmp_path / "ann.json", tmp_path, None, on_error="replace")
+    assert dataset[0]["caption"] == "the good one" and dataset[0]["index"] == 0
+    (tmp_path / "ann.json").write_text(json.dumps(records))
+    assert BlipJsonDataset(tmp_path / "ann.json", tmp_path, None, on_error="replace")[3] is None
+
+
 def test_unchecked_missing_files_fail_soft_at_load_time(messy_json):
     dataset = BlipJsonDataset(messy_json / "ann.json", messy_json, None, check_files=False)
     assert "missing_image" not in dataset.skipped and len(dataset) == 8
@@ -367,8 +382,11 @@ def test_shard_lists_braces_and_globs_agree(shards):
     assert expand_urls(str(directory / "{00000..00002}.tar")) == expected
     assert expand_urls(str(directory / "*.tar")) == expected
     assert expand_urls([directory / "00000.tar", str(directory / "0000{1,2}.tar")]) == expected
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(MissingFileError, match="no webdataset shards match"):  # a user error: exit 2, one line
         WebDatasetShards(str(directory / "nothing*.tar"), None)
+    with pytest.raises(InvalidInputError, match=rf"{directory} is a folder, not a webdataset shard: name its .tar "
+                                                 r"files \(e\.g\. '.*\*\.tar'\)"):
+        WebDatasetShards(str(directory), None)
 
 
 @pytest.mark.parametrize("spec", ["pipe:cat a.tar", "https://example.com/{00000..00002}.tar", "s3://bucket/a.tar"])

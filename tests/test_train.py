@@ -14,6 +14,7 @@ import contextlib
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -183,6 +184,34 @@ def test_ds_config_auto_is_rejected_by_key(tmp_path):
     assert resolved == {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 2}
     with pytest.raises(ValueError, match="optimizer"):
         options.resolve_ds_config({"train_micro_batch_size_per_gpu": 1, "optimizer": {"type": "AdamW"}})
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"train_micro_batch_size_per_gpu": "eight"}, "train_micro_batch_size_per_gpu must be a positive integer, got "
+                                                  "'eight'"),
+    ({"train_micro_batch_size_per_gpu": 0}, "train_micro_batch_size_per_gpu must be a positive integer, got 0"),
+    ({"train_micro_batch_size_per_gpu": 8.5}, "train_micro_batch_size_per_gpu must be a positive integer, got 8.5"),
+    ({"gradient_accumulation_steps": True}, "gradient_accumulation_steps must be a positive integer, got True"),
+    ({"zero_optimization": "2"}, "zero_optimization must be a JSON object, got '2'"),
+    ({"gradient_clipping": "one"}, "gradient_clipping must be a number >= 0, got 'one'"),
+    ({"zero_optimization": {"stage": 5}}, "DeepSpeedZeroConfig: stage: Input should be 0, 1, 2, 3"),
+    ({"zero_optimization": {"stage": 2, "bogus_key": 1}}, "DeepSpeedZeroConfig: bogus_key: Extra inputs are not "
+                                                          "permitted"),
+    ({"train_batch_size": 12}, "train_batch_size is not equal to micro_batch_per_gpu * gradient_acc_step * world_size"),
+    ({"zero_optimisation": {"stage": 2}}, "unknown key 'zero_optimisation' (did you mean 'zero_optimization'?): "
+                                          "DeepSpeed would ignore it"),
+    ({"fp16": {"enabled": True}}, "fp16 needs a GPU; on a CPU train in bf16"),
+])
+def test_a_ds_config_value_deepspeed_would_trip_on_is_one_line(tmp_path, change, message):
+    """Each failed in a traceback (some at the first optimizer step) after the run had written its files, or (a typo'd
+    section name) trained silently without it; now ``load_ds_config`` refuses it before anything is written."""
+    if "fp16" in change and torch.cuda.is_available():
+        pytest.skip("fp16 trains on a GPU")
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"train_micro_batch_size_per_gpu": 8, **change}))
+    with pytest.raises(options.ConfigError) as refused:
+        options.load_ds_config(path)
+    assert str(refused.value).startswith(f"{path}: ") and message in str(refused.value)
 
 
 @pytest.mark.parametrize("world_size", [1, 2, 4])
@@ -361,7 +390,7 @@ def test_a_resume_from_a_checkpoint_that_is_not_there_says_so(tmp_path, latest, 
                                          "zero_pp_rank_0_mp_rank_00_optim_states.pt"])):
         (run / tag).mkdir(parents=True)
         for name in files:
-            (run / tag / name).write_bytes(b"")
+            torch.save({}, run / tag / name)
     (run / checkpointing.LATEST_FILE).write_text(latest)
     if message is None:
         checkpointing.check_resumable(run, latest, world_size=1)
@@ -370,6 +399,45 @@ def test_a_resume_from_a_checkpoint_that_is_not_there_says_so(tmp_path, latest, 
         checkpointing.check_resumable(run, latest, world_size=1)
     assert message.format(run=run) in str(refused.value)
     assert "write the tag of a checkpoint that is there into latest (global_step2, global_step4)" in str(refused.value)
+
+
+@pytest.mark.parametrize("damaged", ["mp_rank_00_model_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt",
+                                     "rng_rank1.pt"])
+def test_a_checkpoint_with_a_file_cut_short_is_refused_naming_it(tmp_path, damaged):
+    """A disk that filled up, a copy cut short: DeepSpeed's zip reader fails on every rank with a traceback that names
+    no file. The files are checked (their zip directory, at the end) before the model is built."""
+    run = tmp_path / "run"
+    for tag in ("global_step2", "global_step4"):
+        (run / tag).mkdir(parents=True)
+        for name in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+                     "zero_pp_rank_1_mp_rank_00_optim_states.pt", "rng_rank0.pt", "rng_rank1.pt"):
+            torch.save({"weights": torch.zeros(1000)}, run / tag / name)
+    (run / checkpointing.LATEST_FILE).write_text("global_step4")
+    checkpointing.check_resumable(run, "global_step4", world_size=2)
+    path = run / "global_step4" / damaged
+    path.write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(options.ConfigError) as refused:
+        checkpointing.check_resumable(run, "global_step4", world_size=2)
+    assert f"{run / 'global_step4'} holds damaged files ({damaged}: not complete torch files): resume from an " \
+        f"earlier checkpoint by writing its tag into {run / 'latest'} (global_step2)" in str(refused.value)
+
+
+@pytest.mark.parametrize("tags, refused", [((), False), (("global_step4",), False),
+                                           (("global_step4", "global_step8"), True)])
+def test_checkpoints_without_latest(tmp_path, caplog, tags, refused):
+    """No ``latest``: nothing was committed. One checkpoint folder is the first one, cut short by a kill (the run
+    starts again); several mean ``latest`` was removed, and starting again would overwrite complete checkpoints."""
+    for tag in tags:
+        (tmp_path / tag).mkdir()
+        torch.save({}, tmp_path / tag / "mp_rank_00_model_states.pt")
+    if refused:
+        with pytest.raises(options.ConfigError, match=rf"{tmp_path} holds checkpoints global_step4, global_step8 but "
+                                                      "no `latest` file naming the newest complete one"):
+            checkpointing.resume_tag(tmp_path)
+        return
+    with caplog.at_level("WARNING", logger="blip_fast"):
+        assert checkpointing.resume_tag(tmp_path) is None
+    assert ("global_step4 was never committed" in caplog.text) == bool(tags)
 
 
 def test_model_config_round_trip(tmp_path):
@@ -411,15 +479,19 @@ def _train_command(launcher: str, port: int, output_dir: Path, *extra: str, conf
     return [*head, "--config", str(config), "--output_dir", str(output_dir), "--no-progress_bar", *extra]
 
 
-def _run(command: list[str], log: Path, port: int) -> str:
+def _run(command: list[str], log: Path, port: int, status: int = 0) -> str:
+    """Run ``command`` to its end; it must exit with ``status`` and (when it trained: status 0) leave none of
+    DeepSpeed's shared-memory buffers behind."""
     try:
         with open(log, "w") as handle:
             result = subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT, env=_env(), cwd=log.parent,
                                     timeout=LAUNCH_TIMEOUT)
+        left = sorted(path.name for path in Path("/dev/shm").glob(f"deepspeed_*_{port}_*"))
     finally:
         _remove_shm(port)
     text = log.read_text()
-    assert result.returncode == 0, f"{' '.join(command)} failed ({result.returncode}):\n{text[-6000:]}"
+    assert result.returncode == status, f"{' '.join(command)} exited {result.returncode}:\n{text[-6000:]}"
+    assert not (status == 0 and left), f"DeepSpeed's buffers were left in /dev/shm: {left}"
     return text
 
 
@@ -517,9 +589,10 @@ def test_resume_after_sigkill_is_exact(zero2_run, tmp_path):
     run_a, run_b = zero2_run["dir"], tmp_path / "killed"
     port = free_port()
     # B trains its own vocab (the same as A's: blip_fast.wordpiece is deterministic across processes) and
-    # checkpoints every 10 steps, A every 5: saving must not change the trajectory.
+    # checkpoints every 10 steps, A every 5: saving must not change the trajectory. B logs every 3 steps, so its
+    # step-12 line averages steps 10 to 12 across the resume.
     command = _train_command("deepspeed", port, run_b, "--deepspeed_config", str(CONFIGS / "ds_zero2.json"),
-                             "--save_every_steps", "10", "--log_every_steps", "1", "--export_tasks")
+                             "--save_every_steps", "10", "--log_every_steps", "3", "--export_tasks")
     _kill_after_checkpoint(command, run_b, 10, port, linger=0.5)  # a few steps past the checkpoint are lost
 
     resumed_log = _run([*command, "--resume"], tmp_path / "resumed.log", port)
@@ -532,10 +605,51 @@ def test_resume_after_sigkill_is_exact(zero2_run, tmp_path):
     for key in QUEUE_KEYS:
         assert torch.equal(state_a[key], state_b[key]), key
     assert int(state_b["ptr_queue"]) == 30 * 16 % 64
-    # The killed run's records past step 10 were dropped on resume; steps 11..30 match A's losses.
+    # The killed run's records past step 10 were dropped on resume; each record is the mean of A's three steps.
     records_b = _metrics(run_b)
-    assert [record["step"] for record in records_b] == list(range(1, 31))
-    assert [record["loss"] for record in records_b] == pytest.approx([r["loss"] for r in _metrics(run_a)], abs=1e-6)
+    assert [record["step"] for record in records_b] == list(range(3, 31, 3))
+    losses_a = [record["loss"] for record in _metrics(run_a)]
+    assert [record["loss"] for record in records_b] == pytest.approx(
+        [np.mean(losses_a[end - 3 : end]) for end in range(3, 31, 3)], abs=1e-6)
+
+
+@pytest.mark.slow
+def test_a_refused_resume_leaves_the_run_as_it_was(zero2_run, tmp_path):
+    """Resumes DeepSpeed cannot continue (another batch, another ZeRO stage, ``latest`` removed) stop with one line
+    and leave the run's config.yaml and ds_config.json as they were, so its own saved config still resumes it."""
+    run = tmp_path / "run"
+    shutil.copytree(zero2_run["dir"], run, ignore=shutil.ignore_patterns("export"))
+    before = {name: (run / name).read_bytes() for name in ("config.yaml", "ds_config.json", "metrics.jsonl")}
+
+    def refused(*extra: str) -> str:
+        port = free_port()
+        log = _run(_train_command("deepspeed", port, run, "--resume", *extra, config=run / "config.yaml"),
+                   tmp_path / "refused.log", port, status=2)
+        assert {name: (run / name).read_bytes() for name in before} == before
+        return log
+
+    assert f"cannot resume {run}/global_step30 exactly" in refused("--micro_batch_size", "4")
+    assert f"{run} holds checkpoints DeepSpeed cannot load under this ds_config ({run / 'ds_config.json'}: ZeRO " \
+        'stage: "1 or 2" there, "3" here)' in refused("--deepspeed_config", str(CONFIGS / "ds_zero3.json"))
+    (run / checkpointing.LATEST_FILE).unlink()
+    assert f"{run} holds checkpoints global_step5, global_step10, global_step15, global_step20, global_step25, " \
+        "global_step30 but no `latest` file" in refused()
+
+
+@pytest.mark.slow
+def test_a_rerun_before_the_first_checkpoint_was_committed_starts_over_cleanly(tmp_path):
+    """Killed while it wrote its first checkpoint: no ``latest``, a half-written ``global_step2`` and two loss
+    records. The rerun starts from step 0, rewrites the checkpoint and logs each step once."""
+    run = tmp_path / "run"
+    (run / "global_step2").mkdir(parents=True)
+    (run / checkpointing.BLIP_CONFIG_FILE).write_text("{}")  # a run's own folder (written before its first step)
+    (run / "global_step2" / "mp_rank_00_model_states.pt").write_bytes(b"cut short")
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 9.0}\n{"step": 2, "loss": 8.0}\n')
+    log = _train("python", run, "--resume", "--max_steps", "2", "--save_every_steps", "2", "--log_every_steps", "1",
+                 "--export_tasks")
+    assert "global_step2 was never committed" in log
+    assert [record["step"] for record in _metrics(run)] == [1, 2] and _metrics(run)[0]["loss"] != 9.0
+    assert checkpointing.latest_tag(run) == "global_step2"
 
 
 @pytest.mark.slow

@@ -15,8 +15,9 @@ Bad inputs are skipped and counted, never fatal (`dataset.skipped`, a Counter by
   complete samples are kept) and `truncated_sample` (a sample cut off by the truncation);
 - at `__getitem__` time: `unreadable_image` (decode failure). With `on_error="skip"` (default) the item is `None`
   and `BlipCollator` drops it, so that batch is smaller. With `on_error="replace"` the next readable index (i + 1,
-  i + 2, ... mod len, up to 16 tries) stands in for it, keeping `"index"` = i: batches keep their size, which
-  cross-rank all_gather (ITC, queues) needs. Runtime counters live in the process that loads the item (a DataLoader
+  i + 2, ... mod len; None only when no image of the set can be read) stands in for it, keeping `"index"` = i:
+  batches keep their size, which cross-rank all_gather (ITC, queues) needs: a run of unreadable files (a folder
+  that failed to download) must not stop a training run hours in. Runtime counters live in the process that loads the item (a DataLoader
   worker); the log lines are the record across processes.
 
 Webdataset shards are indexed, not streamed: each tar (img2dataset layout: `key.jpg|jpeg|png|webp` with `key.txt`
@@ -48,7 +49,7 @@ import torch
 
 from blip_fast.data.synthetic import SyntheticNoisyDataset
 from blip_fast.data.transforms import ImageLoadError, load_image, load_image_bytes
-from blip_fast.errors import InvalidInputError
+from blip_fast.errors import InvalidInputError, MissingFileError
 from blip_fast.tokenizer import pre_caption
 
 logger = logging.getLogger("blip_fast")
@@ -58,7 +59,6 @@ OnError = Literal["skip", "replace"]
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 #: Per reason, how many skips are logged one by one at WARNING before the rest go to DEBUG.
 WARN_PER_REASON = 20
-_REPLACE_TRIES = 16
 
 
 def sample_rng(seed: int, epoch: int, index: int) -> random.Random:
@@ -120,8 +120,7 @@ class _MapDataset(torch.utils.data.Dataset, abc.ABC):
         if not -length <= index < length:
             raise IndexError(f"index {index} out of range for {length} samples")
         index %= length
-        tries = _REPLACE_TRIES if self.on_error == "replace" else 1
-        for offset in range(min(tries, length)):
+        for offset in range(length if self.on_error == "replace" else 1):
             candidate = (index + offset) % length
             rng = sample_rng(self.seed, self.epoch, candidate)
             try:
@@ -343,7 +342,10 @@ class WebDatasetShards(_MapDataset):
         super().__init__(transform, seed, max_words, on_error)
         self.shards = expand_urls(urls)
         if not self.shards:
-            raise FileNotFoundError(f"no webdataset shards match {urls!r}")
+            raise MissingFileError(f"no webdataset shards match {urls!r}")
+        if folders := [shard for shard in self.shards if os.path.isdir(shard)]:
+            raise InvalidInputError(f"{folders[0]} is a folder, not a webdataset shard: name its .tar files (e.g. "
+                                    f"'{os.path.join(folders[0], '*.tar')}')")
         # One row per image: (shard number, byte offset, size); one row per sample: image id, key, caption.
         self._image_offsets: list[tuple[int, int, int]] = []
         self._image_ids: list[int] = []

@@ -20,7 +20,8 @@ What is saved where, for exact resume:
   step, epoch, step in epoch, the sampler state ``{"epoch", "step"}`` in micro batches, and the batch geometry
   (world size, micro batch, gradient accumulation) a resume must match.
 - ``rng_rank{r}.pt``, one per rank, written by that rank: the RNG streams differ per rank (dropout masks, ITM
-  negative sampling), and DeepSpeed keeps one ``client_state`` only.
+  negative sampling), and DeepSpeed keeps one ``client_state`` only; with them the rank's loss sums since the last
+  log line (``rank_state``), so the first line after a resume averages the same steps as an uninterrupted run's.
 - ``ema_rank{r}.pt``, one per rank, when the momentum encoders' EMA keeps fp32 masters (bf16/fp16 weights, or
   ZeRO-3's persistent weights; :mod:`blip_fast.modeling.momentum`): DeepSpeed saves the rounded momentum weights
   only, and under ZeRO-3 each rank holds the masters of its own partitions.
@@ -41,6 +42,7 @@ import os
 import random
 import re
 import shutil
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -104,16 +106,40 @@ def latest_tag(output_dir: str | os.PathLike) -> str | None:
     return tag or None
 
 
+def resume_tag(output_dir: str | os.PathLike) -> str | None:
+    """The checkpoint a run in ``output_dir`` continues from: the tag ``latest`` names, or None when no checkpoint
+    was ever committed. Without ``latest``, one checkpoint folder is the first checkpoint, cut short by a kill before
+    ``latest`` named it (the run starts again and writes it anew); several mean ``latest`` was removed, and starting
+    again would overwrite checkpoints that were complete: refused, naming them."""
+    tag = latest_tag(output_dir)
+    if tag is not None or not Path(output_dir).is_dir():
+        return tag
+    tags = saved_tags(output_dir)
+    if len(tags) > 1:
+        from blip_fast.training.options import ConfigError
+
+        raise ConfigError(
+            f"{output_dir} holds checkpoints {', '.join(tags)} but no `{LATEST_FILE}` file naming the newest complete "
+            f"one (it was removed): write that tag into {Path(output_dir) / LATEST_FILE} (e.g. {tags[-1]}) and pass "
+            "--resume, or start afresh in another output_dir")
+    if tags:
+        logger.warning("%s/%s was never committed (no `%s` names it): a run killed while writing its first "
+                       "checkpoint; this run starts from step 0 and writes it again", output_dir, tags[0], LATEST_FILE)
+    return None
+
+
 def save_checkpoint(engine, output_dir: str | os.PathLike, step: int, client_state: dict[str, Any],
-                    keep: int = 0) -> str:
-    """Save on every rank (collective); returns the tag. ``keep`` > 0 removes all but the newest ``keep``."""
+                    keep: int = 0, rank_state: dict[str, Any] | None = None) -> str:
+    """Save on every rank (collective); returns the tag. ``keep`` > 0 removes all but the newest ``keep``.
+    ``rank_state`` is this rank's own (it goes with its RNG streams; :func:`load_checkpoint` returns it)."""
     import deepspeed.comm as dist
 
     output_dir = Path(output_dir)
     tag = tag_for(step)
     tag_dir = output_dir / tag
     tag_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write(tag_dir / RNG_FILE.format(rank=dist.get_rank()), lambda tmp: torch.save(capture_rng(), tmp))
+    rank_file = {**capture_rng(), "rank_state": rank_state or {}}
+    atomic_write(tag_dir / RNG_FILE.format(rank=dist.get_rank()), lambda tmp: torch.save(rank_file, tmp))
     ema = getattr(engine.module, "ema", None)
     if ema is not None and ema.state_dict()["masters"]:
         atomic_write(tag_dir / EMA_FILE.format(rank=dist.get_rank()), lambda tmp: torch.save(ema.state_dict(), tmp))
@@ -163,6 +189,13 @@ def check_resumable(output_dir: str | os.PathLike, tag: str, world_size: int) ->
             f"{'holds no model states' if tag_dir.is_dir() else 'is not there'}: restore it, write the tag of a "
             f"checkpoint that is there into {LATEST_FILE} ({', '.join(saved_tags(output_dir)) or 'none is'}), or "
             "start afresh in another output_dir")
+    damaged = [path.name for path in sorted(tag_dir.glob("*.pt")) if not zipfile.is_zipfile(path)]
+    if damaged:  # torch.save's zip ends with its central directory: a file cut short has none
+        earlier = ", ".join(name for name in saved_tags(output_dir) if name != tag) or "there is none"
+        raise ConfigError(
+            f"{tag_dir} holds damaged files ({', '.join(damaged)}: not complete torch files): resume from an earlier "
+            f"checkpoint by writing its tag into {Path(output_dir) / LATEST_FILE} ({earlier}), or start afresh in "
+            "another output_dir")
     saved = {int(match.group(1)) for path in tag_dir.iterdir() if (match := _ZERO_PARTITION.match(path.name))}
     if saved and len(saved) != world_size:
         raise ConfigError(
@@ -172,9 +205,10 @@ def check_resumable(output_dir: str | os.PathLike, tag: str, world_size: int) ->
         )
 
 
-def load_checkpoint(engine, output_dir: str | os.PathLike, tag: str) -> tuple[dict[str, Any], bool]:
-    """Load ``tag`` into ``engine`` and this rank's RNG streams. Returns the training client state and whether the
-    RNG streams were restored (not when the checkpoint was written by another number of ranks)."""
+def load_checkpoint(engine, output_dir: str | os.PathLike, tag: str) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """Load ``tag`` into ``engine`` and this rank's RNG streams. Returns the training client state and this rank's
+    ``rank_state`` (see :func:`save_checkpoint`), or None when the RNG streams were not restored (the checkpoint was
+    written by another number of ranks)."""
     import deepspeed.comm as dist
 
     check_resumable(output_dir, tag, dist.get_world_size())
@@ -190,12 +224,13 @@ def load_checkpoint(engine, output_dir: str | os.PathLike, tag: str) -> tuple[di
     _load_ema(engine.module, Path(output_dir) / tag / EMA_FILE.format(rank=dist.get_rank()), same_ranks)
     rng_path = Path(output_dir) / tag / RNG_FILE.format(rank=dist.get_rank())
     if same_ranks and rng_path.is_file():
-        restore_rng(torch.load(rng_path, map_location="cpu", weights_only=False))
-        return state, True
+        rank_file = torch.load(rng_path, map_location="cpu", weights_only=False)
+        restore_rng(rank_file)
+        return state, rank_file.get("rank_state", {})
     logger.warning("%s: no RNG state for rank %d of %d (checkpoint written by %s ranks): dropout and ITM-negative "
                    "streams are reseeded; the run continues, but not bit-exactly", rng_path, dist.get_rank(),
                    dist.get_world_size(), state.get("world_size"))
-    return state, False
+    return state, None
 
 
 def _load_ema(model, path: Path, same_ranks: bool) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import difflib
 import json
 import os
 from collections.abc import Callable
@@ -473,8 +474,70 @@ def _split(total: int, per_rank: int, world_size: int, name: str) -> int:
     return total // (per_rank * world_size)
 
 
+_BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
+
+
+def _check_ds_values(config: dict[str, Any], source: str) -> None:
+    """The values this script reads itself, typed: wrong, they fail in a traceback, some only at the first step."""
+    for key in _BATCH_KEYS:
+        value = config.get(key)
+        if key in config and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ConfigError(f"{source}: {key} must be a positive integer, got {value!r}")
+    for key in ("zero_optimization", "bf16", "fp16"):
+        if key in config and not isinstance(config[key], dict):
+            raise ConfigError(f"{source}: {key} must be a JSON object, got {config[key]!r}")
+    clipping = config.get("gradient_clipping", 0.0)
+    if isinstance(clipping, bool) or not isinstance(clipping, int | float) or not clipping >= 0:
+        raise ConfigError(f"{source}: gradient_clipping must be a number >= 0, got {clipping!r}")
+
+
+class _ReadKeys(dict):
+    """A ds_config that records the top-level keys DeepSpeed's config reader asks for."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        super().__init__(config)
+        self.read: set[str] = set()
+
+    def get(self, key, *default):
+        self.read.add(key)
+        return super().get(key, *default)
+
+    def __getitem__(self, key):
+        self.read.add(key)
+        return super().__getitem__(key)
+
+    def __contains__(self, key) -> bool:
+        self.read.add(key)
+        return super().__contains__(key)
+
+
+def _check_with_deepspeed(config: dict[str, Any], source: str) -> None:
+    """DeepSpeed's own checks (ZeRO keys and stage, the batch over this run's ranks, bf16 with fp16) as one line
+    before anything is written, and a top-level key DeepSpeed does not read that is close to one it does: a typo
+    (``zero_optimisation``) that DeepSpeed would ignore, training without ZeRO."""
+    import torch
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    if (config.get("fp16") or {}).get("enabled") and not torch.cuda.is_available():
+        raise ConfigError(f"{source}: fp16 needs a GPU; on a CPU train in bf16 (\"bf16\": {{\"enabled\": true}}) or fp32")
+    recorded = _ReadKeys(config)
+    try:
+        DeepSpeedConfig(recorded)
+    except (AssertionError, ValueError, TypeError) as error:  # pydantic's ValidationError is a ValueError
+        if hasattr(error, "errors") and hasattr(error, "title"):
+            reason = "; ".join(f"{'.'.join(map(str, item['loc']))}: {item['msg']}" for item in error.errors())
+            raise ConfigError(f"{source}: {error.title}: {reason}") from None
+        raise ConfigError(f"{source}: {error}") from None
+    known = recorded.read | {"optimizer", "scheduler"}
+    for key in config:
+        if key not in known and (close := difflib.get_close_matches(key, known, n=1, cutoff=0.85)):
+            raise ConfigError(f"{source}: unknown key {key!r} (did you mean {close[0]!r}?): DeepSpeed would ignore it")
+
+
 def resolve_ds_config(config: dict[str, Any], source: str = "ds_config", micro_batch_size: int | None = None,
                       gradient_accumulation_steps: int | None = None) -> dict[str, Any]:
+    if not isinstance(config, dict):
+        raise ConfigError(f"{source}: a ds_config is a JSON object, got a {type(config).__name__}")
     config = copy.deepcopy(config)
     if micro_batch_size is not None:
         config["train_micro_batch_size_per_gpu"] = micro_batch_size
@@ -485,14 +548,16 @@ def resolve_ds_config(config: dict[str, Any], source: str = "ds_config", micro_b
     auto = find_auto(config)
     if auto:
         raise ConfigError(
-                          f"{source}: {', '.join(repr(key) for key in auto)} {'is' if len(auto) == 1 else 'are'} \"auto\"; "
+            f"{source}: {', '.join(repr(key) for key in auto)} {'is' if len(auto) == 1 else 'are'} \"auto\"; "
             "deepspeed.initialize does not resolve \"auto\" (only the HuggingFace Trainer does): give concrete values"
         )
     if "train_micro_batch_size_per_gpu" not in config and "train_batch_size" not in config:
         raise ConfigError(f"{source}: set train_micro_batch_size_per_gpu (or micro_batch_size in the training config)")
+    _check_ds_values(config, source)
     if "optimizer" in config or "scheduler" in config:
         raise ConfigError(
-                          f"{source}: remove the 'optimizer'/'scheduler' sections: the training script builds AdamW and sets BLIP's "
+            f"{source}: remove the 'optimizer'/'scheduler' sections: the training script builds AdamW and sets BLIP's "
             "learning-rate schedule itself (init_lr, warmup_lr, warmup_steps, lr_decay_rate, weight_decay options)"
         )
+    _check_with_deepspeed(config, source)
     return config
