@@ -16,10 +16,12 @@ import math
 import os
 import pickle
 import re
+import warnings
 from collections.abc import Mapping
 from typing import Any, TypeVar
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -98,13 +100,19 @@ def _is_grid(*num_positions: int) -> bool:
 
 # ---------------------------------------------------------------------------------------------------- reading
 def _read_file(path: str) -> dict[str, torch.Tensor]:
-    """One weights file as a flat ``{name: tensor}``; never unpickles anything but tensors and containers."""
+    """One weights file as a flat ``{name: tensor}``; never unpickles anything but tensors and containers. The
+    format is told by the content (:func:`_file_format`), else by the name."""
+    file_format = _file_format(path)
+    if file_format == "pickle":
+        raise CheckpointError(f"cannot read {path}: {_PLAIN_PICKLE}")
     try:
-        if path.endswith(".safetensors"):
+        if file_format == "safetensors" or (file_format is None and path.endswith(".safetensors")):
             return load_file(path, device="cpu")
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's note on the pickle protocol would be a second, unasked-for line
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # safetensors header, unpickling, zip, truncation, missing shard: all the same to us
-        raise CheckpointError(f"cannot read {path}: {_why_unreadable(path, error)}") from error
+        raise CheckpointError(f"cannot read {path}: {_why_unreadable(path, error, file_format)}") from error
     if isinstance(obj, Mapping) and isinstance(obj.get("model"), Mapping):
         obj = obj["model"]  # original BLIP: {"model": state_dict, "optimizer": ..., "config": ..., "epoch": ...}
     if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
@@ -271,7 +279,8 @@ def infer_config(
         special = dict(bos_token_id=vocab_size - 2, enc_token_id=vocab_size - 1)
         if tokenizer is not None:
             if len(tokenizer) != vocab_size:
-                raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the embeddings {vocab_size} rows")
+                raise CheckpointError(f"the tokenizer (tokenizer=, blip-fast convert --tokenizer) has {len(tokenizer)} "
+                                      f"tokens but {path}'s embeddings {vocab_size} rows: give this model's tokenizer")
             special = dict(
                 pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
                 enc_token_id=tokenizer.enc_token_id, sep_token_id=tokenizer.sep_token_id,
@@ -289,10 +298,20 @@ def infer_config(
         return BlipConfig(vision=vision, text=text, image_text_hidden_size=256 if proj is None else proj.shape[0])
     except CheckpointError:
         raise
-    except (KeyError, ValueError) as error:
-        raise CheckpointError(
-            f"cannot infer the model's config from {path} ({error}); pass config= (or the tokenizer)"
-        ) from error
+    except KeyError as error:
+        raise CheckpointError(f"cannot infer the model's config from {path}: it has no tensor {error}; is it a BLIP "
+                              "checkpoint?") from error
+    except ValueError as error:
+        raise CheckpointError(f"cannot infer the model's config from {path}: {error}; "
+                              f"{_sizes_hint(heads, getattr(error, 'field', None))}") from error
+
+
+def _sizes_hint(heads: tuple[int | None, int | None], field: str | None) -> str:
+    """What fixes sizes that do not fit, named as the keyword and the ``blip-fast convert`` flag that give it."""
+    if field == "num_attention_heads" and heads != (None, None):
+        return (f"the heads given (heads={heads}: convert's --heads, or --config's med_config.json) must divide the "
+                "widths; or pass the model's config (config=, --config)")
+    return "pass the model's config (config=, blip-fast convert --config config.json)"
 
 
 # ---------------------------------------------------------------------------------------------------- fitting
@@ -475,25 +494,54 @@ def load_vision_init(trainer: nn.Module, path: str | os.PathLike) -> None:
                 type(trainer).__name__, len(state))
 
 
-#: The first bytes of what ``torch.save`` writes: a zip archive (torch >= 1.6), or a pickle (protocol 2+).
-_TORCH_SAVE_MAGIC = (b"PK\x03\x04", b"\x80")
+#: The magic number the legacy (non-zip) ``torch.save`` pickles first (0x1950a86a20f9469cfc6c, little-endian).
+_LEGACY_TORCH_MAGIC = bytes.fromhex("6cfc9c46f9206aa85019")
+_PLAIN_PICKLE = ("it is a plain Python pickle (pickle.dump), not a torch.save checkpoint or a safetensors file; "
+                 "blip_fast does not unpickle it, since unpickling can run code from the file; if you trust the file, "
+                 "save its tensors with torch.save(state_dict, 'model.pth') or safetensors")
 
 
-def _why_unreadable(path: str, error: Exception) -> str:
-    """One line on why ``path`` did not load: torch's weights-only refusal is a page that suggests unpickling the
-    file in full, which blip_fast never does (the file could run code)."""
-    if not path.endswith(".safetensors"):
-        head = _first_bytes(path, 4)
-        if head == b"":
-            return "the file is empty"
-        if head is not None and not head.startswith(_TORCH_SAVE_MAGIC):
-            return "not a PyTorch checkpoint (torch.save writes a zip archive or a pickle) nor .safetensors"
-        forbidden = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(error))
-        if isinstance(error, pickle.UnpicklingError) and forbidden:
+def _file_format(path: str) -> str | None:
+    """What ``path`` holds by its first bytes: "safetensors" (an 8-byte header length that fits the file, then a
+    JSON object), "torch" (torch.save's zip, or its legacy pickle), "pickle" (a pickle without torch's magic
+    number), "empty"; None when unreadable or none of these (the name then decides)."""
+    head = _first_bytes(path, 32)
+    if head is None:
+        return None
+    if head == b"":
+        return "empty"
+    if len(head) > 8 and head[8:9] == b"{":
+        header_length = int.from_bytes(head[:8], "little")
+        try:
+            fits = 8 + header_length <= os.path.getsize(path)
+        except OSError:
+            fits = False
+        if fits:
+            return "safetensors"
+    if head.startswith(b"PK\x03\x04") or (head.startswith(b"\x80") and _LEGACY_TORCH_MAGIC in head):
+        return "torch"
+    return "pickle" if head.startswith(b"\x80") else None
+
+
+def _why_unreadable(path: str, error: Exception, file_format: str | None = None) -> str:
+    """One line on why ``path`` did not load. torch's weights-only refusal is a page that suggests unpickling the
+    file in full, which blip_fast never does (the file could run code): it is never passed on."""
+    if file_format == "empty":
+        return "the file is empty"
+    if file_format is None and not path.endswith(".safetensors") and _first_bytes(path, 1) is not None:
+        return "not a PyTorch checkpoint (torch.save writes a zip archive or a pickle) nor a safetensors file"
+    message = re.sub(r"\x1b\[[0-9;]*m", "", str(error))
+    if isinstance(error, pickle.UnpicklingError) and "weights_only" in message:
+        forbidden = re.search(r"Unsupported global: GLOBAL ([\w.]+)", message)
+        if forbidden:
             return (f"it holds Python objects beyond tensors and plain containers ({forbidden.group(1)}), which "
                     "blip_fast does not unpickle (that can run code from the file); if you trust the file, save its "
                     "state dict alone: torch.save(torch.load(PATH, weights_only=False)['model'], 'model.pth')")
-    first_line = re.sub(r"\x1b\[[0-9;]*m", "", str(error)).strip().split("\n", 1)[0]
+        detail = re.search(r"WeightsUnpickler error:\s*(.+)", message)
+        return ("it holds pickled data that torch's safe loader refuses"
+                f"{f' ({detail.group(1).strip()})' if detail else ''}; blip_fast does not unpickle it in full, since "
+                "that can run code from the file")
+    first_line = message.strip().split("\n", 1)[0]
     return f"{type(error).__name__}: {first_line}"
 
 
@@ -697,7 +745,7 @@ def save_pretrained(model: nn.Module, out_dir: str | os.PathLike, safe_serializa
     state = state_dict_to_save(model)
     weights_name = SAFE_WEIGHTS if safe_serialization else BIN_WEIGHTS
     if safe_serialization:
-        atomic_write(os.path.join(out_dir, weights_name), lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+        atomic_write(os.path.join(out_dir, weights_name), lambda tmp: _save_safetensors(state, tmp, out_dir))
     else:
         atomic_write(os.path.join(out_dir, weights_name), lambda tmp: torch.save(state, tmp))
     hf_config = model.config.to_hf(architecture=type(model).__name__)
@@ -715,6 +763,22 @@ def save_pretrained(model: nn.Module, out_dir: str | os.PathLike, safe_serializa
     return out_dir
 
 
+def _save_safetensors(state: dict[str, torch.Tensor], tmp: str, out_dir: str) -> None:
+    """``save_file``, whose I/O failures (a full disk, a lost mount) are ``SafetensorError``s: raised as the
+    ``OSError`` they are (``errno`` kept), so that callers handle them as any failed write."""
+    try:
+        save_file(state, tmp, metadata={"format": "pt"})
+    except SafetensorError as error:
+        message = str(error)
+        if "I/O error" not in message and "os error" not in message:
+            raise
+        code = re.search(r"\(os error (\d+)\)", message)
+        if code is None:
+            raise OSError(f"cannot write the weights into {out_dir}: {message}") from error
+        errno = int(code.group(1))
+        raise OSError(errno, f"cannot write the weights into {out_dir}: {os.strerror(errno)}") from error
+
+
 def _write_model_card(out_dir: str, architecture: str, config: BlipConfig) -> None:
     """README.md's section on using the model in transformers, and a warning when transformers alone would give
     other outputs (:mod:`blip_fast.model_card`)."""
@@ -730,6 +794,12 @@ def _write_model_card(out_dir: str, architecture: str, config: BlipConfig) -> No
         logger.warning("%s: this %s keeps BLIP's original [ENC]/[DEC] semantics, and transformers loading it as is %s; "
                        "%s shows the transformers call that gives blip_fast's outputs", out_dir, architecture,
                        deviation, path)
+
+
+def _is_hf_layout(state: Mapping[str, torch.Tensor]) -> bool:
+    """Whether ``state`` has HuggingFace's ViT names and not the original's (the text keys are alike in both)."""
+    groups = {key.split(".")[0] for key in state}
+    return "vision_model" in groups and "visual_encoder" not in groups
 
 
 def task_class(task: str) -> type[nn.Module]:
@@ -765,7 +835,15 @@ def convert_original(
                               "there (an earlier tokenizer or weights) would mix with it; choose a new or empty folder")
     if task != "auto":
         task_class(task)
-    state = _rename_original(_read_file(pth_path))
+    raw = _read_file(pth_path)
+    if _is_hf_layout(raw):
+        where = os.path.dirname(pth_path) or "."
+        folder = (f"its folder {where}" if os.path.isfile(os.path.join(where, CONFIG_NAME))
+                  else "the model folder it came from (with its config.json)")
+        raise CheckpointError(f"{pth_path} is already a HuggingFace checkpoint (vision_model.* keys, no original "
+                              f"visual_encoder.* ones): convert is for original Salesforce BLIP .pth files; load "
+                              f"{folder} directly (blip-fast caption --model FOLDER, from_pretrained(FOLDER))")
+    state = _rename_original(raw)
     found = detect_task(state)
     if found == "pretrain" and task == "auto":
         raise CheckpointError(f"{pth_path} is a pre-training checkpoint (text encoder, decoder and ITM head): choose the "

@@ -53,49 +53,61 @@ def _add_caption_arguments(parser: argparse.ArgumentParser) -> None:
                         help="captions.jsonl, .csv or .parquet, one record per image; rerun to resume "
                              "(default: path<TAB>caption lines on stdout)")
     parser.add_argument("--errors", type=errors.output_file,
-                        help="where unusable images go with the reason (default: OUTPUT's name + .errors.jsonl)")
+                        help="where unusable images go with the reason, with --output only (default: OUTPUT's name + "
+                             ".errors.jsonl; without --output: stderr)")
     parser.add_argument("--score", action="store_true",
                         help="add each caption's mean log-probability per generated token")
     decoding = parser.add_mutually_exclusive_group()
     decoding.add_argument("--beams", type=errors.positive_int, default=3, help="beam search width (BLIP: 3)")
     decoding.add_argument("--sample", action="store_true", help="nucleus sampling instead of beam search")
-    parser.add_argument("--top-p", type=errors.float_in(0, 1, low_open=True), default=0.9,
-                        help="nucleus mass with --sample (BLIP: 0.9)")
+    parser.add_argument("--top-p", type=errors.float_in(0, 1, low_open=True), default=argparse.SUPPRESS,
+                        help="nucleus mass, with --sample only (default: 0.9, BLIP's)")
     parser.add_argument("--prompt", default="a picture of ", help="text the caption continues; stripped from output")
     _add_decoding_lengths(parser)
     parser.add_argument("--batch-size", type=errors.positive_int, default=None,
                         help="images per forward (default: 128 on a GPU, 8 on a CPU)")
     parser.add_argument("--workers", type=errors.non_negative_int, default=default_workers(),
                         help="processes decoding images ahead of the model")
-    parser.add_argument("--seed", type=int, default=0, help="sampling seed")
+    parser.add_argument("--seed", type=int, default=argparse.SUPPRESS,
+                        help="sampling seed, with --sample only (default: 0)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_device_arguments(parser)
 
 
 def _caption(args: argparse.Namespace) -> int:
-    from blip_fast.caption_files import CaptionJob, caption_files, default_batch_size
+    from blip_fast.caption_files import CaptionJob, caption_files, default_batch_size, errors_file
     from blip_fast.captioning import Captioner
 
+    sampling = [flag for flag, name in (("--top-p", "top_p"), ("--seed", "seed")) if hasattr(args, name)]
+    if sampling and not args.sample:  # beam search draws nothing: the option would be silently ignored
+        raise errors.UserError(f"argument{'s' * (len(sampling) > 1)} {' and '.join(sampling)}: only with --sample "
+                               "(beam search draws no samples)")
     device, dtype = _device_and_dtype(args.device, args.dtype)
     job = CaptionJob(
-        inputs=tuple(args.images), output=args.output, errors=args.errors, score=args.score, seed=args.seed,
-        batch_size=args.batch_size or default_batch_size(device), workers=args.workers,
-        progress=not args.no_progress and args.output is not None,
+        inputs=tuple(args.images), output=args.output, errors=args.errors, score=args.score,
+        seed=getattr(args, "seed", 0), batch_size=args.batch_size or default_batch_size(device),
+        workers=args.workers, progress=not args.no_progress and args.output is not None,
     )
-    captioner = Captioner.from_pretrained(args.model, device=device, dtype=dtype, prompt=args.prompt)
     decoding = dict(max_length=args.max_length, min_length=args.min_length)
-    captioner.check_lengths(**decoding)
     if args.sample:
-        decoding.update(do_sample=True, top_p=args.top_p, repetition_penalty=1.1)
+        decoding.update(do_sample=True, top_p=getattr(args, "top_p", 0.9), repetition_penalty=1.1)
     else:
         decoding.update(num_beams=args.beams)
-    counts = caption_files(captioner, job, **decoding)
-    if args.output is None:
-        if counts["failed"]:
-            print(f"{counts['failed']} of {counts['images']} images could not be captioned", file=sys.stderr)
-        return errors.EXIT_FAILED if counts["failed"] else 0
-    print(json.dumps({"output": str(args.output), **counts}), file=sys.stderr)
-    return 0
+
+    def load_captioner(folder: str) -> Captioner:
+        captioner = Captioner.from_pretrained(folder, device=device, dtype=dtype, prompt=args.prompt)
+        captioner.check_lengths(max_length=args.max_length, min_length=args.min_length)
+        return captioner
+
+    counts = caption_files(job, args.model, load_captioner, args.prompt, **decoding)
+    unusable = counts["failed"] + counts["failed_earlier"]
+    if unusable:  # like an image that failed, one named by mistake (a typo) fails the run: scripts must see it
+        where = "" if args.output is None else f" (see {errors_file(args.output, args.errors)})"
+        earlier = f", {counts['failed_earlier']} of them in earlier runs" if counts["failed_earlier"] else ""
+        print(f"{unusable} of {counts['images']} images could not be captioned{earlier}{where}", file=sys.stderr)
+    if args.output is not None:
+        print(json.dumps({"output": str(args.output), **counts}), file=sys.stderr)
+    return errors.EXIT_FAILED if unusable else 0
 
 
 def _add_convert_arguments(parser: argparse.ArgumentParser) -> None:
@@ -132,14 +144,34 @@ def _convert_sizes(config_path: Path | None, heads: list[int] | None):
             values = json.loads(config_path.read_text(encoding="utf-8"))
         except (ValueError, UnicodeDecodeError) as error:
             raise errors.InvalidInputError(f"--config {config_path} is not valid JSON: {error}") from None
-        if isinstance(values, dict) and values.get("model_type") == "bert":  # the original med_config.json
-            if heads is not None and len(heads) == 2 and heads[1] != values["num_attention_heads"]:
-                raise errors.UserError(f"--heads gives the text {heads[1]} heads, {config_path} "
-                                       f"{values['num_attention_heads']}")
-            return None, (vision_heads, values["num_attention_heads"])
+        if not isinstance(values, dict):
+            raise errors.InvalidInputError(f"--config {config_path} holds a JSON {type(values).__name__}, not an "
+                                           "object: give an HF config.json (or its folder) or the original "
+                                           "med_config.json")
+        if values.get("model_type") == "bert":  # the original med_config.json
+            text_heads = _med_config_heads(config_path, values)
+            if heads is not None and len(heads) == 2 and heads[1] != text_heads:
+                raise errors.UserError(f"--heads gives the text {heads[1]} heads, {config_path} {text_heads}")
+            return None, (vision_heads, text_heads)
     if heads is not None:
         raise errors.UserError("--heads and an HF config.json exclude each other: the config holds the heads")
     return BlipConfig.from_hf(config_path).replace(hf_compat=False), (None, None)
+
+
+def _med_config_heads(config_path: Path, values: dict[str, Any]) -> int:
+    """The text model's attention heads in the original med_config.json: a positive integer dividing its
+    hidden_size (when it gives one)."""
+    if "num_attention_heads" not in values:
+        raise errors.InvalidInputError(f"--config {config_path} has no num_attention_heads (the text model's "
+                                       "attention heads)")
+    text_heads, width = values["num_attention_heads"], values.get("hidden_size")
+    if not isinstance(text_heads, int) or isinstance(text_heads, bool) or text_heads < 1:
+        raise errors.InvalidInputError(f"--config {config_path}: num_attention_heads must be a positive integer, got "
+                                       f"{json.dumps(text_heads)}")
+    if isinstance(width, int) and not isinstance(width, bool) and width % text_heads:
+        raise errors.InvalidInputError(f"--config {config_path}: num_attention_heads {text_heads} does not divide "
+                                       f"hidden_size {width}")
+    return text_heads
 
 
 def _convert(args: argparse.Namespace) -> int:

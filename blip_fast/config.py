@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -32,6 +33,14 @@ _HF_TEXT_DEFAULTS: dict[str, Any] = dict(
 _HF_TOP_DEFAULTS: dict[str, Any] = dict(image_text_hidden_size=256)
 
 
+class InvalidFieldError(ValueError):
+    """A config field holds a value the model cannot be built with; ``field`` names it."""
+
+    def __init__(self, field_name: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field_name
+
+
 @dataclass(frozen=True)
 class VisionConfig:
     """ViT image encoder (pre-norm, qkv bias, GELU MLP, final LayerNorm over all tokens)."""
@@ -51,10 +60,12 @@ class VisionConfig:
     gradient_checkpointing: bool = False
 
     def __post_init__(self) -> None:
+        _check_fields(self, "vision", _VISION_LIMITS)
         _check_heads("vision", self.hidden_size, self.num_attention_heads)
         _check_activation("vision", self.hidden_act)
         if self.image_size % self.patch_size:
-            raise ValueError(f"vision image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+            raise InvalidFieldError("image_size", f"vision image_size {self.image_size} is not a multiple of "
+                                    f"patch_size {self.patch_size}")
 
     @property
     def grid_size(self) -> int:
@@ -91,12 +102,14 @@ class TextConfig:
     label_smoothing: float = 0.0
 
     def __post_init__(self) -> None:
+        _check_fields(self, "text", _TEXT_LIMITS)
         _check_heads("text", self.hidden_size, self.num_attention_heads)
         _check_activation("text", self.hidden_act)
         for name in ("pad_token_id", "bos_token_id", "enc_token_id", "sep_token_id"):
             token_id = getattr(self, name)
             if not 0 <= token_id < self.vocab_size:
-                raise ValueError(f"text {name}={token_id} is outside the vocabulary (size {self.vocab_size})")
+                raise InvalidFieldError(name, f"text {name}={token_id} is outside the vocabulary (size "
+                                        f"{self.vocab_size})")
 
 
 @dataclass(frozen=True)
@@ -113,6 +126,9 @@ class BlipConfig:
     hf_compat: bool = False
     #: HuggingFace's name for the architecture (``config.json``'s ``model_type``; transformers pipelines read it).
     model_type: ClassVar[str] = "blip"
+
+    def __post_init__(self) -> None:
+        _check_fields(self, "model", {"image_text_hidden_size": 1})
 
     # ------------------------------------------------------------------ presets
     @classmethod
@@ -172,29 +188,38 @@ class BlipConfig:
     def from_hf(cls, hf_config: dict[str, Any] | str | os.PathLike) -> BlipConfig:
         """Build from a HuggingFace ``BlipConfig`` dict, a ``config.json`` path, or a model directory.
 
-        Missing keys take HuggingFace's class defaults (not ours), since ``save_pretrained`` omits them.
+        Missing keys take HuggingFace's class defaults (not ours), since ``save_pretrained`` omits them. A file (or
+        dict) the model cannot be built from is an :class:`InvalidInputError` naming it and the key.
         """
         where = "config.json"
         if not isinstance(hf_config, dict):
             where = _config_json_path(hf_config)
             hf_config = _read_config_json(hf_config)
+        if not isinstance(hf_config, dict):
+            raise InvalidInputError(f"{where} holds a JSON {_json_type(hf_config)}, not an object: not a model's "
+                                    "config.json")
         if hf_config.get("model_type", cls.model_type) != cls.model_type:
             raise InvalidInputError(f"{where} has model_type {hf_config.get('model_type')!r}, not 'blip': no BLIP "
                                     "model (BlipForConditionalGeneration, BlipForImageTextRetrieval or "
                                     "BlipForQuestionAnswering)")
-        vision_src = {**_HF_VISION_DEFAULTS, **(hf_config.get("vision_config") or {})}
-        text_src = {**_HF_TEXT_DEFAULTS, **(hf_config.get("text_config") or {})}
-        vision = VisionConfig(**{name: vision_src[name] for name in _HF_VISION_DEFAULTS})
+        architectures = hf_config.get("architectures")
+        if architectures is not None and not (
+                isinstance(architectures, list) and all(isinstance(name, str) for name in architectures)):
+            raise InvalidInputError(f"{where}: architectures must be a list of class names, got "
+                                    f"{json.dumps(architectures)[:80]}")
+        vision_src = {**_HF_VISION_DEFAULTS, **_section(hf_config, "vision_config", where)}
+        text_src = {**_HF_TEXT_DEFAULTS, **_section(hf_config, "text_config", where)}
+        vision = _from_file(VisionConfig, {name: vision_src[name] for name in _HF_VISION_DEFAULTS}, where,
+                            "vision_config.")
         text_fields = {name: text_src[name] for name in _HF_TEXT_DEFAULTS}
         # HuggingFace has no [ENC] field; BLIP's tokenizer puts it right after [DEC].
-        text_fields["enc_token_id"] = text_src.get("enc_token_id", text_fields["bos_token_id"] + 1)
-        text = TextConfig(**text_fields)
-        return cls(
-            vision=vision,
-            text=text,
+        text_fields["enc_token_id"] = text_src.get("enc_token_id", _next_id(text_fields["bos_token_id"]))
+        text = _from_file(TextConfig, text_fields, where, "text_config.")
+        top = dict(
             image_text_hidden_size=hf_config.get("image_text_hidden_size", _HF_TOP_DEFAULTS["image_text_hidden_size"]),
             hf_compat=hf_config.get("blip_fast_hf_compat", True),
         )
+        return _from_file(cls, {"vision": vision, "text": text, **top}, where, "")
 
     def to_hf(self, architecture: str | None = None) -> dict[str, Any]:
         """A ``config.json`` dict that ``transformers.BlipConfig`` (and :meth:`from_hf`) load back exactly."""
@@ -260,11 +285,76 @@ def _subfolders(folder: str) -> list[str]:
         return []
 
 
+def _section(hf_config: dict[str, Any], key: str, where: str) -> dict[str, Any]:
+    """``hf_config[key]``, a JSON object (missing or null: HuggingFace's defaults)."""
+    values = hf_config.get(key)
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise InvalidInputError(f"{where}: {key} must be a JSON object, got a {_json_type(values)}: "
+                                f"{json.dumps(values)[:80]}")
+    return values
+
+
+def _next_id(token_id: Any) -> Any:
+    """The id after ``token_id`` ([ENC] after [DEC]); a value of another type is left for the field check."""
+    return token_id + 1 if isinstance(token_id, int) and not isinstance(token_id, bool) else token_id
+
+
+def _from_file(cls: type, values: dict[str, Any], where: str, prefix: str) -> Any:
+    """``cls(**values)`` with values read from ``where``; a value it refuses is an :class:`InvalidInputError`
+    naming the file and the key (``prefix`` + field: ``text_config.num_attention_heads``)."""
+    try:
+        return cls(**values)
+    except InvalidFieldError as error:
+        key = "blip_fast_hf_compat" if error.field == "hf_compat" else prefix + error.field
+        raise InvalidInputError(f"{where}: {key}: {error}") from None
+
+
+# The least value of each integer field (token ids are checked against the vocabulary), and the probability fields.
+_VISION_LIMITS = dict(hidden_size=1, intermediate_size=1, num_hidden_layers=0, num_attention_heads=1, image_size=1,
+                      patch_size=1)
+_TEXT_LIMITS = dict(vocab_size=1, hidden_size=1, intermediate_size=1, num_hidden_layers=0, num_attention_heads=1,
+                    max_position_embeddings=1)
+_PROBABILITIES = frozenset({"attention_dropout", "drop_path_rate", "hidden_dropout_prob",
+                            "attention_probs_dropout_prob", "label_smoothing"})
+
+
+def _json_type(value: Any) -> str:
+    names = {bool: "boolean", int: "number", float: "number", str: "string", list: "list", dict: "object"}
+    return "null" if value is None else names.get(type(value), type(value).__name__)
+
+
+def _check_fields(config: Any, where: str, minimum: dict[str, int]) -> None:
+    """Each field of ``config`` of its annotated type (int, float, str or bool; a bool is no number), integers at
+    least ``minimum[name]``, probabilities in [0, 1] and epsilons positive: a string "3" or a null from a
+    config.json would otherwise fail later, deep in a tensor op."""
+    for spec in dataclasses.fields(config):
+        name, value = spec.name, getattr(config, spec.name)
+        kind = spec.type if isinstance(spec.type, str) else getattr(spec.type, "__name__", "")
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if kind == "int" and not (number and isinstance(value, int)):
+            raise InvalidFieldError(name, f"{where} {name} must be an integer, got {value!r}")
+        if kind == "float" and not (number and math.isfinite(value)):
+            raise InvalidFieldError(name, f"{where} {name} must be a finite number, got {value!r}")
+        if kind in ("str", "bool") and type(value).__name__ != kind:
+            wanted = "a string" if kind == "str" else "True or False"
+            raise InvalidFieldError(name, f"{where} {name} must be {wanted}, got {value!r}")
+        if name in minimum and value < minimum[name]:
+            raise InvalidFieldError(name, f"{where} {name} must be >= {minimum[name]}, got {value}")
+        if name in _PROBABILITIES and not 0.0 <= value <= 1.0:
+            raise InvalidFieldError(name, f"{where} {name} must lie in [0, 1], got {value}")
+        if name == "layer_norm_eps" and value <= 0:
+            raise InvalidFieldError(name, f"{where} {name} must be > 0, got {value}")
+
+
 def _check_heads(where: str, hidden_size: int, num_heads: int) -> None:
     if hidden_size % num_heads:
-        raise ValueError(f"{where} hidden_size {hidden_size} is not a multiple of num_attention_heads {num_heads}")
+        raise InvalidFieldError("num_attention_heads", f"{where} hidden_size {hidden_size} is not a multiple of "
+                                f"num_attention_heads {num_heads}")
 
 
 def _check_activation(where: str, name: str) -> None:
     if name not in SUPPORTED_ACTIVATIONS:
-        raise ValueError(f"{where} hidden_act {name!r} is not supported; use one of {SUPPORTED_ACTIVATIONS}")
+        raise InvalidFieldError("hidden_act", f"{where} hidden_act {name!r} is not supported; use one of "
+                                f"{SUPPORTED_ACTIVATIONS}")

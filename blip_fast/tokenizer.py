@@ -10,6 +10,7 @@ Token ids equal those of `transformers.BertTokenizer` with the same two tokens a
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from collections.abc import Iterable, Sequence
@@ -122,23 +123,62 @@ def _bert_pipeline(model: WordPiece, lowercase: bool, strip_accents: bool | None
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    """A tokenizer file's JSON object ({} when the file is not there); an `InvalidInputError` naming it otherwise."""
+    if not path.is_file():
+        return {}
+    try:
+        values = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise InvalidInputError(f"cannot read {path}: {type(error).__name__}: {error}") from None
+    if not isinstance(values, dict):
+        raise InvalidInputError(f"{path} holds a JSON {type(values).__name__}, not an object")
+    return values
+
+
+def _setting(config: dict[str, Any], key: str, default: Any, path: Path, kinds: tuple[type, ...]) -> Any:
+    """``config[key]`` (``default`` when missing), which must be of one of ``kinds`` (a bool is no number)."""
+    value = config.get(key, default)
+    if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+        wanted = " or ".join(dict.fromkeys(_KIND_NAMES[kind] for kind in kinds))
+        raise InvalidInputError(f"{path}: {key} must be {wanted}, got {json.dumps(value)}")
+    return value
+
+
+_KIND_NAMES = {bool: "true or false", int: "a number", float: "a number", type(None): "null"}
+
+
+def _read_tokenizer_file(path: Path) -> Tokenizer:
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as error:  # the Rust library raises a bare Exception for every malformed file
+        raise InvalidInputError(f"cannot read {path}: not a tokenizers tokenizer.json ({_first_line(error)})") from None
+
+
+def _first_line(error: Exception) -> str:
+    return str(error).strip().split("\n", 1)[0] or type(error).__name__
 
 
 def _vocab_file_tokenizer(
     vocab_file: str | os.PathLike, do_lower_case: bool, strip_accents: bool | None, chinese: bool
 ) -> Tokenizer:
-    vocab = WordPiece.read_file(str(vocab_file))  # the Rust parser transformers' BertTokenizer uses too
+    try:
+        vocab = WordPiece.read_file(str(vocab_file))  # the Rust parser transformers' BertTokenizer uses too
+    except Exception as error:  # a bare Exception from the Rust library
+        raise InvalidInputError(f"cannot read {vocab_file}: {_first_line(error)}") from None
     return _bert_pipeline(WordPiece(vocab, unk_token=UNK_TOKEN, max_input_chars_per_word=100),
                           do_lower_case, strip_accents, chinese)
 
 
 def _add_saved_tokens(tokenizer: Tokenizer, path: Path) -> None:
     """Re-add `{token: id}` from an added_tokens.json (BLIP's: `[DEC]`/`[ENC]`) in id order, checking each id."""
-    for token, token_id in sorted(_read_json(path).items(), key=lambda item: item[1]):
+    added = _read_json(path)
+    for token, token_id in added.items():
+        if not isinstance(token_id, int) or isinstance(token_id, bool):
+            raise InvalidInputError(f"{path}: {token}: the id must be an integer, got {json.dumps(token_id)}")
+    for token, token_id in sorted(added.items(), key=lambda item: item[1]):
         tokenizer.add_special_tokens([_special(token)])
         if tokenizer.token_to_id(token) != token_id:
-            raise ValueError(
+            raise InvalidInputError(
                 f"{path}: {token!r} should have id {token_id} but got {tokenizer.token_to_id(token)};"
                 " added tokens must follow the vocab without gaps"
             )
@@ -197,10 +237,14 @@ class BlipTokenizer:
         if not hub.is_local(directory) and hub.looks_like_repo_id(os.fspath(directory)):
             directory = hub.resolve(directory, options, files="tokenizer")
         directory = Path(directory)
-        config = _read_json(directory / TOKENIZER_CONFIG_FILE)
-        max_length = int(config.get("model_max_length") or DEFAULT_MODEL_MAX_LENGTH)
+        config_path = directory / TOKENIZER_CONFIG_FILE
+        config = _read_json(config_path)
+        max_length = _setting(config, "model_max_length", None, config_path, (int, float, type(None)))
+        if max_length is not None and not (max_length >= 1 and math.isfinite(max_length)):
+            raise InvalidInputError(f"{config_path}: model_max_length must be a number >= 1, got {max_length}")
+        max_length = int(max_length or DEFAULT_MODEL_MAX_LENGTH)
         if (directory / TOKENIZER_FILE).is_file():
-            return cls(Tokenizer.from_file(str(directory / TOKENIZER_FILE)), max_length)
+            return cls(_read_tokenizer_file(directory / TOKENIZER_FILE), max_length)
         if not (directory / VOCAB_FILE).is_file():
             raise TokenizerNotFoundError(
                 f"no tokenizer in {str(directory)!r}: looked for {TOKENIZER_FILE} and {VOCAB_FILE}"
@@ -208,9 +252,9 @@ class BlipTokenizer:
             )
         tokenizer = _vocab_file_tokenizer(
             directory / VOCAB_FILE,
-            do_lower_case=config.get("do_lower_case", True),
-            strip_accents=config.get("strip_accents"),
-            chinese=config.get("tokenize_chinese_chars", True),
+            do_lower_case=_setting(config, "do_lower_case", True, config_path, (bool,)),
+            strip_accents=_setting(config, "strip_accents", None, config_path, (bool, type(None))),
+            chinese=_setting(config, "tokenize_chinese_chars", True, config_path, (bool,)),
         )
         _add_saved_tokens(tokenizer, directory / ADDED_TOKENS_FILE)
         return cls(tokenizer, max_length)

@@ -81,16 +81,22 @@ def test_find_images_folders_globs_lists_once(images, tmp_path):
 def test_folder_with_good_and_bad_images(images, model_dir, tmp_path, capsys):
     root, good, bad = images
     output = tmp_path / "out" / "captions.jsonl"
-    assert _caption(model_dir, [root], output) == 0
+    assert _caption(model_dir, [root], output) == 1  # bad images fail the run, as on stdout
     records = [json.loads(line) for line in output.read_text().splitlines()]
     assert sorted(os.path.relpath(record["path"], root) for record in records) == good
     assert all(record["caption"].strip() for record in records)
     failures = [json.loads(line) for line in (tmp_path / "out" / "captions.errors.jsonl").read_text().splitlines()]
     assert sorted(os.path.relpath(record["path"], root) for record in failures) == bad
     assert any("decompression bomb" in record["reason"] for record in failures)
-    summary = json.loads(capsys.readouterr().err.strip().splitlines()[-1])
-    assert summary == {"output": str(output), "images": 10, "captioned": 7, "failed": 3, "skipped": 0}
-    assert _caption(model_dir, [root], output) == 0  # a rerun has nothing left to do
+    stderr = capsys.readouterr().err.strip().splitlines()
+    assert json.loads(stderr[-1]) == {"output": str(output), "images": 10, "captioned": 7, "failed": 3, "skipped": 0,
+                                      "failed_earlier": 0}
+    assert stderr[-2] == f"3 of 10 images could not be captioned (see {tmp_path / 'out' / 'captions.errors.jsonl'})"
+    assert _caption(model_dir, [root], output) == 1  # a rerun has nothing left to do, and says so the same way
+    stderr = capsys.readouterr().err.strip().splitlines()
+    assert json.loads(stderr[-1]) == {"output": str(output), "images": 10, "captioned": 0, "failed": 0, "skipped": 10,
+                                      "failed_earlier": 3}
+    assert stderr[-2].startswith("3 of 10 images could not be captioned, 3 of them in earlier runs (see ")
     assert len(output.read_text().splitlines()) == len(good)
 
 
@@ -108,7 +114,7 @@ def test_a_second_run_on_a_live_runs_output_touches_nothing(images, model_dir, t
     assert output.read_text() == in_progress
     error = capsys.readouterr().err
     assert f"{output} is in use by another run (pid {os.getpid()} on " in error and "(the first run)" in error
-    assert _caption(model_dir, [root], output) == 0  # once that run is gone, this one resumes its output
+    assert _caption(model_dir, [root], output) == 1  # once that run is gone, this one resumes it (bad images: 1)
 
 
 @pytest.mark.parametrize("name, text", [
@@ -195,7 +201,7 @@ def test_parquet_needs_pyarrow_or_round_trips(images, model_dir, tmp_path, capsy
         assert _caption(model_dir, [root / "a.png"], output) == 2
         assert "pyarrow" in capsys.readouterr().err and not output.exists()
         return
-    assert _caption(model_dir, [root / "a.png", root / "corrupt.jpg"], output) == 0
+    assert _caption(model_dir, [root / "a.png", root / "corrupt.jpg"], output) == 1
     assert _caption(model_dir, [root / "a.png", root / "one.png"], output) == 0  # extends the finished file
     assert parquet.read_table(output).column("path").to_pylist() == [str(root / "a.png"), str(root / "one.png")]
     assert not (tmp_path / "captions.parquet.partial.jsonl").exists()
@@ -208,7 +214,8 @@ def test_kill_9_midway_then_rerun_equals_an_uninterrupted_run(images, model_dir,
                "cpu", "--batch-size", "1", "--workers", "0", "--sample", "--no-progress"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     reference, killed = tmp_path / "reference.jsonl", tmp_path / "killed.jsonl"
-    subprocess.run([*command, "--output", str(reference)], check=True, env=env, timeout=600, capture_output=True)
+    finished = subprocess.run([*command, "--output", str(reference)], env=env, timeout=600, capture_output=True)
+    assert finished.returncode == 1, finished.stderr  # the bad images
     process = subprocess.Popen([*command, "--output", str(killed)], env=env, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300
@@ -219,6 +226,7 @@ def test_kill_9_midway_then_rerun_equals_an_uninterrupted_run(images, model_dir,
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert killed.read_bytes().count(b"\n") < len(good), "the kill must land midway"
-    subprocess.run([*command, "--output", str(killed)], check=True, env=env, timeout=600, capture_output=True)
+    resumed = subprocess.run([*command, "--output", str(killed)], env=env, timeout=600, capture_output=True)
+    assert resumed.returncode == 1, resumed.stderr
     assert killed.read_bytes() == reference.read_bytes()
     assert (tmp_path / "killed.errors.jsonl").read_bytes() == (tmp_path / "reference.errors.jsonl").read_bytes()

@@ -149,7 +149,7 @@ def _namespace_checkpoint(path):
 
 @pytest.mark.parametrize("name,write,fragment", [
     ("annotations.pth", lambda path: path.write_text('[{"image": "a.jpg", "caption": "a dog"}]'),
-     "not a PyTorch checkpoint (torch.save writes a zip archive or a pickle) nor .safetensors"),
+     "not a PyTorch checkpoint (torch.save writes a zip archive or a pickle) nor a safetensors file"),
     ("empty.pth", lambda path: path.write_bytes(b""), "the file is empty"),
     ("args.pth", _namespace_checkpoint, "it holds Python objects beyond tensors and plain containers "
      "(argparse.Namespace), which blip_fast does not unpickle"),

@@ -18,6 +18,7 @@ import io
 import json
 import logging
 import math
+import numbers
 import os
 import random
 from collections.abc import Sequence
@@ -38,7 +39,7 @@ from blip_fast.data.tensor_transforms import (
     is_gpu_decodable,
     validate_encoded,
 )
-from blip_fast.errors import InvalidInputError
+from blip_fast.errors import InvalidInputError, MissingFileError
 from blip_fast.tokenizer import BatchFeature
 
 logger = logging.getLogger("blip_fast")
@@ -192,7 +193,8 @@ def _pil_resize(hwc: np.ndarray, size: tuple[int, int], resample: int) -> np.nda
 def saved_config(directory: Path) -> tuple[dict[str, Any] | None, Path | None]:
     """The image-processor settings saved in `directory` and their file: `preprocessor_config.json` first (what
     transformers 4 and the hub repos hold, and what transformers 5 also reads first), else `processor_config.json`'s
-    "image_processor" entry; (None, None) when neither holds them."""
+    "image_processor" entry; (None, None) when neither holds them. A file that cannot be read, is no JSON object,
+    or whose "image_processor" is not an object (null included) is an `InvalidInputError` naming it."""
     for name, key in ((PREPROCESSOR_CONFIG_FILE, None), (PROCESSOR_CONFIG_FILE, "image_processor")):
         path = directory / name
         if not path.is_file():
@@ -200,19 +202,30 @@ def saved_config(directory: Path) -> tuple[dict[str, Any] | None, Path | None]:
         try:
             config = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError) as error:
-            raise ValueError(f"cannot read {path}: {type(error).__name__}: {error}") from None
+            raise InvalidInputError(f"cannot read {path}: {type(error).__name__}: {error}") from None
+        if not isinstance(config, dict):
+            raise InvalidInputError(f"{path} holds {_json_type(config)}, not a JSON object")
         if key is not None:
-            config = config.get(key) if isinstance(config, dict) else None
-        if isinstance(config, dict):
-            return config, path
+            if key not in config:
+                continue
+            config = config[key]
+            if not isinstance(config, dict):
+                raise InvalidInputError(f"{path}: {key} is {_json_type(config)}, not an object of image-processor "
+                                        "settings: correct it, or remove the entry to use BLIP's preprocessing")
+        return config, path
     return None, None
 
 
-def _size_setting(size: Any, where: str) -> int | tuple[int, int]:
+def _json_type(value: Any) -> str:
+    names = {bool: "a boolean", int: "a number", float: "a number", str: "a string", list: "a list"}
+    return "null" if value is None else names.get(type(value), type(value).__name__)
+
+
+def _size_setting(size: Any) -> int | tuple[int, int]:
     """transformers' `size` (`{height, width}` or an int) as a BlipImageProcessor size."""
     if isinstance(size, dict):
         if {key for key, value in size.items() if value is not None} != {"height", "width"}:
-            raise ValueError(f"{where}: size must be {{height, width}} or an int, got {size}")
+            raise ValueError(f"size must be {{height, width}} or an int, got {size}")
         return (size["height"], size["width"])
     return size
 
@@ -224,11 +237,40 @@ def _size_pair(size: int | Sequence[int]) -> tuple[int, int]:
     return (int(height), int(width))
 
 
-def _channel_triple(value: float | Sequence[float]) -> tuple[float, float, float]:
-    triple = (float(value),) * 3 if isinstance(value, (int, float)) else tuple(float(item) for item in value)
-    if len(triple) != 3:
-        raise ValueError(f"image_mean/image_std need one value or three (R, G, B), got {value}")
-    return triple
+def _processor_size(size: Any) -> tuple[int, int]:
+    """`_size_pair` of a processor's `size`, which must be a positive int or two (a `ValueError` naming it)."""
+    pair = [size] * 2 if isinstance(size, int) else list(size) if isinstance(size, (list, tuple)) else []
+    if len(pair) != 2 or not all(isinstance(side, int) and not isinstance(side, bool) and side > 0 for side in pair):
+        raise ValueError(f"size must be a positive int or (height, width), got {size!r}")
+    return (pair[0], pair[1])
+
+
+def _channel_triple(value: float | Sequence[float], name: str = "image_mean/image_std") -> tuple[float, float, float]:
+    """`value` (one number, or one per channel) as three floats; a `ValueError` naming `name` otherwise."""
+    if isinstance(value, numbers.Real):
+        items = [value] * 3
+    elif isinstance(value, (str, dict)) or not hasattr(value, "__iter__"):  # a string iterates into characters
+        items = []
+    else:
+        items = list(value)
+    if len(items) != 3 or not all(_is_number(item) for item in items):
+        raise ValueError(f"{name} needs one value or three (R, G, B), got {value!r}")
+    return tuple(float(item) for item in items)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+#: The filters PIL's `resize` takes (transformers' `PILImageResampling`), by value.
+_RESIZE_FILTERS = tuple(sorted(PIL.Image.Resampling(value) for value in range(6)))
+
+
+def _resample_filter(value: Any) -> int:
+    if isinstance(value, int) and not isinstance(value, bool) and value in _RESIZE_FILTERS:
+        return int(value)
+    filters = ", ".join(f"{int(item)} {item.name.lower()}" for item in _RESIZE_FILTERS)
+    raise ValueError(f"resample must be a PIL resampling filter ({filters}), got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -254,11 +296,14 @@ class BlipImageProcessor:
     alpha_on_white: bool = True
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "size", _size_pair(self.size))
-        object.__setattr__(self, "image_mean", _channel_triple(self.image_mean))
-        object.__setattr__(self, "image_std", _channel_triple(self.image_std))
-        object.__setattr__(self, "resample", int(PIL.Image.Resampling(self.resample)))
-        _require_bool("alpha_on_white", self.alpha_on_white)
+        object.__setattr__(self, "size", _processor_size(self.size))
+        object.__setattr__(self, "image_mean", _channel_triple(self.image_mean, "image_mean"))
+        object.__setattr__(self, "image_std", _channel_triple(self.image_std, "image_std"))
+        object.__setattr__(self, "resample", _resample_filter(self.resample))
+        if not _is_number(self.rescale_factor):
+            raise ValueError(f"rescale_factor must be a number, got {self.rescale_factor!r}")
+        for name in ("do_resize", "do_rescale", "do_normalize", "do_convert_rgb", "alpha_on_white"):
+            _require_bool(name, getattr(self, name))
 
     # ---------------------------------------------------------------- config files
     @classmethod
@@ -279,24 +324,31 @@ class BlipImageProcessor:
         directory = Path(resolve(pretrained_model_name_or_path, options, files="image_processor"))
         config, path = saved_config(directory)
         if config is None:
-            raise FileNotFoundError(f"no {PREPROCESSOR_CONFIG_FILE} or {PROCESSOR_CONFIG_FILE} in "
-                                    f"{os.fspath(directory)!r}")
+            holds = " (its processor_config.json has no image_processor entry)" if (
+                directory / PROCESSOR_CONFIG_FILE).is_file() else ""
+            raise MissingFileError(f"no {PREPROCESSOR_CONFIG_FILE} or {PROCESSOR_CONFIG_FILE} in "
+                                   f"{os.fspath(directory)!r}{holds}")
         return cls.from_dict(config, where=str(path)).with_settings(alpha_on_white=alpha_on_white)
 
     @classmethod
     def from_dict(cls, config: dict[str, Any], where: str = "image processor config") -> BlipImageProcessor:
-        """The settings of a transformers image-processor config dict; `where` names it in errors."""
+        """The settings of a transformers image-processor config dict; a setting it cannot take is an
+        `InvalidInputError` naming `where` (the file) and the key."""
         config = {key: value for key, value in config.items() if value is not None}
         for unsupported in ("do_center_crop", "do_pad"):
             if config.get(unsupported):
-                raise ValueError(f"{where}: {unsupported}=true is not part of BLIP's preprocessing and not supported")
-        return cls(size=_size_setting(config.get("size", 384), where),
-                   **{name: config[name] for name in _CONFIG_KEYS if name in config})
+                raise InvalidInputError(f"{where}: {unsupported}=true is not part of BLIP's preprocessing and not "
+                                        "supported")
+        try:
+            return cls(size=_size_setting(config.get("size", 384)),
+                       **{name: config[name] for name in _CONFIG_KEYS if name in config})
+        except (TypeError, ValueError) as error:  # each names its key
+            raise InvalidInputError(f"{where}: {error}") from None
 
     def with_settings(self, **settings: Any) -> BlipImageProcessor:
         """A copy with some settings replaced (transformers' per-call keywords; `size` may be `{height, width}`)."""
         if "size" in settings:
-            settings["size"] = _size_setting(settings["size"], "size")
+            settings["size"] = _size_setting(settings["size"])
         return dataclasses.replace(self, **settings) if settings else self
 
     @classmethod
