@@ -28,7 +28,7 @@ from torch import nn
 from blip_fast import model_card
 from blip_fast.atomic_files import atomic_write, atomic_write_text
 from blip_fast.config import BlipConfig, TextConfig, VisionConfig
-from blip_fast.errors import MissingFileError, UserError
+from blip_fast.errors import MissingFileError, UserError, read_json_object
 
 logger = logging.getLogger("blip_fast")
 
@@ -555,14 +555,7 @@ def _first_bytes(path: str, count: int) -> bytes | None:
 
 
 def _read_json(path: str) -> dict[str, Any]:
-    try:
-        with open(path, encoding="utf-8") as handle:
-            values = json.load(handle)
-    except (OSError, ValueError) as error:
-        raise CheckpointError(f"cannot read {path}: {type(error).__name__}: {error}") from error
-    if not isinstance(values, dict):
-        raise CheckpointError(f"{path} holds a json {type(values).__name__}, not an object")
-    return values
+    return read_json_object(path, CheckpointError)
 
 
 def _read_generation_defaults(path: str) -> dict[str, Any]:

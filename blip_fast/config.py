@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from blip_fast.errors import InvalidInputError, MissingFileError
+from blip_fast.errors import InvalidInputError, MissingFileError, json_type
 
 #: Activations the models know by name (HuggingFace spellings).
 SUPPORTED_ACTIVATIONS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "relu", "quick_gelu")
@@ -196,7 +196,7 @@ class BlipConfig:
             where = _config_json_path(hf_config)
             hf_config = _read_config_json(hf_config)
         if not isinstance(hf_config, dict):
-            raise InvalidInputError(f"{where} holds a JSON {_json_type(hf_config)}, not an object: not a model's "
+            raise InvalidInputError(f"{where} holds a JSON {json_type(hf_config)}, not an object: not a model's "
                                     "config.json")
         if hf_config.get("model_type", cls.model_type) != cls.model_type:
             raise InvalidInputError(f"{where} has model_type {hf_config.get('model_type')!r}, not 'blip': no BLIP "
@@ -291,7 +291,7 @@ def _section(hf_config: dict[str, Any], key: str, where: str) -> dict[str, Any]:
     if values is None:
         return {}
     if not isinstance(values, dict):
-        raise InvalidInputError(f"{where}: {key} must be a JSON object, got a {_json_type(values)}: "
+        raise InvalidInputError(f"{where}: {key} must be a JSON object, got a {json_type(values)}: "
                                 f"{json.dumps(values)[:80]}")
     return values
 
@@ -318,11 +318,6 @@ _TEXT_LIMITS = dict(vocab_size=1, hidden_size=1, intermediate_size=1, num_hidden
                     max_position_embeddings=1)
 _PROBABILITIES = frozenset({"attention_dropout", "drop_path_rate", "hidden_dropout_prob",
                             "attention_probs_dropout_prob", "label_smoothing"})
-
-
-def _json_type(value: Any) -> str:
-    names = {bool: "boolean", int: "number", float: "number", str: "string", list: "list", dict: "object"}
-    return "null" if value is None else names.get(type(value), type(value).__name__)
 
 
 def _check_fields(config: Any, where: str, minimum: dict[str, int]) -> None:

@@ -172,6 +172,23 @@ def check_outputs_spare_inputs(outputs: dict[str, Path | None], inputs: Sequence
                             "its own name")
 
 
+def json_type(value: Any) -> str:
+    """How messages name a JSON value's type: null, boolean, number, string, list or object."""
+    names = {bool: "boolean", int: "number", float: "number", str: "string", list: "list", dict: "object"}
+    return "null" if value is None else names.get(type(value), type(value).__name__)
+
+
+def read_json_object(path: str | os.PathLike, error: type[UserError] = InvalidInputError) -> dict[str, Any]:
+    """The JSON object a file holds; ``error`` naming the file when it cannot be read, is no JSON or no object."""
+    try:
+        values = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as problem:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise error(f"cannot read {path}: {type(problem).__name__}: {problem}") from None
+    if not isinstance(values, dict):
+        raise error(f"{path} holds a JSON {json_type(values)}, not an object")
+    return values
+
+
 def environment_int(name: str, default: int) -> int:
     """The integer in environment variable ``name`` (a launcher's ``RANK``, ``WORLD_SIZE``, ...), or ``default``."""
     text = os.environ.get(name)

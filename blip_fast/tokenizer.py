@@ -22,7 +22,7 @@ import torch
 from tokenizers import AddedToken, Tokenizer, decoders, normalizers, pre_tokenizers, processors
 from tokenizers.models import WordPiece
 
-from blip_fast.errors import InvalidInputError, MissingFileError
+from blip_fast.errors import InvalidInputError, MissingFileError, read_json_object
 from blip_fast.wordpiece import train_wordpiece_vocab
 
 if TYPE_CHECKING:
@@ -124,15 +124,7 @@ def _bert_pipeline(model: WordPiece, lowercase: bool, strip_accents: bool | None
 
 def _read_json(path: Path) -> dict[str, Any]:
     """A tokenizer file's JSON object ({} when the file is not there); an `InvalidInputError` naming it otherwise."""
-    if not path.is_file():
-        return {}
-    try:
-        values = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as error:
-        raise InvalidInputError(f"cannot read {path}: {type(error).__name__}: {error}") from None
-    if not isinstance(values, dict):
-        raise InvalidInputError(f"{path} holds a JSON {type(values).__name__}, not an object")
-    return values
+    return read_json_object(path) if path.is_file() else {}
 
 
 def _setting(config: dict[str, Any], key: str, default: Any, path: Path, kinds: tuple[type, ...]) -> Any:

@@ -14,11 +14,11 @@ from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from blip_fast import checkpoint
-from blip_fast.cli import main
 from blip_fast.data.transforms import BlipImageProcessor
 from blip_fast.errors import InvalidInputError, MissingFileError
 from blip_fast.modeling.blip import BlipForConditionalGeneration
 from blip_fast.tokenizer import BlipTokenizer
+from tests.cli_runs import assert_user_error, run
 from tests.hub_fixtures import tiny_hf_repo
 from tests.tiny_models import to_original_key
 
@@ -33,24 +33,6 @@ def good(tmp_path_factory, bert_vocab_dir):
     pth = root / "cap.pth"
     torch.save({"model": original}, pth)
     return {"folder": folder, "pth": pth, "original": original, "root": root}
-
-
-def run(argv, capsys):
-    try:
-        code = main([str(arg) for arg in argv])
-    except SystemExit as exit_:
-        code = exit_.code
-    return code, capsys.readouterr().err
-
-
-def assert_user_error(code, stderr, *fragments):
-    lines = stderr.strip().splitlines()
-    assert code == 2, stderr
-    assert len(lines) == 1 and lines[0].startswith("blip-fast: error: "), stderr
-    assert "Traceback" not in stderr and "weights_only" not in stderr
-    for fragment in fragments:
-        assert fragment in lines[0], (fragment, lines[0])
-    return lines[0]
 
 
 # ---------------------------------------------------------------------------------------------------- item 4
@@ -175,7 +157,7 @@ def test_sizes_that_do_not_fit_name_the_flags_that_gave_them(good, tmp_path, cap
 def test_a_null_image_processor_is_reported_as_such(good, tmp_path):
     path = tmp_path / "processor_config.json"
     path.write_text(json.dumps({"image_processor": None, "processor_class": "BlipProcessor"}))
-    with pytest.raises(InvalidInputError, match=f"{path}: image_processor is null, not an object"):
+    with pytest.raises(InvalidInputError, match=f"{path}: image_processor is a JSON null, not an object"):
         BlipImageProcessor.from_pretrained(tmp_path)
     path.write_text(json.dumps({"processor_class": "BlipProcessor"}))
     with pytest.raises(MissingFileError, match="its processor_config.json has no image_processor entry"):

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from blip_fast.captioning import Captioner
-from blip_fast.cli import main
 from blip_fast.data.synthetic import SyntheticNoisyDataset
 from blip_fast.errors import InvalidInputError
 from blip_fast.modeling.blip import BlipForConditionalGeneration
+from tests.cli_runs import assert_user_error, run
 from tests.hub_fixtures import tiny_hf_repo
 from tests.tiny_models import to_original_key
 
@@ -103,9 +103,9 @@ CASES = {
     "processor bad json": (_write("processor_config.json", '{"image_processor": '), "processor_config.json",
                            ["cannot read", "JSONDecodeError"]),
     "processor a list": (_write("processor_config.json", "[]"), "processor_config.json",
-                         ["holds a list, not a JSON object"]),
+                         ["holds a JSON list, not an object"]),
     "image_processor null": (_edit("processor_config.json", _set("image_processor", value=None)),
-                             "processor_config.json", ["image_processor is null, not an object"]),
+                             "processor_config.json", ["image_processor is a JSON null, not an object"]),
     "image_mean of two": (_edit("processor_config.json", _set("image_processor", "image_mean", value=[0.5, 0.5])),
                           "processor_config.json", ["image_mean needs one value or three"]),
     "image_std a string": (_edit("processor_config.json", _set("image_processor", "image_std", value="abc")),
@@ -121,7 +121,7 @@ CASES = {
     "do_resize a string": (_edit("processor_config.json", _set("image_processor", "do_resize", value="false")),
                            "processor_config.json", ["do_resize must be True or False, got 'false'"]),
     "preprocessor a list": (_preprocessor(lambda settings: [settings]), "preprocessor_config.json",
-                            ["holds a list, not a JSON object"]),
+                            ["holds a JSON list, not an object"]),
     "preprocessor resample": (_preprocessor(lambda settings: {**settings, "resample": "bicubic"}),
                               "preprocessor_config.json", ["resample must be a PIL resampling filter"]),
     "tokenizer.json truncated": (_write("tokenizer.json", '{"x":'), "tokenizer.json",
@@ -166,23 +166,9 @@ def broken(good, tmp_path, case, source="captioner"):
     return folder
 
 
-def run(argv, capsys):
-    try:
-        code = main([str(arg) for arg in argv])
-    except SystemExit as exit_:
-        code = exit_.code
-    return code, capsys.readouterr().err
-
-
 def assert_one_line(code, stderr, path: Path, fragments):
-    """Exit 2, one stderr line ``blip-fast: error: ...`` naming ``path`` and every fragment, no traceback."""
-    lines = stderr.strip().splitlines()
-    assert code == 2, stderr
-    assert len(lines) == 1 and lines[0].startswith("blip-fast: error: "), stderr
-    assert "Traceback" not in stderr
-    assert str(path) in lines[0], (str(path), lines[0])
-    for fragment in fragments:
-        assert fragment in lines[0], (fragment, lines[0])
+    """Exit 2, one stderr line naming ``path`` and every fragment, no traceback."""
+    assert_user_error(code, stderr, str(path), *fragments)
 
 
 @pytest.mark.parametrize("case", list(CASES))

@@ -19,6 +19,7 @@ from blip_fast.data.synthetic import SyntheticNoisyDataset
 from blip_fast.data.transforms import BlipImageProcessor
 from blip_fast.modeling.blip import BlipForConditionalGeneration, BlipForImageTextRetrieval, BlipForQuestionAnswering
 from blip_fast.tokenizer import BlipTokenizer
+from tests.cli_runs import assert_user_error, run
 from tests.tiny_models import save_tiny_captioner, to_original_key
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,24 +43,6 @@ def models(tmp_path_factory):
         dirs[name] = root / name
     return {**dirs, "root": root, "annotations": annotations, "image_root": root / "data",
             "image": root / "data" / records[0]["image"]}
-
-
-def run(argv, capsys):
-    """``blip-fast ARGV`` in this process: (exit status, stderr)."""
-    try:
-        code = main([str(arg) for arg in argv])
-    except SystemExit as exit_:
-        code = exit_.code
-    return code, capsys.readouterr().err
-
-
-def assert_user_error(code, stderr, *fragments):
-    lines = stderr.strip().splitlines()
-    assert code == 2, stderr
-    assert len(lines) == 1 and lines[0].startswith("blip-fast"), stderr
-    assert ": error: " in lines[0] and "Traceback" not in stderr
-    for fragment in fragments:
-        assert fragment in lines[0], (fragment, lines[0])
 
 
 def _bad_arguments(models):

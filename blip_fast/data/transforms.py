@@ -39,7 +39,7 @@ from blip_fast.data.tensor_transforms import (
     is_gpu_decodable,
     validate_encoded,
 )
-from blip_fast.errors import InvalidInputError, MissingFileError
+from blip_fast.errors import InvalidInputError, MissingFileError, json_type, read_json_object
 from blip_fast.tokenizer import BatchFeature
 
 logger = logging.getLogger("blip_fast")
@@ -199,26 +199,17 @@ def saved_config(directory: Path) -> tuple[dict[str, Any] | None, Path | None]:
         path = directory / name
         if not path.is_file():
             continue
-        try:
-            config = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as error:
-            raise InvalidInputError(f"cannot read {path}: {type(error).__name__}: {error}") from None
-        if not isinstance(config, dict):
-            raise InvalidInputError(f"{path} holds {_json_type(config)}, not a JSON object")
+        config = read_json_object(path)
         if key is not None:
             if key not in config:
                 continue
             config = config[key]
             if not isinstance(config, dict):
-                raise InvalidInputError(f"{path}: {key} is {_json_type(config)}, not an object of image-processor "
-                                        "settings: correct it, or remove the entry to use BLIP's preprocessing")
+                raise InvalidInputError(f"{path}: {key} is a JSON {json_type(config)}, not an object of "
+                                        "image-processor settings: correct it, or remove the entry to use BLIP's "
+                                        "preprocessing")
         return config, path
     return None, None
-
-
-def _json_type(value: Any) -> str:
-    names = {bool: "a boolean", int: "a number", float: "a number", str: "a string", list: "a list"}
-    return "null" if value is None else names.get(type(value), type(value).__name__)
 
 
 def _size_setting(size: Any) -> int | tuple[int, int]:
