@@ -18,6 +18,7 @@ stop flag every ``stop_check_interval`` steps (0: never), with identical output;
 from __future__ import annotations
 
 import dataclasses
+import numbers
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,6 +34,8 @@ if TYPE_CHECKING:
     from blip_fast.modeling.text import BlipTextLMHeadModel, DecoderCache
 
 SAMPLERS = ("auto", "multinomial", "gumbel")
+#: What each annotated kind of a generation setting accepts.
+_KINDS = {"int": numbers.Integral, "float": numbers.Real, "bool": bool, "str": str}
 
 
 @dataclass(frozen=True)
@@ -78,6 +81,7 @@ class GenerationSettings:
     sampler: str = "auto"
 
     def __post_init__(self) -> None:
+        self._check_types()
         if self.num_beams < 1 or self.num_return_sequences < 1:
             raise ValueError("num_beams and num_return_sequences must be >= 1")
         if self.num_beams > 1 and self.num_return_sequences > self.num_beams:
@@ -100,6 +104,17 @@ class GenerationSettings:
             raise ValueError(f"stop_check_interval must be >= 0, got {self.stop_check_interval}")
         if self.sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {SAMPLERS}, got {self.sampler!r}")
+
+    def _check_types(self) -> None:
+        """Each setting of its annotated kind (a bool is no number; numpy's are): a string "3" from a hand-edited
+        generation_config.json would otherwise fail as a comparison of str and int."""
+        for spec in dataclasses.fields(self):
+            value, kinds = getattr(self, spec.name), [kind.strip() for kind in spec.type.split("|")]
+            if value is None and "None" in kinds:
+                continue
+            accepted = tuple(_KINDS[kind] for kind in kinds if kind != "None")
+            if not isinstance(value, accepted) or (isinstance(value, bool) and bool not in accepted):
+                raise TypeError(f"{spec.name} must be {' or '.join(kinds)}, got {value!r}")
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> GenerationSettings:

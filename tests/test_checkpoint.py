@@ -162,6 +162,10 @@ def test_hf_dir_loads_exactly(tmp_path, task, layout):
     ({"num_beams": 0}, "num_beams and num_return_sequences must be >= 1"),
     ({"do_sample": True, "top_p": 1.5}, "top_p must be in (0, 1], got 1.5"),
     ({"num_beams": 2, "num_return_sequences": 3}, "num_return_sequences (3) > num_beams (2)"),
+    ({"num_beams": "3"}, "num_beams must be int, got '3'"),
+    ({"do_sample": "yes"}, "do_sample must be bool, got 'yes'"),
+    ({"max_length": 20.5}, "max_length must be int or None, got 20.5"),
+    ({"temperature": True, "do_sample": True}, "temperature must be float, got True"),
 ])
 def test_unusable_decoding_settings_fail_the_load_naming_the_file(tmp_path, settings, message):
     """A hand-edited generation_config.json: the load names the file (the error came at the first generate(),
