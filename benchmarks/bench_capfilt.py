@@ -98,7 +98,8 @@ class HfPipeline:
             pixel_values=pixel_values, input_ids=prompt, do_sample=True, top_p=0.9, repetition_penalty=REPETITION_PENALTY,
             num_return_sequences=num_captions, max_length=length, min_length=length,
         )
-        synthetic = [pre_caption(text) for text in self.tokenizer.batch_decode(ids[:, prompt.shape[1] - 1 :])]
+        captions = self.tokenizer.batch_decode(ids[:, prompt.shape[1] - 1 :], skip_special_tokens=True)
+        synthetic = [pre_caption(text) for text in captions]
         texts = [text for row, caption in enumerate(web)
                  for text in [caption, *synthetic[row * num_captions : (row + 1) * num_captions]]]
         tokens = self.tokenizer(texts, padding=True, truncation=True, max_length=ITM_MAX_TOKENS, return_tensors="pt").to(pixel_values.device)

@@ -248,7 +248,8 @@ class CapFiltModels:
 
     def caption_texts(self, ids: torch.Tensor) -> list[list[str]]:
         """:meth:`caption_ids` -> ``num_captions`` cleaned captions per image (host work only)."""
-        cleaned = [pre_caption(text, self.options.max_words) for text in self.captioner.tokenizer.batch_decode(ids)]
+        cleaned = [pre_caption(text, self.options.max_words) for text in self.captioner.tokenizer.batch_decode(
+            ids, skip_special_tokens=True)]
         per_image = self.options.num_captions
         return [cleaned[start : start + per_image] for start in range(0, len(cleaned), per_image)]
 

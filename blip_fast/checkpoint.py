@@ -558,8 +558,10 @@ def _read_json(path: str) -> dict[str, Any]:
     return read_json_object(path, CheckpointError)
 
 
-def _read_generation_defaults(path: str) -> dict[str, Any]:
-    """The decoding settings of an HF ``generation_config.json`` (num_beams, max_length, top_p, ...).
+def _read_generation_settings(path: str) -> dict[str, Any]:
+    """The decoding settings of an HF ``generation_config.json`` (num_beams, max_length, top_p, ...), kept to be
+    saved again; ``generate`` does not apply them, as transformers' BLIP ``generate`` does not (its text decoder has
+    a generation config of its own).
 
     Token ids are left out (the model's config owns them; HF's BLIP ``generate`` also ends on ``sep_token_id``);
     settings blip_fast does not implement are dropped with a warning (:func:`blip_fast.generate_args.settings_of`).
@@ -598,7 +600,7 @@ def load_pretrained(
     unexpected or mis-shaped tensor (``strict=False`` only logs missing and unexpected keys). ``torch_dtype`` casts
     floating tensors (``"auto"``: to the checkpoint's dtype, as transformers), ``device`` moves the model;
     ``use_safetensors`` picks a directory's weight format. The decoding settings of ``generation_config.json`` land in
-    ``model.generation_defaults``. ``tokenizer`` supplies the special-token ids when inferring a ``.pth`` config
+    ``model.saved_generation_settings`` (saved again, not applied: transformers' BLIP does not). ``tokenizer`` supplies the special-token ids when inferring a ``.pth`` config
     whose vocabulary is not BLIP's bert-base-uncased one; ``heads`` (vision, text) its attention heads, which only
     BLIP's 768/1024 widths imply (see :func:`infer_config`; ``convert`` refuses to guess). A checkpoint of another
     task than
@@ -606,13 +608,13 @@ def load_pretrained(
     would load into a captioner.
     """
     path = os.fspath(path)
-    generation_defaults: dict[str, Any] = {}
+    generation_settings: dict[str, Any] = {}
     if os.path.isdir(path):
         config = config or BlipConfig.from_hf(path)
         if os.path.isfile(os.path.join(path, CONFIG_NAME)):
             _check_architecture(path, _read_json(os.path.join(path, CONFIG_NAME)), model_cls)
         state = _read_dir(path, use_safetensors)
-        generation_defaults = _read_generation_defaults(os.path.join(path, GENERATION_CONFIG_NAME))
+        generation_settings = _read_generation_settings(os.path.join(path, GENERATION_CONFIG_NAME))
     elif os.path.isfile(path):
         folder = os.path.dirname(path) or "."
         if _HF_WEIGHT_FILES.match(os.path.basename(path)) and os.path.isfile(os.path.join(folder, CONFIG_NAME)):
@@ -629,7 +631,7 @@ def load_pretrained(
     model = model_from_state_dict(
         model_cls, state, config, source=path, strict=strict, resize_pos_embed=not os.path.isdir(path)
     )
-    model.generation_defaults = generation_defaults
+    model.saved_generation_settings = generation_settings
     if torch_dtype == "auto":
         from blip_fast.loading import checkpoint_dtype
 
@@ -727,7 +729,7 @@ def state_dict_to_save(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def save_pretrained(model: nn.Module, out_dir: str | os.PathLike, safe_serialization: bool = True) -> str:
     """Write an HF-layout directory (``config.json``, ``model.safetensors`` or ``pytorch_model.bin``,
-    ``generation_config.json`` when ``model.generation_defaults`` is set, and for a model whose outputs transformers
+    ``generation_config.json`` when ``model.saved_generation_settings`` is set, and for a model whose outputs transformers
     would not reproduce as is, a README.md model card saying how) that ``transformers`` loads unchanged.
 
     Each file is written to a temp file and renamed; weight files an earlier save left (other format, shards) are
@@ -746,9 +748,9 @@ def save_pretrained(model: nn.Module, out_dir: str | os.PathLike, safe_serializa
     if floating:
         hf_config["dtype"] = str(floating[0]).removeprefix("torch.")
     _write_json(os.path.join(out_dir, CONFIG_NAME), hf_config)
-    generation_defaults = getattr(model, "generation_defaults", None)
-    if generation_defaults:
-        _write_json(os.path.join(out_dir, GENERATION_CONFIG_NAME), dict(generation_defaults))
+    generation_settings = getattr(model, "saved_generation_settings", None)
+    if generation_settings:
+        _write_json(os.path.join(out_dir, GENERATION_CONFIG_NAME), dict(generation_settings))
     for name in os.listdir(out_dir):
         if name != weights_name and _HF_WEIGHT_FILES.match(name):
             os.unlink(os.path.join(out_dir, name))

@@ -2,7 +2,8 @@
 
 HuggingFace code steers decoding with keywords and with ``generation_config=`` (a ``transformers.GenerationConfig``
 or a dict). Priority is HuggingFace's: keywords > the values set in the passed config > the model's defaults
-(``generation_config.json``) > the global defaults (:class:`~blip_fast.generation.GenerationSettings`). A config
+(``model.generation_defaults``; a folder's ``generation_config.json`` is not among them: transformers' BLIP
+``generate`` ignores it) > the global defaults (:class:`~blip_fast.generation.GenerationSettings`). A config
 also carries fields that do not steer decoding (metadata, token ids that BLIP's ``generate`` sets itself) and
 settings blip_fast does not implement: those are accepted at the value that leaves decoding unchanged, and any
 other value is an error naming the field, never silently ignored.

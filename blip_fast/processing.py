@@ -82,8 +82,9 @@ class BlipProcessor:
             features.update(image_processor(images, return_tensors=return_tensors))
         return features
 
-    def decode(self, token_ids: Any, skip_special_tokens: bool = False) -> str:
-        """Ids ``[L]`` -> text (transformers' default keeps special tokens; pass ``skip_special_tokens=True``)."""
+    def decode(self, token_ids: Any, skip_special_tokens: bool = False) -> str | list[str]:
+        """Ids ``[L]`` -> text (transformers' default keeps special tokens; pass ``skip_special_tokens=True``);
+        ids ``[B, L]`` -> B texts, as transformers 5."""
         return self.tokenizer.decode(token_ids, skip_special_tokens=skip_special_tokens)
 
     def batch_decode(self, sequences: Any, skip_special_tokens: bool = False) -> list[str]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import os
 import re
 from collections.abc import Iterable, Sequence
@@ -446,12 +447,17 @@ class BlipTokenizer:
             return BatchFeature({key: torch.from_numpy(value) for key, value in arrays.items()})
         return BatchFeature(arrays)
 
-    def decode(self, ids: Sequence[int] | torch.Tensor | np.ndarray, skip_special_tokens: bool = True) -> str:
-        """Ids [L] -> text; drops `[CLS]`/`[SEP]`/`[PAD]`/`[DEC]`/`[ENC]` and joins `##` pieces like HF."""
+    def decode(self, ids: int | Sequence[int] | torch.Tensor | np.ndarray,
+               skip_special_tokens: bool = False) -> str | list[str]:
+        """Ids [L] (or one id) -> text, joining `##` pieces like HF; `skip_special_tokens` drops `[CLS]`/`[SEP]`/
+        `[PAD]`/`[DEC]`/`[ENC]` (kept by default, as transformers keeps them). Ids [B, L] -> B texts, as
+        transformers 5's `decode` gives (`batch_decode`)."""
+        if _dims(ids) == 2:
+            return self.batch_decode(ids, skip_special_tokens=skip_special_tokens)
         return self._tokenizer.decode(_as_id_list(ids), skip_special_tokens=skip_special_tokens)
 
     def batch_decode(
-        self, sequences: Sequence[Sequence[int]] | torch.Tensor | np.ndarray, skip_special_tokens: bool = True
+        self, sequences: Sequence[Sequence[int]] | torch.Tensor | np.ndarray, skip_special_tokens: bool = False
     ) -> list[str]:
         """Ids [B, L] -> B texts, as `decode` row by row."""
         return self._tokenizer.decode_batch(
@@ -459,7 +465,18 @@ class BlipTokenizer:
         )
 
 
-def _as_id_list(ids: Sequence[int] | torch.Tensor | np.ndarray) -> list[int]:
+def _dims(ids: Any) -> int:
+    """1 for one id or a row of ids, 2 for rows of them."""
+    if isinstance(ids, (torch.Tensor, np.ndarray)):
+        return max(ids.ndim, 1)
+    if isinstance(ids, Sequence) and ids and isinstance(ids[0], (Sequence, torch.Tensor, np.ndarray)):
+        return 2
+    return 1
+
+
+def _as_id_list(ids: int | Sequence[int] | torch.Tensor | np.ndarray) -> list[int]:
     if isinstance(ids, (torch.Tensor, np.ndarray)):
         return [int(token_id) for token_id in ids.reshape(-1).tolist()]
+    if isinstance(ids, numbers.Integral):
+        return [int(ids)]
     return [int(token_id) for token_id in ids]

@@ -122,7 +122,7 @@ def _oracle_synthetic(captioner_dir: Path, images: list[PIL.Image.Image], seed: 
             ids = captioner.model.generate(
                 pixel_values, input_ids=prompt.expand(len(batch), -1), **decoding,
                 num_return_sequences=NUM_CAPTIONS, max_length=20, min_length=5, generator=generator)
-            texts = [pre_caption(text) for text in captioner.tokenizer.batch_decode(ids[:, prompt.shape[1] - 1 :])]
+            texts = [pre_caption(text) for text in captioner.tokenizer.batch_decode(ids[:, prompt.shape[1] - 1 :], skip_special_tokens=True)]
             captions += [texts[row : row + NUM_CAPTIONS] for row in range(0, len(texts), NUM_CAPTIONS)]
     return captions
 

@@ -152,10 +152,9 @@ def test_hf_dir_loads_exactly(tmp_path, task, layout):
     if TIED & model.state_dict().keys():  # aliases stay one tensor after loading
         decoder = model.text_decoder
         assert decoder.cls.predictions.decoder.weight is decoder.bert.embeddings.word_embeddings.weight
-    assert model.generation_defaults == decoding  # transformers 5 also writes use_cache, 4.57 does not
-    if task == "BlipForConditionalGeneration":  # the defaults must be usable by generate as they are
-        ids = model.generate(torch.randn(2, 3, 32, 32), max_new_tokens=3)
-        assert ids.shape[0] == 2 and (ids[:, 0] == 97).all()
+    # Kept to be saved again, not applied (transformers' BLIP generate ignores them: test_hf_parity).
+    assert model.saved_generation_settings == decoding  # transformers 5 also writes use_cache, 4.57 does not
+    assert model.generation_defaults == {}
 
 
 @pytest.mark.parametrize("settings, message", [
@@ -216,7 +215,7 @@ def test_task_components_missing_from_the_dir_are_errors(tmp_path):
 @pytest.mark.parametrize("task", TASKS)
 def test_save_loads_in_transformers(tmp_path, task, safe):
     model = randomize(getattr(blip, task)(TINY), seed=5)
-    model.generation_defaults = {"max_length": 20, "num_beams": 3}
+    model.saved_generation_settings = {"max_length": 20, "num_beams": 3}
     save_pretrained(model, tmp_path / "ours", safe_serialization=safe)
 
     hf = getattr(transformers, task).from_pretrained(tmp_path / "ours")
@@ -224,7 +223,7 @@ def test_save_loads_in_transformers(tmp_path, task, safe):
     assert hf.config.vision_config.image_size == 32 and hf.config.text_config.bos_token_id == 97
     reloaded = load_pretrained(getattr(blip, task), tmp_path / "ours")
     assert_state_equal(reloaded.state_dict(), model.state_dict())
-    assert reloaded.generation_defaults == {"max_length": 20, "num_beams": 3}
+    assert reloaded.saved_generation_settings == {"max_length": 20, "num_beams": 3}
 
     # the file holds exactly what transformers' own save writes (no tied aliases)
     hf.save_pretrained(tmp_path / "theirs")

@@ -166,6 +166,24 @@ def test_vqa_generation_matches_hf(case, engine):
     assert torch.equal(actual, expected), f"\nours {actual.tolist()}\nhf   {expected.tolist()}"
 
 
+@pytest.mark.parametrize("task", ["BlipForConditionalGeneration", "BlipForQuestionAnswering"])
+def test_a_folders_generation_config_steers_neither(tmp_path, task):
+    """transformers' BLIP ``generate`` runs its text decoder's own generation config, so decoding settings saved in
+    the folder's generation_config.json change nothing there: swapping the import must not change the output."""
+    hf_model = tiny_hf_model(task, **SHAPES[0].values[0])
+    with torch.no_grad():  # rows end at different steps
+        hf_model.text_decoder.cls.predictions.bias[hf_model.config.text_config.sep_token_id] += 1.0
+    hf_model.generation_config.update(num_beams=3, max_length=12, min_length=5, repetition_penalty=1.3)
+    hf_model.save_pretrained(tmp_path)
+    hf_model = getattr(transformers, task).from_pretrained(tmp_path).eval()
+    model = getattr(blip_fast, task).from_pretrained(tmp_path)
+    assert model.saved_generation_settings["num_beams"] == 3  # read, checked and saved again
+    pixel_values, questions = _inputs(3, SHAPES[0].values[0]["image_size"])
+    inputs = dict(pixel_values=pixel_values, **({"input_ids": questions} if "Question" in task else {}))
+    expected = hf_model.generate(**inputs)
+    assert torch.equal(model.generate(**inputs), expected)
+
+
 def test_original_semantics_write_enc_and_dec_tokens():
     """hf_compat=False (original BLIP): ITM/VQA questions start with [ENC], decoder inputs with [DEC]."""
     shape = SHAPES[0].values[0]

@@ -82,9 +82,9 @@ def test_revision_branch_and_commit(cache, saved_repo, tmp_path, offline):
     add_to_hub_cache(cache, REPO, other, revision="v2")
     for revision in ("v2", commit_of(REPO, "v2")):
         model = blip_fast.BlipForConditionalGeneration.from_pretrained(REPO, cache_dir=cache, revision=revision)
-        assert model.generation_defaults["num_beams"] == 2
+        assert model.saved_generation_settings["num_beams"] == 2
     assert "num_beams" not in blip_fast.BlipForConditionalGeneration.from_pretrained(
-        REPO, cache_dir=cache).generation_defaults
+        REPO, cache_dir=cache).saved_generation_settings
 
 
 @pytest.mark.parametrize("switch", ["env", "local_files_only"])

@@ -159,14 +159,21 @@ def test_decode_round_trip_of_a_generated_caption(tokenizer):
     text = "a picture of a dog running on the grass"
     ids = tokenizer([text, "a cat"], padding=True, return_tensors="pt").input_ids  # [2, L], the second row padded
     ids[:, 0] = tokenizer.bos_token_id
-    assert tokenizer.decode(ids[0]) == text
-    assert tokenizer.batch_decode(ids) == [text, "a cat"]
-    assert tokenizer.batch_decode(ids.numpy().tolist()) == [text, "a cat"]
+    assert tokenizer.decode(ids[0], skip_special_tokens=True) == text
+    assert tokenizer.batch_decode(ids, skip_special_tokens=True) == [text, "a cat"]
+    assert tokenizer.batch_decode(ids.numpy().tolist(), skip_special_tokens=True) == [text, "a cat"]
     with_enc = [tokenizer.enc_token_id, *ids[1, 1:].tolist()]
-    assert tokenizer.decode(with_enc) == "a cat"
-    assert tokenizer.decode(ids[1], skip_special_tokens=False) == "[DEC] a cat [SEP] " + " ".join(
-        ["[PAD]"] * (ids.shape[1] - 4)
-    )
+    assert tokenizer.decode(with_enc, skip_special_tokens=True) == "a cat"
+    assert tokenizer.decode(ids[1]) == "[DEC] a cat [SEP] " + " ".join(["[PAD]"] * (ids.shape[1] - 4))
+
+
+@pytest.mark.parametrize("shape", ["one id", "row", "rows", "tensor rows"])
+def test_decode_defaults_and_shapes_follow_transformers(tokenizer, hf_tokenizer, shape):
+    """Special tokens kept unless asked (BertTokenizer's default); one id decodes; rows decode to a list of texts
+    (transformers 5's decode of a batch)."""
+    ids = hf_tokenizer(["a dog on the grass", "a cat"], padding=True)["input_ids"]
+    given = {"one id": ids[0][1], "row": ids[0], "rows": ids, "tensor rows": torch.tensor(ids)}[shape]
+    assert tokenizer.decode(given) == hf_tokenizer.decode(given)
 
 
 def assert_same_ids(ours: BlipTokenizer, other, texts=SENTENCES):
@@ -245,7 +252,7 @@ def test_train_builds_bert_layout_with_dec_enc_last(trained):
         ids = trained(text).input_ids
         assert ids[0] == trained.cls_token_id and ids[-1] == trained.sep_token_id
         assert trained.token_to_id("[UNK]") not in ids
-        assert trained.decode(ids) == text.lower()
+        assert trained.decode(ids, skip_special_tokens=True) == text.lower()
 
 
 def test_trained_tokenizer_loads_in_transformers(trained, tmp_path):

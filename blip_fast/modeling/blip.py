@@ -36,8 +36,12 @@ class BlipPreTrainedModel(nn.Module):
     def __init__(self, config: BlipConfig) -> None:
         super().__init__()
         self.config = config
-        #: HuggingFace ``generation_config.json`` values applied under the caller's keyword arguments.
+        #: blip_fast's defaults under the caller's keyword arguments (``blip_fast.optimize`` sets the installed
+        #: transformers' order of sampled beams).
         self.generation_defaults: dict[str, Any] = {}
+        #: The decoding settings of the folder's ``generation_config.json``, saved with the model and not applied:
+        #: transformers' BLIP ``generate`` ignores them too (its text decoder has a generation config of its own).
+        self.saved_generation_settings: dict[str, Any] = {}
 
     @property
     def device(self) -> torch.device:
