@@ -74,7 +74,7 @@ class BlipProcessor:
         features = BatchFeature()
         if text is not None:
             text_kwargs = {key: value for key, value in kwargs.items() if key in TEXT_KWARGS}
-            text_kwargs.setdefault("return_token_type_ids", False)
+            text_kwargs["return_token_type_ids"] = False  # transformers' BlipProcessor drops them (BLIP has no types)
             features.update(self.tokenizer(text, return_tensors=return_tensors, **text_kwargs))
         if images is not None:
             image_kwargs = {key: value for key, value in kwargs.items() if key in IMAGE_KWARGS}

@@ -166,6 +166,21 @@ def test_vqa_generation_matches_hf(case, engine):
     assert torch.equal(actual, expected), f"\nours {actual.tolist()}\nhf   {expected.tolist()}"
 
 
+@pytest.mark.parametrize("task", TASKS)
+def test_return_dict_false_and_token_type_ids_as_transformers(task):
+    """HF code passes ``return_dict=False`` (a tuple of the set fields) and a BERT tokenizer's ``token_type_ids``
+    (unused: BLIP's text embeddings have no token types)."""
+    hf_model, model = _pair(task, **SHAPES[0].values[0])
+    pixel_values, input_ids = _inputs(2, SHAPES[0].values[0]["image_size"])
+    inputs = dict(pixel_values=pixel_values, input_ids=input_ids, token_type_ids=torch.ones_like(input_ids),
+                  **({"labels": input_ids} if task != "BlipForImageTextRetrieval" else {}))
+    with torch.no_grad():
+        expected, actual = hf_model(**inputs, return_dict=False), model(**inputs, return_dict=False)
+    assert isinstance(actual, tuple) and len(actual) == len(expected)
+    for ours, theirs in zip(actual, expected):
+        assert_close(ours, theirs)
+
+
 @pytest.mark.parametrize("task", ["BlipForConditionalGeneration", "BlipForQuestionAnswering"])
 def test_a_folders_generation_config_steers_neither(tmp_path, task):
     """transformers' BLIP ``generate`` runs its text decoder's own generation config, so decoding settings saved in

@@ -45,8 +45,9 @@ def assert_same(ours, expected):
 
 @pytest.mark.parametrize("mode, size", IMAGE_CASES, ids=[mode for mode, _ in IMAGE_CASES])
 @pytest.mark.parametrize("text_kwargs", [dict(), dict(padding="max_length", truncation=True, max_length=35),
-                                         dict(padding=True), dict(truncation=True, max_length=9)],
-                         ids=["plain", "max_length35", "longest", "truncate9"])
+                                         dict(padding=True), dict(truncation=True, max_length=9),
+                                         dict(padding=True, return_token_type_ids=True)],
+                         ids=["plain", "max_length35", "longest", "truncate9", "token-types-asked"])
 def test_outputs_equal_transformers(processors, mode, size, text_kwargs):
     hf, ours = processors
     images = [random_image(mode, size), random_image("RGB", (23, 71))]

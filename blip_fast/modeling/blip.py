@@ -103,6 +103,13 @@ class BlipPreTrainedModel(nn.Module):
         input_ids[:, 0] = token_id
         return input_ids
 
+    @staticmethod
+    def _as_requested(output: Any, return_dict: bool | None) -> Any:
+        """transformers' ``return_dict=False``: the output's set fields that transformers also has, as a tuple."""
+        if return_dict is not False:
+            return output
+        return tuple(value for key, value in output.items() if key not in getattr(output, "blip_fast_only", ()))
+
     def _generation_kwargs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
         """HuggingFace's ``generate`` keywords (``generation_config=`` included) over the model's defaults."""
         return generate_args.resolve(self.generation_defaults, kwargs)
@@ -134,16 +141,19 @@ class BlipForConditionalGeneration(BlipPreTrainedModel):
         attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         interpolate_pos_encoding: bool = False,
-    ) -> BlipForConditionalGenerationModelOutput:
-        """pixel_values ``[B, 3, H, W]``, input_ids ``[B, L]`` -> logits ``[B, L, V]`` (+ LM loss with labels)."""
+        return_dict: bool | None = None,
+        token_type_ids: torch.Tensor | None = None,
+    ) -> BlipForConditionalGenerationModelOutput | tuple:
+        """pixel_values ``[B, 3, H, W]``, input_ids ``[B, L]`` -> logits ``[B, L, V]`` (+ LM loss with labels).
+        ``token_type_ids`` are accepted and unused, as in transformers: BLIP's text embeddings have no token types."""
         image_embeds = self.vision_model(pixel_values, interpolate_pos_encoding).last_hidden_state
         if input_ids is None:
             raise ValueError("BlipForConditionalGeneration.forward needs input_ids; use generate() to caption")
         input_ids = self._with_first_token(input_ids, self.config.text.bos_token_id)
         decoded = self.text_decoder(input_ids, attention_mask, image_embeds, labels=labels)
-        return BlipForConditionalGenerationModelOutput(
+        return self._as_requested(BlipForConditionalGenerationModelOutput(
             loss=decoded.loss, logits=decoded.logits, image_embeds=image_embeds, last_hidden_state=image_embeds
-        )
+        ), return_dict)
 
     @torch.no_grad()
     def generate(
@@ -206,8 +216,11 @@ class BlipForImageTextRetrieval(BlipPreTrainedModel):
         use_itm_head: bool = True,
         attention_mask: torch.Tensor | None = None,
         interpolate_pos_encoding: bool = False,
-    ) -> BlipImageTextMatchingModelOutput:
-        """ITM logits ``[B, 2]`` (index 1 = "matched") for pairs, or ITC cosine ``[B_img, B_text]``."""
+        return_dict: bool | None = None,
+        token_type_ids: torch.Tensor | None = None,
+    ) -> BlipImageTextMatchingModelOutput | tuple:
+        """ITM logits ``[B, 2]`` (index 1 = "matched") for pairs, or ITC cosine ``[B_img, B_text]``
+        (``token_type_ids`` unused, as in transformers)."""
         image_embeds = self.vision_model(pixel_values, interpolate_pos_encoding).last_hidden_state
         if use_itm_head:
             text_embeds = self.matching_states(image_embeds, input_ids, attention_mask)
@@ -215,9 +228,9 @@ class BlipForImageTextRetrieval(BlipPreTrainedModel):
         else:
             text_embeds = self.text_encoder(input_ids, attention_mask).last_hidden_state
             score = self.image_features(image_embeds) @ self.text_features(text_embeds).t()
-        return BlipImageTextMatchingModelOutput(
+        return self._as_requested(BlipImageTextMatchingModelOutput(
             itm_score=score, last_hidden_state=image_embeds, question_embeds=text_embeds
-        )
+        ), return_dict)
 
     # The pieces of ``forward``, for callers that reuse one image's states across many texts (retrieval
     # evaluation's ITM rerank, CapFilt's filter): the ViT runs once per image, not once per pair.
@@ -282,8 +295,11 @@ class BlipForQuestionAnswering(BlipPreTrainedModel):
         attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         interpolate_pos_encoding: bool = False,
-    ) -> BlipTextVisionModelOutput:
-        """Answer loss (with ``labels``, which double as decoder inputs like HuggingFace) and answer logits."""
+        return_dict: bool | None = None,
+        token_type_ids: torch.Tensor | None = None,
+    ) -> BlipTextVisionModelOutput | tuple:
+        """Answer loss (with ``labels``, which double as decoder inputs like HuggingFace) and answer logits
+        (``token_type_ids`` unused, as in transformers)."""
         if labels is None and decoder_input_ids is None:
             raise ValueError("BlipForQuestionAnswering.forward needs labels (training) or decoder_input_ids")
         image_embeds, question = self.encode_question(input_ids, pixel_values, attention_mask, interpolate_pos_encoding)
@@ -293,9 +309,9 @@ class BlipForQuestionAnswering(BlipPreTrainedModel):
         answer = self.text_decoder(
             decoder_input_ids, decoder_attention_mask, question, attention_mask, labels=labels
         )
-        return BlipTextVisionModelOutput(
+        return self._as_requested(BlipTextVisionModelOutput(
             loss=answer.loss, image_embeds=image_embeds, last_hidden_state=image_embeds, logits=answer.logits
-        )
+        ), return_dict)
 
     @torch.no_grad()
     def generate(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -70,6 +70,8 @@ class BlipTextVisionModelOutput(ModelOutput):
     last_hidden_state: torch.Tensor | None = None  # [B, N_img, D_vision]
     #: Answer-decoder logits [B, L_answer, V] (HuggingFace computes but does not return them).
     logits: torch.Tensor | None = None
+    #: Fields transformers' output lacks: left out of ``return_dict=False``'s tuple, which HF code unpacks.
+    blip_fast_only: ClassVar[tuple[str, ...]] = ("logits",)
 
 
 @dataclass
