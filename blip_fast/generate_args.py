@@ -37,6 +37,8 @@ NEUTRAL_VALUES: dict[str, Any] = {
     "begin_suppress_tokens": None, "exponential_decay_length_penalty": None, "num_assistant_tokens": 20,
     "num_assistant_tokens_schedule": "constant", "assistant_confidence_threshold": 0.4, "assistant_lookbehind": 10,
     "target_lookbehind": 10, "token_healing": False, "is_assistant": False, "disable_compile": False,
+    # generate() keywords: an empty LogitsProcessorList / StoppingCriteriaList (a list) adds nothing.
+    "logits_processor": [], "stopping_criteria": [],
 }
 
 SETTINGS = frozenset(field.name for field in dataclasses.fields(GenerationSettings))

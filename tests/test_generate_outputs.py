@@ -167,6 +167,17 @@ def test_generation_config_saved_by_transformers_is_accepted(captioners, tmp_pat
     assert torch.equal(model.generate(_images(2), generation_config=config, max_length=9), expected)
 
 
+def test_empty_processor_and_criteria_lists_are_neutral(captioners):
+    """HF code that builds its lists and adds nothing (a common pattern) passes them empty: they change nothing."""
+    hf_model, model = captioners
+    lists = dict(logits_processor=transformers.LogitsProcessorList(), stopping_criteria=transformers.StoppingCriteriaList())
+    expected = hf_model.generate(pixel_values=_images(2), num_beams=2, max_length=9, **lists)
+    assert torch.equal(model.generate(_images(2), num_beams=2, max_length=9, **lists), expected)
+    with pytest.raises(ValueError, match="logits_processor="):
+        model.generate(_images(2), logits_processor=transformers.LogitsProcessorList(
+            [transformers.TemperatureLogitsWarper(0.5)]))
+
+
 def test_vqa_return_dict_matches_hf():
     hf_model = tiny_hf_model("BlipForQuestionAnswering", **SHAPE)
     model = blip_fast.BlipForQuestionAnswering.from_hf_model(hf_model)
