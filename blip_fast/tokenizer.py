@@ -375,6 +375,30 @@ class BlipTokenizer:
         """`[ENC]`: replaces `[CLS]` at position 0 of ITM (image-grounded encoder) inputs."""
         return self.token_to_id(ENC_TOKEN)
 
+    # ---------------------------------------------------------------- transformers' token-level methods
+    def tokenize(self, text: str) -> list[str]:
+        """The WordPiece tokens of `text`, without `[CLS]`/`[SEP]` (transformers' `tokenize`)."""
+        return self._tokenizer.encode(text, add_special_tokens=False).tokens
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """The ids of `text` (`[CLS] ... [SEP]` unless `add_special_tokens=False`), as transformers' `encode`."""
+        return self._tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def convert_tokens_to_ids(self, tokens: str | Sequence[str]) -> int | list[int]:
+        """Id of a token (a list: of each), `[UNK]`'s for one not in the vocab, as transformers."""
+        if isinstance(tokens, str):
+            token_id = self._tokenizer.token_to_id(tokens)
+            return self.token_to_id(UNK_TOKEN) if token_id is None else token_id
+        return [self.convert_tokens_to_ids(token) for token in tokens]
+
+    def convert_ids_to_tokens(self, ids: int | Sequence[int], skip_special_tokens: bool = False) -> str | list[str]:
+        """Token of an id (a list: of each; `skip_special_tokens` leaves out `[CLS]`, `[SEP]`, `[PAD]`, ...)."""
+        if isinstance(ids, numbers.Integral):
+            return self._tokenizer.id_to_token(int(ids))
+        special = set(BERT_SPECIAL_TOKENS) | {DEC_TOKEN, ENC_TOKEN} if skip_special_tokens else set()
+        tokens = [self._tokenizer.id_to_token(int(token_id)) for token_id in ids]
+        return [token for token in tokens if token not in special]
+
     # ---------------------------------------------------------------- encoding / decoding
     def __call__(
         self,

@@ -148,6 +148,24 @@ def test_batch_feature_to_casts_only_floating_tensors(tokenizer):
 
 
 @pytest.mark.parametrize("text", SENTENCES[:6], ids=range(6))
+def test_token_level_methods_match_transformers(tokenizer, hf_tokenizer, text):
+    """tokenize / encode / convert_tokens_to_ids / convert_ids_to_tokens, which HF code calls on the tokenizer
+    (``convert_tokens_to_ids("[ENC]")`` to write BLIP's ITM token, say)."""
+    tokens = hf_tokenizer.tokenize(text)
+    assert tokenizer.tokenize(text) == tokens
+    for add in (True, False):
+        assert tokenizer.encode(text, add_special_tokens=add) == hf_tokenizer.encode(text, add_special_tokens=add)
+    assert tokenizer.convert_tokens_to_ids(tokens + ["[ENC]", "[DEC]", "no-such-token"]) == \
+        hf_tokenizer.convert_tokens_to_ids(tokens + ["[ENC]", "[DEC]", "no-such-token"])
+    assert tokenizer.convert_tokens_to_ids("[ENC]") == hf_tokenizer.convert_tokens_to_ids("[ENC]") == 30523
+    ids = hf_tokenizer.encode(text)
+    for skip in (False, True):
+        assert tokenizer.convert_ids_to_tokens(ids, skip_special_tokens=skip) == \
+            hf_tokenizer.convert_ids_to_tokens(ids, skip_special_tokens=skip)
+    assert tokenizer.convert_ids_to_tokens(ids[1]) == hf_tokenizer.convert_ids_to_tokens(ids[1])
+
+
+@pytest.mark.parametrize("text", SENTENCES[:6], ids=range(6))
 def test_decode_matches_transformers(tokenizer, hf_tokenizer, text):
     ids = hf_tokenizer(text)["input_ids"]
     for skip in (True, False):
