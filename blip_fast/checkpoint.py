@@ -600,7 +600,8 @@ def load_pretrained(
     unexpected or mis-shaped tensor (``strict=False`` only logs missing and unexpected keys). ``torch_dtype`` casts
     floating tensors (``"auto"``: to the checkpoint's dtype, as transformers), ``device`` moves the model;
     ``use_safetensors`` picks a directory's weight format. The decoding settings of ``generation_config.json`` land in
-    ``model.saved_generation_settings`` (saved again, not applied: transformers' BLIP does not). ``tokenizer`` supplies the special-token ids when inferring a ``.pth`` config
+    ``model.saved_generation_settings`` (saved again, not applied: transformers' BLIP does not). ``config`` may be a
+    transformers ``BlipConfig``. ``tokenizer`` supplies the special-token ids when inferring a ``.pth`` config
     whose vocabulary is not BLIP's bert-base-uncased one; ``heads`` (vision, text) its attention heads, which only
     BLIP's 768/1024 widths imply (see :func:`infer_config`; ``convert`` refuses to guess). A checkpoint of another
     task than
@@ -608,6 +609,7 @@ def load_pretrained(
     would load into a captioner.
     """
     path = os.fspath(path)
+    config = None if config is None else BlipConfig.of(config)
     generation_settings: dict[str, Any] = {}
     if os.path.isdir(path):
         config = config or BlipConfig.from_hf(path)

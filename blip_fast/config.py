@@ -171,6 +171,36 @@ class BlipConfig:
     def replace(self, **changes: Any) -> BlipConfig:
         return dataclasses.replace(self, **changes)
 
+    # transformers' names for the two towers' configs (HF code reads ``model.config.text_config.vocab_size``).
+    @property
+    def text_config(self) -> TextConfig:
+        return self.text
+
+    @property
+    def vision_config(self) -> VisionConfig:
+        return self.vision
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | os.PathLike, **hub_options: Any) -> BlipConfig:
+        """transformers' ``BlipConfig.from_pretrained``: a model folder, its ``config.json`` or a hub id
+        (``cache_dir``, ``revision``, ``local_files_only``, ``token``, ``force_download``)."""
+        from blip_fast import hub
+
+        options = hub.HubOptions.pop_from(hub_options)
+        if hub_options:
+            raise TypeError(f"BlipConfig.from_pretrained() got unsupported arguments {sorted(hub_options)}")
+        return cls.from_hf(hub.resolve(name_or_path, options, files="config"))
+
+    @classmethod
+    def of(cls, config: Any) -> BlipConfig:
+        """``config`` as a :class:`BlipConfig`: itself, or built from a transformers ``BlipConfig``
+        (``from_pretrained(..., config=transformers_config)``, as HF code passes it)."""
+        if isinstance(config, cls):
+            return config
+        if callable(getattr(config, "to_dict", None)):
+            return cls.from_hf(config.to_dict())
+        raise TypeError(f"config must be a blip_fast or transformers BlipConfig, got {type(config).__name__}")
+
     def for_tokenizer(self, tokenizer: Any) -> BlipConfig:
         """This config with the vocabulary size and special-token ids of ``tokenizer`` (a :class:`BlipTokenizer`)."""
         text = dataclasses.replace(

@@ -96,8 +96,8 @@ def resolve(
     use_safetensors: bool | None = None,
 ) -> str:
     """A local directory (or file) for ``name_or_path``: the path itself when it exists, else the hub snapshot
-    holding ``files``: "model" (config, weights, generation config, tokenizer and processor files), "tokenizer",
-    "processor" (tokenizer and image processor files) or "image_processor".
+    holding ``files``: "model" (config, weights, generation config, tokenizer and processor files), "config",
+    "tokenizer", "processor" (tokenizer and image processor files) or "image_processor".
 
     Raises :class:`HubError` naming the id, the cache searched and why (offline and not cached, unknown repo,
     no weights), or ``FileNotFoundError`` for a path that is neither a local file nor a possible hub id.
@@ -121,8 +121,11 @@ def resolve(
         fetch.optional(*TOKENIZER_FILES[2:], *PROCESSOR_FILES)
     elif files == "image_processor":
         fetch.one_of(*PROCESSOR_FILES)
+    elif files == "config":
+        fetch.required(CONFIG_FILE)
     else:
-        raise ValueError(f"files must be 'model', 'tokenizer', 'processor' or 'image_processor', got {files!r}")
+        raise ValueError(f"files must be 'model', 'config', 'tokenizer', 'processor' or 'image_processor', got "
+                         f"{files!r}")
     return fetch.snapshot
 
 

@@ -266,3 +266,20 @@ def test_original_pth_at_another_resolution_matches_hf_interpolation(tmp_path):
         expected = hf_model(pixel_values=pixel_values, input_ids=input_ids, interpolate_pos_encoding=True).logits
         actual = model(pixel_values, input_ids).logits
     assert_close(actual, expected)
+
+
+def test_config_api_that_hf_code_reads(tmp_path):
+    """``model.config.text_config`` / ``vision_config``, ``BlipConfig.from_pretrained`` and a transformers config
+    passed to ``from_pretrained(config=...)`` give the values transformers gives."""
+    hf_model = tiny_hf_model("BlipForConditionalGeneration", **SHAPES[1].values[0])
+    hf_model.save_pretrained(tmp_path)
+    hf_config = transformers.BlipConfig.from_pretrained(tmp_path)
+    config = blip_fast.BlipConfig.from_pretrained(tmp_path)
+    for name in ("vocab_size", "hidden_size", "num_attention_heads", "num_hidden_layers"):
+        assert getattr(config.text_config, name) == getattr(hf_config.text_config, name), name
+    for name in ("image_size", "patch_size", "hidden_size", "num_attention_heads"):
+        assert getattr(config.vision_config, name) == getattr(hf_config.vision_config, name), name
+    model = blip_fast.BlipForConditionalGeneration.from_pretrained(tmp_path, config=hf_config)
+    assert model.config == config
+    with pytest.raises(TypeError, match="config must be a blip_fast or transformers BlipConfig, got dict"):
+        blip_fast.BlipForConditionalGeneration.from_pretrained(tmp_path, config={"text_config": {}})
