@@ -134,6 +134,8 @@ SCALES = {
                       pretrain_epochs=2, captioner_epochs=1, filter_epochs=2, micro_batch=32, queue_size=64, k_test=4,
                       vision_init_images=64, vision_init_steps=4),
 }
+#: Bounds that keep a typo from pinning a folder to a setting no machine runs (the folder records them).
+MAX_SEEDS, MAX_PER_CORE = 1000, 8
 #: A demo folder's first file: the scale it runs at (a rerun of another scale is refused).
 SETTINGS_FILE = "demo_scale.json"
 #: The synthetic benchmark's seed: every run seed sees the same images, captions and injected noise.
@@ -351,7 +353,8 @@ def _train(run: SeedRun, name: str, options: dict[str, Any], batch: int | None =
         returncode = run_ranks(command, ranks, environment, log)
     if returncode != 0:
         tail = "".join(log_path.read_text(encoding="utf-8").splitlines(keepends=True)[-20:])
-        raise RuntimeError(f"training stage {name!r} failed (exit {returncode}); log {log_path}:\n{tail}")
+        raise errors.ProcessFailed(f"training stage {name!r} failed (exit {returncode}); its log {log_path} ends:"
+                                   f"\n{tail}")
     lines = log_path.read_text(encoding="utf-8").splitlines()
     summary_lines = [line for line in lines if line.startswith('{"summary"')]
     return json.loads(summary_lines[-1])["summary"]
@@ -516,7 +519,7 @@ def run_seed(run: SeedRun, log: Callable[[str], None] = print) -> dict[str, Any]
         captioner=run_dir / "captioner" / "export" / "captioning", filter=run_dir / "filter" / "export" / "retrieval",
         input=splits["web"], image_root=data, output=run_dir / "capfilt", prompt=CAPTION_PROMPT, num_captions=1,
         batch_size=64, workers=1, seed=component_seed(run.seed, "capfilt"), images_per_part=500, device=device,
-        progress=False)))
+        progress=False, rank=0, world_size=1)))  # one process, whatever RANK/WORLD_SIZE the shell exports
     filter_quality = stages.run("filter_quality", lambda: _filter_quality(run_dir / "capfilt" / "scored.jsonl",
                                                                           splits["web"]))
     after = pretrain_again(run, stages, run_dir / "capfilt" / "bootstrapped.json", run_dir / "pretrain_noisy",
@@ -555,9 +558,12 @@ def _seed_process(run: SeedRun, children: ChildProcesses, log: Callable[[str], N
         for line in process.stdout:
             tail.append(line)
             log(prefix + line.rstrip("\n"))
+    if process.returncode == errors.EXIT_USER_ERROR:  # the seed's one line says what to change
+        said = [line.strip() for line in tail if ": error: " in line]
+        raise errors.UserError(f"seed {run.seed}: {said[-1].split(': error: ', 1)[1] if said else ''.join(tail)}")
     if process.returncode != 0:
-        raise RuntimeError(f"seed {run.seed} failed (exit {process.returncode}); rerun the same command to resume "
-                           f"it. Last lines:\n{''.join(tail)}")
+        raise errors.ProcessFailed(f"seed {run.seed} failed (exit {process.returncode}; its output is above); rerun "
+                                   "the same command to resume it")
     return json.loads((run.run_dir / "results.json").read_text(encoding="utf-8"))
 
 
@@ -568,8 +574,13 @@ def run_demo(out_dir: str | os.PathLike = "blip_fast_demo", scale: str | DemoSca
     at once with ``threads`` torch threads each (defaults: :func:`parallel_plan`), capped at AVX2 unless not
     ``portable_cpu`` (:class:`SeedRun`); returns the results written to ``results.json`` (mean, standard deviation and
     per-seed values of every metric)."""
-    if seeds < 1:
-        raise errors.InvalidInputError(f"seeds must be >= 1, got {seeds}")
+    if not 1 <= seeds <= MAX_SEEDS:
+        raise errors.InvalidInputError(f"seeds must lie in [1, {MAX_SEEDS}], got {seeds}")
+    cores = usable_cpus()
+    for name, value in (("threads", threads), ("jobs", jobs)):
+        if value is not None and not 1 <= value <= MAX_PER_CORE * cores:
+            raise errors.InvalidInputError(f"{name} must lie in [1, {MAX_PER_CORE * cores}] ({MAX_PER_CORE} per "
+                                           f"usable core), got {value}")
     scale = SCALES[scale] if isinstance(scale, str) else scale
     with lock_folder(out_dir, command_line(), ours=[SETTINGS_FILE]):  # one run per folder, and only a demo's
         return _run_seeds(Path(out_dir), scale, seeds, first_seed, threads, jobs, portable_cpu, log)
@@ -600,8 +611,11 @@ def _run_seeds(out_dir: Path, scale: DemoScale, seeds: int, first_seed: int, thr
     finally:
         pool.shutdown()
     failed = [future.exception() for future in futures if future.exception() is not None]
-    if failed:
-        raise RuntimeError("\n".join(map(str, failed)))
+    if failed:  # a user error (the folder's settings, say) before a crash: it says what to change
+        first = next((error for error in failed if isinstance(error, errors.UserError)), failed[0])
+        if len(failed) > 1 and isinstance(first, errors.UserError | errors.ProcessFailed):
+            raise type(first)("; ".join(map(str, failed)))
+        raise first
 
     results = summarize([future.result() for future in futures])
     _write_json(out_dir / "results.json", results)

@@ -41,6 +41,11 @@ class UserError(Exception):
     """A mistake in the user's input: printed as one line, exit status 2, no traceback."""
 
 
+class ProcessFailed(Exception):
+    """A child process (a demo seed, a training stage) failed; its own output, shown above or in the log named,
+    says why: one line, status 1, no traceback of this process, which only waited on it."""
+
+
 class MissingFileError(UserError, FileNotFoundError):
     """A file or folder the user named (directly, or as part of a model folder) is not there."""
 
@@ -337,6 +342,10 @@ def run_main(main: Callable[[Sequence[str]], int], argv: Sequence[str], prog: st
         if debug:
             raise
         return _report_after(delay_s, prog, error, EXIT_FAILED, f"(set {DEBUG_ENV}=1 for the traceback)")
+    except ProcessFailed as error:
+        if debug:
+            raise
+        return _report_after(delay_s, prog, error, EXIT_FAILED)
     except KeyboardInterrupt:
         if not delay_s:
             print(f"{prog}: interrupted", file=sys.stderr)

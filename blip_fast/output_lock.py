@@ -49,11 +49,12 @@ class OutputLock:
 
 def lock_folder(folder: str | os.PathLike, command: str, ours: Iterable[str] = ()) -> OutputLock:
     """Create ``folder`` if needed and lock it for this process, recording ``command`` as the holder; raises
-    :class:`OutputInUseError` naming the holder when a live run already has it. A folder that holds files must also
-    hold one of ``ours`` (what this kind of run writes first) or an earlier run's lock: the run would write among a
-    folder of other files (a user's project, their home), so that is refused (:class:`InvalidInputError`)."""
+    :class:`OutputInUseError` naming the holder when a live run already has it. A folder that holds files besides
+    the lock must also hold one of ``ours`` (what this kind of run writes first): the run would write among a folder
+    of other files (a user's project, their home, another kind of run's output, whose lock is no sign of this
+    kind's), so that is refused (:class:`InvalidInputError`)."""
     folder = Path(folder)
-    names = other_files(folder, {LOCK_NAME, *ours}.__contains__)
+    names = [name for name in other_files(folder, set(ours).__contains__) if name != LOCK_NAME]
     if names:
         listed = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
         raise InvalidInputError(f"{folder} holds other files ({listed}): this run would write among them; choose "

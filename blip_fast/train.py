@@ -92,7 +92,8 @@ def claim_output_dir(output_dir: Path) -> OutputLock | None:
     if rank == 0:
         try:
             lock = lock_folder(output_dir, command_line(), ours=[checkpointing.LATEST_FILE,
-                                                                 checkpointing.BLIP_CONFIG_FILE])
+                                                                 checkpointing.BLIP_CONFIG_FILE,
+                                                                 checkpointing.TOKENIZER_DIR])
         except (errors.UserError, OSError) as error:  # every rank raises it: none waits for rank 0 below
             refused = error
     shared = [uuid.uuid4().hex, refused] if rank == 0 else [None, None]

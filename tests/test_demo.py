@@ -4,6 +4,7 @@ BLIP_FAST_SMALL_DEMO=1) the small run, where BLIP's bootstrapping loop must repr
 import dataclasses
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -31,6 +32,8 @@ from blip_fast.demo import (
 )
 from blip_fast.demo_report import COMPARED, summarize, write_plot, write_report
 from blip_fast.determinism import cpu_numerics, portable_cpu_environment
+from blip_fast.errors import InvalidInputError
+from tests.cli_runs import assert_user_error, run
 
 
 @pytest.mark.parametrize(
@@ -189,6 +192,33 @@ def test_a_seed_folder_started_on_another_vendors_cpu_is_not_resumed(tmp_path):
     assert sorted(path.name for path in run.run_dir.iterdir()) == ["run.json"]
 
 
+@pytest.mark.parametrize("kwargs, message", [(dict(seeds=1001), "seeds must lie in [1, 1000], got 1001"),
+                                             (dict(threads=10**20), "threads must lie in [1, "),
+                                             (dict(jobs=0), "jobs must lie in [1, ")])
+def test_settings_no_machine_runs_are_refused_before_the_folder_is_made(tmp_path, kwargs, message):
+    """A typo'd --threads pinned the folder to it (a rerun with a sane value was refused); --seeds 1e9 ran the
+    machine out of memory."""
+    from blip_fast.demo import run_demo
+
+    with pytest.raises(InvalidInputError, match=re.escape(message)):
+        run_demo(tmp_path / "demo", "tiny", **kwargs, log=lambda line: None)
+    assert not (tmp_path / "demo").exists()
+
+
+@pytest.mark.slow
+def test_a_resume_with_another_thread_count_is_one_line(tmp_path, capsys):
+    """The seed refuses its folder (exit 2, one line): the demo says the same in one line, not a traceback whose
+    last words contradict it ("rerun the same command")."""
+    out = tmp_path / "demo"
+    (out / "seed-0").mkdir(parents=True)
+    (out / "demo_scale.json").write_text(json.dumps(dataclasses.asdict(SCALES["tiny"])))
+    (out / "seed-0" / "run.json").write_text(json.dumps({"scale": dataclasses.asdict(SCALES["tiny"]), "seed": 0,
+                                                          "threads": 2, "cpu": cpu_numerics()}))
+    line = assert_user_error(*run(["demo", "--scale", "tiny", "--out-dir", out, "--threads", "1"], capsys),
+                             "seed 0: ", "threads: 2 there, 1 here", "use another --out-dir")
+    assert "Traceback" not in line
+
+
 PORTABLE_NUMERICS = {"aten_capability": "AVX2", "mkl_cbwr": "AVX2", "onednn_max_cpu_isa": "AVX2",
                      "cpu_vendor": "GenuineIntel"}
 
@@ -257,16 +287,18 @@ def test_summarize_reports_mean_std_and_per_seed_values(tmp_path):
 @pytest.mark.slow
 def test_same_seed_and_threads_give_byte_identical_results(tmp_path):
     """Two seeds in one demo and, at the same time, one of them alone in another folder (another process tree,
-    another path, the command line, and a CPU whose MKL may use no more than AVX2: emulated): the same results.json
-    and trained weights, byte for byte; the other seed's numbers differ. The tiny scale runs every stage for a few
-    steps (CI time: three seed runs, on two cores at once)."""
+    another path, the command line, a CPU whose MKL may use no more than AVX2: emulated, and a shell that exports a
+    launcher's RANK and WORLD_SIZE): the same results.json and trained weights, byte for byte; the other seed's
+    numbers differ. The tiny scale runs every stage for a few steps (CI time: three seed runs, on two cores at
+    once)."""
     from blip_fast.demo import run_demo
 
     alone_dir = tmp_path / "alone"
     alone = subprocess.Popen(
         [sys.executable, "-m", "blip_fast.cli", "demo", "--scale", "tiny", "--seed", "1", "--threads", "1",
          "--out-dir", str(alone_dir)],
-        env={**os.environ, "MKL_ENABLE_INSTRUCTIONS": "AVX2"}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        env={**os.environ, "MKL_ENABLE_INSTRUCTIONS": "AVX2", "RANK": "1", "WORLD_SIZE": "2"},
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         text=True)
     both = run_demo(tmp_path / "both", "tiny", seeds=2, threads=1, jobs=2, log=lambda line: None)
     assert alone.wait() == 0, alone.stderr.read()[-2000:]

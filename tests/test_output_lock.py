@@ -59,15 +59,17 @@ def test_a_lock_dies_with_its_process(tmp_path, signum):
 @pytest.mark.parametrize("present, refused", [
     ([], False), (["demo_scale.json", "data"], False), ([LOCK_NAME], False),  # new; a demo's; one cut short at once
     (["results.json", "notes.md"], True), (["a", "b", "c", "d"], True),
+    ([LOCK_NAME, "blip_config.json", "latest"], True),  # a training run's output: its lock is no demo's
 ])
 def test_a_folder_of_other_files_is_refused(tmp_path, present, refused):
-    """The run would write among a user's files (their project, their home): only a folder this kind of run made
-    (one of ``ours``, or an earlier run's lock) is taken."""
+    """The run would write among a user's files (their project, their home, another kind of run's output): only a
+    folder this kind of run made (one of ``ours``, or nothing but a lock) is taken."""
     for name in present:
         (tmp_path / name).write_text("mine")
     if not refused:
         lock_folder(tmp_path, "demo", ours=["demo_scale.json"]).release()
         return
-    with pytest.raises(errors.InvalidInputError, match=re.escape(f"{tmp_path} holds other files ({sorted(present)[0]}, ")):
+    first = sorted(name for name in present if name != LOCK_NAME)[0]
+    with pytest.raises(errors.InvalidInputError, match=re.escape(f"{tmp_path} holds other files ({first}, ")):
         lock_folder(tmp_path, "demo", ours=["demo_scale.json"])
     assert sorted(path.name for path in tmp_path.iterdir()) == sorted(present)  # no lock file left among them

@@ -323,7 +323,10 @@ def test_rng_capture_restore_and_checkpoint_paths(tmp_path):
 @pytest.mark.parametrize("target, refused", [
     ("run", "lies in the training run"), ("run/global_step4", "lies in the training run"),
     ("run/tokenizer", "lies in the training run"), ("run/../run/global_step4/x", "lies in the training run"),
-    ("run/export", "holds other files and no earlier export"), ("models", "holds other files and no earlier export"),
+    ("run/export", "holds files no export writes"), ("models", r"holds files no export writes \(notes.txt\)"),
+    ("project", r"holds files no export writes \(main.py\)"),
+    ("hf_model", r"holds files no export writes \(config.json \(another tool's model\)\)"),
+    ("other_run/tokenizer", r"holds files no export writes \(tokenizer.json without a blip_fast config.json"),
     ("run/export/captioning", None), ("run/export/new", None), ("earlier_export", None), ("new/deeper", None),
     ("cut_short", None), ("cut_shorter", None),
 ])
@@ -333,11 +336,20 @@ def test_export_targets_that_would_mix_with_other_files_are_refused(tmp_path, ta
     earlier export, even one a kill cut short, is replaced."""
     from blip_fast import errors
 
-    for folder in ("run/global_step4", "run/tokenizer", "run/export/captioning", "models", "earlier_export"):
+    for folder in ("run/global_step4", "run/tokenizer", "run/export/captioning", "models", "earlier_export",
+                   "project", "hf_model", "other_run/tokenizer"):
         (tmp_path / folder).mkdir(parents=True)
-    (tmp_path / "run" / "export" / "captioning" / "config.json").write_text("{}")
-    (tmp_path / "earlier_export" / "config.json").write_text("{}")
+    ours = json.dumps({"model_type": "blip", "blip_fast_hf_compat": True})
+    for folder in ("run/export/captioning", "earlier_export"):
+        (tmp_path / folder / "config.json").write_text(ours)
+        (tmp_path / folder / "vocab.txt").write_text("[PAD]\n")
     (tmp_path / "models" / "notes.txt").write_text("mine")
+    (tmp_path / "project" / "config.json").write_text('{"db": "prod"}')  # a user's config.json among their code
+    (tmp_path / "project" / "main.py").write_text("print(1)")
+    (tmp_path / "hf_model" / "config.json").write_text('{"model_type": "blip"}')  # every name an export's
+    (tmp_path / "hf_model" / "model.safetensors").write_bytes(b"")
+    for name in ("tokenizer.json", "vocab.txt"):  # another training run's tokenizer folder
+        (tmp_path / "other_run" / "tokenizer" / name).write_text("{}")
     for folder, name in (("cut_short", "model.safetensors"), ("cut_shorter", ".model.safetensors.x1y2.tmp")):
         (tmp_path / folder).mkdir()  # an export killed before its config.json (or during its weights)
         (tmp_path / folder / name).write_bytes(b"")

@@ -53,7 +53,6 @@ from blip_fast.atomic_files import atomic_write, atomic_write_text
 from blip_fast.checkpoint import BIN_WEIGHTS, CONFIG_NAME, GENERATION_CONFIG_NAME, SAFE_WEIGHTS
 from blip_fast.config import BlipConfig, TextConfig, VisionConfig
 from blip_fast.errors import InvalidInputError, MissingFileError, differences
-from blip_fast.output_lock import other_files
 
 logger = logging.getLogger("blip_fast")
 
@@ -64,7 +63,7 @@ TOKENIZER_DIR = "tokenizer"
 EXPORT_DIR = "export"
 #: Files an export writes (:func:`blip_fast.checkpoint.save_pretrained`, the tokenizer, the image processor).
 _EXPORT_FILES = {SAFE_WEIGHTS, BIN_WEIGHTS, CONFIG_NAME, GENERATION_CONFIG_NAME, "preprocessor_config.json",
-                 "tokenizer_config.json", "vocab.txt"}
+                 "tokenizer_config.json", "tokenizer.json", "special_tokens_map.json", "vocab.txt", "README.md"}
 RNG_FILE = "rng_rank{rank}.pt"
 EMA_FILE = "ema_rank{rank}.pt"
 CLIENT_STATE_KEY = "blip_fast"
@@ -189,13 +188,8 @@ def check_resumable(output_dir: str | os.PathLike, tag: str, world_size: int) ->
             f"{'holds no model states' if tag_dir.is_dir() else 'is not there'}: restore it, write the tag of a "
             f"checkpoint that is there into {LATEST_FILE} ({', '.join(saved_tags(output_dir)) or 'none is'}), or "
             "start afresh in another output_dir")
-    damaged = [path.name for path in sorted(tag_dir.glob("*.pt")) if not zipfile.is_zipfile(path)]
-    if damaged:  # torch.save's zip ends with its central directory: a file cut short has none
-        earlier = ", ".join(name for name in saved_tags(output_dir) if name != tag) or "there is none"
-        raise ConfigError(
-            f"{tag_dir} holds damaged files ({', '.join(damaged)}: not complete torch files): resume from an earlier "
-            f"checkpoint by writing its tag into {Path(output_dir) / LATEST_FILE} ({earlier}), or start afresh in "
-            "another output_dir")
+    check_complete(output_dir, tag, f"resume from an earlier checkpoint by writing its tag into "
+                   f"{Path(output_dir) / LATEST_FILE} ({{earlier}}), or start afresh in another output_dir", ConfigError)
     saved = {int(match.group(1)) for path in tag_dir.iterdir() if (match := _ZERO_PARTITION.match(path.name))}
     if saved and len(saved) != world_size:
         raise ConfigError(
@@ -203,6 +197,19 @@ def check_resumable(output_dir: str | os.PathLike, tag: str, world_size: int) ->
             f"with the launcher and rank count that wrote it (e.g. the same `deepspeed --num_gpus {len(saved)} ...` "
             "command plus --resume); DeepSpeed cannot load ZeRO partitions into another world size"
         )
+
+
+def check_complete(output_dir: str | os.PathLike, tag: str, remedy: str,
+                   error: type[Exception] = InvalidInputError) -> None:
+    """Refuse checkpoint ``tag`` when one of its torch files is cut short (a full disk, a copy stopped): DeepSpeed's
+    zip reader would fail on it in a traceback naming no file. ``remedy`` says what to do instead; its
+    ``{earlier}`` lists the other checkpoints."""
+    tag_dir = Path(output_dir) / tag
+    damaged = [path.name for path in sorted(tag_dir.glob("*.pt")) if not zipfile.is_zipfile(path)]
+    if damaged:  # torch.save's zip ends with its central directory: a file cut short has none
+        earlier = ", ".join(name for name in saved_tags(output_dir) if name != tag) or "there is none"
+        raise error(f"{tag_dir} holds damaged files ({', '.join(damaged)}: not complete torch files): "
+                    + remedy.format(earlier=earlier))
 
 
 def load_checkpoint(engine, output_dir: str | os.PathLike, tag: str) -> tuple[dict[str, Any], dict[str, Any] | None]:
@@ -321,20 +328,42 @@ def consolidated_state_dict(checkpoint_dir: str | os.PathLike, tag: str) -> dict
 
 def check_export_target(output_dir: str | os.PathLike, target: str | os.PathLike) -> None:
     """Refuse an export folder whose files would mix with others: the training run's own folder or one inside it
-    (a checkpoint, its tokenizer) other than ``output_dir/export/...``, or a folder of other files: one holding an
-    earlier export, even one cut short by a crash, is replaced."""
+    (a checkpoint, its tokenizer) other than ``output_dir/export/...``, or a folder holding any file an export does
+    not write, or another tool's model: an earlier export (only its files, its config.json blip_fast's), even one
+    cut short by a crash, is replaced."""
     run, out = Path(output_dir).resolve(), Path(target).resolve()
     if out == run or (run in out.parents and run / EXPORT_DIR not in (out, *out.parents)):
         raise InvalidInputError(f"{target} lies in the training run {output_dir}: the export would mix with its "
                                 f"checkpoints; choose a folder outside it, or under {Path(output_dir) / EXPORT_DIR}")
-    if other_files(out, _written_by_export):
-        raise InvalidInputError(f"{target} holds other files and no earlier export: the model would mix with them; "
-                                "choose a new or empty folder")
+    names = sorted(path.name for path in out.iterdir()) if out.is_dir() else []
+    foreign = [name for name in names if not _written_by_export(name)]
+    before_config = all(name in (SAFE_WEIGHTS, BIN_WEIGHTS) or _is_temporary(name) for name in names)
+    if not foreign and not before_config and not _blip_fast_config(out / CONFIG_NAME):
+        foreign = [f"{CONFIG_NAME} (another tool's model)" if (out / CONFIG_NAME).is_file() else
+                   f"{names[0]} without a blip_fast {CONFIG_NAME} (another tool's files)"]
+    if foreign:
+        listed = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+        raise InvalidInputError(f"{target} holds files no export writes ({listed}): the model would replace or mix "
+                                "with them; choose a new or empty folder, or an earlier export")
+
+
+def _blip_fast_config(path: Path) -> bool:
+    """Whether ``path`` is a config.json blip_fast wrote (it always records ``blip_fast_hf_compat``): an export
+    writes its weights, then config.json, then the rest, so any other export file comes with one."""
+    try:
+        values = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(values, dict) and "blip_fast_hf_compat" in values
 
 
 def _written_by_export(name: str) -> bool:
     """Whether an export writes a file of this name (or its temporary file, which ``kill -9`` can leave)."""
-    return name in _EXPORT_FILES or (name.startswith(".") and name.endswith(".tmp"))
+    return name in _EXPORT_FILES or _is_temporary(name)
+
+
+def _is_temporary(name: str) -> bool:
+    return name.startswith(".") and name.endswith(".tmp")
 
 
 def export(checkpoint: str | os.PathLike, targets: dict[str, str | os.PathLike], tag: str | None = None,
@@ -349,6 +378,7 @@ def export(checkpoint: str | os.PathLike, targets: dict[str, str | os.PathLike],
     from blip_fast.tokenizer import BlipTokenizer
 
     output_dir, tag = resolve_checkpoint(checkpoint, tag)
+    check_complete(output_dir, tag, "export an earlier checkpoint with --tag ({earlier})")
     for target in targets.values():
         check_export_target(output_dir, target)
     config = read_model_config(output_dir)
