@@ -266,7 +266,10 @@ class Stages:
         done = self.dir / f"{name}.json"
         if done.is_file():
             self.log(f"[{name}] done in an earlier run, skipped")
-            record = json.loads(done.read_text(encoding="utf-8"))
+            record = errors.read_json_object(done)
+            if not {"result", "time"} <= record.keys():
+                raise errors.InvalidInputError(f"{done} is not a finished stage's record: delete it to run the stage "
+                                               "again")
         else:
             self.log(f"[{name}] ...")
             start, start_cpu = time.perf_counter(), cpu_seconds()
@@ -457,7 +460,7 @@ def _check_settings(path: Path, settings: dict[str, Any], what: str) -> None:
     """Refuse to resume a folder made with other settings (its finished stages would mix into this run), naming
     each setting that differs."""
     if path.is_file():
-        differences = errors.differences(json.loads(path.read_text(encoding="utf-8")), settings)
+        differences = errors.differences(errors.read_json_object(path), settings)
         if differences:
             raise errors.InvalidInputError(f"{path.parent} holds a demo {what} ({path}: {'; '.join(differences)}): "
                                            "use another --out-dir")

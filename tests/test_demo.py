@@ -146,6 +146,16 @@ def test_stages_run_once_and_replay_their_result(tmp_path):
     assert first["value"] == again["value"] == 1 and len(calls) == 1
 
 
+@pytest.mark.parametrize("content, message", [(b"\x00\xff", "cannot read"), (b'{"result": 1}', "is not a finished "
+                                                                               "stage's record: delete it")])
+def test_a_damaged_stage_record_is_one_line_naming_it(tmp_path, content, message):
+    (tmp_path / "stages").mkdir()
+    (tmp_path / "stages" / "stage.json").write_bytes(content)
+    with pytest.raises(InvalidInputError, match=message) as refused:
+        Stages(tmp_path, log=lambda line: None).run("stage", dict)
+    assert str(tmp_path / "stages" / "stage.json") in str(refused.value)
+
+
 def test_component_seeds_are_stable_and_independent():
     seeds = {(seed, name): component_seed(seed, name) for seed in range(3) for name in ("pretrain", "capfilt")}
     assert len(set(seeds.values())) == len(seeds)

@@ -26,9 +26,10 @@ import pytest
 import torch
 import yaml
 
+from blip_fast import errors
 from blip_fast.errors import UserError
 from blip_fast.launch import free_port
-from blip_fast.training import checkpointing, options
+from blip_fast.training import checkpointing, options, tasks
 from blip_fast.training.schedule import alpha_ramp, blip_step_lr, cosine_lr, learning_rate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -334,8 +335,6 @@ def test_export_targets_that_would_mix_with_other_files_are_refused(tmp_path, ta
     """``python -m blip_fast.train export --out``: not into the run's own folder (the HF files would mix with its
     checkpoints, and --init_from would then see two kinds of folder in one), not into a folder of other files; an
     earlier export, even one a kill cut short, is replaced."""
-    from blip_fast import errors
-
     for folder in ("run/global_step4", "run/tokenizer", "run/export/captioning", "models", "earlier_export",
                    "project", "hf_model", "other_run/tokenizer"):
         (tmp_path / folder).mkdir(parents=True)
@@ -432,6 +431,20 @@ def test_a_checkpoint_with_a_file_cut_short_is_refused_naming_it(tmp_path, damag
         checkpointing.check_resumable(run, "global_step4", world_size=2)
     assert f"{run / 'global_step4'} holds damaged files ({damaged}: not complete torch files): resume from an " \
         f"earlier checkpoint by writing its tag into {run / 'latest'} (global_step2)" in str(refused.value)
+
+
+def test_damaged_run_files_are_one_line(tmp_path):
+    """A `latest` that is no text, a config.yaml naming no task: one line naming the file, not a traceback."""
+    (tmp_path / "global_step2").mkdir()
+    torch.save({}, tmp_path / "global_step2" / "mp_rank_00_model_states.pt")
+    (tmp_path / checkpointing.LATEST_FILE).write_bytes(b"\x00\xff\xfe")
+    with pytest.raises(errors.InvalidInputError, match=rf"{tmp_path / 'latest'} is not a checkpoint tag \(not text\): "
+                                                       r"write the tag of a checkpoint that is there into it "
+                                                       r"\(global_step2\)"):
+        checkpointing.latest_tag(tmp_path)
+    (tmp_path / options.RESOLVED_CONFIG_FILE).write_text("task: pretraining\n")
+    with pytest.raises(options.ConfigError, match="unknown task 'pretraining' \\(one of pretrain, "):
+        tasks.run_task(tmp_path)
 
 
 @pytest.mark.parametrize("tags, refused", [((), False), (("global_step4",), False),

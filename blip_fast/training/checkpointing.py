@@ -101,7 +101,11 @@ def latest_tag(output_dir: str | os.PathLike) -> str | None:
     path = Path(output_dir) / LATEST_FILE
     if not path.is_file():
         return None
-    tag = path.read_text(encoding="utf-8").strip()
+    try:
+        tag = path.read_text(encoding="utf-8").strip()
+    except UnicodeDecodeError:
+        raise InvalidInputError(f"{path} is not a checkpoint tag (not text): write the tag of a checkpoint that is "
+                                f"there into it ({', '.join(saved_tags(output_dir)) or 'none is'})") from None
     return tag or None
 
 

@@ -411,7 +411,7 @@ def run_task(output_dir: str | os.PathLike) -> TrainingTask:
     path = Path(output_dir) / options.RESOLVED_CONFIG_FILE
     name = options.read_yaml(path).get("task", "pretrain") if path.is_file() else "pretrain"
     if name not in TASKS:
-        raise ValueError(f"{path}: unknown task {name!r}")
+        raise options.ConfigError(f"{path}: unknown task {name!r} (one of {', '.join(TASKS)})")
     return TASKS[name]
 
 
