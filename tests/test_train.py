@@ -27,6 +27,7 @@ import torch
 import yaml
 
 from blip_fast import errors
+from blip_fast.config import BlipConfig
 from blip_fast.errors import UserError
 from blip_fast.launch import free_port
 from blip_fast.training import checkpointing, options, tasks
@@ -434,7 +435,8 @@ def test_a_checkpoint_with_a_file_cut_short_is_refused_naming_it(tmp_path, damag
 
 
 def test_damaged_run_files_are_one_line(tmp_path):
-    """A `latest` that is no text, a config.yaml naming no task: one line naming the file, not a traceback."""
+    """A `latest` that is no text, a run without its tokenizer (export asked the hub for it, after reading the
+    checkpoint), a config.yaml naming no task: one line naming the file, not a traceback."""
     (tmp_path / "global_step2").mkdir()
     torch.save({}, tmp_path / "global_step2" / "mp_rank_00_model_states.pt")
     (tmp_path / checkpointing.LATEST_FILE).write_bytes(b"\x00\xff\xfe")
@@ -442,6 +444,10 @@ def test_damaged_run_files_are_one_line(tmp_path):
                                                        r"write the tag of a checkpoint that is there into it "
                                                        r"\(global_step2\)"):
         checkpointing.latest_tag(tmp_path)
+    (tmp_path / checkpointing.LATEST_FILE).write_text("global_step2")
+    checkpointing.write_model_config(tmp_path, BlipConfig.tiny())
+    with pytest.raises(errors.MissingFileError, match=rf"no tokenizer/ folder in {tmp_path}: the run's tokenizer"):
+        checkpointing.export(tmp_path, {"captioning": tmp_path.parent / "out"})
     (tmp_path / options.RESOLVED_CONFIG_FILE).write_text("task: pretraining\n")
     with pytest.raises(options.ConfigError, match="unknown task 'pretraining' \\(one of pretrain, "):
         tasks.run_task(tmp_path)
@@ -466,8 +472,6 @@ def test_checkpoints_without_latest(tmp_path, caplog, tags, refused):
 
 
 def test_model_config_round_trip(tmp_path):
-    from blip_fast.config import BlipConfig
-
     config = BlipConfig.tiny(vocab_size=300, image_size=32)
     config = config.replace(vision=config.vision.__class__(**{**config.vision.__dict__,
                                                                "gradient_checkpointing": True}))

@@ -386,6 +386,9 @@ def export(checkpoint: str | os.PathLike, targets: dict[str, str | os.PathLike],
     for target in targets.values():
         check_export_target(output_dir, target)
     config = read_model_config(output_dir)
+    if not (output_dir / TOKENIZER_DIR).is_dir():  # before the checkpoint is read (and never a hub look-up)
+        raise MissingFileError(f"no {TOKENIZER_DIR}/ folder in {output_dir}: the run's tokenizer is gone; copy it "
+                               "back (the --tokenizer_dir or --init_from model it came from), then export")
     state = {key.removeprefix(state_prefix): value
              for key, value in consolidated_state_dict(output_dir, tag).items() if key.startswith(state_prefix)}
     tokenizer = BlipTokenizer.from_pretrained(output_dir / TOKENIZER_DIR)
