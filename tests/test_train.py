@@ -364,21 +364,28 @@ def test_export_targets_that_would_mix_with_other_files_are_refused(tmp_path, ta
     (["--checkpoint", "{run}/nope"], "{run}/nope: no such folder (give a blip_fast.train output_dir or one of its "
                                      "global_stepN folders)"),
     (["--checkpoint", "{run}/global_step9"], "{run}/global_step9: no such folder"),
-    (["--checkpoint", "{run}", "--tag", "global_step9"], "checkpoint {run}/global_step9 does not exist (this run "
+    (["--checkpoint", "{run}", "--tag", "global_step9"], "checkpoint 'global_step9' is not one of {run} (this run "
                                                          "has: global_step2, global_step4)"),
+    (["--checkpoint", "{run}", "--tag", ""], "checkpoint '' is not one of {run} (this run has: global_step2, "),
+    (["--checkpoint", "{run}", "--tag", "tokenizer"], "checkpoint 'tokenizer' is not one of {run} (this run has: "),
     (["--checkpoint", "{run}"], None),
     (["--checkpoint", "{models}"], "{models} has no `latest` file: not a DeepSpeed checkpoint directory"),
-], ids=["missing", "missing-tag-folder", "missing-tag", "found", "no-latest"])
+    (["--checkpoint", "{unnamed}"], "{unnamed} has no `latest` file: give one of its checkpoints (global_step2, "
+                                    "global_step4), e.g. {unnamed}/global_step4"),
+], ids=["missing", "missing-tag-folder", "missing-tag", "empty-tag", "other-folder-tag", "found", "no-latest",
+        "checkpoints-without-latest"])
 def test_export_of_a_checkpoint_that_is_not_there_is_one_line(tmp_path, capsys, argv, message):
     from blip_fast.train import main
 
-    run = tmp_path / "run"
-    for step in (2, 4):
-        (run / f"global_step{step}").mkdir(parents=True)
-        (run / f"global_step{step}" / "mp_rank_00_model_states.pt").write_bytes(b"")
+    run, unnamed = tmp_path / "run", tmp_path / "unnamed"
+    for folder in (run, unnamed):
+        for step in (2, 4):
+            (folder / f"global_step{step}").mkdir(parents=True)
+            (folder / f"global_step{step}" / "mp_rank_00_model_states.pt").write_bytes(b"")
     (run / "latest").write_text("global_step4")
+    (run / "tokenizer").mkdir()
     (tmp_path / "models").mkdir()
-    where = {"run": run, "models": tmp_path / "models"}
+    where = {"run": run, "models": tmp_path / "models", "unnamed": unnamed}
     argv = ["export", *[arg.format(**where) for arg in argv], "--out", str(tmp_path / "out")]
     if message is None:  # the checkpoint resolves: the export goes on to read the run (this fake one has no config)
         assert checkpointing.resolve_checkpoint(argv[2]) == (run, "global_step4")

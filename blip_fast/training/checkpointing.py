@@ -299,9 +299,12 @@ def resolve_checkpoint(path: str | os.PathLike, tag: str | None = None) -> tuple
     if tag is None:
         tag = latest_tag(path)
         if tag is None:
-            raise MissingFileError(f"{path} has no `{LATEST_FILE}` file: not a DeepSpeed checkpoint directory")
-    if not (path / tag).is_dir():
-        raise MissingFileError(f"checkpoint {path / tag} does not exist (this run has: "
+            tags = saved_tags(path)
+            raise MissingFileError(f"{path} has no `{LATEST_FILE}` file: " + (
+                f"give one of its checkpoints ({', '.join(tags)}), e.g. {path / tags[-1]}" if tags else
+                "not a DeepSpeed checkpoint directory"))
+    if not tag or not (path / tag).is_dir() or not _TAG.match(tag):
+        raise MissingFileError(f"checkpoint {tag!r} is not one of {path} (this run has: "
                                f"{', '.join(saved_tags(path)) or 'none'})")
     return path, tag
 
