@@ -165,10 +165,10 @@ def _med_config_heads(config_path: Path, values: dict[str, Any]) -> int:
         raise errors.InvalidInputError(f"--config {config_path} has no num_attention_heads (the text model's "
                                        "attention heads)")
     text_heads, width = values["num_attention_heads"], values.get("hidden_size")
-    if not isinstance(text_heads, int) or isinstance(text_heads, bool) or text_heads < 1:
+    if not errors.is_kind(text_heads, int) or text_heads < 1:
         raise errors.InvalidInputError(f"--config {config_path}: num_attention_heads must be a positive integer, got "
                                        f"{json.dumps(text_heads)}")
-    if isinstance(width, int) and not isinstance(width, bool) and width % text_heads:
+    if errors.is_kind(width, int) and width % text_heads:
         raise errors.InvalidInputError(f"--config {config_path}: num_attention_heads {text_heads} does not divide "
                                        f"hidden_size {width}")
     return text_heads

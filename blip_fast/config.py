@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from blip_fast.errors import InvalidInputError, MissingFileError, json_type
+from blip_fast.errors import InvalidInputError, MissingFileError, is_kind, json_type
 
 #: Activations the models know by name (HuggingFace spellings).
 SUPPORTED_ACTIVATIONS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "relu", "quick_gelu")
@@ -328,7 +328,7 @@ def _section(hf_config: dict[str, Any], key: str, where: str) -> dict[str, Any]:
 
 def _next_id(token_id: Any) -> Any:
     """The id after ``token_id`` ([ENC] after [DEC]); a value of another type is left for the field check."""
-    return token_id + 1 if isinstance(token_id, int) and not isinstance(token_id, bool) else token_id
+    return token_id + 1 if is_kind(token_id, int) else token_id
 
 
 def _from_file(cls: type, values: dict[str, Any], where: str, prefix: str) -> Any:
@@ -357,10 +357,9 @@ def _check_fields(config: Any, where: str, minimum: dict[str, int]) -> None:
     for spec in dataclasses.fields(config):
         name, value = spec.name, getattr(config, spec.name)
         kind = spec.type if isinstance(spec.type, str) else getattr(spec.type, "__name__", "")
-        number = isinstance(value, (int, float)) and not isinstance(value, bool)
-        if kind == "int" and not (number and isinstance(value, int)):
+        if kind == "int" and not is_kind(value, int):
             raise InvalidFieldError(name, f"{where} {name} must be an integer, got {value!r}")
-        if kind == "float" and not (number and math.isfinite(value)):
+        if kind == "float" and not (is_kind(value, int, float) and math.isfinite(value)):
             raise InvalidFieldError(name, f"{where} {name} must be a finite number, got {value!r}")
         if kind in ("str", "bool") and type(value).__name__ != kind:
             wanted = "a string" if kind == "str" else "True or False"

@@ -177,6 +177,12 @@ def check_outputs_spare_inputs(outputs: dict[str, Path | None], inputs: Sequence
                             "its own name")
 
 
+def is_kind(value: Any, *kinds: type) -> bool:
+    """``isinstance(value, kinds)``, where a bool counts as a number only if ``bool`` is among ``kinds``: JSON's
+    ``true`` must not pass for 1 (nor a typo'd ``"true"`` for a flag)."""
+    return isinstance(value, kinds) and (bool in kinds or not isinstance(value, bool))
+
+
 def json_type(value: Any) -> str:
     """How messages name a JSON value's type: null, boolean, number, string, list or object."""
     names = {bool: "boolean", int: "number", float: "number", str: "string", list: "list", dict: "object"}

@@ -28,6 +28,7 @@ import torch
 
 from blip_fast import decode_graphs, sampling, search
 from blip_fast.decode_graphs import bucket, clear_static_calls  # noqa: F401  (public: cache control)
+from blip_fast.errors import is_kind
 from blip_fast.modeling.outputs import GenerateBeamDecoderOnlyOutput, GenerateDecoderOnlyOutput
 
 if TYPE_CHECKING:
@@ -112,8 +113,7 @@ class GenerationSettings:
             value, kinds = getattr(self, spec.name), [kind.strip() for kind in spec.type.split("|")]
             if value is None and "None" in kinds:
                 continue
-            accepted = tuple(_KINDS[kind] for kind in kinds if kind != "None")
-            if not isinstance(value, accepted) or (isinstance(value, bool) and bool not in accepted):
+            if not is_kind(value, *(_KINDS[kind] for kind in kinds if kind != "None")):
                 raise TypeError(f"{spec.name} must be {' or '.join(kinds)}, got {value!r}")
 
     @classmethod

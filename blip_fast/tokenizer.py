@@ -23,7 +23,7 @@ import torch
 from tokenizers import AddedToken, Tokenizer, decoders, normalizers, pre_tokenizers, processors
 from tokenizers.models import WordPiece
 
-from blip_fast.errors import InvalidInputError, MissingFileError, read_json_object
+from blip_fast.errors import InvalidInputError, MissingFileError, is_kind, read_json_object
 from blip_fast.wordpiece import train_wordpiece_vocab
 
 if TYPE_CHECKING:
@@ -131,7 +131,7 @@ def _read_json(path: Path) -> dict[str, Any]:
 def _setting(config: dict[str, Any], key: str, default: Any, path: Path, kinds: tuple[type, ...]) -> Any:
     """``config[key]`` (``default`` when missing), which must be of one of ``kinds`` (a bool is no number)."""
     value = config.get(key, default)
-    if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+    if not is_kind(value, *kinds):
         wanted = " or ".join(dict.fromkeys(_KIND_NAMES[kind] for kind in kinds))
         raise InvalidInputError(f"{path}: {key} must be {wanted}, got {json.dumps(value)}")
     return value
@@ -166,7 +166,7 @@ def _add_saved_tokens(tokenizer: Tokenizer, path: Path) -> None:
     """Re-add `{token: id}` from an added_tokens.json (BLIP's: `[DEC]`/`[ENC]`) in id order, checking each id."""
     added = _read_json(path)
     for token, token_id in added.items():
-        if not isinstance(token_id, int) or isinstance(token_id, bool):
+        if not is_kind(token_id, int):
             raise InvalidInputError(f"{path}: {token}: the id must be an integer, got {json.dumps(token_id)}")
     for token, token_id in sorted(added.items(), key=lambda item: item[1]):
         tokenizer.add_special_tokens([_special(token)])

@@ -39,7 +39,7 @@ from blip_fast.data.tensor_transforms import (
     is_gpu_decodable,
     validate_encoded,
 )
-from blip_fast.errors import InvalidInputError, MissingFileError, json_type, read_json_object
+from blip_fast.errors import InvalidInputError, MissingFileError, is_kind, json_type, read_json_object
 from blip_fast.tokenizer import BatchFeature
 
 logger = logging.getLogger("blip_fast")
@@ -231,7 +231,7 @@ def _size_pair(size: int | Sequence[int]) -> tuple[int, int]:
 def _processor_size(size: Any) -> tuple[int, int]:
     """`_size_pair` of a processor's `size`, which must be a positive int or two (a `ValueError` naming it)."""
     pair = [size] * 2 if isinstance(size, int) else list(size) if isinstance(size, (list, tuple)) else []
-    if len(pair) != 2 or not all(isinstance(side, int) and not isinstance(side, bool) and side > 0 for side in pair):
+    if len(pair) != 2 or not all(is_kind(side, int) and side > 0 for side in pair):
         raise ValueError(f"size must be a positive int or (height, width), got {size!r}")
     return (pair[0], pair[1])
 
@@ -250,7 +250,7 @@ def _channel_triple(value: float | Sequence[float], name: str = "image_mean/imag
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+    return is_kind(value, numbers.Real) and math.isfinite(value)
 
 
 #: The filters PIL's `resize` takes (transformers' `PILImageResampling`), by value.
@@ -258,7 +258,7 @@ _RESIZE_FILTERS = tuple(sorted(PIL.Image.Resampling(value) for value in range(6)
 
 
 def _resample_filter(value: Any) -> int:
-    if isinstance(value, int) and not isinstance(value, bool) and value in _RESIZE_FILTERS:
+    if is_kind(value, int) and value in _RESIZE_FILTERS:
         return int(value)
     filters = ", ".join(f"{int(item)} {item.name.lower()}" for item in _RESIZE_FILTERS)
     raise ValueError(f"resample must be a PIL resampling filter ({filters}), got {value!r}")

@@ -31,6 +31,7 @@ from blip_fast.errors import (
     UserError,
     add_debug_flag,
     check_output_dir,
+    is_kind,
 )
 
 #: The keys of :data:`blip_fast.training.tasks.TASKS` (kept here so that parsing imports no model code).
@@ -481,13 +482,13 @@ def _check_ds_values(config: dict[str, Any], source: str) -> None:
     """The values this script reads itself, typed: wrong, they fail in a traceback, some only at the first step."""
     for key in _BATCH_KEYS:
         value = config.get(key)
-        if key in config and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        if key in config and not (is_kind(value, int) and value >= 1):
             raise ConfigError(f"{source}: {key} must be a positive integer, got {value!r}")
     for key in ("zero_optimization", "bf16", "fp16"):
         if key in config and not isinstance(config[key], dict):
             raise ConfigError(f"{source}: {key} must be a JSON object, got {config[key]!r}")
     clipping = config.get("gradient_clipping", 0.0)
-    if isinstance(clipping, bool) or not isinstance(clipping, int | float) or not clipping >= 0:
+    if not (is_kind(clipping, int, float) and clipping >= 0):
         raise ConfigError(f"{source}: gradient_clipping must be a number >= 0, got {clipping!r}")
 
 
