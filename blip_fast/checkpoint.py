@@ -554,10 +554,6 @@ def _first_bytes(path: str, count: int) -> bytes | None:
         return None
 
 
-def _read_json(path: str) -> dict[str, Any]:
-    return read_json_object(path, CheckpointError)
-
-
 def _read_generation_settings(path: str) -> dict[str, Any]:
     """The decoding settings of an HF ``generation_config.json`` (num_beams, max_length, top_p, ...), kept to be
     saved again; ``generate`` does not apply them, as transformers' BLIP ``generate`` does not (its text decoder has
@@ -571,7 +567,7 @@ def _read_generation_settings(path: str) -> dict[str, Any]:
     from blip_fast.generate_args import settings_of
     from blip_fast.generation import GenerationSettings
 
-    settings = settings_of(_read_json(path), path, strict=False)
+    settings = settings_of(read_json_object(path, CheckpointError), path, strict=False)
     try:  # checked when the model loads, naming the file, not at its first generate()
         GenerationSettings.from_kwargs(**settings)
     except (TypeError, ValueError) as error:
@@ -614,7 +610,8 @@ def load_pretrained(
     if os.path.isdir(path):
         config = config or BlipConfig.from_hf(path)
         if os.path.isfile(os.path.join(path, CONFIG_NAME)):
-            _check_architecture(path, _read_json(os.path.join(path, CONFIG_NAME)), model_cls)
+            _check_architecture(path, read_json_object(os.path.join(path, CONFIG_NAME), CheckpointError),
+                                model_cls)
         state = _read_dir(path, use_safetensors)
         generation_settings = _read_generation_settings(os.path.join(path, GENERATION_CONFIG_NAME))
     elif os.path.isfile(path):

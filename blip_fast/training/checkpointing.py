@@ -219,10 +219,9 @@ def check_complete(output_dir: str | os.PathLike, tag: str, remedy: str,
 def load_checkpoint(engine, output_dir: str | os.PathLike, tag: str) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """Load ``tag`` into ``engine`` and this rank's RNG streams. Returns the training client state and this rank's
     ``rank_state`` (see :func:`save_checkpoint`), or None when the RNG streams were not restored (the checkpoint was
-    written by another number of ranks)."""
+    written by another number of ranks). Check it with :func:`check_resumable` first, before the model is built."""
     import deepspeed.comm as dist
 
-    check_resumable(output_dir, tag, dist.get_world_size())
     load_path, client_state = engine.load_checkpoint(
         str(output_dir), tag=tag, load_module_strict=True, load_optimizer_states=True, load_lr_scheduler_states=False
     )
